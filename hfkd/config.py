@@ -1,0 +1,139 @@
+"""`DistillationConfig`: `TrainingArguments` plus the fields that say what the student learns from the teacher."""
+
+import json
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .layer_map import parse_layer_map_spec
+from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
+
+
+@dataclass
+class DistillationConfig(TrainingArguments):
+    """Training arguments for [`DistillationTrainer`].
+
+    The total loss is `task_weight * task + logit_weight * logit + hidden_weight * hidden + attention_weight *
+    attention`, where `task` is the student's own loss on the labels and the other terms compare the student with
+    the teacher. Every field has a `help` text, so `HfArgumentParser` turns this class into a command line.
+    """
+
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id or local path of the teacher, used when no `teacher_model` instance is given to the "
+            "trainer. It is loaded with the Auto class of the student's task."
+        },
+    )
+    teacher_model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for the teacher's `from_pretrained`, as a dict or a JSON string, e.g. "
+            '\'{"dtype": "bfloat16", "revision": "main"}\'.'
+        },
+    )
+    task_weight: float = field(
+        default=0.5,
+        metadata={"help": "Weight of the student's own loss on the labels (0 for label-free distillation)."},
+    )
+    logit_weight: float = field(default=0.5, metadata={"help": "Weight of the logit (response) distillation term."})
+    hidden_weight: float = field(default=0.0, metadata={"help": "Weight of the hidden-state (feature) term."})
+    attention_weight: float = field(default=0.0, metadata={"help": "Weight of the attention-map term."})
+    temperature: float = field(
+        default=2.0,
+        metadata={
+            "help": "Softmax temperature of the divergence-based logit losses (> 0). Those losses are multiplied by "
+            "temperature**2 so that their gradients keep the same scale across temperatures (Hinton et al., 2015)."
+        },
+    )
+    logit_loss: str = field(
+        default="kl",
+        metadata={
+            "help": "Logit loss: 'kl' = T^2 KL(teacher_T || student_T); 'reverse_kl' = T^2 KL(student_T || teacher_T); "
+            "'jsd' = T^2 generalised Jensen-Shannon divergence with `jsd_beta`; 'mse' = mean squared error of the raw "
+            "logits; or the name of a loss registered with `hfkd.losses.register_logit_loss`."
+        },
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "Interpolation of the 'jsd' logit loss in [0, 1]: 0 is forward KL, 1 is reverse KL, 0.5 the "
+            "symmetric Jensen-Shannon divergence (as in GKD)."
+        },
+    )
+    hidden_loss: str = field(
+        default="mse",
+        metadata={"help": "Hidden-state loss per position: 'mse' (mean over features) or 'cosine' (1 - cosine)."},
+    )
+    hidden_layer_map: str = field(
+        default="uniform",
+        metadata={
+            "help": "Which teacher `hidden_states` entry each student entry is matched to: 'uniform' (student entry "
+            "k -> teacher entry round(k * L_teacher / L_student), embeddings to embeddings, last to last), 'last', or "
+            "an explicit comma-separated list with one teacher index per student entry, e.g. '0,2,4,6' for a 3-layer "
+            "student (index 0 is the embeddings output, as in transformers' `hidden_states`)."
+        },
+    )
+    attention_loss: str = field(
+        default="kl",
+        metadata={
+            "help": "Attention-map loss over attention probabilities: 'kl' (KL(teacher || student) per query row) "
+            "or 'mse'. Needs eager attention; sdpa/flash models are switched to eager with a warning."
+        },
+    )
+    attention_layer_map: str = field(
+        default="uniform",
+        metadata={
+            "help": "Which teacher `attentions` entry each student layer is matched to: 'uniform' (student layer k "
+            "-> teacher layer round((k + 1) * L_teacher / L_student) - 1, last to last), 'last', or an explicit "
+            "comma-separated list with one teacher layer index per student layer, e.g. '1,3,5'."
+        },
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.teacher_model_init_kwargs, str):
+            try:
+                self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"teacher_model_init_kwargs must be a dict or a JSON object string, got "
+                    f"{self.teacher_model_init_kwargs!r} ({err})."
+                ) from err
+        if self.teacher_model_init_kwargs is not None and not isinstance(self.teacher_model_init_kwargs, dict):
+            raise ValueError(
+                f"teacher_model_init_kwargs must be a dict or a JSON object string, got "
+                f"{type(self.teacher_model_init_kwargs).__name__}."
+            )
+
+        for name in ("task_weight", "logit_weight", "hidden_weight", "attention_weight"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value != value or value < 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.total_weight == 0:
+            raise ValueError(
+                "task_weight, logit_weight, hidden_weight and attention_weight are all 0: nothing would be trained. "
+                "Set at least one of them > 0 (defaults: task_weight=0.5, logit_weight=0.5)."
+            )
+        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature!r}; 1.0 leaves the logits as they are.")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta!r}.")
+        _check_choice("logit_loss", self.logit_loss, LOGIT_LOSSES)
+        _check_choice("hidden_loss", self.hidden_loss, HIDDEN_LOSSES)
+        _check_choice("attention_loss", self.attention_loss, ATTENTION_LOSSES)
+        # Parsed here so that a typo fails before any model is loaded; lengths are checked once models are known.
+        self.hidden_layer_map = parse_layer_map_spec(self.hidden_layer_map, "hidden_layer_map")
+        self.attention_layer_map = parse_layer_map_spec(self.attention_layer_map, "attention_layer_map")
+
+    @property
+    def total_weight(self) -> float:
+        return self.task_weight + self.logit_weight + self.hidden_weight + self.attention_weight
+
+
+def _check_choice(name: str, value: str, registry: dict) -> None:
+    if value not in registry:
+        raise ValueError(
+            f"{name}={value!r} is not known. Choose one of {sorted(registry)} or register your own loss under that "
+            "name (see hfkd.losses)."
+        )

@@ -1,0 +1,117 @@
+"""Loading and preparing the teacher: frozen, in eval mode, placed by Accelerate."""
+
+import copy
+import logging
+
+import torch
+from transformers import AutoModel, PreTrainedModel
+from transformers.models.auto import modeling_auto
+
+logger = logging.getLogger(__name__)
+
+# Auto class per task, in the order a student class is looked up; the teacher is loaded for the student's task.
+_AUTO_CLASSES = (
+    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "AutoModelForCausalLM"),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "AutoModelForSeq2SeqLM"),
+    ("MODEL_FOR_MASKED_LM_MAPPING_NAMES", "AutoModelForMaskedLM"),
+    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForSequenceClassification"),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "AutoModelForTokenClassification"),
+    ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "AutoModelForQuestionAnswering"),
+    ("MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES", "AutoModelForImageClassification"),
+    ("MODEL_FOR_MULTIPLE_CHOICE_MAPPING_NAMES", "AutoModelForMultipleChoice"),
+)
+
+
+def unwrap_peft(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model under a peft wrapper (or the model itself)."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def auto_class_for(student: torch.nn.Module):
+    """The transformers Auto class for the student's task, used to load a teacher by name."""
+    import transformers
+
+    name = type(unwrap_peft(student)).__name__
+    for mapping_name, auto_name in _AUTO_CLASSES:
+        mapping = getattr(modeling_auto, mapping_name)
+        if any(name == v or (not isinstance(v, str) and name in v) for v in mapping.values()):
+            return getattr(transformers, auto_name)
+    return AutoModel
+
+
+def load_teacher(name_or_path: str, student: torch.nn.Module | None, init_kwargs: dict | None) -> PreTrainedModel:
+    """Loads the teacher from the Hub or a local folder with the Auto class of the student's task."""
+    if student is None:
+        raise ValueError(
+            "teacher_model_name_or_path needs the student to pick the teacher's Auto class; pass `model=` or give "
+            "`teacher_model=` as a model instance."
+        )
+    kwargs = dict(init_kwargs or {})
+    dtype = kwargs.get("dtype", kwargs.pop("torch_dtype", None))
+    if isinstance(dtype, str) and dtype != "auto":
+        if not isinstance(getattr(torch, dtype, None), torch.dtype):
+            raise ValueError(f"teacher_model_init_kwargs['dtype']={dtype!r} is not a torch dtype (e.g. 'bfloat16').")
+        kwargs["dtype"] = getattr(torch, dtype)
+    elif dtype is not None:
+        kwargs["dtype"] = dtype
+    auto_cls = auto_class_for(student)
+    try:
+        return auto_cls.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"Could not load the teacher {name_or_path!r} with {auto_cls.__name__}: {err}\nCheck the Hub id or "
+            "path, your network (HF_HUB_OFFLINE=1 allows only cached models) and `teacher_model_init_kwargs`."
+        ) from err
+
+
+def ensure_eager_attention(model: torch.nn.Module, role: str) -> None:
+    """Attention maps exist only with eager attention: switch sdpa/flash models to eager, or fail clearly."""
+    base = unwrap_peft(model)
+    config = getattr(base, "config", None)
+    current = getattr(config, "_attn_implementation", None)
+    if current == "eager":
+        return
+    if not isinstance(base, PreTrainedModel):
+        raise ValueError(
+            f"attention_weight > 0 needs attention maps, but the {role} is not a transformers model hfkd can switch "
+            "to eager attention. Return `attentions` from it yourself or set attention_weight=0."
+        )
+    logger.warning(
+        "The %s runs %r attention, which returns no attention maps; switching it to 'eager' for attention_weight "
+        "> 0 (slower and heavier; load it with attn_implementation='eager' to silence this).",
+        role,
+        current,
+    )
+    try:
+        base.set_attn_implementation("eager")
+    except Exception as err:  # noqa: BLE001 - any failure here means the term cannot be computed
+        raise ValueError(
+            f"attention_weight > 0 needs eager attention, and the {role} ({type(base).__name__}) cannot switch to it: "
+            f"{err}. Set attention_weight=0."
+        ) from err
+
+
+def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
+    """Freezes the teacher and places it as Accelerate intends (its own engine under DeepSpeed)."""
+    teacher.requires_grad_(False)
+    teacher.eval()
+    if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
+        return _prepare_deepspeed(teacher, accelerator)
+    return accelerator.prepare_model(teacher, evaluation_mode=True)
+
+
+def _prepare_deepspeed(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
+    # The teacher gets an inference engine of its own: under ZeRO-3 its weights are sharded like the student's,
+    # under ZeRO-1/2 (which shard only optimizer state and gradients, which a teacher lacks) it is replicated.
+    import deepspeed
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    if stage != 3:
+        config["zero_optimization"] = {"stage": 0}
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine

@@ -1,0 +1,529 @@
+"""`DistillationTrainer`: `transformers.Trainer` plus a teacher and the logit, hidden-state and attention terms."""
+
+import dataclasses
+import logging
+import os
+from collections import defaultdict
+
+import torch
+from transformers import Trainer, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from .config import DistillationConfig
+from .features import (
+    ModelKind,
+    as_positions,
+    attention_streams,
+    batch_size,
+    hidden_streams,
+    masked_sum,
+    model_kind,
+    unit_counts,
+    unit_masks,
+)
+from .layer_map import resolve_layer_map
+from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
+from .projection import FeatureProjector
+from .teacher import ensure_eager_attention, load_teacher, prepare_teacher, unwrap_peft
+
+logger = logging.getLogger(__name__)
+
+# Prefix of batch keys meant for the teacher only (e.g. `teacher_pixel_values` when the two models preprocess
+# images differently); the student never sees them.
+TEACHER_INPUT_PREFIX = "teacher_"
+
+_OUTPUT_FEATURE_KEYS = (
+    "hidden_states",
+    "attentions",
+    "encoder_hidden_states",
+    "decoder_hidden_states",
+    "encoder_attentions",
+    "decoder_attentions",
+    "cross_attentions",
+)
+
+
+class DistillationTrainer(Trainer):
+    """A `Trainer` whose student also learns from a frozen teacher.
+
+    It takes everything `Trainer` takes, plus `teacher_model` (a model, a Hub id or a local path; or set
+    `DistillationConfig.teacher_model_name_or_path`). The loss is the weighted sum of the student's own loss and the
+    distillation terms configured in [`DistillationConfig`]; each term is logged on its own (`task`,
+    `distill/logit`, `distill/hidden`, `distill/attention`).
+
+    Example:
+        ```python
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=DistillationConfig(output_dir="out"), train_dataset=ds
+        )
+        trainer.train()
+        ```
+    """
+
+    def __init__(self, model=None, args=None, *trainer_args, teacher_model=None, **trainer_kwargs):
+        if args is None:
+            args = DistillationConfig(output_dir="trainer_output")
+        elif not isinstance(args, DistillationConfig):
+            if not isinstance(args, TrainingArguments):
+                raise TypeError(f"args must be a DistillationConfig, got {type(args).__name__}.")
+            logger.warning("args is a plain TrainingArguments; using DistillationConfig defaults for distillation.")
+            args = DistillationConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
+
+        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher is None:
+            raise ValueError(
+                "DistillationTrainer needs a teacher: pass `teacher_model=` (a model, Hub id or path) or set "
+                "`teacher_model_name_or_path` in DistillationConfig."
+            )
+        if isinstance(teacher, str):
+            teacher = load_teacher(teacher, model, args.teacher_model_init_kwargs)
+        if teacher is model:
+            raise ValueError("teacher_model is the student itself; for self-distillation pass a frozen copy.")
+
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        # compute_loss normalises every term over the whole accumulated batch itself (see get_batch_samples).
+        self.loss_is_scaled_for_ga = True
+
+        if args.attention_weight > 0:
+            ensure_eager_attention(self.model, "student")
+            ensure_eager_attention(teacher, "teacher")
+            _warn_attention_dropout(unwrap_peft(self.model))
+        self._distills = args.logit_weight > 0 or args.hidden_weight > 0 or args.attention_weight > 0
+        self.teacher_model = prepare_teacher(teacher, self.accelerator)
+        self._teacher_accepts_use_cache = "use_cache" in _forward_parameters(unwrap_peft(teacher))
+
+        self._kind: ModelKind = model_kind(unwrap_peft(self.model), self._loss_shifts_labels)
+        self._hidden_pairs: dict[str, list[tuple[int, int]]] | None = None
+        self._attention_pairs: dict[str, list[tuple[int, int]]] | None = None
+        self.projector: FeatureProjector | None = None
+        self._projector_wrapped: torch.nn.Module | None = None
+        self._window_counts: dict[str, torch.Tensor] | None = None
+        self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._eval_batches = 0
+        self._train_windows = 0  # optimizer steps (accumulation windows) since the last training log
+
+        if self._distills:
+            self._probe()
+        if self.projector is not None and self.optimizer is not None:
+            raise ValueError(
+                "The student and teacher widths differ, so hfkd trains feature projections, but `optimizers=` gave "
+                "an optimizer that does not know them. Let DistillationTrainer create the optimizer, or use "
+                "`optimizer_cls_and_kwargs=` instead."
+            )
+
+    # ------------------------------------------------------------------ set-up
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        extra = [TEACHER_INPUT_PREFIX + c for c in self._signature_columns if not c.startswith(TEACHER_INPUT_PREFIX)]
+        self._signature_columns += [c for c in extra if c not in self._signature_columns]
+
+    def _probe_batch(self) -> dict | None:
+        """Two examples of the training (or evaluation) data, collated and on the device."""
+        dataset = self.train_dataset if self.train_dataset is not None else self.eval_dataset
+        if isinstance(dataset, dict):
+            dataset = next(iter(dataset.values()), None)
+        if dataset is None:
+            return None
+        collator = self.data_collator
+        try:
+            import datasets
+
+            if isinstance(dataset, datasets.Dataset):
+                dataset = self._remove_unused_columns(dataset, description="probe")
+            else:
+                collator = self._get_collator_with_removed_columns(collator, description="probe")
+        except ImportError:
+            pass
+        if isinstance(dataset, torch.utils.data.IterableDataset):
+            features = [example for example, _ in zip(dataset, range(2), strict=False)]
+        else:
+            features = [dataset[i] for i in range(min(2, len(dataset)))]
+        if not features:
+            raise ValueError("The training data set is empty: there is nothing to distil on.")
+        return self._prepare_inputs(collator(features))
+
+    def _probe(self) -> None:
+        """Runs both models on two examples before training to check that the terms can be computed.
+
+        This is where mismatched vocabularies, layer maps, head counts and widths fail, before the first step, and
+        where the projections are built so that the optimizer and DDP know them from the start.
+        """
+        batch = self._probe_batch()
+        if batch is None:
+            return  # Planned at the first step instead; projections then cannot be trained (checked there).
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                student_inputs, teacher_inputs, _ = self._split_inputs(batch)
+                student_inputs.pop("labels", None)  # only shapes matter here, not the loss
+                student_out = self.model(**student_inputs, **self._feature_flags())
+                teacher_out = self._teacher_forward(teacher_inputs)
+        finally:
+            self.model.train(was_training)
+        self._plan(student_out, teacher_out, building=True)
+
+    def _plan(self, student_out, teacher_out, building: bool) -> None:
+        """Checks shapes, resolves layer maps and (when `building`) creates the projections."""
+        args = self.args
+        s_logits, t_logits = _get(student_out, "logits"), _get(teacher_out, "logits")
+        if s_logits is not None:
+            # The class guess can be wrong for custom heads; the logits' rank is the truth.
+            self._kind.token_level = s_logits.dim() >= 3
+        if args.logit_weight > 0:
+            if s_logits is None or t_logits is None:
+                raise ValueError("logit_weight > 0, but the student or teacher returned no `logits`.")
+            if s_logits.shape[-1] != t_logits.shape[-1]:
+                what = "vocabulary" if self._kind.token_level else "number of labels"
+                raise ValueError(
+                    f"The logit term needs the same {what}: the student has {s_logits.shape[-1]} outputs, the teacher "
+                    f"{t_logits.shape[-1]}. Use a student built from the teacher (student_from_teacher) or the same "
+                    "tokenizer/label set, or set logit_weight=0."
+                )
+            if s_logits.shape != t_logits.shape:
+                raise ValueError(
+                    f"Student logits {tuple(s_logits.shape)} and teacher logits {tuple(t_logits.shape)} do not line "
+                    "up; both models must see the same tokens (same tokenizer and padding)."
+                )
+
+        if args.hidden_weight > 0:
+            self._hidden_pairs, specs = self._plan_hidden(student_out, teacher_out)
+            if specs and building:
+                self.projector = FeatureProjector(specs)
+                first = next(self.model.parameters())
+                self.projector.to(device=first.device, dtype=first.dtype if first.is_floating_point() else None)
+                self._projector_wrapped = self.accelerator.prepare_model(self.projector)
+            elif specs and self.projector is None:
+                raise ValueError(
+                    "The student and teacher hidden sizes differ, so hfkd must train projections, but it could not "
+                    "size them before training: pass `train_dataset` (or `eval_dataset`) to DistillationTrainer."
+                )
+        if args.attention_weight > 0:
+            self._attention_pairs = self._plan_attention(student_out, teacher_out)
+
+    def _plan_hidden(self, student_out, teacher_out):
+        s_streams, t_streams = hidden_streams(student_out, self._kind), hidden_streams(teacher_out, self._kind)
+        if not s_streams or set(s_streams) != set(t_streams):
+            raise ValueError("hidden_weight > 0, but the student or teacher returned no `hidden_states`.")
+        pairs, specs = {}, {}
+        for stream, s_states in s_streams.items():
+            t_states = t_streams[stream]
+            pairs[stream] = resolve_layer_map(
+                self.args.hidden_layer_map,
+                len(s_states),
+                len(t_states),
+                field_name="hidden_layer_map",
+                has_embeddings=True,
+            )
+            for s_idx, t_idx in pairs[stream]:
+                s, t = s_states[s_idx], t_states[t_idx]
+                where = f"student hidden_states[{s_idx}] {tuple(s.shape)} vs teacher hidden_states[{t_idx}] {tuple(t.shape)}"
+                if s.dim() != t.dim() or s.dim() not in (3, 4):
+                    raise ValueError(f"hidden_layer_map pairs features no projection can bridge: {where}.")
+                if s.dim() == 3 and s.shape[1] != t.shape[1]:
+                    raise ValueError(
+                        f"The hidden term compares positions one to one, but the sequence lengths differ ({where}); "
+                        "use the same tokenizer (or patch size) for both models, or set hidden_weight=0."
+                    )
+                feature_axis = 1 if s.dim() == 4 else -1
+                if s.shape[feature_axis] != t.shape[feature_axis]:
+                    kind = "conv" if s.dim() == 4 else "linear"
+                    specs[f"{stream}.{s_idx}"] = (kind, s.shape[feature_axis], t.shape[feature_axis])
+        return pairs, specs
+
+    def _plan_attention(self, student_out, teacher_out):
+        s_streams, t_streams = attention_streams(student_out, self._kind), attention_streams(teacher_out, self._kind)
+        if not s_streams or set(s_streams) != set(t_streams):
+            raise ValueError(
+                "attention_weight > 0, but the student or teacher returned no attention maps; load both with "
+                "attn_implementation='eager' or set attention_weight=0."
+            )
+        pairs = {}
+        for stream, s_maps in s_streams.items():
+            t_maps = t_streams[stream]
+            pairs[stream] = resolve_layer_map(
+                self.args.attention_layer_map,
+                len(s_maps),
+                len(t_maps),
+                field_name="attention_layer_map",
+                has_embeddings=False,
+            )
+            for s_idx, t_idx in pairs[stream]:
+                s, t = s_maps[s_idx], t_maps[t_idx]
+                if s.shape != t.shape:
+                    raise ValueError(
+                        f"Attention maps differ in shape: student layer {s_idx} {tuple(s.shape)} vs teacher layer "
+                        f"{t_idx} {tuple(t.shape)} ([batch, heads, query, key]). The attention term needs the same "
+                        "number of heads and the same tokens; set attention_weight=0 or pick a student with "
+                        "the teacher's head count."
+                    )
+        return pairs
+
+    # ------------------------------------------------------------------ optimizer and checkpoints
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.projector is not None:
+            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            params = [p for p in self.projector.parameters() if id(p) not in known]
+            if params:
+                optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
+        return optimizer
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.projector is not None and self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            if os.path.isdir(folder):
+                self.projector.save(folder)
+
+    def _clip_grad_norm(self, model):
+        # Student and projections are one trainable system (as timm wraps them): clip their joint norm.
+        if self.projector is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return super()._clip_grad_norm(model)
+        params = [*model.parameters(), *self.projector.parameters()]
+        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.projector is not None:
+            self.projector.load(resume_from_checkpoint)
+
+    # ------------------------------------------------------------------ the step
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        # A new accumulation window starts here. Trainer zeroes only the student's gradients after a step, so the
+        # projections' gradients are cleared here, before this window's first backward.
+        if self.projector is not None:
+            self.projector.zero_grad(set_to_none=True)
+        if self._distills and batch_samples:
+            self._window_counts = self._count_units(batch_samples, device)
+        if batch_samples:
+            self._train_windows += 1
+        return batch_samples, num_items_in_batch
+
+    def _count_units(self, batch_samples: list, device) -> dict[str, torch.Tensor]:
+        """Units behind each term over the whole accumulated batch (and all processes), for exact normalisation."""
+        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
+        for batch in batch_samples:
+            for name, count in unit_counts(unit_masks(batch, self._kind), batch_size(batch)).items():
+                totals[name] = totals[name] + count.cpu()
+        names = sorted(totals)
+        vector = torch.stack([totals[n] for n in names]).to(device)
+        if self.args.world_size > 1:
+            vector = self.accelerator.gather(vector.unsqueeze(0)).sum(0)
+        return dict(zip(names, vector, strict=True))
+
+    def _feature_flags(self) -> dict[str, bool]:
+        flags = {}
+        if self.args.hidden_weight > 0:
+            flags["output_hidden_states"] = True
+        if self.args.attention_weight > 0:
+            flags["output_attentions"] = True
+        return flags
+
+    def _split_inputs(self, inputs: dict) -> tuple[dict, dict, dict]:
+        """Student inputs, teacher inputs (no labels; `teacher_*` keys renamed), and the full batch for masks."""
+        inputs = dict(inputs)
+        student = {k: v for k, v in inputs.items() if not k.startswith(TEACHER_INPUT_PREFIX)}
+        if self._kind.encoder_decoder and "labels" in student and "decoder_input_ids" not in student:
+            # Both models must decode the same sequence; derive it once from the labels as the models would.
+            prepare = getattr(
+                unwrap_peft(self.accelerator.unwrap_model(self.model)), "prepare_decoder_input_ids_from_labels", None
+            )
+            if prepare is not None:
+                student["decoder_input_ids"] = prepare(labels=student["labels"])
+        teacher = {k: v for k, v in student.items() if k not in ("labels", "num_items_in_batch")}
+        teacher.update(
+            {k[len(TEACHER_INPUT_PREFIX) :]: v for k, v in inputs.items() if k.startswith(TEACHER_INPUT_PREFIX)}
+        )
+        return student, teacher, inputs
+
+    def _teacher_forward(self, teacher_inputs: dict):
+        kwargs = dict(self._feature_flags())
+        if self._teacher_accepts_use_cache:
+            kwargs["use_cache"] = False  # a KV cache is dead weight in a single forward
+        with torch.no_grad():
+            return self.teacher_model(**teacher_inputs, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        args = self.args
+        training = model.training
+        student_inputs, teacher_inputs, batch = self._split_inputs(inputs)
+        flags = self._feature_flags()
+        terms: dict[str, torch.Tensor] = {}
+
+        if args.task_weight > 0:
+            # Trainer's own path, so that task-only training is exactly Trainer's (label smoothing included).
+            task_loss, outputs = super().compute_loss(
+                model, {**student_inputs, **flags}, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+            scaled_by_trainer = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
+            if training and not scaled_by_trainer:
+                task_loss = task_loss / self.current_gradient_accumulation_steps
+            terms["task"] = task_loss
+        else:
+            plain = {k: v for k, v in student_inputs.items() if k != "labels"}
+            outputs = model(**plain, **flags)
+
+        if self._distills:
+            teacher_out = self._teacher_forward(teacher_inputs)
+            if (args.hidden_weight > 0 and self._hidden_pairs is None) or (
+                args.attention_weight > 0 and self._attention_pairs is None
+            ):
+                self._plan(outputs, teacher_out, building=False)
+            masks = unit_masks(batch, self._kind)
+            counts, scale = self._normalisers(masks, batch, training)
+            if args.logit_weight > 0:
+                terms["distill/logit"] = self._logit_term(outputs, teacher_out, masks["logit"]) * (
+                    scale / counts["logit"]
+                )
+            if args.hidden_weight > 0:
+                terms["distill/hidden"] = self._hidden_term(outputs, teacher_out, masks, counts) * scale
+            if args.attention_weight > 0:
+                terms["distill/attention"] = self._attention_term(outputs, teacher_out, masks, counts) * scale
+
+        weights = {
+            "task": args.task_weight,
+            "distill/logit": args.logit_weight,
+            "distill/hidden": args.hidden_weight,
+            "distill/attention": args.attention_weight,
+        }
+        loss = None
+        for name, value in terms.items():
+            weighted = value if weights[name] == 1 else weights[name] * value
+            loss = weighted if loss is None else loss + weighted
+        self._record(terms, "train" if training else "eval")
+
+        if not return_outputs:
+            return loss
+        if flags:
+            # Evaluation gathers every tensor output as a prediction; drop the features requested for the loss.
+            outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in _OUTPUT_FEATURE_KEYS})
+        return loss, outputs
+
+    def _normalisers(self, masks: dict, batch: dict, training: bool) -> tuple[dict[str, torch.Tensor], float]:
+        """Counts to divide each term's sum by, and the factor that undoes DDP's averaging over processes."""
+        if training and self._window_counts is not None:
+            counts, scale = self._window_counts, float(self.args.world_size)
+        else:
+            counts, scale = unit_counts(masks, batch_size(batch)), 1.0
+        # An all-masked batch gives 0 / 1 = 0 rather than 0 / 0 = NaN.
+        return {k: v.clamp_min(1.0) for k, v in counts.items()}, scale
+
+    def _logit_term(self, student_out, teacher_out, mask) -> torch.Tensor:
+        s, t = _get(student_out, "logits"), _get(teacher_out, "logits")
+        if self._kind.shifts_labels and s.dim() == 3:
+            s, t = s[:, :-1], t[:, :-1]
+        per_position = LOGIT_LOSSES[self.args.logit_loss](
+            s, t, temperature=self.args.temperature, beta=self.args.jsd_beta
+        )
+        return masked_sum(per_position, mask)
+
+    def _hidden_term(self, student_out, teacher_out, masks, counts) -> torch.Tensor:
+        s_streams, t_streams = hidden_streams(student_out, self._kind), hidden_streams(teacher_out, self._kind)
+        selected = {
+            f"{stream}.{s}": s_streams[stream][s] for stream, pairs in self._hidden_pairs.items() for s, _ in pairs
+        }
+        if self._projector_wrapped is not None:
+            selected = self._projector_wrapped(selected)
+        loss_fn = HIDDEN_LOSSES[self.args.hidden_loss]
+        total, n = 0.0, 0
+        for stream, pairs in self._hidden_pairs.items():
+            for s_idx, t_idx in pairs:
+                s, t = as_positions(selected[f"{stream}.{s_idx}"], t_streams[stream][t_idx])
+                mask = masks[stream]
+                if mask is None or mask.shape != s.shape[:2]:
+                    # Vision tokens and feature maps have no padding: each example is one unit.
+                    mask, count = None, counts["examples"]
+                else:
+                    count = counts[stream]
+                total = total + masked_sum(loss_fn(s, t), mask) / count
+                n += 1
+        return total / n
+
+    def _attention_term(self, student_out, teacher_out, masks, counts) -> torch.Tensor:
+        s_streams, t_streams = attention_streams(student_out, self._kind), attention_streams(teacher_out, self._kind)
+        loss_fn = ATTENTION_LOSSES[self.args.attention_loss]
+        total, n = 0.0, 0
+        for stream, pairs in self._attention_pairs.items():
+            for s_idx, t_idx in pairs:
+                per_query = loss_fn(s_streams[stream][s_idx], t_streams[stream][t_idx])
+                total = total + masked_sum(per_query, masks[stream]) / counts[stream]
+                n += 1
+        return total / n
+
+    # ------------------------------------------------------------------ logging
+    def _record(self, terms: dict[str, torch.Tensor], mode: str) -> None:
+        sums = self._metric_sums[mode]
+        for name, value in terms.items():
+            value = value.detach().float()
+            sums[name] = sums[name] + value if name in sums else value
+        if mode == "eval":
+            self._eval_batches += 1
+
+    def _flush(self, mode: str, divisor: float) -> dict[str, float]:
+        sums = self._metric_sums[mode]
+        if not sums or divisor <= 0:
+            return {}
+        names = list(sums)
+        vector = torch.stack([sums[n] for n in names])
+        if self.args.world_size > 1:
+            vector = self.accelerator.reduce(vector, reduction="mean")
+        values = (vector / divisor).tolist()  # the one host sync per log
+        self._metric_sums[mode] = {}
+        return dict(zip(names, values, strict=True))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add each term's mean over the steps since the last one
+            logs = {**logs, **self._flush("train", self._train_windows)}
+            self._train_windows = 0
+        super().log(logs, start_time)
+
+    def evaluation_loop(
+        self, dataloader, description, prediction_loss_only=None, ignore_keys=None, metric_key_prefix="eval"
+    ):
+        self._metric_sums["eval"], self._eval_batches = {}, 0
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        # Each term's mean over the evaluation batches, returned by evaluate() and logged with its metrics.
+        terms = self._flush("eval", self._eval_batches)
+        output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in terms.items()})
+        return output
+
+
+_ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+
+
+def _warn_attention_dropout(model: torch.nn.Module) -> None:
+    # Eager attention returns its maps *after* dropout, so in training the student's maps carry zeros and rescaled
+    # entries that the teacher's lack; the attention term then measures dropout noise as much as disagreement.
+    config = getattr(model, "config", None)
+    for name in _ATTENTION_DROPOUT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and value > 0:
+            logger.warning(
+                "attention_weight > 0 and the student has %s=%s: its attention maps are taken after dropout in "
+                "training, which inflates the attention term. Build the student with %s=0 for clean maps.",
+                name,
+                value,
+                name,
+            )
+            return
+
+
+def _get(outputs, key: str):
+    if isinstance(outputs, dict):
+        return outputs.get(key)
+    return getattr(outputs, key, None)
+
+
+def _forward_parameters(model: torch.nn.Module) -> set[str]:
+    import inspect
+
+    try:
+        return set(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        return set()
