@@ -2,7 +2,7 @@
 
 This is the initialisation DistilBERT uses: the student has the teacher's architecture and width but fewer
 transformer layers (or, for conv nets, fewer blocks per stage), and starts from the teacher's own weights for
-everything it keeps, which makes distillation converge far faster than from a random initialisation.
+everything it keeps, a much better starting point for distillation than a random initialisation.
 """
 
 from __future__ import annotations
@@ -83,24 +83,27 @@ def student_from_teacher(
 
     The student is a fresh instance of the teacher's class with the same config except the number of layers.
     Everything outside the layer stacks (embeddings, output head, final norms, poolers) is copied from the teacher,
-    and student layer `j` is a copy of teacher layer `layers[j]`. The student shares no tensor with the teacher, is on
-    the teacher's dtype and device and in the teacher's train/eval mode, and is a plain model of a `transformers`
-    class: `save_pretrained` + `AutoModelFor*.from_pretrained` reload it without this library.
+    and student layer `j` is a copy of teacher layer `layers[j]`. The student shares no tensor with the teacher, has
+    the teacher's dtype, device (CPU if the teacher is spread over several) and train/eval mode, and is a plain model
+    of a `transformers` class: `save_pretrained` + `AutoModelFor*.from_pretrained` reload it without this library.
 
-    Which attribute holds the layer count and which modules are the layers is discovered from the config and the
-    model (BERT-like encoders, ViT, GPT-2, Llama-like decoders, ...), with a small table for architectures where
-    that is ambiguous: encoder-decoders (T5, BART, ...), whose encoder and decoder both shrink, and conv nets
-    (ResNet, ConvNeXt), whose stages each shrink. Those models have several stacks, numbered encoder first then
-    decoder, or stage by stage.
+    Which config attribute holds the layer count is found among the usual names (BERT-like encoders, ViT, GPT-2,
+    Llama-like decoders, ...), with a small table for architectures where that is ambiguous; which modules are the
+    layers is found by comparing the teacher with the smaller model. Encoder-decoders (T5, BART, ...) and conv nets
+    (ResNet, ConvNeXt) have several stacks of layers, all of which shrink: numbered encoder first then decoder, or
+    stage by stage, for the per-stack forms of the arguments.
 
     With `num_layers=k`, the kept layers are spread evenly and always include the first and the last teacher layer,
     `[round(i * (L - 1) / (k - 1)) for i in range(k)]` for a stack of `L` layers (`[L - 1]` when `k == 1`): keeping
-    the bottom layer (closest to the embeddings) and the top one (closest to the head) is what DistilBERT and most
-    layer-pruning work do, as those two are the hardest for the remaining layers to stand in for. In ResNet the first
-    block of each stage is also the only one that changes resolution and width, so a student must keep it: use
-    `num_layers >= 2` or explicit `layers` there.
+    the bottom layer (which reads the embeddings) and the top one (which feeds the head) is what DistilBERT and most
+    layer-pruning work do, so the copied head and embeddings keep the neighbours they were trained with. In ResNet
+    the first block of each stage is also the only one that changes resolution and width, so a student must keep it:
+    use `num_layers >= 2` or explicit `layers` there.
 
-    Per-layer config lists such as `layer_types` (sliding vs full attention) are sliced to the kept layers.
+    Per-layer config lists such as `layer_types` (sliding vs full attention) are sliced to the kept layers. Behaviour
+    that depends on a layer's index without a config list or weights of its own follows the new index (e.g. GPT-2's
+    `scale_attn_by_inverse_layer_idx`, off by default), so only then does a student keeping every layer differ from
+    its teacher.
 
     Args:
         teacher: The model to shrink.
@@ -184,7 +187,8 @@ def _find_stacks(teacher: PreTrainedModel) -> list[_Stack]:
     if not found:
         raise _unsupported(
             teacher,
-            f"found no layer count matching a module list among the config attributes {', '.join(known or _COMMON_LAYER_COUNT_ATTRS)}",
+            "found no layer count matching a module list among the config attributes "
+            + ", ".join(known or _COMMON_LAYER_COUNT_ATTRS),
         )
     if len(found) > 1 and not known:
         raise _unsupported(
