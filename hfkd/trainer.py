@@ -494,7 +494,7 @@ class DistillationTrainer(Trainer):
         return output
 
 
-_ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop")
+_ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", "dropout_rate")
 
 
 def _warn_attention_dropout(model: torch.nn.Module) -> None:

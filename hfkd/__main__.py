@@ -1,0 +1,5 @@
+"""`python -m hfkd` and `accelerate launch -m hfkd distill ...`."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,213 @@
+"""Data for the recipes: any `datasets.load_dataset` source, a held-out split, and per-task preprocessing."""
+
+import json
+import logging
+from dataclasses import dataclass, field
+
+import datasets
+
+from .paths import resolve_path
+
+logger = logging.getLogger(__name__)
+
+TASKS = ("text-classification", "image-classification", "causal-lm")
+
+
+@dataclass
+class DataArguments:
+    """Where the data comes from and which columns hold what."""
+
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Hub data set id (e.g. 'glue'), or a builder for local files: 'csv', 'json', 'parquet', "
+            "'text', 'imagefolder'."
+        },
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Hub data set configuration, e.g. 'sst2'."}
+    )
+    data_files: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local files for a builder: a path or glob, comma-separated paths, or a JSON object of splits "
+            '(\'{"train": "a.csv", "test": "b.csv"}\'). \'pkg:<package>/<path>\' points inside an installed '
+            "Python package."
+        },
+    )
+    dataset_kwargs: str | None = field(
+        default=None,
+        metadata={"help": 'Extra `load_dataset` keyword arguments as JSON, e.g. \'{"encoding": "latin-1"}\'.'},
+    )
+    train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    eval_split: str | None = field(
+        default=None,
+        metadata={"help": "Held-out split to evaluate teacher and student on; when unset, carved from train."},
+    )
+    eval_fraction: float = field(
+        default=0.1, metadata={"help": "Share of train held out (with the run's seed) when there is no eval_split."}
+    )
+    text_column: str = field(default="text", metadata={"help": "Column holding the text."})
+    text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for pair tasks."})
+    label_column: str = field(default="label", metadata={"help": "Column holding the class label."})
+    image_column: str = field(default="image", metadata={"help": "Column holding the image."})
+    max_length: int = field(
+        default=128, metadata={"help": "Maximum tokens per example (causal LM: the length of each text block)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many held-out rows."})
+
+    def __post_init__(self):
+        if self.dataset_name is None:
+            raise ValueError("dataset_name is required: a Hub id or a builder such as 'csv' with data_files.")
+        if not 0.0 < self.eval_fraction < 1.0:
+            raise ValueError(f"eval_fraction must lie in (0, 1), got {self.eval_fraction}.")
+        if self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1 when given, got {value}.")
+
+
+def _data_files(spec: str | None):
+    if spec is None:
+        return None
+    text = spec.strip()
+    if text.startswith("{"):
+        mapping = json.loads(text)
+        return {split: _data_files_list(files) for split, files in mapping.items()}
+    return _data_files_list(text)
+
+
+def _data_files_list(files) -> list[str]:
+    parts = files if isinstance(files, list) else [p for p in str(files).split(",") if p.strip()]
+    return [resolve_path(p.strip()) for p in parts]
+
+
+def load_splits(args: DataArguments, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Loads the train and held-out splits; the held-out one is carved from train when none is named."""
+    kwargs = json.loads(args.dataset_kwargs) if args.dataset_kwargs else {}
+    loaded = datasets.load_dataset(
+        args.dataset_name, args.dataset_config_name, data_files=_data_files(args.data_files), **kwargs
+    )
+    if args.train_split not in loaded:
+        raise ValueError(f"train_split={args.train_split!r} is not in the data set; it has {list(loaded)}.")
+    train = loaded[args.train_split]
+    if args.eval_split is not None:
+        if args.eval_split not in loaded:
+            raise ValueError(f"eval_split={args.eval_split!r} is not in the data set; it has {list(loaded)}.")
+        held_out = loaded[args.eval_split]
+    else:
+        parts = train.train_test_split(test_size=args.eval_fraction, seed=seed)
+        train, held_out = parts["train"], parts["test"]
+    if args.max_train_samples is not None:
+        train = train.shuffle(seed=seed).select(range(min(args.max_train_samples, len(train))))
+    if args.max_eval_samples is not None:
+        held_out = held_out.select(range(min(args.max_eval_samples, len(held_out))))
+    if len(train) == 0 or len(held_out) == 0:
+        raise ValueError(f"Empty data: {len(train)} training and {len(held_out)} held-out rows.")
+    return train, held_out
+
+
+def _require_columns(dataset: datasets.Dataset, columns: dict[str, str | None]) -> None:
+    for field_name, column in columns.items():
+        if column is not None and column not in dataset.column_names:
+            raise ValueError(
+                f"{field_name}={column!r} is not a column of the data set (columns: {dataset.column_names}); set "
+                f"--{field_name} to the right one."
+            )
+
+
+def label_names(train: datasets.Dataset, held_out: datasets.Dataset, args: DataArguments) -> list[str]:
+    """Class names: from a ClassLabel feature, else the sorted distinct values seen in both splits."""
+    feature = train.features[args.label_column]
+    if isinstance(feature, datasets.ClassLabel):
+        return list(feature.names)
+    values = sorted(set(train.unique(args.label_column)) | set(held_out.unique(args.label_column)), key=str)
+    return [str(v) for v in values]
+
+
+def _label_ids(dataset: datasets.Dataset, args: DataArguments, names: list[str]) -> datasets.Dataset:
+    if isinstance(dataset.features[args.label_column], datasets.ClassLabel):
+        return dataset.rename_column(args.label_column, "labels") if args.label_column != "labels" else dataset
+    index = {name: i for i, name in enumerate(names)}
+    return dataset.map(
+        lambda batch: {"labels": [index[str(v)] for v in batch[args.label_column]]},
+        batched=True,
+        desc="Encoding labels",
+    )
+
+
+def preprocess_text_classification(dataset, tokenizer, args: DataArguments, names: list[str]):
+    _require_columns(
+        dataset,
+        {
+            "text_column": args.text_column,
+            "text_pair_column": args.text_pair_column,
+            "label_column": args.label_column,
+        },
+    )
+    dataset = dataset.filter(lambda row: row[args.text_column] is not None and row[args.label_column] is not None)
+    dataset = _label_ids(dataset, args, names)
+
+    def tokenize(batch):
+        pair = batch[args.text_pair_column] if args.text_pair_column else None
+        return tokenizer(batch[args.text_column], pair, truncation=True, max_length=args.max_length)
+
+    keep = {"labels"}
+    return dataset.map(
+        tokenize,
+        batched=True,
+        remove_columns=[c for c in dataset.column_names if c not in keep],
+        desc="Tokenizing",
+    )
+
+
+def preprocess_image_classification(dataset, image_processor, args: DataArguments, names: list[str]):
+    _require_columns(dataset, {"image_column": args.image_column, "label_column": args.label_column})
+    dataset = _label_ids(dataset, args, names)
+
+    def transform(batch):
+        images = [
+            image.convert("RGB") if image.mode not in ("RGB", "L") else image for image in batch[args.image_column]
+        ]
+        out = image_processor(images, return_tensors="np")
+        return {"pixel_values": list(out["pixel_values"]), "labels": batch["labels"]}
+
+    return dataset.map(
+        transform,
+        batched=True,
+        batch_size=256,
+        remove_columns=[c for c in dataset.column_names if c != "labels"],
+        desc="Preprocessing images",
+    ).with_format("torch")
+
+
+def preprocess_causal_lm(dataset, tokenizer, args: DataArguments):
+    """Tokenises and packs the text into blocks of `max_length` tokens (as transformers' run_clm does)."""
+    _require_columns(dataset, {"text_column": args.text_column})
+    block = args.max_length
+    tokenized = dataset.map(
+        lambda batch: tokenizer([t for t in batch[args.text_column] if t]),
+        batched=True,
+        remove_columns=dataset.column_names,
+        desc="Tokenizing",
+    )
+
+    def pack(batch):
+        ids = [token for row in batch["input_ids"] for token in row]
+        usable = (len(ids) // block) * block
+        blocks = [ids[i : i + block] for i in range(0, usable, block)]
+        return {
+            "input_ids": blocks,
+            "attention_mask": [[1] * block for _ in blocks],
+            "labels": [list(b) for b in blocks],
+        }
+
+    packed = tokenized.map(
+        pack, batched=True, remove_columns=tokenized.column_names, desc=f"Packing {block}-token blocks"
+    )
+    if len(packed) == 0:
+        raise ValueError(f"The text is shorter than one block of max_length={block} tokens; lower max_length.")
+    return packed

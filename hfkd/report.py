@@ -1,0 +1,179 @@
+"""What a recipe run leaves beside the student: metrics.json, report.png, the model card and the summary."""
+
+import json
+import os
+
+from huggingface_hub import ModelCard, ModelCardData
+
+_PIPELINE_TAGS = {
+    "text-classification": "text-classification",
+    "image-classification": "image-classification",
+    "causal-lm": "text-generation",
+}
+
+_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+A student distilled from [{{ teacher_name }}]({{ teacher_link }}) with [hfkd](https://pypi.org/project/hfkd/)
+(knowledge distillation for the Hugging Face stack). It loads with plain transformers:
+
+```python
+from transformers import {{ auto_class }}
+model = {{ auto_class }}.from_pretrained("{{ repo_id }}")
+```
+
+## Lineage
+- Teacher: `{{ teacher_name }}`{{ teacher_note }}
+- Student: {{ student_note }}
+- Data: {{ dataset_note }}
+
+## Results (same held-out split, measured by this run)
+| | teacher | student |
+|---|---|---|
+{{ results_rows }}
+
+{{ retained_line }}
+
+## Distillation
+| term | weight | loss |
+|---|---|---|
+{{ terms_rows }}
+
+Temperature {{ temperature }}. Layer maps (student index -> teacher index): {{ layer_maps }}.
+
+Wall time on this machine: {{ wall_time }}. The exact configuration is in `hfkd_config.yaml`; all figures are in
+`metrics.json` and `report.png`.
+"""
+
+
+def write_metrics(path: str, metrics: dict) -> None:
+    with open(path, "w") as handle:
+        json.dump(metrics, handle, indent=2, sort_keys=False)
+        handle.write("\n")
+
+
+def _fmt(value, digits=4):
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
+    """The Hub model card: metadata for the Hub's lineage view, then what was distilled and what it kept."""
+    teacher, student, task = metrics["teacher"], metrics["student"], metrics["task"]
+    metric_name = metrics["metric"]
+    dataset_id = metrics["data"].get("hub_id")
+    data = ModelCardData(
+        base_model=teacher.get("hub_id") or None,
+        datasets=[dataset_id] if dataset_id else None,
+        library_name="transformers",
+        pipeline_tag=_PIPELINE_TAGS.get(task),
+        tags=["knowledge-distillation", "hfkd", "distillation", task],
+        metrics=[metric_name],
+        model_name=os.path.basename(repo_id),
+    )
+    results = [
+        (metric_name, _fmt(teacher["metric"]), _fmt(student["metric"])),
+        ("parameters", f"{teacher['params']:,}", f"{student['params']:,}"),
+        ("forward latency (ms/batch)", _fmt(teacher["latency_ms"]), _fmt(student["latency_ms"])),
+    ]
+    distill = metrics["distillation"]
+    terms = [(name, _fmt(term["weight"]), term.get("loss", "-")) for name, term in distill["terms"].items()]
+    retained = metrics["retained"]
+    retained_line = (
+        f"The student keeps **{retained:.1%}** of the teacher's {metric_name} "
+        f"with {metrics['size_ratio']:.1%} of its parameters, and runs **{metrics['speedup']:.2f}x** faster "
+        f"(median forward latency on a batch of {metrics['latency_batch_size']}, {metrics['device']})."
+    )
+    teacher_hub = teacher.get("hub_id")
+    return ModelCard.from_template(
+        data,
+        template_str=_CARD_TEMPLATE,
+        model_name=os.path.basename(repo_id),
+        repo_id=repo_id,
+        auto_class=auto_class,
+        teacher_name=teacher_hub or teacher["name"],
+        teacher_link=f"https://huggingface.co/{teacher_hub}" if teacher_hub else teacher["name"],
+        teacher_note=f" ({teacher['note']})" if teacher.get("note") else "",
+        student_note=student["note"],
+        dataset_note=metrics["data"]["note"],
+        results_rows="\n".join(f"| {a} | {b} | {c} |" for a, b, c in results),
+        retained_line=retained_line,
+        terms_rows="\n".join(f"| {a} | {b} | {c} |" for a, b, c in terms),
+        temperature=distill["temperature"],
+        layer_maps=json.dumps(distill["layer_maps"]) if distill["layer_maps"] else "none (no feature terms)",
+        wall_time=", ".join(f"{k} {v:.0f} s" for k, v in metrics["wall_time_s"].items()),
+    )
+
+
+def plot_report(path: str, metrics: dict, log_history: list[dict]) -> None:
+    """Loss curves per term, teacher vs student metric, size and latency, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    ax = axes[0][0]
+    names = [
+        k
+        for k in ("loss", "task", "distill/logit", "distill/hidden", "distill/attention")
+        if any(k in e for e in log_history)
+    ]
+    for name in names:
+        points = [(e["step"], e[name]) for e in log_history if name in e and "step" in e]
+        if points:
+            ax.plot(*zip(*points, strict=True), label=name, marker="." if len(points) < 30 else None)
+    ax.set_title("Distillation loss per term")
+    ax.set_xlabel("step")
+    if ax.lines:
+        ax.legend()
+    else:
+        ax.text(0.5, 0.5, "no training log (fewer steps than logging_steps)", ha="center", transform=ax.transAxes)
+    ax.grid(alpha=0.3)
+
+    teacher, student = metrics["teacher"], metrics["student"]
+    colors = ["#4C72B0", "#DD8452"]
+    for ax, key, title in (
+        (axes[0][1], "metric", metrics["metric"]),
+        (axes[1][0], "params", "parameters"),
+        (axes[1][1], "latency_ms", f"forward latency, ms per batch of {metrics['latency_batch_size']}"),
+    ):
+        values = [teacher[key], student[key]]
+        bars = ax.bar(["teacher", "student"], values, color=colors)
+        ax.bar_label(bars, labels=[_fmt(v) if isinstance(v, float) else f"{v:,}" for v in values])
+        ax.set_title(title)
+    fig.suptitle(
+        f"{metrics['task']}: student keeps {metrics['retained']:.1%} of the teacher's {metrics['metric']}, "
+        f"{metrics['speedup']:.2f}x faster, {metrics['size_ratio']:.1%} of the parameters"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def summary(metrics: dict, output_dir: str, push_message: str | None) -> str:
+    """The one-screen summary printed at the end of a run."""
+    t, s = metrics["teacher"], metrics["student"]
+    lines = [
+        "",
+        "=" * 72,
+        f"hfkd distill: {metrics['task']} done in {metrics['wall_time_s']['total']:.0f} s",
+        "=" * 72,
+        f"{'':24}{'teacher':>16}{'student':>16}",
+        f"{metrics['metric']:24}{_fmt(t['metric']):>16}{_fmt(s['metric']):>16}",
+        f"{'parameters':24}{t['params']:>16,}{s['params']:>16,}",
+        f"{'latency (ms/batch)':24}{_fmt(t['latency_ms']):>16}{_fmt(s['latency_ms']):>16}",
+        "",
+        f"retained {metrics['retained']:.1%} of the teacher's {metrics['metric']} | size {metrics['size_ratio']:.1%} "
+        f"| speed-up {metrics['speedup']:.2f}x",
+        f"outputs: {output_dir}  (student + tokenizer/processor, README.md card, metrics.json, report.png, "
+        "hfkd_config.yaml)",
+    ]
+    if push_message:
+        lines.append(push_message)
+    lines.append("=" * 72)
+    return "\n".join(lines)

@@ -1,0 +1,328 @@
+"""Tiny randomly initialised models and data sets for fast end-to-end distillation tests.
+
+Every factory seeds torch before building, so the same call always gives the same weights. Teachers are 32 wide
+with 3-4 layers, students 16 wide with 2 layers, and both keep 2 attention heads so attention maps line up while the
+hidden sizes differ (which makes hfkd build projections). Nothing here imports hfkd.
+"""
+
+from __future__ import annotations
+
+import torch
+from datasets import Dataset
+from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
+    BertConfig,
+    BertForMaskedLM,
+    BertForSequenceClassification,
+    BertForTokenClassification,
+    ConvNextConfig,
+    ConvNextForImageClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ResNetConfig,
+    ResNetForImageClassification,
+    T5Config,
+    T5ForConditionalGeneration,
+    ViTConfig,
+    ViTForImageClassification,
+)
+
+VOCAB_SIZE = 100
+PAD_ID = 0
+EOS_ID = 1
+MASK_ID = 4
+FIRST_WORD_ID = 5  # ids below are special tokens
+NUM_LABELS = 3
+NUM_HEADS = 2
+SEQ_LEN = 10
+TARGET_LEN = 6
+IMAGE_SIZE = 16
+CONV_IMAGE_SIZE = 32
+
+TEACHER_WIDTH, TEACHER_LAYERS = 32, 4
+STUDENT_WIDTH, STUDENT_LAYERS = 16, 2
+
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------- text models
+_BERT_HEADS = {
+    "sequence": BertForSequenceClassification,
+    "token": BertForTokenClassification,
+    "mlm": BertForMaskedLM,
+}
+
+
+def tiny_bert(
+    head: str = "sequence",
+    hidden_size: int = 32,
+    num_layers: int = 4,
+    *,
+    seed: int = 0,
+    attn_implementation="eager",
+    attention_dropout: float = 0.0,
+):
+    """BERT with a sequence-classification, token-classification or masked-LM head."""
+    _seeded(seed)
+    config = BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=NUM_HEADS,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=32,
+        attention_probs_dropout_prob=attention_dropout,  # eager maps are taken after dropout in training
+        pad_token_id=PAD_ID,
+        num_labels=NUM_LABELS,
+        attn_implementation=attn_implementation,
+    )
+    return _BERT_HEADS[head](config)
+
+
+def tiny_llama(hidden_size: int = 32, num_layers: int = 4, *, seed: int = 0, attn_implementation="eager"):
+    _seeded(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=NUM_HEADS,
+        num_key_value_heads=NUM_HEADS,
+        max_position_embeddings=64,
+        pad_token_id=PAD_ID,
+        bos_token_id=2,
+        eos_token_id=EOS_ID,
+        tie_word_embeddings=False,
+        attn_implementation=attn_implementation,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_gpt2(hidden_size: int = 32, num_layers: int = 4, *, seed: int = 0, attn_implementation="eager"):
+    _seeded(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_positions=32,
+        n_embd=hidden_size,
+        n_layer=num_layers,
+        n_head=NUM_HEADS,
+        attn_pdrop=0.0,
+        pad_token_id=PAD_ID,
+        bos_token_id=2,
+        eos_token_id=EOS_ID,
+        attn_implementation=attn_implementation,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def tiny_t5(
+    hidden_size: int = 32,
+    num_layers: int = 4,
+    *,
+    seed: int = 0,
+    attn_implementation="eager",
+    dropout_rate: float = 0.0,
+):
+    """T5; its single `dropout_rate` also drops attention probabilities, so it is 0 unless asked for."""
+    _seeded(seed)
+    config = T5Config(
+        vocab_size=VOCAB_SIZE,
+        d_model=hidden_size,
+        d_kv=hidden_size // NUM_HEADS,
+        d_ff=2 * hidden_size,
+        num_layers=num_layers,
+        num_decoder_layers=num_layers,
+        num_heads=NUM_HEADS,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        dropout_rate=dropout_rate,
+        pad_token_id=PAD_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=PAD_ID,
+        attn_implementation=attn_implementation,
+    )
+    return T5ForConditionalGeneration(config)
+
+
+def tiny_bart(hidden_size: int = 32, num_layers: int = 4, *, seed: int = 0, attn_implementation="eager"):
+    _seeded(seed)
+    config = BartConfig(
+        vocab_size=VOCAB_SIZE,
+        d_model=hidden_size,
+        encoder_layers=num_layers,
+        decoder_layers=num_layers,
+        encoder_attention_heads=NUM_HEADS,
+        decoder_attention_heads=NUM_HEADS,
+        encoder_ffn_dim=2 * hidden_size,
+        decoder_ffn_dim=2 * hidden_size,
+        max_position_embeddings=32,
+        pad_token_id=PAD_ID,
+        bos_token_id=2,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=EOS_ID,
+        forced_eos_token_id=None,
+        attn_implementation=attn_implementation,
+    )
+    return BartForConditionalGeneration(config)
+
+
+# ---------------------------------------------------------------------------------------------------- vision models
+def tiny_vit(hidden_size: int = 32, num_layers: int = 4, *, seed: int = 0, attn_implementation="eager"):
+    """ViT on 16x16 images with 4x4 patches: 16 patches + [CLS] = 17 tokens."""
+    _seeded(seed)
+    config = ViTConfig(
+        image_size=IMAGE_SIZE,
+        patch_size=4,
+        num_channels=3,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=NUM_HEADS,
+        intermediate_size=2 * hidden_size,
+        num_labels=NUM_LABELS,
+        attn_implementation=attn_implementation,
+    )
+    return ViTForImageClassification(config)
+
+
+def tiny_resnet(hidden_sizes=(16, 32, 64), *, seed: int = 0):
+    """Basic-block ResNet, one block per stage. On 32x32 images its feature maps are 8, 8, 4, 2 pixels wide for
+    three stages, so a two-stage student has both other channel counts and other spatial sizes than its teacher."""
+    _seeded(seed)
+    config = ResNetConfig(
+        num_channels=3,
+        embedding_size=hidden_sizes[0],
+        hidden_sizes=list(hidden_sizes),
+        depths=[1] * len(hidden_sizes),
+        layer_type="basic",
+        num_labels=NUM_LABELS,
+    )
+    return ResNetForImageClassification(config)
+
+
+def tiny_convnext(hidden_sizes=(16, 32, 64), *, seed: int = 0):
+    """ConvNeXt with one block per stage; stride-4 stem then stride 2 per extra stage (8, 8, 4, 2 on 32x32)."""
+    _seeded(seed)
+    config = ConvNextConfig(
+        num_channels=3,
+        patch_size=4,
+        num_stages=len(hidden_sizes),
+        hidden_sizes=list(hidden_sizes),
+        depths=[1] * len(hidden_sizes),
+        num_labels=NUM_LABELS,
+        image_size=CONV_IMAGE_SIZE,
+        layer_scale_init_value=0.1,  # the default 1e-6 makes every block almost the identity
+    )
+    return ConvNextForImageClassification(config)
+
+
+# ---------------------------------------------------------------------------------------------------- data sets
+def _padded_token_ids(num_rows: int, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random word ids with right padding on every other row (0 to seq_len - 3 pad positions)."""
+    input_ids = torch.randint(FIRST_WORD_ID, VOCAB_SIZE, (num_rows, seq_len), generator=generator)
+    attention_mask = torch.ones(num_rows, seq_len, dtype=torch.long)
+    for row in range(1, num_rows, 2):
+        num_pad = 1 + row % (seq_len - 3)
+        attention_mask[row, seq_len - num_pad :] = 0
+    input_ids = input_ids.masked_fill(attention_mask == 0, PAD_ID)
+    return input_ids, attention_mask
+
+
+def text_dataset(task: str, num_rows: int = 8, seq_len: int = SEQ_LEN, *, seed: int = 0) -> Dataset:
+    """Token ids with padding (attention_mask 0) on some rows and labels for `task`.
+
+    - 'sequence': one class per row.
+    - 'token': one class per token, -100 at padding.
+    - 'mlm': ~25% of the real tokens replaced by MASK_ID; labels are the original ids there and -100 elsewhere.
+    - 'causal': labels = input_ids with -100 at padding (the model shifts them).
+    - 'causal_all_masked': every label -100, as in a batch of prompts whose completions were cut off.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    input_ids, attention_mask = _padded_token_ids(num_rows, seq_len, generator)
+    real = attention_mask.bool()
+    if task == "sequence":
+        labels = torch.randint(0, NUM_LABELS, (num_rows,), generator=generator)
+    elif task == "token":
+        labels = torch.randint(0, NUM_LABELS, (num_rows, seq_len), generator=generator).masked_fill(~real, -100)
+    elif task == "mlm":
+        chosen = (torch.rand(num_rows, seq_len, generator=generator) < 0.25) & real
+        chosen[:, 1] = True  # at least one masked token per row (position 1 is never padding)
+        labels = input_ids.masked_fill(~chosen, -100)
+        input_ids = input_ids.masked_fill(chosen, MASK_ID)
+    elif task == "causal":
+        labels = input_ids.masked_fill(~real, -100)
+    elif task == "causal_all_masked":
+        labels = torch.full_like(input_ids, -100)
+    else:
+        raise ValueError(f"unknown task {task!r}")
+    return Dataset.from_dict(
+        {"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(), "labels": labels.tolist()}
+    )
+
+
+def seq2seq_dataset(
+    num_rows: int = 8, seq_len: int = SEQ_LEN, target_len: int = TARGET_LEN, *, seed: int = 0
+) -> Dataset:
+    """Padded source ids and targets ending in EOS, padded with -100 on every other row."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids, attention_mask = _padded_token_ids(num_rows, seq_len, generator)
+    labels = torch.randint(FIRST_WORD_ID, VOCAB_SIZE, (num_rows, target_len), generator=generator)
+    for row in range(num_rows):
+        length = target_len if row % 2 == 0 else 2 + row % (target_len - 2)
+        labels[row, length - 1] = EOS_ID
+        labels[row, length:] = -100
+    return Dataset.from_dict(
+        {"input_ids": input_ids.tolist(), "attention_mask": attention_mask.tolist(), "labels": labels.tolist()}
+    )
+
+
+def image_dataset(num_rows: int = 8, image_size: int = IMAGE_SIZE, *, seed: int = 0) -> Dataset:
+    """Random `pixel_values` [3, size, size] as float lists and one class per image."""
+    generator = torch.Generator().manual_seed(seed)
+    pixel_values = torch.randn(num_rows, 3, image_size, image_size, generator=generator)
+    labels = torch.randint(0, NUM_LABELS, (num_rows,), generator=generator)
+    return Dataset.from_dict({"pixel_values": pixel_values.tolist(), "labels": labels.tolist()})
+
+
+# ---------------------------------------------------------------------------------------------------- pairs
+def _pair(build, **kwargs):
+    teacher = build(TEACHER_WIDTH, TEACHER_LAYERS, seed=0, **kwargs)
+    student = build(STUDENT_WIDTH, STUDENT_LAYERS, seed=1, **kwargs)
+    return teacher, student
+
+
+def teacher_student_pair(family: str, attn_implementation: str = "eager"):
+    """(teacher, student) for a family name; the student is narrower and shallower than the teacher."""
+    attn = {"attn_implementation": attn_implementation}
+    if family in ("bert_sequence", "bert_token", "bert_mlm"):
+        head = family.split("_", 1)[1]
+        return (
+            tiny_bert(head, TEACHER_WIDTH, TEACHER_LAYERS, seed=0, **attn),
+            tiny_bert(head, STUDENT_WIDTH, STUDENT_LAYERS, seed=1, **attn),
+        )
+    builders = {"llama": tiny_llama, "gpt2": tiny_gpt2, "t5": tiny_t5, "bart": tiny_bart, "vit": tiny_vit}
+    if family in builders:
+        return _pair(builders[family], **attn)
+    if family == "resnet":
+        return tiny_resnet((16, 32, 64), seed=0), tiny_resnet((8, 16), seed=1)
+    if family == "convnext":
+        return tiny_convnext((16, 32, 64), seed=0), tiny_convnext((8, 16), seed=1)
+    raise ValueError(f"unknown family {family!r}")
+
+
+def dataset_for(family: str, num_rows: int = 8, *, seed: int = 0) -> Dataset:
+    if family.startswith("bert_"):
+        return text_dataset(family.split("_", 1)[1], num_rows, seed=seed)
+    if family in ("llama", "gpt2"):
+        return text_dataset("causal", num_rows, seed=seed)
+    if family in ("t5", "bart"):
+        return seq2seq_dataset(num_rows, seed=seed)
+    if family == "vit":
+        return image_dataset(num_rows, IMAGE_SIZE, seed=seed)
+    if family in ("resnet", "convnext"):
+        return image_dataset(num_rows, CONV_IMAGE_SIZE, seed=seed)
+    raise ValueError(f"unknown family {family!r}")
