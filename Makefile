@@ -28,8 +28,9 @@ format: setup
 	$(PY) -m ruff format hfkd tests examples
 	$(PY) -m ruff check --fix hfkd tests examples
 
+# Recipe 1 end to end; it rewrites its own outputs/minilm-tweets/ on every run.
 demo: setup
-	$(PY) examples/distill_minilm_sentiment.py
+	$(VENV)/bin/hfkd distill --config recipes/text-classification/minilm-tweets.yaml --overwrite_output_dir true
 
 clean:
 	rm -rf $(VENV) outputs

@@ -282,6 +282,7 @@ class _Run:
             "dataloader_num_workers",
             "weight_decay",
             "warmup_steps",
+            "train_sampling_strategy",
         )
         kwargs = {name: getattr(c, name) for name in keep}
         kwargs.update(report_to=[], save_strategy="no", output_dir=output_dir)
@@ -319,9 +320,10 @@ class _Run:
         trainer.train()
         if r.teacher_lora_r:
             teacher = teacher.merge_and_unload()
-        shutil.rmtree(args.output_dir, ignore_errors=True)
-        teacher.save_pretrained(os.path.join(self.out, "teacher"))
-        self.processor.save_pretrained(os.path.join(self.out, "teacher"))
+        if self.config.process_index == 0:  # one writer under `accelerate launch`
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+            teacher.save_pretrained(os.path.join(self.out, "teacher"))
+            self.processor.save_pretrained(os.path.join(self.out, "teacher"))
         self.teacher = teacher
         self.teacher_finetune_log = trainer.state.log_history
 
@@ -421,6 +423,8 @@ def run_recipe(recipe: RecipeArguments, data_args: DataArguments, config: Distil
     tick = time.perf_counter()
     teacher_metric = run.evaluate(run.teacher)
     student_metric = run.evaluate(run.student)
+    if config.process_index != 0:
+        return {}  # under `accelerate launch` the main process measures and writes
     t_latency, s_latency = compare_latency(run.teacher, run.student, run.latency_batch(), recipe.latency_repeats)
     run.times["evaluation"] = time.perf_counter() - tick
 

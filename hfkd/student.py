@@ -291,6 +291,9 @@ def _check_indices(indices: object, stack: _Stack, num_stacks: int) -> list[int]
 def _student_config(config: PreTrainedConfig, stacks: list[_Stack], selections: list[list[int]]) -> PreTrainedConfig:
     """Deep-copy the teacher's config with the smaller layer counts and per-layer lists sliced to the kept layers."""
     new = copy.deepcopy(config)
+    # The student is a new model: keeping the teacher's path would make peft adapters saved on it name the
+    # teacher as their base model, and reload onto the wrong network.
+    new._name_or_path = ""
     for attr in dict.fromkeys(stack.attr for stack in stacks):
         attr_stacks = [(stack, sel) for stack, sel in zip(stacks, selections) if stack.attr == attr]
         if attr_stacks[0][0].index is None:

@@ -23,22 +23,48 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def run_example(script: str, output_dir: Path, *extra: str) -> str:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, str(EXAMPLES / script), "--output_dir", str(output_dir), *TINY, *extra]
-    result = subprocess.run(cmd, cwd=output_dir.parent, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
-    return result.stdout
+# script -> extra flags. The four runs start together (one thread each) when the first test needs them: on a small
+# machine the runs are dominated by single-threaded imports, so this takes about as long as the slowest one.
+RUNS = {
+    "train_text_classification.py": ["--max_eval_samples", "16"],
+    "distill_text_classification.py": ["--max_eval_samples", "16"],
+    "custom_loss.py": [],
+    "lora_student.py": [],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Starts every example once; `runs(script)` waits for it, checks its exit code, returns (output dir, stdout)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    started = {}
+    for script, extra in RUNS.items():
+        out = tmp_path_factory.mktemp(script[: -len(".py")]) / "out"
+        cmd = [sys.executable, str(EXAMPLES / script), "--output_dir", str(out), *TINY, *extra]
+        # Logs go to files, not pipes: a full pipe would stall a run until its test reads it.
+        with open(out.parent / "stdout.txt", "w") as stdout, open(out.parent / "stderr.txt", "w") as stderr:
+            started[script] = (cmd, out, subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=stdout, stderr=stderr))
+
+    def wait(script):
+        cmd, out, proc = started[script]
+        returncode = proc.wait(timeout=600)
+        stdout, stderr = ((out.parent / f"{name}.txt").read_text() for name in ("stdout", "stderr"))
+        assert returncode == 0, f"{' '.join(cmd)} failed:\n{stdout[-3000:]}\n{stderr[-5000:]}"
+        return out, stdout
+
+    yield wait
+    for _, _, proc in started.values():
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.mark.parametrize(
     "script, num_layers",
     [("train_text_classification.py", 4), ("distill_text_classification.py", 3), ("custom_loss.py", 3)],
 )
-def test_full_model_examples(tmp_path, script, num_layers):
-    extra = ["--max_eval_samples", "16"] if "text_classification" in script else []
-    out = tmp_path / "out"
-    stdout = run_example(script, out, *extra)
+def test_full_model_examples(runs, script, num_layers):
+    out, stdout = runs(script)
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     config = json.loads((out / "config.json").read_text())
     # The distilled students keep 3 of the tiny teacher's 4 layers; the plain Trainer run trains the 4-layer model.
@@ -48,9 +74,8 @@ def test_full_model_examples(tmp_path, script, num_layers):
         assert "eval_accuracy" in stdout
 
 
-def test_lora_student_saves_only_the_adapter(tmp_path):
-    out = tmp_path / "out"
-    stdout = run_example("lora_student.py", out)
+def test_lora_student_saves_only_the_adapter(runs):
+    out, stdout = runs("lora_student.py")
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (out / "model.safetensors").exists()
     adapter = json.loads((out / "adapter_config.json").read_text())
@@ -70,5 +95,5 @@ def test_distill_script_is_a_drop_in_of_the_train_script():
         for line in difflib.unified_diff(code("train_text_classification.py"), code("distill_text_classification.py"))
         if line[:1] in "+-" and not line.startswith(("+++", "---")) and line[1:].strip()
     ]
-    drop_in = ("Trainer", "TrainingArguments", "DistillationConfig", "teacher", "hfkd")
+    drop_in = ("Trainer", "TrainingArguments", "DistillationConfig", "teacher", "hfkd", "load_model")
     assert changed and all(any(word in line for word in drop_in) for line in changed), changed

@@ -371,16 +371,7 @@ def _bert_pair_with_dropout():
     "make_pair, dataset",
     [
         pytest.param(_bert_pair_with_dropout, "sequence", id="bert"),
-        pytest.param(
-            _t5_pair_with_dropout,
-            "seq2seq",
-            id="t5",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="hfkd bug: _warn_attention_dropout (hfkd/trainer.py) only reads attention_probs_dropout_prob, "
-                "attention_dropout and attn_pdrop; T5's dropout_rate also drops the attention maps, unwarned.",
-            ),
-        ),
+        pytest.param(_t5_pair_with_dropout, "seq2seq", id="t5"),
     ],
 )
 def test_student_attention_dropout_is_warned_about(make_pair, dataset, tmp_path, caplog):

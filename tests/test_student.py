@@ -525,3 +525,16 @@ def test_untied_weights_under_a_tying_config_are_refused() -> None:
 def test_non_transformers_teacher_is_refused() -> None:
     with pytest.raises(ValueError, match=r"`teacher` must be a transformers PreTrainedModel"):
         student_from_teacher(torch.nn.Linear(2, 2), num_layers=1)
+
+
+def test_student_does_not_claim_the_teachers_checkpoint(tmp_path):
+    # A peft adapter saved on the student records the student's name_or_path as its base model; the teacher's
+    # would make it reload onto the wrong network.
+    config = tf.BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=37
+    )
+    tf.BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
+    teacher = tf.BertForSequenceClassification.from_pretrained(tmp_path / "teacher")
+    student = student_from_teacher(teacher, num_layers=2)
+    assert str(tmp_path) not in student.name_or_path
+    assert teacher.name_or_path == str(tmp_path / "teacher")

@@ -293,3 +293,29 @@ def test_errors_before_the_first_step(tmp_path):
     with pytest.raises(ValueError, match="Could not load the teacher"):
         _trainer(tmp_path, bert(), str(tmp_path / "no-such-teacher"), data)
     assert not (tmp_path / "checkpoint-1").exists()
+
+
+def test_bf16_autocast_on_cpu_gives_finite_terms_close_to_float32(tmp_path):
+    logs = {}
+    for bf16 in (False, True):
+        args = DistillationConfig(
+            output_dir=str(tmp_path / str(bf16)),
+            max_steps=1,
+            per_device_train_batch_size=8,
+            logging_steps=1,
+            hidden_weight=1.0,
+            bf16=bf16,
+            **COMMON,
+        )
+        trainer = DistillationTrainer(
+            model=llama(hidden=16, layers=2, seed=1),
+            teacher_model=llama(hidden=32, layers=4, seed=2),
+            args=args,
+            train_dataset=lm_data(),
+        )
+        trainer.train()
+        logs[bf16] = trainer.state.log_history[0]
+    for key in ("task", "distill/logit", "distill/hidden"):
+        assert torch.isfinite(torch.tensor(logs[True][key]))
+        # bf16 keeps 8 bits of mantissa: agreement within a few percent is what it can give.
+        assert logs[True][key] == pytest.approx(logs[False][key], rel=0.05), key

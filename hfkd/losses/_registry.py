@@ -13,7 +13,12 @@ def _register(table: dict[str, Callable], kind: str, name: str) -> Callable[[Cal
 
     def decorator(fn: Callable) -> Callable:
         # Re-registering the same function (a module imported twice) is harmless; another function is a clash.
-        if name in table and table[name] is not fn and table[name].__qualname__ != fn.__qualname__:
+        previous = table.get(name)
+        same = previous is not None and (previous.__module__, previous.__qualname__) == (
+            fn.__module__,
+            fn.__qualname__,
+        )
+        if previous is not None and previous is not fn and not same:
             raise ValueError(f"A {kind} loss named {name!r} is already registered ({table[name].__qualname__}).")
         table[name] = fn
         return fn
