@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
         recipe, data_args, config = parse_distill_args(rest)
-        check_output_dir(config.output_dir, recipe.overwrite_output_dir)
+        check_output_dir(config.output_dir, config.overwrite_output_dir)
     except ValueError as err:
         print(f"hfkd distill: {err}", file=sys.stderr)
         return 2

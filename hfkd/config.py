@@ -90,6 +90,14 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow an output_dir that holds another run's checkpoints (they are deleted) or outputs; "
+            "without it hfkd stops before writing anything there."
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         if isinstance(self.teacher_model_init_kwargs, str):

@@ -108,10 +108,6 @@ class RecipeArguments:
     )
     latency_batch_size: int = field(default=16, metadata={"help": "Batch size of the latency measurement."})
     latency_repeats: int = field(default=10, metadata={"help": "Rounds of the latency measurement (median kept)."})
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Allow writing into an output_dir that already holds a run; otherwise the run stops first."},
-    )
 
     def __post_init__(self):
         if self.task not in hfkd_data.TASKS:
@@ -259,9 +255,11 @@ class _Run:
                 ) from err
         else:
             raise ValueError("No teacher: set teacher_model_name_or_path or teacher_config.")
-        # A GGUF checkpoint is dequantised on load; the float weights are what the student copies and saves.
-        if getattr(teacher.config, "quantization_config", None) is not None and "gguf_file" in self.teacher_kwargs:
-            del teacher.config.quantization_config
+        # A GGUF checkpoint is dequantised on load into dense weights, but the model keeps its quantizer, which
+        # makes Trainer refuse it and save_pretrained fail; the dense weights are all the recipe needs.
+        quantizer = getattr(teacher, "hf_quantizer", None)
+        if quantizer is not None and "gguf_file" in self.teacher_kwargs:
+            quantizer.remove_quantization_config(teacher)
         if self.recipe.task == "causal-lm" and teacher.config.pad_token_id is None:
             teacher.config.pad_token_id = self.processor.pad_token_id
         self.teacher = teacher
@@ -402,7 +400,7 @@ class _Run:
 
 def run_recipe(recipe: RecipeArguments, data_args: DataArguments, config: DistillationConfig) -> dict:
     """Runs every stage and writes the output folder; returns the metrics written to metrics.json."""
-    check_output_dir(config.output_dir, recipe.overwrite_output_dir)
+    check_output_dir(config.output_dir, config.overwrite_output_dir)
     start = time.perf_counter()
     set_seed(config.seed)
     run = _Run(recipe, data_args, config)

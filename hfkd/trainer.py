@@ -1,13 +1,17 @@
 """`DistillationTrainer`: `transformers.Trainer` plus a teacher and the logit, hidden-state and attention terms."""
 
 import dataclasses
+import glob
+import hashlib
+import json
 import logging
 import os
+import shutil
 from collections import defaultdict
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .config import DistillationConfig
 from .features import (
@@ -31,6 +35,14 @@ logger = logging.getLogger(__name__)
 # Prefix of batch keys meant for the teacher only (e.g. `teacher_pixel_values` when the two models preprocess
 # images differently); the student never sees them.
 TEACHER_INPUT_PREFIX = "teacher_"
+
+# Written in output_dir and in each checkpoint: which teacher and student the checkpoints belong to.
+RUN_FILE = "hfkd_run.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; raised before the bad update is applied."""
+
 
 _OUTPUT_FEATURE_KEYS = (
     "hidden_states",
@@ -259,6 +271,68 @@ class DistillationTrainer(Trainer):
                     )
         return pairs
 
+    # ------------------------------------------------------------------ runs and checkpoints
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        self._check_output_dir(resume_from_checkpoint)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
+
+    def _run_fingerprint(self) -> dict:
+        def describe(model, with_name: bool) -> dict:
+            base = unwrap_peft(self.accelerator.unwrap_model(model))
+            config = getattr(base, "config", None)
+            entry = {"class": type(base).__name__}
+            if config is not None:
+                values = config.to_dict()
+                for volatile in (
+                    "_name_or_path",
+                    "transformers_version",
+                    "dtype",
+                    "torch_dtype",
+                    "_attn_implementation",
+                ):
+                    values.pop(volatile, None)
+                digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
+                entry["config_sha256"] = digest
+                if with_name and getattr(config, "_name_or_path", ""):
+                    entry["name_or_path"] = config._name_or_path
+            return entry
+
+        return {"teacher": describe(self.teacher_model, True), "student": describe(self.model, False)}
+
+    def _check_output_dir(self, resume_from_checkpoint) -> None:
+        """Refuses to mix this run's checkpoints with another run's, before anything is written."""
+        out = self.args.output_dir
+        fingerprint = self._run_fingerprint()
+        if resume_from_checkpoint:
+            path = get_last_checkpoint(out) if resume_from_checkpoint is True else resume_from_checkpoint
+            stored = _read_run_file(path) if path else None
+            if stored is not None and stored != fingerprint:
+                raise ValueError(
+                    f"{path} was written by another run (teacher/student {_describe(stored)}; this run: "
+                    f"{_describe(fingerprint)}). Resume with the models that made it, or start without "
+                    "resume_from_checkpoint."
+                )
+        elif glob.glob(os.path.join(out, f"{PREFIX_CHECKPOINT_DIR}-*")):
+            stored = _read_run_file(out)
+            if stored != fingerprint:
+                if not self.args.overwrite_output_dir:
+                    raise ValueError(
+                        f"output_dir {out} holds checkpoints of another run ({_describe(stored)}; this run: "
+                        f"{_describe(fingerprint)}). Choose another output_dir, resume that run, or set "
+                        "overwrite_output_dir=True to delete its checkpoints."
+                    )
+                if self.args.should_save:
+                    for folder in glob.glob(os.path.join(out, f"{PREFIX_CHECKPOINT_DIR}-*")):
+                        shutil.rmtree(folder)
+        if self.args.should_save:
+            os.makedirs(out, exist_ok=True)
+            _write_run_file(out, fingerprint)
+
     # ------------------------------------------------------------------ optimizer and checkpoints
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -271,11 +345,10 @@ class DistillationTrainer(Trainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.projector is not None and self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            if os.path.isdir(folder):
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save and os.path.isdir(folder):
+            _write_run_file(folder, self._run_fingerprint())
+            if self.projector is not None:
                 self.projector.save(folder)
 
     def _clip_grad_norm(self, model):
@@ -396,6 +469,8 @@ class DistillationTrainer(Trainer):
         for name, value in terms.items():
             weighted = value if weights[name] == 1 else weights[name] * value
             loss = weighted if loss is None else loss + weighted
+        if training:
+            self._stop_if_not_finite(terms)
         self._record(terms, "train" if training else "eval")
 
         if not return_outputs:
@@ -404,6 +479,23 @@ class DistillationTrainer(Trainer):
             # Evaluation gathers every tensor output as a prediction; drop the features requested for the loss.
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in _OUTPUT_FEATURE_KEYS})
         return loss, outputs
+
+    def _stop_if_not_finite(self, terms: dict[str, torch.Tensor]) -> None:
+        # One host sync per step (Trainer's logging_nan_inf_filter already makes one); raising here, before
+        # backward, keeps the bad update out of the weights and the last checkpoint good.
+        values = torch.stack([value.detach().float().reshape(()) for value in terms.values()])
+        if bool(torch.isfinite(values).all()):
+            return
+        shown = ", ".join(f"{name}={value:.4g}" for name, value in zip(terms, values.tolist(), strict=True))
+        bad = [
+            name for name, value in zip(terms, values.tolist(), strict=True) if not torch.isfinite(torch.tensor(value))
+        ]
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        raise NonFiniteLossError(
+            f"Non-finite loss at step {self.state.global_step + 1}: {', '.join(bad)} went bad ({shown}). Training "
+            f"stopped before this update; the last good checkpoint is {last or 'none (none saved yet)'}. Lower "
+            "learning_rate, check this batch's inputs and labels, or (fp16) use bf16 or a higher temperature."
+        )
 
     def _normalisers(self, masks: dict, batch: dict, training: bool) -> tuple[dict[str, torch.Tensor], float]:
         """Counts to divide each term's sum by, and the factor that undoes DDP's averaging over processes."""
@@ -512,6 +604,27 @@ def _warn_attention_dropout(model: torch.nn.Module) -> None:
                 name,
             )
             return
+
+
+def _read_run_file(directory: str) -> dict | None:
+    path = os.path.join(directory, RUN_FILE)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _write_run_file(directory: str, fingerprint: dict) -> None:
+    with open(os.path.join(directory, RUN_FILE), "w") as handle:
+        json.dump(fingerprint, handle, indent=1)
+
+
+def _describe(fingerprint: dict | None) -> str:
+    if not fingerprint:
+        return "unknown models"
+    teacher, student = fingerprint.get("teacher", {}), fingerprint.get("student", {})
+    name = teacher.get("name_or_path") or teacher.get("class", "?")
+    return f"teacher {name} [{teacher.get('config_sha256', '?')}], student {student.get('class', '?')} [{student.get('config_sha256', '?')}]"
 
 
 def _get(outputs, key: str):

@@ -1,0 +1,99 @@
+"""A small, deterministic distillation run driven by the tests in a subprocess (single or `accelerate launch`).
+
+    python tests/scripts/distill_run.py --output_dir OUT --result RESULT.pt [--max_steps 6] [--save_steps 2]
+        [--per_device_train_batch_size 8] [--kill_at_step K] [--resume]
+
+Writes RESULT.pt (main process) with the logged losses, the final student and the projections. With
+--kill_at_step the process kills itself with SIGKILL at the end of that step, as a crash would.
+"""
+
+import argparse
+import os
+import signal
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tiny_models import tiny_llama  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+from hfkd import DistillationConfig, DistillationTrainer  # noqa: E402
+
+
+def lm_dataset(n=32, length=12, vocab=100, seed=0):
+    import datasets
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(n):
+        mask[i, length - (i % 5) * 2 :] = 0 if i % 5 else 1  # uneven padding: token counts differ per batch
+    labels = ids.masked_fill(mask == 0, -100)
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
+    )
+
+
+class KillAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--output_dir", required=True)
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--max_steps", type=int, default=6)
+    parser.add_argument("--save_steps", type=int, default=2)
+    parser.add_argument("--per_device_train_batch_size", type=int, default=8)
+    parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    parser.add_argument("--kill_at_step", type=int, default=None)
+    parser.add_argument("--resume", action="store_true")
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    teacher = tiny_llama(32, 4, seed=0)
+    student = tiny_llama(16, 2, seed=1)
+    config = DistillationConfig(
+        output_dir=args.output_dir,
+        max_steps=args.max_steps,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        optim="sgd",
+        learning_rate=0.5,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        save_steps=args.save_steps,
+        hidden_weight=1.0,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        dataloader_drop_last=True,
+    )
+    callbacks = [KillAt(args.kill_at_step)] if args.kill_at_step else []
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=config, train_dataset=lm_dataset(), callbacks=callbacks
+    )
+    trainer.train(resume_from_checkpoint=True if args.resume else None)
+    if trainer.is_world_process_zero():
+        torch.save(
+            {
+                "log": [e for e in trainer.state.log_history if "loss" in e],
+                "student": {k: v.detach().clone() for k, v in student.state_dict().items()},
+                "projector": {k: v.detach().clone() for k, v in trainer.projector.state_dict().items()},
+                "world_size": trainer.args.world_size,
+            },
+            args.result,
+        )
+
+
+if __name__ == "__main__":
+    main()
