@@ -13,6 +13,7 @@ import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from . import checks
 from .config import DistillationConfig
 from .features import (
     ModelKind,
@@ -87,12 +88,18 @@ class DistillationTrainer(Trainer):
                 "DistillationTrainer needs a teacher: pass `teacher_model=` (a model, Hub id or path) or set "
                 "`teacher_model_name_or_path` in DistillationConfig."
             )
+        checks.check_teacher_argument(teacher)
         if isinstance(teacher, str):
             teacher = load_teacher(teacher, model, args.teacher_model_init_kwargs)
         if teacher is model:
             raise ValueError("teacher_model is the student itself; for self-distillation pass a frozen copy.")
 
-        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        # Trainer creates output_dir; every check below runs before the first step, and a failing one removes it.
+        with checks.removing_new_output_dir(args.output_dir if args.should_save else None):
+            super().__init__(model, args, *trainer_args, **trainer_kwargs)
+            self._setup_distillation(args, teacher)
+
+    def _setup_distillation(self, args: DistillationConfig, teacher: torch.nn.Module) -> None:
         # compute_loss normalises every term over the whole accumulated batch itself (see get_batch_samples).
         self.loss_is_scaled_for_ga = True
 
@@ -113,7 +120,11 @@ class DistillationTrainer(Trainer):
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._eval_batches = 0
         self._train_windows = 0  # optimizer steps (accumulation windows) since the last training log
+        self._task_uses_num_items = True  # measured in _probe
 
+        self._check_data()
+        # Taken before any forward pass: heads fill config fields such as `problem_type` on first use.
+        self._fingerprint = self._run_fingerprint()
         if self._distills:
             self._probe()
         if self.projector is not None and self.optimizer is not None:
@@ -124,6 +135,26 @@ class DistillationTrainer(Trainer):
             )
 
     # ------------------------------------------------------------------ set-up
+    def _limits(self) -> tuple[checks.ModelLimits, checks.ModelLimits]:
+        """What the student and the teacher accept, read from their configs (see hfkd.checks)."""
+        student = checks.model_limits(self.accelerator.unwrap_model(self.model), "student")
+        if self.label_names:  # Trainer's label names (args.label_names or the model's own)
+            student = dataclasses.replace(student, label_names=tuple(self.label_names))
+        teacher = checks.model_limits(self.accelerator.unwrap_model(self.teacher_model), "teacher")
+        return student, teacher
+
+    def _check_data(self) -> None:
+        """Data-set checks before the first step, without a forward: rows, columns, labels, token ids, lengths."""
+        student, teacher = self._limits()
+        checks.check_logit_heads(student, teacher, self.args.logit_weight)
+        needs_labels = self.args.task_weight > 0
+        checks.check_dataset(
+            self.train_dataset, "train_dataset", student, teacher, self.data_collator, needs_labels=needs_labels
+        )
+        checks.check_dataset(
+            self.eval_dataset, "eval_dataset", student, teacher, self.data_collator, needs_labels=needs_labels
+        )
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         extra = [TEACHER_INPUT_PREFIX + c for c in self._signature_columns if not c.startswith(TEACHER_INPUT_PREFIX)]
@@ -151,7 +182,8 @@ class DistillationTrainer(Trainer):
         else:
             features = [dataset[i] for i in range(min(2, len(dataset)))]
         if not features:
-            raise ValueError("The training data set is empty: there is nothing to distil on.")
+            which = "train_dataset" if self.train_dataset is not None else "eval_dataset"
+            raise ValueError(f"{which} is empty (0 rows): there is nothing to distil on. Check the split and filters.")
         return self._prepare_inputs(collator(features))
 
     def _probe(self) -> None:
@@ -163,6 +195,8 @@ class DistillationTrainer(Trainer):
         batch = self._probe_batch()
         if batch is None:
             return  # Planned at the first step instead; projections then cannot be trained (checked there).
+        student, teacher = self._limits()
+        checks.check_probe_batch(batch, student, teacher, needs_labels=self.args.task_weight > 0)
         was_training = self.model.training
         self.model.eval()
         try:
@@ -174,6 +208,34 @@ class DistillationTrainer(Trainer):
         finally:
             self.model.train(was_training)
         self._plan(student_out, teacher_out, building=True)
+        self._measure_task_normalisation(batch)
+
+    def _measure_task_normalisation(self, batch: dict) -> None:
+        """Finds out whether the student's own loss divides by `num_items_in_batch`.
+
+        Trainer assumes every model that takes `**kwargs` does, and then skips its division by the accumulation
+        steps (and multiplies by the number of processes). Many heads (BERT's, T5's) return a per-batch mean
+        anyway, which would make the task term `gradient_accumulation_steps` (x processes) times too large next to
+        the distillation terms. Two evaluations with different counts settle it.
+        """
+        self._task_uses_num_items = True
+        if self.args.task_weight == 0 or not self.model_accepts_loss_kwargs or self.compute_loss_func is not None:
+            return
+        student_inputs, _, _ = self._split_inputs(batch)
+        if "labels" not in student_inputs:
+            return
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                losses = [
+                    _get(self.model(**student_inputs, num_items_in_batch=torch.tensor(count)), "loss")
+                    for count in (1.0, 2.0)
+                ]
+        finally:
+            self.model.train(was_training)
+        if all(isinstance(loss, torch.Tensor) for loss in losses):
+            self._task_uses_num_items = not torch.allclose(losses[0], losses[1])
 
     def _plan(self, student_out, teacher_out, building: bool) -> None:
         """Checks shapes, resolves layer maps and (when `building`) creates the projections."""
@@ -187,11 +249,7 @@ class DistillationTrainer(Trainer):
                 raise ValueError("logit_weight > 0, but the student or teacher returned no `logits`.")
             if s_logits.shape[-1] != t_logits.shape[-1]:
                 what = "vocabulary" if self._kind.token_level else "number of labels"
-                raise ValueError(
-                    f"The logit term needs the same {what}: the student has {s_logits.shape[-1]} outputs, the teacher "
-                    f"{t_logits.shape[-1]}. Use a student built from the teacher (student_from_teacher) or the same "
-                    "tokenizer/label set, or set logit_weight=0."
-                )
+                raise checks.logit_mismatch_error(what, s_logits.shape[-1], t_logits.shape[-1])
             if s_logits.shape != t_logits.shape:
                 raise ValueError(
                     f"Student logits {tuple(s_logits.shape)} and teacher logits {tuple(t_logits.shape)} do not line "
@@ -231,7 +289,11 @@ class DistillationTrainer(Trainer):
                 s, t = s_states[s_idx], t_states[t_idx]
                 where = f"student hidden_states[{s_idx}] {tuple(s.shape)} vs teacher hidden_states[{t_idx}] {tuple(t.shape)}"
                 if s.dim() != t.dim() or s.dim() not in (3, 4):
-                    raise ValueError(f"hidden_layer_map pairs features no projection can bridge: {where}.")
+                    raise ValueError(
+                        f"hidden_layer_map pairs features no projection can bridge: {where}. hfkd projects token "
+                        "features [batch, tokens, width] onto token features and conv maps [batch, channels, h, w] "
+                        "onto conv maps; pick a teacher and student of the same kind, or set hidden_weight=0."
+                    )
                 if s.dim() == 3 and s.shape[1] != t.shape[1]:
                     raise ValueError(
                         f"The hidden term compares positions one to one, but the sequence lengths differ ({where}); "
@@ -307,7 +369,7 @@ class DistillationTrainer(Trainer):
     def _check_output_dir(self, resume_from_checkpoint) -> None:
         """Refuses to mix this run's checkpoints with another run's, before anything is written."""
         out = self.args.output_dir
-        fingerprint = self._run_fingerprint()
+        fingerprint = self._fingerprint
         if resume_from_checkpoint:
             path = get_last_checkpoint(out) if resume_from_checkpoint is True else resume_from_checkpoint
             stored = _read_run_file(path) if path else None
@@ -347,7 +409,7 @@ class DistillationTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save and os.path.isdir(folder):
-            _write_run_file(folder, self._run_fingerprint())
+            _write_run_file(folder, self._fingerprint)
             if self.projector is not None:
                 self.projector.save(folder)
 
@@ -435,6 +497,11 @@ class DistillationTrainer(Trainer):
             scaled_by_trainer = (
                 self.model_accepts_loss_kwargs and num_items_in_batch is not None
             ) or self.compute_loss_func is not None
+            if scaled_by_trainer and self.compute_loss_func is None and not self._task_uses_num_items:
+                # A per-batch mean that Trainer took for a sum over the accumulated count: undo its scaling.
+                if self.args.average_tokens_across_devices:
+                    task_loss = task_loss / (self.accelerator.num_processes // self.get_tp_size())
+                scaled_by_trainer = False
             if training and not scaled_by_trainer:
                 task_loss = task_loss / self.current_gradient_accumulation_steps
             terms["task"] = task_loss
