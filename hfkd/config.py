@@ -116,16 +116,18 @@ class DistillationConfig(TrainingArguments):
 
         for name in ("task_weight", "logit_weight", "hidden_weight", "attention_weight"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value != value or value < 0 or value == float("inf"):
+            if not _is_number(value) or value != value or value < 0 or value == float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         if self.total_weight == 0:
             raise ValueError(
                 "task_weight, logit_weight, hidden_weight and attention_weight are all 0: nothing would be trained. "
                 "Set at least one of them > 0 (defaults: task_weight=0.5, logit_weight=0.5)."
             )
-        if not isinstance(self.temperature, (int, float)) or not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature!r}; 1.0 leaves the logits as they are.")
-        if not 0.0 <= self.jsd_beta <= 1.0:
+        if not _is_number(self.temperature) or not 0 < self.temperature < float("inf"):
+            raise ValueError(
+                f"temperature must be > 0 (and finite), got {self.temperature!r}; 1.0 leaves the logits as they are."
+            )
+        if not _is_number(self.jsd_beta) or not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta!r}.")
         _check_choice("logit_loss", self.logit_loss, LOGIT_LOSSES)
         _check_choice("hidden_loss", self.hidden_loss, HIDDEN_LOSSES)
@@ -139,7 +141,13 @@ class DistillationConfig(TrainingArguments):
         return self.task_weight + self.logit_weight + self.hidden_weight + self.attention_weight
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _check_choice(name: str, value: str, registry: dict) -> None:
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a loss name (a string such as {sorted(registry)[0]!r}), got {value!r}.")
     if value not in registry:
         raise ValueError(
             f"{name}={value!r} is not known. Choose one of {sorted(registry)} or register your own loss under that "

@@ -121,6 +121,8 @@ def _require_columns(dataset: datasets.Dataset, columns: dict[str, str | None]) 
 
 def label_names(train: datasets.Dataset, held_out: datasets.Dataset, args: DataArguments) -> list[str]:
     """Class names: from a ClassLabel feature, else the sorted distinct values seen in both splits."""
+    _require_columns(train, {"label_column": args.label_column})
+    _require_columns(held_out, {"label_column": args.label_column})
     feature = train.features[args.label_column]
     if isinstance(feature, datasets.ClassLabel):
         return list(feature.names)
@@ -149,6 +151,11 @@ def preprocess_text_classification(dataset, tokenizer, args: DataArguments, name
         },
     )
     dataset = dataset.filter(lambda row: row[args.text_column] is not None and row[args.label_column] is not None)
+    if len(dataset) == 0:
+        raise ValueError(
+            f"No row has both a {args.text_column!r} text (text_column) and a {args.label_column!r} label "
+            "(label_column): the data set is empty once rows missing either are dropped. Check the two columns."
+        )
     dataset = _label_ids(dataset, args, names)
 
     def tokenize(batch):

@@ -147,13 +147,18 @@ class DistillationTrainer(Trainer):
         """Data-set checks before the first step, without a forward: rows, columns, labels, token ids, lengths."""
         student, teacher = self._limits()
         checks.check_logit_heads(student, teacher, self.args.logit_weight)
-        needs_labels = self.args.task_weight > 0
-        checks.check_dataset(
-            self.train_dataset, "train_dataset", student, teacher, self.data_collator, needs_labels=needs_labels
-        )
-        checks.check_dataset(
-            self.eval_dataset, "eval_dataset", student, teacher, self.data_collator, needs_labels=needs_labels
-        )
+        task_loss = self.args.task_weight > 0
+        for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+            # Evaluation without labels is legitimate (no loss, predictions only); training without them is not.
+            checks.check_dataset(
+                dataset,
+                name,
+                student,
+                teacher,
+                self.data_collator,
+                task_loss=task_loss,
+                require_labels=name == "train_dataset",
+            )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -196,7 +201,13 @@ class DistillationTrainer(Trainer):
         if batch is None:
             return  # Planned at the first step instead; projections then cannot be trained (checked there).
         student, teacher = self._limits()
-        checks.check_probe_batch(batch, student, teacher, needs_labels=self.args.task_weight > 0)
+        checks.check_probe_batch(
+            batch,
+            student,
+            teacher,
+            task_loss=self.args.task_weight > 0,
+            require_labels=self.train_dataset is not None,  # the probe batch may come from eval_dataset
+        )
         was_training = self.model.training
         self.model.eval()
         try:
