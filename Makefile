@@ -17,16 +17,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m ruff check hfkd tests examples
+	$(PY) -m ruff check hfkd tests examples recipes
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(PY) -m ruff check hfkd tests examples
-	$(PY) -m ruff format --check hfkd tests examples
+	$(PY) -m ruff check hfkd tests examples recipes
+	$(PY) -m ruff format --check hfkd tests examples recipes
 
 format: setup
-	$(PY) -m ruff format hfkd tests examples
-	$(PY) -m ruff check --fix hfkd tests examples
+	$(PY) -m ruff format hfkd tests examples recipes
+	$(PY) -m ruff check --fix hfkd tests examples recipes
 
 # Recipe 1 end to end; it rewrites its own outputs/minilm-tweets/ on every run.
 demo: setup

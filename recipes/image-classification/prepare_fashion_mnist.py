@@ -83,7 +83,9 @@ def build_split(source: str, prefix: str):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("output_dir", nargs="?", default=DEFAULT_OUTPUT, help=f"default: {DEFAULT_OUTPUT}")
-    parser.add_argument("--source", default=DEFAULT_SOURCE, help=f"folder of the IDX files (default: {DEFAULT_SOURCE})")
+    parser.add_argument(
+        "--source", default=DEFAULT_SOURCE, help=f"folder of the IDX files (default: {DEFAULT_SOURCE})"
+    )
     args = parser.parse_args(argv)
     os.makedirs(args.output_dir, exist_ok=True)
     for split, prefix in SPLITS.items():

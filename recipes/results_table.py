@@ -1,0 +1,42 @@
+"""Print the README's results table from the metrics.json of finished recipe runs.
+
+    python recipes/results_table.py outputs/minilm-tweets outputs/fashion-mnist-vit outputs/smollm2-fortunes
+
+Every figure comes from a run's metrics.json (written by `hfkd distill`); nothing is typed in by hand.
+"""
+
+import json
+import os
+import sys
+
+
+def _metric(value: float, name: str) -> str:
+    return f"{value:.1f}" if name == "perplexity" else f"{value:.1%}"
+
+
+def row(folder: str) -> str:
+    with open(os.path.join(folder, "metrics.json")) as handle:
+        m = json.load(handle)
+    t, s = m["teacher"], m["student"]
+    recipe = os.path.basename(os.path.normpath(folder))
+    data = m["data"]
+    return (
+        f"| {recipe} | {t.get('hub_id') or t['name']} ({t['params'] / 1e6:.1f}M) | {s['params'] / 1e6:.1f}M "
+        f"| {data['train_examples']:,} train / {data['eval_examples']:,} held-out | {m['metric']} "
+        f"| {_metric(t['metric'], m['metric'])} | {_metric(s['metric'], m['metric'])} | {m['retained']:.1%} "
+        f"| {m['speedup']:.2f}x | {m['wall_time_s']['total'] / 60:.1f} min |"
+    )
+
+
+def main(folders: list[str]) -> None:
+    print(
+        "| recipe | teacher (params) | student params | data | metric | teacher | student | retained "
+        "| speed-up | wall time |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for folder in folders:
+        print(row(folder))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
