@@ -83,8 +83,13 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
     distill = metrics["distillation"]
     terms = [(name, _fmt(term["weight"]), term.get("loss", "-")) for name, term in distill["terms"].items()]
     retained = metrics["retained"]
+    kept = (
+        f"has **{student['metric'] / teacher['metric']:.2f}x** the teacher's perplexity (teacher/student {retained:.1%})"
+        if metric_name == "perplexity"
+        else f"keeps **{retained:.1%}** of the teacher's {metric_name}"
+    )
     retained_line = (
-        f"The student keeps **{retained:.1%}** of the teacher's {metric_name} "
+        f"The student {kept} "
         f"with {metrics['size_ratio']:.1%} of its parameters, and runs **{metrics['speedup']:.2f}x** faster "
         f"(median forward latency on a batch of {metrics['latency_batch_size']}, {metrics['device']})."
     )
@@ -96,7 +101,7 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
         repo_id=repo_id,
         auto_class=auto_class,
         teacher_name=teacher_hub or teacher["name"],
-        teacher_link=f"https://huggingface.co/{teacher_hub}" if teacher_hub else teacher["name"],
+        teacher_link=f"https://huggingface.co/{teacher_hub}" if teacher_hub else "#lineage",
         teacher_note=f" ({teacher['note']})" if teacher.get("note") else "",
         student_note=student["note"],
         dataset_note=metrics["data"]["note"],
@@ -168,7 +173,8 @@ def summary(metrics: dict, output_dir: str, push_message: str | None) -> str:
         f"{'parameters':24}{t['params']:>16,}{s['params']:>16,}",
         f"{'latency (ms/batch)':24}{_fmt(t['latency_ms']):>16}{_fmt(s['latency_ms']):>16}",
         "",
-        f"retained {metrics['retained']:.1%} of the teacher's {metrics['metric']} | size {metrics['size_ratio']:.1%} "
+        f"retained {metrics['retained']:.1%} ({'teacher/student' if metrics['metric'] == 'perplexity' else 'student/teacher'}"
+        f" {metrics['metric']}) | size {metrics['size_ratio']:.1%} "
         f"| speed-up {metrics['speedup']:.2f}x",
         f"outputs: {output_dir}  (student + tokenizer/processor, README.md card, metrics.json, report.png, "
         "hfkd_config.yaml)",
