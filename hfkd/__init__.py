@@ -2,13 +2,21 @@
 
 `DistillationTrainer` is a drop-in for `transformers.Trainer` that also learns from a teacher;
 `DistillationConfig` is its `TrainingArguments`; `student_from_teacher` builds a smaller student from a teacher's
-own layers.
+own layers; `build_teacher_cache` runs a teacher once and stores its outputs for cached training.
 """
-
-from .config import DistillationConfig
-from .student import student_from_teacher
-from .trainer import DistillationTrainer
 
 __version__ = "0.1.0"
 
-__all__ = ["DistillationConfig", "DistillationTrainer", "student_from_teacher", "__version__"]
+from .cache import TeacherCache, build_teacher_cache  # noqa: E402
+from .config import DistillationConfig  # noqa: E402
+from .student import student_from_teacher  # noqa: E402
+from .trainer import DistillationTrainer  # noqa: E402
+
+__all__ = [
+    "DistillationConfig",
+    "DistillationTrainer",
+    "TeacherCache",
+    "build_teacher_cache",
+    "student_from_teacher",
+    "__version__",
+]

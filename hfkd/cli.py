@@ -11,9 +11,10 @@ import sys
 import yaml
 from transformers import HfArgumentParser
 
+from .cache import CacheArguments
 from .config import DistillationConfig
 from .data import DataArguments
-from .recipe import RecipeArguments, check_output_dir, push_folder, run_recipe
+from .recipe import RecipeArguments, check_output_dir, push_folder, run_cache, run_recipe
 from .report import summary
 
 USAGE = """usage: hfkd <command> [--config FILE.yaml] [--field value ...]
@@ -23,21 +24,27 @@ Knowledge distillation for the Hugging Face stack.
 commands:
   distill   fine-tune a teacher (optional), distil it into a student, evaluate both, write the report
             (`hfkd distill --help` lists every field with its help text)
+  cache     run the recipe's teacher once over its training data and store its outputs (--cache_dir DIR);
+            `hfkd distill ... --teacher_cache_dir DIR` then trains without teacher forwards
 
-example:
+examples:
   hfkd distill --config recipes/text-classification/minilm-tweets.yaml --max_steps 100
+  hfkd cache --config recipes/causal-lm/smollm2-fortunes.yaml --cache_dir outputs/smollm2-cache --top_k 64
 """
 
 
-def distill_parser() -> HfArgumentParser:
-    parser = HfArgumentParser((RecipeArguments, DataArguments, DistillationConfig), prog="hfkd distill")
+def distill_parser(command: str = "distill") -> HfArgumentParser:
+    classes = (RecipeArguments, DataArguments, DistillationConfig)
+    if command == "cache":
+        classes += (CacheArguments,)
+    parser = HfArgumentParser(classes, prog=f"hfkd {command}")
     parser.add_argument("--config", default=None, help="YAML file of flat field: value pairs; flags override it.")
     return parser
 
 
-def parse_distill_args(argv: list[str]):
-    """Parses YAML plus overrides into (RecipeArguments, DataArguments, DistillationConfig)."""
-    parser = distill_parser()
+def parse_distill_args(argv: list[str], command: str = "distill"):
+    """Parses YAML plus overrides into (RecipeArguments, DataArguments, DistillationConfig[, CacheArguments])."""
+    parser = distill_parser(command)
     known, _ = parser.parse_known_args(argv) if "--config" in argv else (None, None)
     config_path = getattr(known, "config", None)
     if config_path:
@@ -48,14 +55,16 @@ def parse_distill_args(argv: list[str]):
         valid = {action.dest for action in parser._actions}
         unknown = sorted(set(values) - valid)
         if unknown:
-            raise ValueError(f"{config_path}: unknown field(s) {unknown}; `hfkd distill --help` lists the valid ones.")
+            raise ValueError(
+                f"{config_path}: unknown field(s) {unknown}; `hfkd {command} --help` lists the valid ones."
+            )
         # Defaults from the file, so that flags given on the command line win.
         parser.set_defaults(**values)
     outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    recipe, data_args, config, extra = outputs[0], outputs[1], outputs[2], outputs[-1]
+    extra = outputs[-1]
     if extra:
-        raise ValueError(f"Unknown arguments {extra}; `hfkd distill --help` lists the valid ones.")
-    return recipe, data_args, config
+        raise ValueError(f"Unknown arguments {extra}; `hfkd {command} --help` lists the valid ones.")
+    return tuple(outputs[: len(parser.dataclass_types)])  # the rest: the --config namespace and the leftovers
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,11 +73,13 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    if command != "distill":
+    if command not in ("distill", "cache"):
         print(f"hfkd: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
+    if command == "cache":
+        return _cache(rest)
     try:
         recipe, data_args, config = parse_distill_args(rest)
         check_output_dir(config.output_dir, config.overwrite_output_dir)
@@ -92,6 +103,32 @@ def main(argv: list[str] | None = None) -> int:
     if config.process_index == 0:
         print(summary(metrics, config.output_dir, push_message))
     return status
+
+
+def _cache(argv: list[str]) -> int:
+    try:
+        recipe, data_args, config, cache_args = parse_distill_args(argv, "cache")
+        result = run_cache(recipe, data_args, config, cache_args)
+    except ValueError as err:  # bad fields, unfit data or collator, existing folder: nothing was written
+        print(f"hfkd cache: {err}", file=sys.stderr)
+        return 2
+    logits = result["logits"]
+    what = []
+    if logits:
+        what.append(
+            f"top-{logits['top_k']} of {logits['num_classes']} logits at T={logits['temperature']} (they hold "
+            f"{logits['mean_top_k_mass']:.1%} of the teacher's probability on average)"
+            if logits["mode"] == "topk"
+            else f"all {logits['num_classes']} logits"
+        )
+    if result["hidden_layers"]:
+        what.append(f"hidden states of teacher layers {result['hidden_layers']}")
+    print(
+        f"Teacher cache: {result['rows']} rows, {' and '.join(what)}; {result['bytes'] / 2**20:.1f} MiB in "
+        f"{result['path']} ({result['seconds']:.0f} s).\nTrain on it with: hfkd distill <same flags> "
+        f"--teacher_cache_dir {result['path']}"
+    )
+    return 0
 
 
 if __name__ == "__main__":

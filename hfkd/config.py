@@ -32,6 +32,14 @@ class DistillationConfig(TrainingArguments):
             '\'{"dtype": "bfloat16", "revision": "main"}\'.'
         },
     )
+    teacher_cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Folder written by `hfkd cache` (hfkd.build_teacher_cache): training reads the teacher's logits "
+            "and hidden states from it and runs no teacher forward. Data, teacher (if also given) and tokenizer must "
+            "be the ones it was built from. Evaluation uses the teacher if one is given, else reports the task loss."
+        },
+    )
     task_weight: float = field(
         default=0.5,
         metadata={"help": "Weight of the student's own loss on the labels (0 for label-free distillation)."},
@@ -59,6 +67,16 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Interpolation of the 'jsd' logit loss in [0, 1]: 0 is forward KL, 1 is reverse KL, 0.5 the "
             "symmetric Jensen-Shannon divergence (as in GKD)."
+        },
+    )
+    logit_chunk_size: int = field(
+        default=256,
+        metadata={
+            "help": "Causal LMs: compute the logit term (and the student's own loss) from the two models' final hidden "
+            "states and output heads this many positions at a time, so the full [batch, sequence, vocabulary] logits "
+            "are never held; loss and gradients equal the full computation. 0 uses the models' full logits. Models "
+            "whose head is not a plain linear layer (soft-capping, LoRA on the head) and DeepSpeed/FSDP runs always "
+            "use the full logits."
         },
     )
     hidden_loss: str = field(
@@ -129,6 +147,14 @@ class DistillationConfig(TrainingArguments):
             )
         if not _is_number(self.jsd_beta) or not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta must lie in [0, 1] (0 = forward KL, 1 = reverse KL), got {self.jsd_beta!r}.")
+        if (
+            not isinstance(self.logit_chunk_size, int)
+            or isinstance(self.logit_chunk_size, bool)
+            or self.logit_chunk_size < 0
+        ):
+            raise ValueError(
+                f"logit_chunk_size must be an integer >= 0 (0 = full logits), got {self.logit_chunk_size!r}."
+            )
         _check_choice("logit_loss", self.logit_loss, LOGIT_LOSSES)
         _check_choice("hidden_loss", self.hidden_loss, HIDDEN_LOSSES)
         _check_choice("attention_loss", self.attention_loss, ATTENTION_LOSSES)

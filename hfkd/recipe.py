@@ -32,6 +32,7 @@ from transformers import (
 )
 
 from . import data as hfkd_data
+from .cache import build_teacher_cache
 from .config import DistillationConfig
 from .data import DataArguments
 from .measure import compare_latency, count_parameters
@@ -396,6 +397,50 @@ class _Run:
     def latency_batch(self) -> dict:
         rows = [self.eval_ds[i] for i in range(min(self.recipe.latency_batch_size, len(self.eval_ds)))]
         return self.collator()(rows)
+
+
+def run_cache(recipe: RecipeArguments, data_args: DataArguments, config: DistillationConfig, cache_args) -> dict:
+    """What `hfkd cache` runs: the recipe's data, teacher and student, then the teacher once over the training data.
+
+    The teacher must be final: a recipe that fine-tunes it (finetune_teacher=true) is cached from the fine-tuned
+    folder instead (`teacher_model_name_or_path: <output_dir>/teacher`, `finetune_teacher: false`).
+    """
+    if recipe.finetune_teacher:
+        raise ValueError(
+            "finetune_teacher=true: the cache must hold the fine-tuned teacher's outputs. Fine-tune it first (e.g. "
+            "`hfkd distill` with this recipe), then cache with --teacher_model_name_or_path <output_dir>/teacher "
+            "--finetune_teacher false."
+        )
+    set_seed(config.seed)
+    run = _Run(recipe, data_args, config)
+    run.load_data()
+    run.load_teacher()
+    if config.hidden_weight > 0:
+        run.build_student()  # its depth resolves the hidden layer map
+    cache = build_teacher_cache(
+        run.teacher,
+        run.train_ds,
+        cache_args.cache_dir,
+        args=config,
+        student=getattr(run, "student", None),
+        data_collator=run.collator(),
+        processing_class=run.processor,
+        top_k=cache_args.top_k,
+        batch_size=cache_args.cache_batch_size,
+        rows_per_shard=cache_args.rows_per_shard,
+        dtype=cache_args.cache_dtype,
+        overwrite=cache_args.overwrite_cache,
+        progress=not config.disable_tqdm,
+    )
+    size = sum(os.path.getsize(os.path.join(cache.path, name)) for name in os.listdir(cache.path))
+    return {
+        "rows": len(cache),
+        "bytes": size,
+        "seconds": cache.meta["seconds"],
+        "logits": cache.logits,
+        "hidden_layers": cache.hidden_layers,
+        "path": cache.path,
+    }
 
 
 def run_recipe(recipe: RecipeArguments, data_args: DataArguments, config: DistillationConfig) -> dict:

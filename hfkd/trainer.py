@@ -2,7 +2,6 @@
 
 import dataclasses
 import glob
-import hashlib
 import json
 import logging
 import os
@@ -10,10 +9,20 @@ import shutil
 from collections import defaultdict
 
 import torch
+import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from . import checks
+from .cache import (
+    CACHED_PREFIX,
+    ROW_COLUMN,
+    CachedTeacherCollator,
+    CachedTeacherOutput,
+    TeacherCache,
+    TeacherCacheError,
+    has_cached_outputs,
+)
 from .config import DistillationConfig
 from .features import (
     ModelKind,
@@ -26,8 +35,12 @@ from .features import (
     unit_counts,
     unit_masks,
 )
+from .fingerprint import model_fingerprint
+from .heads import accepts_logits_to_keep, base_module, capture_last_hidden, head_reproduces_logits, linear_head
 from .layer_map import resolve_layer_map
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
+from .losses.chunked import chunked_head_loss
+from .losses.topk import topk_logit_loss
 from .projection import FeatureProjector
 from .teacher import ensure_eager_attention, load_teacher, prepare_teacher, unwrap_peft
 
@@ -83,23 +96,29 @@ class DistillationTrainer(Trainer):
             args = DistillationConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
 
         teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher is None:
+        if teacher is None and not args.teacher_cache_dir:
             raise ValueError(
-                "DistillationTrainer needs a teacher: pass `teacher_model=` (a model, Hub id or path) or set "
-                "`teacher_model_name_or_path` in DistillationConfig."
+                "DistillationTrainer needs a teacher: pass `teacher_model=` (a model, Hub id or path), set "
+                "`teacher_model_name_or_path` in DistillationConfig, or give a teacher cache (`teacher_cache_dir`)."
             )
-        checks.check_teacher_argument(teacher)
+        cache = TeacherCache(args.teacher_cache_dir) if args.teacher_cache_dir else None
+        if cache is not None:
+            cache.check_config(args)
+        if teacher is not None:
+            checks.check_teacher_argument(teacher)
         if isinstance(teacher, str):
             teacher = load_teacher(teacher, model, args.teacher_model_init_kwargs)
-        if teacher is model:
+        if teacher is not None and teacher is model:
             raise ValueError("teacher_model is the student itself; for self-distillation pass a frozen copy.")
 
         # Trainer creates output_dir; every check below runs before the first step, and a failing one removes it.
         with checks.removing_new_output_dir(args.output_dir if args.should_save else None):
             super().__init__(model, args, *trainer_args, **trainer_kwargs)
-            self._setup_distillation(args, teacher)
+            self._setup_distillation(args, teacher, cache)
 
-    def _setup_distillation(self, args: DistillationConfig, teacher: torch.nn.Module) -> None:
+    def _setup_distillation(
+        self, args: DistillationConfig, teacher: torch.nn.Module | None, cache: TeacherCache | None
+    ) -> None:
         # compute_loss normalises every term over the whole accumulated batch itself (see get_batch_samples).
         self.loss_is_scaled_for_ga = True
 
@@ -108,8 +127,11 @@ class DistillationTrainer(Trainer):
             ensure_eager_attention(teacher, "teacher")
             _warn_attention_dropout(unwrap_peft(self.model))
         self._distills = args.logit_weight > 0 or args.hidden_weight > 0 or args.attention_weight > 0
-        self.teacher_model = prepare_teacher(teacher, self.accelerator)
-        self._teacher_accepts_use_cache = "use_cache" in _forward_parameters(unwrap_peft(teacher))
+        self._cache = cache
+        self.teacher_model = prepare_teacher(teacher, self.accelerator) if teacher is not None else None
+        self._teacher_accepts_use_cache = teacher is not None and "use_cache" in _forward_parameters(
+            unwrap_peft(teacher)
+        )
 
         self._kind: ModelKind = model_kind(unwrap_peft(self.model), self._loss_shifts_labels)
         self._hidden_pairs: dict[str, list[tuple[int, int]]] | None = None
@@ -121,10 +143,14 @@ class DistillationTrainer(Trainer):
         self._eval_batches = 0
         self._train_windows = 0  # optimizer steps (accumulation windows) since the last training log
         self._task_uses_num_items = True  # measured in _probe
+        # Causal LMs: base modules and linear heads of (student, teacher) when the logit term is chunked (_probe).
+        self._chunk_heads: tuple[torch.nn.Module, torch.nn.Linear, torch.nn.Module, torch.nn.Linear] | None = None
 
         self._check_data()
         # Taken before any forward pass: heads fill config fields such as `problem_type` on first use.
         self._fingerprint = self._run_fingerprint()
+        if cache is not None:
+            self._use_cache(cache)
         if self._distills:
             self._probe()
         if self.projector is not None and self.optimizer is not None:
@@ -135,11 +161,28 @@ class DistillationTrainer(Trainer):
             )
 
     # ------------------------------------------------------------------ set-up
+    def _use_cache(self, cache: TeacherCache) -> None:
+        """Checks the cache against this run and routes the training rows' cached outputs into their batches."""
+        if self.train_dataset is None:
+            raise ValueError("teacher_cache_dir is set but there is no train_dataset to read it for.")
+        unwrapped = self.accelerator.unwrap_model(self.teacher_model) if self.teacher_model is not None else None
+        cache.check_run(self.train_dataset, self.data_collator, unwrapped, self.processing_class)
+        # Rows carry their index through shuffling and sampling; the collator fetches their cached outputs.
+        self.train_dataset = self.train_dataset.add_column(ROW_COLUMN, list(range(len(self.train_dataset))))
+        self.data_collator = CachedTeacherCollator(self.data_collator, cache)
+        if self.eval_dataset is not None and self.teacher_model is None:
+            logger.warning(
+                "Training reads the teacher cache and no teacher was given: evaluation reports the task loss only "
+                "(pass teacher_model= as well to evaluate the distillation terms)."
+            )
+
     def _limits(self) -> tuple[checks.ModelLimits, checks.ModelLimits]:
         """What the student and the teacher accept, read from their configs (see hfkd.checks)."""
         student = checks.model_limits(self.accelerator.unwrap_model(self.model), "student")
         if self.label_names:  # Trainer's label names (args.label_names or the model's own)
             student = dataclasses.replace(student, label_names=tuple(self.label_names))
+        if self.teacher_model is None:
+            return student, self._cache.teacher_limits()
         teacher = checks.model_limits(self.accelerator.unwrap_model(self.teacher_model), "teacher")
         return student, teacher
 
@@ -163,6 +206,7 @@ class DistillationTrainer(Trainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         extra = [TEACHER_INPUT_PREFIX + c for c in self._signature_columns if not c.startswith(TEACHER_INPUT_PREFIX)]
+        extra.append(ROW_COLUMN)
         self._signature_columns += [c for c in extra if c not in self._signature_columns]
 
     def _probe_batch(self) -> dict | None:
@@ -208,18 +252,58 @@ class DistillationTrainer(Trainer):
             task_loss=self.args.task_weight > 0,
             require_labels=self.train_dataset is not None,  # the probe batch may come from eval_dataset
         )
+        candidates = self._chunk_candidates()
+        s_base, t_base = (candidates[0], candidates[2]) if candidates else (None, None)
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), capture_last_hidden(s_base) as s_last, capture_last_hidden(t_base) as t_last:
                 student_inputs, teacher_inputs, _ = self._split_inputs(batch)
                 student_inputs.pop("labels", None)  # only shapes matter here, not the loss
                 student_out = self.model(**student_inputs, **self._feature_flags())
-                teacher_out = self._teacher_forward(teacher_inputs)
+                teacher_out = self._teacher_outputs(batch, teacher_inputs)
         finally:
             self.model.train(was_training)
         self._plan(student_out, teacher_out, building=True)
         self._measure_task_normalisation(batch)
+        if candidates:
+            s_head, t_head = candidates[1], candidates[3]
+            cached = isinstance(teacher_out, CachedTeacherOutput)
+            if (
+                head_reproduces_logits(s_last.value, s_head, _get(student_out, "logits"))
+                and (cached or head_reproduces_logits(t_last.value, t_head, _get(teacher_out, "logits")))
+                and (self.args.task_weight == 0 or self._task_uses_num_items)
+            ):
+                # A teacher not checked here (the probe read the cache) keeps the full logits when it runs.
+                self._chunk_heads = candidates if not cached else (*candidates[:2], None, None)
+            else:
+                logger.warning(
+                    "The student's or teacher's logits are not a plain linear head of its last hidden states "
+                    "(soft-capping or logit scaling?); the logit term uses the full logits (logit_chunk_size ignored)."
+                )
+
+    def _chunk_candidates(self):
+        """(student base, student head, teacher base, teacher head) if the logit term can be chunked, else None."""
+        args = self.args
+        if args.logit_weight == 0 or args.logit_chunk_size == 0:
+            return None
+        kind = self._kind
+        if not (kind.shifts_labels and kind.token_level) or kind.encoder_decoder:
+            return None
+        # Sharded parameters (ZeRO-3, FSDP) exist only inside their module's forward; the label smoother and
+        # compute_loss_func need the full logits.
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return None
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return None
+        models = [unwrap_peft(self.accelerator.unwrap_model(self.model))]
+        if self.teacher_model is not None:
+            models.append(unwrap_peft(self.accelerator.unwrap_model(self.teacher_model)))
+        parts = [part for m in models for part in (base_module(m), linear_head(m))]
+        if any(part is None for part in parts) or not all(accepts_logits_to_keep(m) for m in models):
+            logger.info("The logit term uses the full logits: a model has no plain linear head or no logits_to_keep.")
+            return None
+        return tuple(parts) if len(parts) == 4 else (*parts, None, None)
 
     def _measure_task_normalisation(self, batch: dict) -> None:
         """Finds out whether the student's own loss divides by `num_items_in_batch`.
@@ -255,7 +339,18 @@ class DistillationTrainer(Trainer):
         if s_logits is not None:
             # The class guess can be wrong for custom heads; the logits' rank is the truth.
             self._kind.token_level = s_logits.dim() >= 3
-        if args.logit_weight > 0:
+        topk = teacher_out.topk if isinstance(teacher_out, CachedTeacherOutput) else None
+        if args.logit_weight > 0 and topk is not None:
+            classes = self._cache.logits["num_classes"]
+            if s_logits is None or s_logits.shape[-1] != classes:
+                what = "vocabulary" if self._kind.token_level else "number of labels"
+                raise checks.logit_mismatch_error(what, -1 if s_logits is None else s_logits.shape[-1], classes)
+            if s_logits.shape[:-1] != topk[0].shape[:-1]:
+                raise TeacherCacheError(
+                    f"Student logits {tuple(s_logits.shape)} and cached top-k {tuple(topk[0].shape)} do not line up; "
+                    "the cache must be built from the same tokenized data."
+                )
+        elif args.logit_weight > 0:
             if s_logits is None or t_logits is None:
                 raise ValueError("logit_weight > 0, but the student or teacher returned no `logits`.")
             if s_logits.shape[-1] != t_logits.shape[-1]:
@@ -298,6 +393,11 @@ class DistillationTrainer(Trainer):
             )
             for s_idx, t_idx in pairs[stream]:
                 s, t = s_states[s_idx], t_states[t_idx]
+                if t is None:
+                    raise TeacherCacheError(
+                        f"hidden_layer_map pairs teacher hidden_states[{t_idx}], but the teacher cache holds "
+                        f"{self._cache.hidden_layers}; rebuild it with `hfkd cache` for this student and layer map."
+                    )
                 where = f"student hidden_states[{s_idx}] {tuple(s.shape)} vs teacher hidden_states[{t_idx}] {tuple(t.shape)}"
                 if s.dim() != t.dim() or s.dim() not in (3, 4):
                     raise ValueError(
@@ -355,27 +455,12 @@ class DistillationTrainer(Trainer):
         )
 
     def _run_fingerprint(self) -> dict:
-        def describe(model, with_name: bool) -> dict:
-            base = unwrap_peft(self.accelerator.unwrap_model(model))
-            config = getattr(base, "config", None)
-            entry = {"class": type(base).__name__}
-            if config is not None:
-                values = config.to_dict()
-                for volatile in (
-                    "_name_or_path",
-                    "transformers_version",
-                    "dtype",
-                    "torch_dtype",
-                    "_attn_implementation",
-                ):
-                    values.pop(volatile, None)
-                digest = hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()[:16]
-                entry["config_sha256"] = digest
-                if with_name and getattr(config, "_name_or_path", ""):
-                    entry["name_or_path"] = config._name_or_path
-            return entry
-
-        return {"teacher": describe(self.teacher_model, True), "student": describe(self.model, False)}
+        student = model_fingerprint(self.accelerator.unwrap_model(self.model), with_name=False)
+        if self.teacher_model is not None:
+            teacher = model_fingerprint(self.accelerator.unwrap_model(self.teacher_model))
+        else:  # the cache stands for the teacher
+            teacher = {k: v for k, v in self._cache.teacher.items() if k != "weights_sha256"}
+        return {"teacher": teacher, "student": student}
 
     def _check_output_dir(self, resume_from_checkpoint) -> None:
         """Refuses to mix this run's checkpoints with another run's, before anything is written."""
@@ -472,7 +557,11 @@ class DistillationTrainer(Trainer):
     def _split_inputs(self, inputs: dict) -> tuple[dict, dict, dict]:
         """Student inputs, teacher inputs (no labels; `teacher_*` keys renamed), and the full batch for masks."""
         inputs = dict(inputs)
-        student = {k: v for k, v in inputs.items() if not k.startswith(TEACHER_INPUT_PREFIX)}
+        student = {
+            k: v
+            for k, v in inputs.items()
+            if not k.startswith(TEACHER_INPUT_PREFIX) and not k.startswith(CACHED_PREFIX)
+        }
         if self._kind.encoder_decoder and "labels" in student and "decoder_input_ids" not in student:
             # Both models must decode the same sequence; derive it once from the labels as the models would.
             prepare = getattr(
@@ -486,8 +575,16 @@ class DistillationTrainer(Trainer):
         )
         return student, teacher, inputs
 
-    def _teacher_forward(self, teacher_inputs: dict):
-        kwargs = dict(self._feature_flags())
+    def _teacher_outputs(self, batch: dict, teacher_inputs: dict, **extra):
+        """The cached outputs when the batch carries them, else a teacher forward; None without either."""
+        if self._cache is not None and has_cached_outputs(batch):
+            return CachedTeacherOutput(batch, self._cache)
+        if self.teacher_model is None:
+            return None
+        return self._teacher_forward(teacher_inputs, **extra)
+
+    def _teacher_forward(self, teacher_inputs: dict, **extra):
+        kwargs = {**self._feature_flags(), **extra}
         if self._teacher_accepts_use_cache:
             kwargs["use_cache"] = False  # a KV cache is dead weight in a single forward
         with torch.no_grad():
@@ -499,8 +596,24 @@ class DistillationTrainer(Trainer):
         student_inputs, teacher_inputs, batch = self._split_inputs(inputs)
         flags = self._feature_flags()
         terms: dict[str, torch.Tensor] = {}
+        fused = None  # chunked logit + task terms, already weighted (see _chunked_terms)
+        cached = self._cache is not None and has_cached_outputs(batch)
+        if training and self._distills and self.teacher_model is None and not cached:
+            raise TeacherCacheError("A training batch came without cached teacher outputs and there is no teacher.")
+        distills = self._distills and (cached or self.teacher_model is not None)
+        chunked = (
+            distills
+            and self._chunk_heads is not None
+            and (cached or self._chunk_heads[2] is not None)
+            and (training or args.prediction_loss_only)  # evaluation that returns logits needs them whole
+            and "shift_labels" not in student_inputs
+        )
 
-        if args.task_weight > 0:
+        if chunked:
+            plain = {k: v for k, v in student_inputs.items() if k != "labels"}
+            with capture_last_hidden(self._chunk_heads[0]) as s_last:
+                outputs = model(**plain, **flags, logits_to_keep=1)
+        elif args.task_weight > 0:
             # Trainer's own path, so that task-only training is exactly Trainer's (label smoothing included).
             task_loss, outputs = super().compute_loss(
                 model, {**student_inputs, **flags}, return_outputs=True, num_items_in_batch=num_items_in_batch
@@ -520,15 +633,31 @@ class DistillationTrainer(Trainer):
             plain = {k: v for k, v in student_inputs.items() if k != "labels"}
             outputs = model(**plain, **flags)
 
-        if self._distills:
-            teacher_out = self._teacher_forward(teacher_inputs)
+        if distills:
+            online_chunks = chunked and not cached
+            with capture_last_hidden(self._chunk_heads[2] if online_chunks else None) as t_last:
+                teacher_out = self._teacher_outputs(
+                    batch, teacher_inputs, **({"logits_to_keep": 1} if online_chunks else {})
+                )
             if (args.hidden_weight > 0 and self._hidden_pairs is None) or (
                 args.attention_weight > 0 and self._attention_pairs is None
             ):
                 self._plan(outputs, teacher_out, building=False)
             masks = unit_masks(batch, self._kind)
             counts, scale = self._normalisers(masks, batch, training)
-            if args.logit_weight > 0:
+            if chunked:
+                fused, logged = self._chunked_terms(
+                    s_last.value,
+                    teacher_out if cached else t_last.value,
+                    student_inputs.get("labels"),
+                    masks["logit"],
+                    counts,
+                    scale,
+                    num_items_in_batch,
+                    training,
+                )
+                terms.update(logged)
+            elif args.logit_weight > 0:
                 terms["distill/logit"] = self._logit_term(outputs, teacher_out, masks["logit"]) * (
                     scale / counts["logit"]
                 )
@@ -543,10 +672,14 @@ class DistillationTrainer(Trainer):
             "distill/hidden": args.hidden_weight,
             "distill/attention": args.attention_weight,
         }
-        loss = None
+        loss = fused
         for name, value in terms.items():
+            if fused is not None and name in ("task", "distill/logit"):
+                continue  # inside `fused` already
             weighted = value if weights[name] == 1 else weights[name] * value
             loss = weighted if loss is None else loss + weighted
+        if loss is None:  # evaluation with neither task loss nor teacher: nothing to report but zero
+            loss = torch.zeros((), device=self.args.device)
         if training:
             self._stop_if_not_finite(terms)
         self._record(terms, "train" if training else "eval")
@@ -557,6 +690,75 @@ class DistillationTrainer(Trainer):
             # Evaluation gathers every tensor output as a prediction; drop the features requested for the loss.
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in _OUTPUT_FEATURE_KEYS})
         return loss, outputs
+
+    def _chunked_terms(self, s_hidden, teacher, labels, mask, counts, scale, num_items_in_batch, training):
+        """The logit term and (if weighted) the student's own next-token loss, from hidden states, by chunks.
+
+        Returns the weighted sum (with gradients) and each term's value for the logs. Every term is normalised
+        exactly as on the full-logits path: the logit term over the window's counted positions, the task term as
+        Trainer and the model's loss function do it (sum over `num_items_in_batch`, else a mean per batch divided
+        by the accumulation steps).
+        """
+        args = self.args
+        s_head, t_head = self._chunk_heads[1], self._chunk_heads[3]
+
+        def select(values):  # position t predicts token t + 1: the last position has no target
+            values = values[:, :-1]
+            return values[mask] if mask is not None else values.flatten(0, 1)
+
+        s_rows = select(s_hidden)
+        # The teacher's side of each row: its final hidden states (online), or cached logits or top-k.
+        topk = teacher.topk if isinstance(teacher, CachedTeacherOutput) else None
+        if topk is not None:
+            t_ids, t_log_probs = select(topk[0]), select(topk[1])
+        else:
+            t_rows = select(teacher.logits if isinstance(teacher, CachedTeacherOutput) else teacher)
+            if isinstance(teacher, CachedTeacherOutput):
+                t_head = None  # the rows are logits already
+
+        logit_coef = args.logit_weight * scale / counts["logit"]
+        with_task = args.task_weight > 0
+        if with_task:
+            targets = labels[:, 1:][mask] if mask is not None else labels[:, 1:].flatten()
+            if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+                task_coef = 1.0 / num_items_in_batch
+                if args.average_tokens_across_devices:
+                    task_coef = task_coef * (self.accelerator.num_processes // self.get_tp_size())
+            else:
+                task_coef = 1.0 / max(targets.ne(-100).sum(), torch.ones((), device=targets.device))
+                if training:
+                    task_coef = task_coef / self.current_gradient_accumulation_steps
+        loss_fn = LOGIT_LOSSES[args.logit_loss]
+        sums = {"distill/logit": torch.zeros((), device=s_rows.device)}
+        if with_task:
+            sums["task"] = torch.zeros((), device=s_rows.device)
+
+        def chunk_loss(s_logits, start, end):
+            if topk is not None:
+                distill = topk_logit_loss(
+                    args.logit_loss,
+                    s_logits,
+                    t_ids[start:end],
+                    t_log_probs[start:end],
+                    temperature=args.temperature,
+                    beta=args.jsd_beta,
+                ).sum()
+            else:
+                with torch.no_grad():
+                    t_logits = t_head(t_rows[start:end]) if t_head is not None else t_rows[start:end]
+                distill = loss_fn(s_logits, t_logits, temperature=args.temperature, beta=args.jsd_beta).sum()
+            sums["distill/logit"] += distill.detach()
+            total = distill * logit_coef
+            if with_task:
+                task = F.cross_entropy(s_logits.float(), targets[start:end], ignore_index=-100, reduction="sum")
+                sums["task"] += task.detach()
+                total = total + task * (args.task_weight * task_coef)
+            return total
+
+        fused = chunked_head_loss(s_rows, s_head.weight, s_head.bias, chunk_loss, args.logit_chunk_size)
+        logged = {"task": sums["task"] * task_coef} if with_task else {}
+        logged["distill/logit"] = sums["distill/logit"] * (scale / counts["logit"])
+        return fused, logged
 
     def _stop_if_not_finite(self, terms: dict[str, torch.Tensor]) -> None:
         # One host sync per step (Trainer's logging_nan_inf_filter already makes one); raising here, before
@@ -586,7 +788,20 @@ class DistillationTrainer(Trainer):
 
     def _logit_term(self, student_out, teacher_out, mask) -> torch.Tensor:
         s, t = _get(student_out, "logits"), _get(teacher_out, "logits")
-        if self._kind.shifts_labels and s.dim() == 3:
+        topk = teacher_out.topk if isinstance(teacher_out, CachedTeacherOutput) else None
+        shift = self._kind.shifts_labels and s.dim() == 3
+        if topk is not None:
+            ids, log_probs = (topk[0][:, :-1], topk[1][:, :-1]) if shift else topk
+            per_position = topk_logit_loss(
+                self.args.logit_loss,
+                s[:, :-1] if shift else s,
+                ids,
+                log_probs,
+                temperature=self.args.temperature,
+                beta=self.args.jsd_beta,
+            )
+            return masked_sum(per_position, mask)
+        if shift:
             s, t = s[:, :-1], t[:, :-1]
         per_position = LOGIT_LOSSES[self.args.logit_loss](
             s, t, temperature=self.args.temperature, beta=self.args.jsd_beta

@@ -190,7 +190,8 @@ def test_lora_teacher_finetuning_then_distillation(tmp_path, tiny_text):
     assert "LoRA r=4" in (tmp_path / "run" / "README.md").read_text()
 
 
-def test_causal_lm_recipe_reports_perplexity(tmp_path, tiny_text):
+def _lm_recipe(tmp_path, tiny_text, **extra):
+    """A tiny Llama teacher with the tiny BERT tokenizer, a text corpus, and a causal-LM recipe over them."""
     teacher_dir = tmp_path / "lm_teacher"
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -206,17 +207,12 @@ def test_causal_lm_recipe_reports_perplexity(tmp_path, tiny_text):
     BertTokenizerFast.from_pretrained(tiny_text[0]).save_pretrained(teacher_dir)
     text = tmp_path / "corpus.txt"
     text.write_text("\n".join(" ".join(WORDS[i % 7 : i % 7 + 6]) for i in range(200)))
-    path = _recipe(
-        tmp_path,
-        teacher_dir,
-        text,
-        task="causal-lm",
-        dataset_name="text",
-        finetune_teacher=False,
-        label_column="label",
-        max_length=16,
-        hidden_weight=0.0,
-    )
+    values = dict(task="causal-lm", dataset_name="text", finetune_teacher=False, label_column="label", max_length=16)
+    return _recipe(tmp_path, teacher_dir, text, **{**values, **extra})
+
+
+def test_causal_lm_recipe_reports_perplexity(tmp_path, tiny_text):
+    path = _lm_recipe(tmp_path, tiny_text, hidden_weight=0.0)
     assert main(["distill", "--config", str(path)]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["metric"] == "perplexity" and metrics["student"]["metric"] > 1.0
@@ -270,3 +266,37 @@ def test_image_recipe_with_teacher_built_from_config(tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert "distill/attention" in metrics["distillation"]["terms"]
     assert metrics["student"]["params"] < metrics["teacher"]["params"]
+
+
+def test_cache_command_then_distill_from_the_cache(tmp_path, tiny_text, capsys):
+    path = _lm_recipe(tmp_path, tiny_text, hidden_weight=1.0, hidden_loss="cosine")
+    cache = tmp_path / "cache"
+    assert main(["cache", "--config", str(path), "--cache_dir", str(cache), "--top_k", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "top-8 of 21 logits" in out and "hidden states of teacher layers [0, 2, 4]" in out
+    # A second run does not overwrite it; a recipe that fine-tunes its teacher cannot be cached.
+    assert main(["cache", "--config", str(path), "--cache_dir", str(cache)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert (
+        main(["cache", "--config", str(path), "--cache_dir", str(tmp_path / "c2"), "--finetune_teacher", "true"]) == 2
+    )
+    assert "fine-tuned teacher's outputs" in capsys.readouterr().err
+
+    assert main(["distill", "--config", str(path), "--teacher_cache_dir", str(cache)]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["student"]["metric"] > 1.0
+    # Another temperature than the cached top-k probabilities is refused before training.
+    with pytest.raises(ValueError, match="temperature=4.0 but"):
+        main(
+            [
+                "distill",
+                "--config",
+                str(path),
+                "--teacher_cache_dir",
+                str(cache),
+                "--temperature",
+                "4",
+                "--overwrite_output_dir",
+                "true",
+            ]
+        )

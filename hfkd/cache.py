@@ -1,0 +1,622 @@
+"""Teacher-output cache: run the teacher once over a data set, store what the terms need, then train without it.
+
+`build_teacher_cache` (CLI: `hfkd cache`) runs the teacher over a `datasets.Dataset` in order and writes, per row,
+what the configured terms read:
+
+- logits: all of them when there are at most `top_k` classes (classification heads), else the `top_k` most likely
+  ids with their log-probabilities at the configured temperature plus the remaining mass as one more bucket
+  (see `hfkd.losses.topk`);
+- hidden states: the teacher layers the hidden layer map pairs with the student's.
+
+Only real positions are stored (those the attention mask keeps), so any padding at training time lines up. The
+folder holds Arrow stream shards (`data-00000.arrow`, ... readable with `datasets.Dataset.from_file`), memory-mapped
+when read, and `hfkd_cache.json`: the layout and fingerprints of the teacher (config and sampled weights), the
+tokenizer or image processor, the data (its bytes) and the terms. `DistillationConfig.teacher_cache_dir` points the
+trainer at it; a cache that does not match the run is refused with the reason.
+
+Not cached: attention maps (`[heads, query, key]` per layer is larger than the models' inputs by orders of
+magnitude) and encoder-decoder teachers.
+"""
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checks import ModelLimits, model_limits
+from .fingerprint import dataset_fingerprint, model_fingerprint, processor_fingerprint
+from .layer_map import resolve_layer_map
+from .losses.topk import TOPK_LOSSES, fold_teacher
+from .teacher import unwrap_peft
+
+logger = logging.getLogger(__name__)
+
+CACHE_FILE = "hfkd_cache.json"
+FORMAT_VERSION = 1
+# Column added to the training data so that each batch knows which cached rows it holds.
+ROW_COLUMN = "hfkd_row"
+# Batch keys that carry cached teacher outputs to the loss (never passed to a model).
+CACHED_PREFIX = "hfkd_cached_"
+_FLOAT_TYPES = {"float32": np.float32, "float16": np.float16}
+
+
+class TeacherCacheError(ValueError):
+    """The cache cannot be built from these inputs, or does not belong to this run."""
+
+
+# ---------------------------------------------------------------------------------------------------- checks
+def _check_deterministic(dataset, collator, name: str) -> None:
+    """Refuses inputs that differ from one epoch to the next: a cache would freeze one draw of them."""
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        raise TeacherCacheError(
+            f"A teacher cache needs {name} to be a datasets.Dataset (got {type(dataset).__name__}): its rows are "
+            "fingerprinted and addressed by index. Convert it with datasets.Dataset.from_list/from_dict."
+        )
+    if dataset.format.get("type") == "custom":
+        raise TeacherCacheError(
+            f"{name} has a transform (set_transform/with_transform), which runs anew each time a row is read and is "
+            "usually random augmentation; cached teacher outputs would describe other inputs than the student sees. "
+            "Apply deterministic preprocessing with .map() before caching, or train with the online teacher."
+        )
+    if collator is None or len(dataset) == 0:
+        return
+    features = [dict(dataset[i]) for i in range(min(4, len(dataset)))]
+    draws = []
+    # The training run's random streams must not notice this check (the sampler draws from them later).
+    numpy_state, python_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        for seed in (0, 1):
+            torch.manual_seed(seed)
+            np.random.seed(seed)
+            random.seed(seed)
+            draws.append(collator([dict(f) for f in features]))
+    np.random.set_state(numpy_state)
+    random.setstate(python_state)
+    for key, value in draws[0].items():
+        other = draws[1].get(key)
+        if isinstance(value, torch.Tensor) and not (isinstance(other, torch.Tensor) and torch.equal(value, other)):
+            raise TeacherCacheError(
+                f"The data collator ({type(collator).__name__}) returned a different {key!r} for the same rows under "
+                "another random seed: it draws random masks or augmentations (e.g. DataCollatorForLanguageModeling "
+                "with mlm=True). A cache would freeze one draw; use a deterministic collator or the online teacher."
+            )
+
+
+def _teacher_columns(dataset, teacher: torch.nn.Module, student: torch.nn.Module | None) -> list[str]:
+    """Columns the models read (as Trainer's remove_unused_columns keeps them); text and ids of other kinds go."""
+    import inspect
+
+    wanted = {"label", "label_ids", "labels"}
+    for model in (teacher, student):
+        if model is not None:
+            wanted |= set(inspect.signature(unwrap_peft(model).forward).parameters)
+    return [c for c in dataset.column_names if c in wanted or c.startswith("teacher_")]
+
+
+# ---------------------------------------------------------------------------------------------------- build
+def build_teacher_cache(
+    teacher: torch.nn.Module,
+    dataset,
+    output_dir: str,
+    *,
+    args,
+    student: torch.nn.Module | None = None,
+    data_collator=None,
+    processing_class=None,
+    top_k: int = 128,
+    batch_size: int = 8,
+    rows_per_shard: int = 4096,
+    dtype: str = "float32",
+    overwrite: bool = False,
+    progress: bool = True,
+) -> "TeacherCache":
+    """Runs `teacher` over `dataset` once and writes what `args`'s terms need to `output_dir`.
+
+    Args:
+        teacher: the (trained) teacher; it is run in eval mode without gradients on its own device.
+        dataset: the training data as the trainer will get it (a `datasets.Dataset`, preprocessed with `.map`).
+        output_dir: a new folder (or an existing cache with `overwrite=True`; it is replaced only once the new one
+            is complete).
+        args: the `DistillationConfig` of the run: its weights, temperature, logit loss and hidden layer map.
+        student: needed when `args.hidden_weight > 0`, to resolve the layer map (one forward on two rows).
+        data_collator: the trainer's collator (default: `transformers.default_data_collator`); must be
+            deterministic.
+        processing_class: the tokenizer or image processor, fingerprinted so the trainer can check it.
+        top_k: keep this many classes per position when the head has more (0: keep all logits).
+        batch_size: rows per teacher forward.
+        rows_per_shard: rows per Arrow shard.
+        dtype: 'float32' or 'float16' for the stored values (float16 halves the disk, ~1e-3 relative error).
+        progress: show a progress bar.
+    """
+    from transformers import default_data_collator
+
+    collator = data_collator if data_collator is not None else default_data_collator
+    if dtype not in _FLOAT_TYPES:
+        raise TeacherCacheError(f"dtype must be one of {list(_FLOAT_TYPES)}, got {dtype!r}.")
+    if not isinstance(top_k, int) or top_k < 0:
+        raise TeacherCacheError(f"top_k must be an integer >= 0 (0 keeps all logits), got {top_k!r}.")
+    if args.attention_weight > 0:
+        raise TeacherCacheError(
+            "attention_weight > 0, but attention maps are not cached ([heads, query, key] per layer per row would "
+            "dwarf the data); set attention_weight=0 for a cached run, or train with the online teacher."
+        )
+    if args.logit_weight == 0 and args.hidden_weight == 0:
+        raise TeacherCacheError("logit_weight and hidden_weight are 0: the cache would hold nothing. Set one > 0.")
+    if getattr(getattr(unwrap_peft(teacher), "config", None), "is_encoder_decoder", False):
+        raise TeacherCacheError("Encoder-decoder teachers are not cached yet; train with the online teacher.")
+    if args.hidden_weight > 0 and student is None:
+        raise TeacherCacheError("hidden_weight > 0: pass `student=` so that the hidden layer map can be resolved.")
+    if args.logit_weight > 0 and top_k and args.logit_loss not in TOPK_LOSSES:
+        raise TeacherCacheError(
+            f"logit_loss={args.logit_loss!r} needs the teacher's full logits, and a head with more than top_k={top_k} "
+            f"classes keeps only its top-k: pass top_k=0, or use one of {list(TOPK_LOSSES)}."
+        )
+    if os.path.exists(output_dir) and os.listdir(output_dir) and not overwrite:
+        raise TeacherCacheError(
+            f"{output_dir} already exists and is not empty; choose another folder or pass overwrite=True (the old "
+            "cache is replaced only once the new one is complete)."
+        )
+    _check_deterministic(dataset, collator, "the dataset")
+    if len(dataset) == 0:
+        raise TeacherCacheError("The dataset is empty: there is nothing to cache.")
+
+    started = time.perf_counter()
+    data_digest = dataset_fingerprint(dataset)
+    rows_view = dataset.select_columns(_teacher_columns(dataset, teacher, student))
+    device = next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.eval()
+    partial = output_dir.rstrip("/") + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    writer = _ShardWriter(partial, rows_per_shard, _FLOAT_TYPES[dtype])
+    layout = None
+    covered, covered_n = 0.0, 0
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(dataset), desc="teacher cache", unit="row", disable=not progress)
+        for start in range(0, len(dataset), batch_size):
+            rows = list(range(start, min(start + batch_size, len(dataset))))
+            batch = collator([dict(rows_view[i]) for i in rows])
+            inputs = _teacher_inputs(batch, device)
+            with torch.no_grad():
+                out = teacher(**inputs, **_flags(teacher, args))
+            if layout is None:
+                layout = _plan_layout(out, batch, args, teacher, student, collator, rows_view, top_k, device)
+            for b, row in enumerate(rows):
+                record, mass = _record(out, batch, b, layout, args.temperature)
+                if mass is not None:
+                    covered, covered_n = covered + mass, covered_n + 1
+                writer.add(row, record)
+            bar.update(len(rows))
+        bar.close()
+        writer.close()
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        teacher.train(was_training)
+
+    if layout["logits"] is not None and layout["logits"]["mode"] == "topk":
+        layout["logits"]["mean_top_k_mass"] = covered / max(covered_n, 1)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "hfkd_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.perf_counter() - started, 2),
+        "num_rows": len(dataset),
+        "rows_per_shard": rows_per_shard,
+        "shards": writer.files,
+        "dtype": dtype,
+        "teacher": model_fingerprint(teacher, with_weights=True),
+        "teacher_limits": asdict(model_limits(teacher, "teacher")),
+        "processor": processor_fingerprint(processing_class),
+        "data": data_digest,
+        "logits": layout["logits"],
+        "hidden": layout["hidden"],
+    }
+    with open(os.path.join(partial, CACHE_FILE), "w") as handle:
+        json.dump(meta, handle, indent=1)
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    os.replace(partial, output_dir)
+    logger.info("Teacher cache of %d rows written to %s in %.1f s.", len(dataset), output_dir, meta["seconds"])
+    return TeacherCache(output_dir)
+
+
+def _flags(teacher, args) -> dict:
+    import inspect
+
+    flags = {"output_hidden_states": True} if args.hidden_weight > 0 else {}
+    if "use_cache" in inspect.signature(unwrap_peft(teacher).forward).parameters:
+        flags["use_cache"] = False
+    return flags
+
+
+def _teacher_inputs(batch: dict, device) -> dict:
+    """What the teacher reads from a collated batch: no labels; `teacher_*` keys replace their plain names."""
+    inputs = {k: v for k, v in batch.items() if not k.startswith("teacher_") and k not in ("labels", "label")}
+    inputs.update({k[len("teacher_") :]: v for k, v in batch.items() if k.startswith("teacher_")})
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def _positions(batch: dict, b: int) -> torch.Tensor | None:
+    """Real positions of row b (attention mask), checked to be a prefix: left padding is refused."""
+    mask = batch.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        return None
+    keep = mask[b].bool()
+    n = int(keep.sum())
+    if not bool(keep[:n].all()):
+        raise TeacherCacheError(
+            "The batch is padded on the left. Models that number positions from the first column (Llama, ...) "
+            "then give outputs that depend on how much padding a batch has, which a cache cannot store. Pad on the "
+            "right for caching and training (tokenizer.padding_side = 'right')."
+        )
+    return keep
+
+
+def _plan_layout(out, batch, args, teacher, student, collator, rows_view, top_k, device) -> dict:
+    layout = {"logits": None, "hidden": None}
+    if args.logit_weight > 0:
+        logits = getattr(out, "logits", None)
+        if logits is None:
+            raise TeacherCacheError("logit_weight > 0, but the teacher returns no `logits`.")
+        classes = logits.shape[-1]
+        token_level = logits.dim() >= 3
+        mode = "topk" if top_k and classes > top_k else "dense"
+        layout["logits"] = {"mode": mode, "num_classes": classes, "token_level": token_level}
+        if mode == "topk":
+            layout["logits"].update(top_k=top_k, temperature=args.temperature)
+    if args.hidden_weight > 0:
+        t_states = getattr(out, "hidden_states", None)
+        if not t_states:
+            raise TeacherCacheError("hidden_weight > 0, but the teacher returns no `hidden_states`.")
+        probe = collator([dict(rows_view[i]) for i in range(min(2, len(rows_view)))])
+        student_inputs = {
+            k: v.to(next(student.parameters()).device) if isinstance(v, torch.Tensor) else v
+            for k, v in probe.items()
+            if not k.startswith("teacher_") and k not in ("labels", "label")
+        }
+        was_training = student.training
+        student.eval()
+        try:
+            with torch.no_grad():
+                s_states = student(**student_inputs, output_hidden_states=True).hidden_states
+        finally:
+            student.train(was_training)
+        pairs = resolve_layer_map(
+            args.hidden_layer_map, len(s_states), len(t_states), field_name="hidden_layer_map", has_embeddings=True
+        )
+        layers = sorted({t for _, t in pairs})
+        positional = {t: t_states[t].dim() == 3 and _positions(batch, 0) is not None for t in layers}
+        layout["hidden"] = {
+            "layers": layers,
+            "num_hidden_states": len(t_states),
+            "positional": {str(t): positional[t] for t in layers},
+            "shapes": {str(t): list(t_states[t].shape[2 if positional[t] else 1 :]) for t in layers},
+        }
+    return layout
+
+
+def _record(out, batch, b: int, layout: dict, temperature: float) -> tuple[dict[str, np.ndarray], float | None]:
+    """Row b's stored arrays (flat) and, for top-k logits, the teacher probability mass its top-k covers."""
+    record, mass = {}, None
+    keep = _positions(batch, b)
+    record["length"] = int(keep.sum()) if keep is not None else -1
+    logits_layout = layout["logits"]
+    if logits_layout is not None:
+        logits = out.logits[b]
+        if logits_layout["token_level"] and keep is not None:
+            logits = logits[keep.to(logits.device)]
+        if logits_layout["mode"] == "dense":
+            record["logits"] = logits.float().cpu().numpy().reshape(-1)
+        else:
+            ids, log_probs = fold_teacher(logits, logits_layout["top_k"], temperature)
+            record["topk_ids"] = ids.to(torch.int32).cpu().numpy().reshape(-1)
+            record["topk_logprobs"] = log_probs.cpu().numpy().reshape(-1)
+            mass = float(log_probs[..., :-1].exp().sum(-1).mean()) if log_probs.numel() else None
+    if layout["hidden"] is not None:
+        for t in layout["hidden"]["layers"]:
+            state = out.hidden_states[t][b]
+            if layout["hidden"]["positional"][str(t)]:
+                state = state[keep.to(state.device)]
+            record[f"hidden_{t}"] = state.float().cpu().numpy().reshape(-1)
+    return record, mass
+
+
+class _ShardWriter:
+    """Buffers rows and writes an Arrow stream file each `rows_per_shard` rows."""
+
+    def __init__(self, folder: str, rows_per_shard: int, float_type):
+        self.folder, self.rows_per_shard, self.float_type = folder, rows_per_shard, float_type
+        self.rows: list[int] = []
+        self.columns: dict[str, list] = {}
+        self.files: list[str] = []
+
+    def add(self, row: int, record: dict) -> None:
+        if len(self.files) * self.rows_per_shard + len(self.rows) != row:
+            raise AssertionError("rows must be added in order")  # internal invariant, not user input
+        self.rows.append(row)
+        for key, value in record.items():
+            self.columns.setdefault(key, []).append(value)
+        if len(self.rows) == self.rows_per_shard:
+            self._flush()
+
+    def _flush(self) -> None:
+        import pyarrow as pa
+
+        if not self.rows:
+            return
+        arrays, names = [pa.array(self.rows, type=pa.int64())], ["row"]
+        for key, values in self.columns.items():
+            if key == "length":
+                arrays.append(pa.array(values, type=pa.int32()))
+            else:
+                kind = pa.int32() if key == "topk_ids" else pa.from_numpy_dtype(self.float_type)
+                flat = np.concatenate([v.astype(kind.to_pandas_dtype(), copy=False) for v in values])
+                offsets = np.zeros(len(values) + 1, dtype=np.int64)
+                np.cumsum([len(v) for v in values], out=offsets[1:])
+                arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, type=kind)))
+            names.append(key)
+        table = pa.Table.from_arrays(arrays, names=names)
+        name = f"data-{len(self.files):05d}.arrow"
+        with pa.OSFile(os.path.join(self.folder, name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as out:
+            out.write_table(table)
+        self.files.append(name)
+        self.rows, self.columns = [], {}
+
+    def close(self) -> None:
+        self._flush()
+
+
+# ---------------------------------------------------------------------------------------------------- read
+class TeacherCache:
+    """A teacher cache on disk, memory-mapped; `gather` turns rows into batch tensors that line up with a batch."""
+
+    def __init__(self, path: str):
+        meta_path = os.path.join(path, CACHE_FILE)
+        if not os.path.isfile(meta_path):
+            raise TeacherCacheError(
+                f"teacher_cache_dir={path!r} holds no {CACHE_FILE}; build the cache first with `hfkd cache` (or "
+                "hfkd.build_teacher_cache)."
+            )
+        with open(meta_path) as handle:
+            self.meta = json.load(handle)
+        if self.meta.get("format_version") != FORMAT_VERSION:
+            raise TeacherCacheError(
+                f"{path} was written in cache format {self.meta.get('format_version')}, this hfkd reads format "
+                f"{FORMAT_VERSION}; rebuild it with `hfkd cache`."
+            )
+        self.path = path
+        self._shards = [_open_shard(os.path.join(path, name)) for name in self.meta["shards"]]
+
+    # -- what it holds
+    @property
+    def teacher(self) -> dict:
+        return self.meta["teacher"]
+
+    @property
+    def logits(self) -> dict | None:
+        return self.meta["logits"]
+
+    @property
+    def hidden_layers(self) -> list[int]:
+        return self.meta["hidden"]["layers"] if self.meta["hidden"] else []
+
+    def teacher_limits(self) -> ModelLimits:
+        values = dict(self.meta["teacher_limits"])
+        for key in ("image_size", "label_names"):
+            if isinstance(values.get(key), list):
+                values[key] = tuple(values[key])
+        return ModelLimits(**values)
+
+    def __len__(self) -> int:
+        return self.meta["num_rows"]
+
+    # -- checks against a run
+    def check_config(self, args) -> None:
+        """The run's terms must be computable from what is stored."""
+        where = f"teacher_cache_dir={self.path!r}"
+        rebuild = "rebuild it with `hfkd cache` for this configuration"
+        if args.attention_weight > 0:
+            raise TeacherCacheError(
+                f"attention_weight > 0, but attention maps are not cached ({where}); set attention_weight=0 or train "
+                "with the online teacher (teacher_cache_dir unset)."
+            )
+        logits = self.logits
+        if args.logit_weight > 0:
+            if logits is None:
+                raise TeacherCacheError(f"logit_weight > 0, but {where} holds no logits; {rebuild}.")
+            if logits["mode"] == "topk":
+                if args.logit_loss not in TOPK_LOSSES:
+                    raise TeacherCacheError(
+                        f"logit_loss={args.logit_loss!r} needs full logits, but {where} holds the top "
+                        f"{logits['top_k']}; use one of {list(TOPK_LOSSES)} or rebuild with top_k=0."
+                    )
+                if not math.isclose(args.temperature, logits["temperature"]):
+                    raise TeacherCacheError(
+                        f"temperature={args.temperature} but {where} stores top-k probabilities at temperature "
+                        f"{logits['temperature']}; set temperature={logits['temperature']} or {rebuild}."
+                    )
+        if args.hidden_weight > 0 and self.meta["hidden"] is None:
+            raise TeacherCacheError(f"hidden_weight > 0, but {where} holds no hidden states; {rebuild}.")
+
+    def check_run(self, dataset, collator, teacher: torch.nn.Module | None, processing_class) -> None:
+        """Data, teacher and processor must be the ones the cache was built from."""
+        where = f"teacher_cache_dir={self.path!r}"
+        _check_deterministic(dataset, collator, "train_dataset")
+        digest = dataset_fingerprint(dataset)
+        if digest != self.meta["data"]:
+            raise TeacherCacheError(
+                f"train_dataset (rows:digest {digest}) is not the data {where} was built from ({self.meta['data']}); "
+                "rows, order or preprocessing differ. Rebuild the cache with `hfkd cache` on this data."
+            )
+        if teacher is not None:
+            mine = model_fingerprint(teacher, with_weights=True)
+            keys = ("class", "config_sha256", "weights_sha256")
+            if any(mine.get(k) != self.teacher.get(k) for k in keys):
+                raise TeacherCacheError(
+                    f"The teacher given to the trainer ({mine.get('name_or_path', mine['class'])}, weights "
+                    f"{mine.get('weights_sha256')}) is not the one {where} was built with "
+                    f"({self.teacher.get('name_or_path', self.teacher['class'])}, weights "
+                    f"{self.teacher.get('weights_sha256')}). Pass that teacher, none at all, or rebuild the cache."
+                )
+        stored = self.meta.get("processor")
+        mine = processor_fingerprint(processing_class)
+        if stored and mine and stored != mine:
+            raise TeacherCacheError(
+                f"processing_class differs from the tokenizer/processor {where} was built with (vocabulary, special "
+                "tokens or settings); use the same one or rebuild the cache."
+            )
+
+    # -- reading
+    def gather(self, rows, batch: dict) -> dict[str, torch.Tensor]:
+        """Cached outputs for `rows`, placed at the real positions of `batch` (zeros elsewhere)."""
+        rows = [int(r) for r in rows]
+        per_shard = self.meta["rows_per_shard"]
+        located = [(self._shards[r // per_shard], r % per_shard) for r in rows]
+        mask = batch.get("attention_mask")
+        mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        main = batch.get("input_ids")
+        seq_len = mask.shape[1] if mask is not None else (main.shape[1] if isinstance(main, torch.Tensor) else None)
+        keeps = [self._keep(shard["length"][i], mask, b, seq_len, rows[b]) for b, (shard, i) in enumerate(located)]
+        out = {}
+        logits = self.logits
+        if logits is not None:
+            if logits["mode"] == "dense":
+                trailing = (logits["num_classes"],)
+                out["logits"] = self._place(located, "logits", trailing, keeps, logits["token_level"])
+            else:
+                k = logits["top_k"]
+                out["topk_ids"] = self._place(located, "topk_ids", (k,), keeps, True, torch.long)
+                out["topk_logprobs"] = self._place(located, "topk_logprobs", (k + 1,), keeps, True)
+        hidden = self.meta["hidden"]
+        if hidden is not None:
+            for t in hidden["layers"]:
+                positional = hidden["positional"][str(t)]
+                shape = tuple(hidden["shapes"][str(t)])
+                out[f"hidden_{t}"] = self._place(located, f"hidden_{t}", shape, keeps, positional)
+        return {CACHED_PREFIX + k: v for k, v in out.items()}
+
+    def _keep(self, length: int, mask, b: int, seq_len, row: int):
+        if length < 0:
+            return None
+        keep = mask[b] if mask is not None else torch.ones(seq_len or length, dtype=torch.bool)
+        if int(keep.sum()) != length:
+            raise TeacherCacheError(
+                f"Cached row {row} has {length} positions, but the batch has {int(keep.sum())}: the data changed "
+                f"since the cache was built ({self.path}). Rebuild it with `hfkd cache`."
+            )
+        return keep
+
+    @staticmethod
+    def _place(located, column: str, trailing: tuple, keeps, positional: bool, dtype=torch.float32) -> torch.Tensor:
+        """Stacks rows; per-position arrays go to the kept positions of a zero `[batch, seq, *trailing]`."""
+        shape = (-1, *trailing) if positional else trailing
+        values = [shard[column](i).reshape(shape) for shard, i in located]
+        if not positional or keeps[0] is None:
+            return torch.from_numpy(np.stack(values)).to(dtype)
+        out = torch.zeros((len(values), keeps[0].shape[0], *trailing), dtype=dtype)
+        for b, (value, keep) in enumerate(zip(values, keeps, strict=True)):
+            out[b, keep] = torch.from_numpy(np.array(value)).to(dtype)  # a copy: the mapped file is read-only
+        return out
+
+
+def _open_shard(path: str) -> dict:
+    """Memory-maps one shard; each list column becomes a function row -> flat numpy view (no copy)."""
+    import pyarrow as pa
+
+    table = pa.ipc.open_stream(pa.memory_map(path, "r")).read_all().combine_chunks()
+    shard = {"length": table.column("length").to_numpy()}
+    for name in table.column_names:
+        if name in ("row", "length"):
+            continue
+        array = table.column(name).chunk(0)
+        offsets = array.offsets.to_numpy()
+        values = array.values.to_numpy(zero_copy_only=False)
+        shard[name] = lambda i, v=values, o=offsets: v[o[i] : o[i + 1]]
+    return shard
+
+
+class CachedTeacherCollator:
+    """Wraps a collator: rows carrying `hfkd_row` get their cached teacher outputs added to the batch."""
+
+    def __init__(self, collator, cache: TeacherCache):
+        self.collator, self.cache = collator, cache
+
+    def __call__(self, features):
+        rows = None
+        if features and isinstance(features[0], dict) and ROW_COLUMN in features[0]:
+            rows = [f[ROW_COLUMN] for f in features]
+            features = [{k: v for k, v in f.items() if k != ROW_COLUMN} for f in features]
+        batch = self.collator(features)
+        if rows is not None:
+            batch = dict(batch)
+            batch.update(self.cache.gather(rows, batch))
+        return batch
+
+
+class CachedTeacherOutput:
+    """A batch's cached teacher outputs in the shape of a model output (`logits`, `hidden_states`).
+
+    Top-k logits come as `topk = (ids, log_probs)` with `logits` None; hidden states the cache does not hold are
+    None in the tuple.
+    """
+
+    def __init__(self, batch: dict, cache: TeacherCache):
+        self.logits = batch.get(CACHED_PREFIX + "logits")
+        ids = batch.get(CACHED_PREFIX + "topk_ids")
+        self.topk = (ids, batch[CACHED_PREFIX + "topk_logprobs"]) if ids is not None else None
+        self.hidden_states = None
+        hidden = cache.meta["hidden"]
+        if hidden is not None:
+            states = [None] * hidden["num_hidden_states"]
+            for t in hidden["layers"]:
+                states[t] = batch[f"{CACHED_PREFIX}hidden_{t}"]
+            self.hidden_states = tuple(states)
+
+
+def has_cached_outputs(batch: dict) -> bool:
+    return any(isinstance(k, str) and k.startswith(CACHED_PREFIX) for k in batch)
+
+
+@dataclass
+class CacheArguments:
+    """What `hfkd cache` writes, next to the recipe's fields (teacher, data, terms)."""
+
+    cache_dir: str = field(
+        default=None,
+        metadata={"help": "Folder to write the cache to; then run `hfkd distill --teacher_cache_dir` on it."},
+    )
+    top_k: int = field(
+        default=128,
+        metadata={
+            "help": "Per position, keep the teacher's top_k classes and the rest of the probability mass as one bucket "
+            "when its head has more classes (language models); 0 keeps all logits."
+        },
+    )
+    cache_batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward while caching."})
+    cache_dtype: str = field(default="float32", metadata={"help": "'float32' or 'float16' for the stored values."})
+    rows_per_shard: int = field(default=4096, metadata={"help": "Rows per Arrow shard file."})
+    overwrite_cache: bool = field(
+        default=False, metadata={"help": "Replace an existing cache in cache_dir (once the new one is complete)."}
+    )
+
+    def __post_init__(self):
+        if not self.cache_dir:
+            raise ValueError("cache_dir is required: the folder to write the teacher cache to.")
+        for name in ("cache_batch_size", "rows_per_shard"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
