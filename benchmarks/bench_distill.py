@@ -21,6 +21,7 @@ import argparse
 import copy
 import glob
 import importlib.util
+import inspect
 import json
 import os
 import statistics
@@ -200,29 +201,14 @@ def _step(trainer, features: list[dict]) -> float:
     return float(loss)
 
 
-def time_steps(trainer, batches, steps: int, with_rows: bool = False) -> dict:
-    """Median seconds of a full step (collate, get_batch_samples, training_step, optimizer step, zero_grad)."""
-    times, losses = [], []
-    for i in range(steps + 1):  # the first step warms up (allocations, optimizer state)
-        features = _features(batches[i % len(batches)], with_rows)
-        start = time.perf_counter()
-        losses.append(_step(trainer, features))
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times[1:]), "times_s": times[1:], "losses": losses}
-
-
-def time_teacher(teacher, batches, collator, steps: int) -> dict:
+def _teacher_forward(teacher, collator, rows: list[dict]) -> None:
+    """The teacher's forward on a batch as a model runs it alone: all logits, no KV cache, no gradients."""
     teacher.eval()
-    times = []
-    for i in range(steps + 1):
-        inputs = collator(_features(batches[i % len(batches)], False))
-        inputs = {k: v for k, v in inputs.items() if k != "labels"}
-        extra = {"use_cache": False} if "use_cache" in teacher.forward.__code__.co_varnames else {}
-        start = time.perf_counter()
-        with torch.no_grad():
-            teacher(**inputs, **extra)
-        times.append(time.perf_counter() - start)
-    return {"median_s": statistics.median(times[1:]), "times_s": times[1:]}
+    inputs = collator(_features(rows, False))
+    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    extra = {"use_cache": False} if "use_cache" in inspect.signature(teacher.forward).parameters else {}
+    with torch.no_grad():
+        teacher(**inputs, **extra)
 
 
 def student_trainer(student, rows, collator, out: str) -> Trainer:
@@ -257,15 +243,7 @@ def bench_pair(name: str, tiny: bool, steps: int, work: str, with_trl: bool) -> 
     }
     fresh = lambda: copy.deepcopy(student)  # noqa: E731 - every variant starts from the same weights
 
-    result["student_step"] = time_steps(student_trainer(fresh(), rows, collator, f"{work}/s"), batches, steps)
-    result["teacher_forward"] = time_teacher(teacher, batches, collator, steps)
     online = hfkd_trainer(fresh(), teacher, rows, collator, f"{work}/o", **terms)
-    result["online_step"] = time_steps(online, batches, steps)
-    result["online_chunked"] = online._chunk_heads is not None
-    if result["online_chunked"]:
-        full = hfkd_trainer(fresh(), teacher, rows, collator, f"{work}/f", logit_chunk_size=0, **terms)
-        result["online_full_logits_step"] = time_steps(full, batches, steps)
-
     cache_dir = f"{work}/cache-{name}"
     start = time.perf_counter()
     build_teacher_cache(
@@ -281,16 +259,38 @@ def bench_pair(name: str, tiny: bool, steps: int, work: str, with_trl: bool) -> 
     )
     result["cache_build_s"] = time.perf_counter() - start
     cached = hfkd_trainer(fresh(), None, rows, collator, f"{work}/c", teacher_cache_dir=cache_dir, **terms)
-    result["cached_step"] = time_steps(cached, batches, steps, with_rows=True)
     result["cache_logits"] = cached._cache.logits
+    result["online_chunked"] = online._chunk_heads is not None
 
-    s, t, o = (
-        result["student_step"]["median_s"],
-        result["teacher_forward"]["median_s"],
-        result["online_step"]["median_s"],
+    # Variants take turns, one step each per round (in a rotating order), so that drift in the machine's speed
+    # reaches all of them alike; the ratios are taken per round, then their median.
+    variants = {
+        "student_step": lambda i: _step(student_only, _features(batches[i % len(batches)], False)),
+        "teacher_forward": lambda i: _teacher_forward(teacher, collator, batches[i % len(batches)]),
+        "online_step": lambda i: _step(online, _features(batches[i % len(batches)], False)),
+        "cached_step": lambda i: _step(cached, _features(batches[i % len(batches)], True)),
+    }
+    student_only = student_trainer(fresh(), rows, collator, f"{work}/s")
+    if result["online_chunked"]:
+        full = hfkd_trainer(fresh(), teacher, rows, collator, f"{work}/f", logit_chunk_size=0, **terms)
+        variants["online_full_logits_step"] = lambda i: _step(full, _features(batches[i % len(batches)], False))
+    times = {key: [] for key in variants}
+    losses = {key: [] for key in variants}
+    names = list(variants)
+    for i in range(steps + 1):  # round 0 warms up (allocations, optimizer state)
+        for key in names[i % len(names) :] + names[: i % len(names)]:
+            tick = time.perf_counter()
+            loss = variants[key](i)
+            if i:
+                times[key].append(time.perf_counter() - tick)
+            losses[key].append(loss)
+    for key in names:
+        result[key] = {"median_s": statistics.median(times[key]), "times_s": times[key], "losses": losses[key]}
+    per_round = list(
+        zip(times["student_step"], times["teacher_forward"], times["online_step"], times["cached_step"], strict=True)
     )
-    result["ratio_online"] = o / (s + t)
-    result["ratio_cached"] = result["cached_step"]["median_s"] / s
+    result["ratio_online"] = statistics.median(o / (s + t) for s, t, o, _ in per_round)
+    result["ratio_cached"] = statistics.median(c / s for s, _, _, c in per_round)
     if name == "smollm2" or (tiny and name != "minilm"):
         result["topk_effect"] = topk_effect(teacher, student, collator(_features(batches[0], False)))
         if with_trl:
@@ -330,14 +330,16 @@ def topk_effect(teacher, student, batch) -> list[dict]:
 
 
 def versus_trl(teacher, student, rows, batches, collator, steps: int, work: str) -> dict:
-    """hfkd and TRL's GKDTrainer (lmbda=0) on the same batches: JSD beta=0.5 at T=1, no task term."""
+    """hfkd and TRL's GKDTrainer (lmbda=0) on the same batches: JSD beta=0.5 at T=1, no task term.
+
+    The two take turns step by step (as in bench_pair); both start from the same student weights with the same
+    optimizer and learning rate, so their losses must agree step after step, not only at the first.
+    """
     from trl_side import make_trl_trainer, trl_step
 
     terms = dict(task_weight=0.0, logit_weight=1.0, logit_loss="jsd", jsd_beta=0.5, temperature=1.0)
-    hfkd = time_steps(
-        hfkd_trainer(copy.deepcopy(student), teacher, rows, collator, f"{work}/h", **terms), batches, steps
-    )
-    trainer = make_trl_trainer(
+    ours = hfkd_trainer(copy.deepcopy(student), teacher, rows, collator, f"{work}/h", **terms)
+    theirs = make_trl_trainer(
         copy.deepcopy(student),
         teacher,
         _dataset(rows),
@@ -350,15 +352,25 @@ def versus_trl(teacher, student, rows, batches, collator, steps: int, work: str)
         seed=0,
         use_cpu=True,
     )
-    times, losses = [], []
+    variants = {
+        "hfkd": lambda i: _step(ours, _features(batches[i % len(batches)], False)),
+        "trl": lambda i: trl_step(theirs, default_data_collator(_features(batches[i % len(batches)], False))),
+    }
+    times, losses = {"hfkd": [], "trl": []}, {"hfkd": [], "trl": []}
     for i in range(steps + 1):
-        start = time.perf_counter()
-        batch = default_data_collator(_features(batches[i % len(batches)], False))
-        losses.append(trl_step(trainer, batch))
-        times.append(time.perf_counter() - start)
-    trl = {"median_s": statistics.median(times[1:]), "times_s": times[1:], "losses": losses}
-    diff = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(hfkd["losses"], losses, strict=True))
-    return {"hfkd": hfkd, "trl": trl, "max_relative_loss_difference": diff}
+        for key in ("hfkd", "trl") if i % 2 else ("trl", "hfkd"):
+            tick = time.perf_counter()
+            losses[key].append(variants[key](i))
+            if i:
+                times[key].append(time.perf_counter() - tick)
+    out = {
+        key: {"median_s": statistics.median(times[key]), "times_s": times[key], "losses": losses[key]}
+        for key in variants
+    }
+    out["max_relative_loss_difference"] = max(
+        abs(a - b) / max(abs(b), 1e-12) for a, b in zip(losses["hfkd"], losses["trl"], strict=True)
+    )
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- memory

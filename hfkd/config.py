@@ -70,7 +70,7 @@ class DistillationConfig(TrainingArguments):
         },
     )
     logit_chunk_size: int = field(
-        default=256,
+        default=128,
         metadata={
             "help": "Causal LMs: compute the logit term (and the student's own loss) from the two models' final hidden "
             "states and output heads this many positions at a time, so the full [batch, sequence, vocabulary] logits "

@@ -40,6 +40,7 @@ from .heads import accepts_logits_to_keep, base_module, capture_last_hidden, hea
 from .layer_map import resolve_layer_map
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
 from .losses.chunked import chunked_head_loss
+from .losses.fused import kl_ce_with_grad
 from .losses.topk import topk_logit_loss
 from .projection import FeatureProjector
 from .teacher import ensure_eager_attention, load_teacher, prepare_teacher, unwrap_peft
@@ -733,6 +734,41 @@ class DistillationTrainer(Trainer):
         if with_task:
             sums["task"] = torch.zeros((), device=s_rows.device)
 
+        def teacher_logits(start, end):
+            with torch.no_grad():
+                return t_head(t_rows[start:end]) if t_head is not None else t_rows[start:end]
+
+        # Online, the teacher's hidden states are divided by T before its head: logits / T at 1/V of the cost.
+        scaled_teacher = (
+            args.logit_loss == "kl"
+            and topk is None
+            and t_head is not None
+            and t_head.bias is None
+            and args.temperature != 1.0
+        )
+        if scaled_teacher:
+            t_rows = t_rows / args.temperature
+
+        def closed_form(s_logits, start, end):
+            # Forward KL (the default) and cross-entropy have known gradients: no autograd over [rows, vocab].
+            distill, task, grad = kl_ce_with_grad(
+                s_logits,
+                temperature=args.temperature,
+                kl_scale=logit_coef,
+                teacher_logits=teacher_logits(start, end) if topk is None else None,
+                teacher_scaled=scaled_teacher,
+                topk=(t_ids[start:end], t_log_probs[start:end]) if topk is not None else None,
+                targets=targets[start:end] if with_task else None,
+                ce_scale=args.task_weight * task_coef if with_task else 0.0,
+                targets_all_valid=mask is not None,  # rows were selected by labels != -100
+            )
+            sums["distill/logit"] += distill
+            total = distill * logit_coef
+            if with_task:
+                sums["task"] += task
+                total = total + task * (args.task_weight * task_coef)
+            return total, grad
+
         def chunk_loss(s_logits, start, end):
             if topk is not None:
                 distill = topk_logit_loss(
@@ -744,9 +780,9 @@ class DistillationTrainer(Trainer):
                     beta=args.jsd_beta,
                 ).sum()
             else:
-                with torch.no_grad():
-                    t_logits = t_head(t_rows[start:end]) if t_head is not None else t_rows[start:end]
-                distill = loss_fn(s_logits, t_logits, temperature=args.temperature, beta=args.jsd_beta).sum()
+                distill = loss_fn(
+                    s_logits, teacher_logits(start, end), temperature=args.temperature, beta=args.jsd_beta
+                ).sum()
             sums["distill/logit"] += distill.detach()
             total = distill * logit_coef
             if with_task:
@@ -755,7 +791,12 @@ class DistillationTrainer(Trainer):
                 total = total + task * (args.task_weight * task_coef)
             return total
 
-        fused = chunked_head_loss(s_rows, s_head.weight, s_head.bias, chunk_loss, args.logit_chunk_size)
+        if args.logit_loss == "kl":
+            fused = chunked_head_loss(
+                s_rows, s_head.weight, s_head.bias, closed_form, args.logit_chunk_size, with_gradient=True
+            )
+        else:
+            fused = chunked_head_loss(s_rows, s_head.weight, s_head.bias, chunk_loss, args.logit_chunk_size)
         logged = {"task": sums["task"] * task_coef} if with_task else {}
         logged["distill/logit"] = sums["distill/logit"] * (scale / counts["logit"])
         return fused, logged

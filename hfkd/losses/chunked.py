@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, chunk_loss, chunk_size):
+    def forward(ctx, hidden, weight, bias, chunk_loss, chunk_size, with_gradient):
         wants = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
         ctx.set_materialize_grads(False)
         # The loss is a sum over chunks, so the gradient of each chunk's part can be taken as soon as it is known.
@@ -31,6 +31,21 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
+            if with_gradient:
+                # The loss comes with its gradient with respect to the logits: two matmuls give the rest.
+                h = hidden[start:end].detach()
+                loss, grad_logits = chunk_loss(
+                    F.linear(h, weight.detach(), b.detach() if b is not None else None), start, end
+                )
+                grad_logits = grad_logits.to(weight.dtype)
+                if wants[0]:
+                    grad_hidden[start:end] = grad_logits @ weight.detach()
+                if wants[1]:
+                    grad_weight.addmm_(grad_logits.T.to(torch.float32), h.to(torch.float32))
+                if wants[2]:
+                    grad_bias += grad_logits.sum(0).to(torch.float32)
+                total = total + loss.detach().float()
+                continue
             h = hidden[start:end].detach().requires_grad_(wants[0])
             with torch.enable_grad():
                 loss = chunk_loss(F.linear(h, w, b), start, end)
@@ -54,14 +69,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         if grad_output is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         grad_hidden, grad_weight, grad_bias = ctx.saved_tensors
         scale = grad_output.to(torch.float32)
 
         def scaled(grad):
             return None if grad is None else grad * scale.to(grad.dtype)
 
-        return scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), None, None
+        return scaled(grad_hidden), scaled(grad_weight), scaled(grad_bias), None, None, None
 
 
 def chunked_head_loss(
@@ -70,6 +85,7 @@ def chunked_head_loss(
     bias: torch.Tensor | None,
     chunk_loss: Callable[[torch.Tensor, int, int], torch.Tensor],
     chunk_size: int,
+    with_gradient: bool = False,
 ) -> torch.Tensor:
     """Sum over row chunks of `chunk_loss(hidden[start:end] @ weight.T + bias, start, end)`.
 
@@ -81,10 +97,12 @@ def chunked_head_loss(
             anything else indexed by those rows (teacher logits, labels). Its gradient is taken at once.
         chunk_size: rows per chunk; the peak memory is about that many rows of logits times the number of
             `[rows, vocab]` tensors `chunk_loss` creates.
+        with_gradient: `chunk_loss` returns `(scalar, its gradient with respect to the logits)` computed in closed
+            form (see `hfkd.losses.fused`), and autograd is not used for the logits at all.
 
     Returns:
         The scalar sum, with gradients for `hidden`, `weight` and `bias` equal to the unchunked computation's.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
-    return _ChunkedHeadLoss.apply(hidden, weight, bias, chunk_loss, chunk_size)
+    return _ChunkedHeadLoss.apply(hidden, weight, bias, chunk_loss, chunk_size, with_gradient)

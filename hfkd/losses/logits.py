@@ -11,7 +11,8 @@ from ._registry import register_logit_loss
 def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     # float32 even under bf16/fp16 autocast: softmax and log of small probabilities lose everything in half precision.
     # The clamp turns a logit of -inf (a class masked out) into a huge finite negative, so 0 * log 0 gives 0, not NaN.
-    return F.log_softmax(logits.float() / temperature, dim=-1).clamp_min(torch.finfo(torch.float32).min)
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # float64 stays float64 (reference tests)
+    return F.log_softmax(logits.to(dtype) / temperature, dim=-1).clamp_min(torch.finfo(dtype).min)
 
 
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:

@@ -18,7 +18,9 @@ TOPK_LOSSES = ("kl", "reverse_kl", "jsd")
 
 def fold_student(student_logits: torch.Tensor, topk_ids: torch.Tensor, temperature: float) -> torch.Tensor:
     """Student log-probabilities at temperature T of the teacher's top-k ids, plus the rest as a last bucket."""
-    log_p = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p = F.log_softmax(
+        student_logits.to(torch.promote_types(student_logits.dtype, torch.float32)) / temperature, -1
+    )
     ids = topk_ids.long()
     top = log_p.gather(-1, ids)
     rest = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
@@ -27,7 +29,9 @@ def fold_student(student_logits: torch.Tensor, topk_ids: torch.Tensor, temperatu
 
 def fold_teacher(teacher_logits: torch.Tensor, k: int, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(top-k ids, k + 1 log-probabilities at temperature T) of full teacher logits: what a cache stores."""
-    log_p = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    log_p = F.log_softmax(
+        teacher_logits.to(torch.promote_types(teacher_logits.dtype, torch.float32)) / temperature, -1
+    )
     top, ids = log_p.topk(k, dim=-1)
     rest = log_p.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
     return ids, torch.cat([top, rest], dim=-1)
@@ -50,4 +54,5 @@ def topk_logit_loss(
         )
     student = fold_student(student_logits, topk_ids, temperature)
     # Both inputs are normalised log-probabilities already: at temperature 1 the loss's own softmax keeps them.
-    return LOGIT_LOSSES[name](student, teacher_log_probs.float(), temperature=1.0, beta=beta) * temperature**2
+    teacher = teacher_log_probs.to(student.dtype)
+    return LOGIT_LOSSES[name](student, teacher, temperature=1.0, beta=beta) * temperature**2
