@@ -528,9 +528,9 @@ class TeacherCache:
         values = [shard[column](i).reshape(shape) for shard, i in located]
         if not positional or keeps[0] is None:
             return torch.from_numpy(np.stack(values)).to(dtype)
+        # Rows hold their real positions in order, so one masked assignment places the whole batch (row-major).
         out = torch.zeros((len(values), keeps[0].shape[0], *trailing), dtype=dtype)
-        for b, (value, keep) in enumerate(zip(values, keeps, strict=True)):
-            out[b, keep] = torch.from_numpy(np.array(value)).to(dtype)  # a copy: the mapped file is read-only
+        out[torch.stack(keeps)] = torch.from_numpy(np.concatenate(values)).to(dtype)
         return out
 
 

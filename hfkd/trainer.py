@@ -718,7 +718,7 @@ class DistillationTrainer(Trainer):
                 t_head = None  # the rows are logits already
 
         logit_coef = args.logit_weight * scale / counts["logit"]
-        with_task = args.task_weight > 0
+        with_task = args.task_weight > 0 and isinstance(labels, torch.Tensor)  # evaluation may come without labels
         if with_task:
             targets = labels[:, 1:][mask] if mask is not None else labels[:, 1:].flatten()
             if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
