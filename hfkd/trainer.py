@@ -726,7 +726,7 @@ class DistillationTrainer(Trainer):
                 if args.average_tokens_across_devices:
                     task_coef = task_coef * (self.accelerator.num_processes // self.get_tp_size())
             else:
-                task_coef = 1.0 / max(targets.ne(-100).sum(), torch.ones((), device=targets.device))
+                task_coef = 1.0 / targets.ne(-100).sum().clamp_min(1)  # a tensor: no host sync
                 if training:
                     task_coef = task_coef / self.current_gradient_accumulation_steps
         loss_fn = LOGIT_LOSSES[args.logit_loss]
