@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checks import ModelLimits, model_limits
+from .checks import ModelLimits, model_limits, teacher_view
 from .fingerprint import dataset_fingerprint, model_fingerprint, processor_fingerprint
 from .layer_map import resolve_layer_map
 from .losses.topk import TOPK_LOSSES, fold_teacher
@@ -245,10 +245,8 @@ def _flags(teacher, args) -> dict:
 
 
 def _teacher_inputs(batch: dict, device) -> dict:
-    """What the teacher reads from a collated batch: no labels; `teacher_*` keys replace their plain names."""
-    inputs = {k: v for k, v in batch.items() if not k.startswith("teacher_") and k not in ("labels", "label")}
-    inputs.update({k[len("teacher_") :]: v for k, v in batch.items() if k.startswith("teacher_")})
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    """What the teacher reads from a collated batch (as in training: `checks.teacher_view`), on its device."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in teacher_view(batch).items()}
 
 
 def _positions(batch: dict, b: int) -> torch.Tensor | None:

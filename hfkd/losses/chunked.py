@@ -37,13 +37,14 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 loss, grad_logits = chunk_loss(
                     F.linear(h, weight.detach(), b.detach() if b is not None else None), start, end
                 )
-                grad_logits = grad_logits.to(weight.dtype)
+                # grad_logits is float32: the weight and bias gradients accumulate in float32 without a round
+                # trip through a half-precision weight dtype; only the hidden-state gradient takes that dtype.
                 if wants[0]:
-                    grad_hidden[start:end] = grad_logits @ weight.detach()
+                    grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight.detach()
                 if wants[1]:
-                    grad_weight.addmm_(grad_logits.T.to(torch.float32), h.to(torch.float32))
+                    grad_weight.addmm_(grad_logits.T.float(), h.float())
                 if wants[2]:
-                    grad_bias += grad_logits.sum(0).to(torch.float32)
+                    grad_bias += grad_logits.sum(0).float()
                 total = total + loss.detach().float()
                 continue
             h = hidden[start:end].detach().requires_grad_(wants[0])
