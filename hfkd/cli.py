@@ -2,8 +2,13 @@
 
 The YAML holds flat keys, each a field of `RecipeArguments`, `DataArguments` or `DistillationConfig`; values given
 on the command line override the file. `accelerate launch -m hfkd distill ...` runs the same on several processes.
+
+Bad input ends with `hfkd: error: <message>` and exit status 2; `--traceback` (or HFKD_TRACEBACK=1) shows the traceback.
+Anything else (a bug) keeps its traceback.
 """
 
+import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -14,7 +19,7 @@ from transformers import HfArgumentParser
 from .cache import CacheArguments
 from .config import DistillationConfig
 from .data import DataArguments
-from .recipe import RecipeArguments, check_output_dir, push_folder, run_cache, run_recipe
+from .recipe import RecipeArguments, push_folder, run_cache, run_recipe
 from .report import summary
 
 USAGE = """usage: hfkd <command> [--config FILE.yaml] [--field value ...]
@@ -29,17 +34,83 @@ commands:
 
 examples:
   hfkd distill --config recipes/text-classification/minilm-tweets.yaml --max_steps 100
+  hfkd distill --config outputs/minilm-tweets/hfkd_config.yaml --resume_from_checkpoint true
   hfkd cache --config recipes/causal-lm/smollm2-fortunes.yaml --cache_dir outputs/smollm2-cache --top_k 64
+
+options:
+  --traceback   show the Python traceback of an error (also HFKD_TRACEBACK=1)
 """
+
+# Bad input: the library's checks raise these with a message naming the field and the fix. Other exceptions are
+# bugs and keep their traceback.
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)
+# Fields of DistillationConfig that TrainingArguments also has, whose help would mislead in a recipe.
+_RECIPE_HELP = {
+    "max_steps": "Caps distillation steps (-1: num_train_epochs rules). Teacher fine-tuning is bounded by "
+    "teacher_max_steps / teacher_num_train_epochs instead.",
+    "num_train_epochs": "Epochs of distillation (teacher fine-tuning has teacher_num_train_epochs).",
+    "learning_rate": "Learning rate of distillation (teacher fine-tuning has teacher_learning_rate).",
+    "resume_from_checkpoint": "Continue a stopped run in the same output_dir: 'true' for its last checkpoint, or a "
+    "checkpoint-<step> folder. Finished stages (a fine-tuned teacher/) are reused; the configuration must be the "
+    "run's own (its hfkd_config.yaml).",
+    "overwrite_output_dir": "Write into an output_dir that holds another run or other files (its checkpoints of "
+    "another run are deleted). Without it hfkd refuses such a folder and changes nothing.",
+    "report_to": "Where training logs go: none, tensorboard (pip install 'hfkd[tensorboard]'), wandb, ...",
+}
 
 
 def distill_parser(command: str = "distill") -> HfArgumentParser:
     classes = (RecipeArguments, DataArguments, DistillationConfig)
     if command == "cache":
         classes += (CacheArguments,)
-    parser = HfArgumentParser(classes, prog=f"hfkd {command}")
+    parser = HfArgumentParser(
+        classes, prog=f"hfkd {command}", usage=f"hfkd {command} [--config FILE.yaml] [--field value ...]"
+    )
     parser.add_argument("--config", default=None, help="YAML file of flat field: value pairs; flags override it.")
+    parser.add_argument("--traceback", action="store_true", help="Show the Python traceback of an error.")
+    _group_help(parser, classes)
     return parser
+
+
+def _group_help(parser: argparse.ArgumentParser, classes: tuple) -> None:
+    """`--help` lists --config, then the recipe, data, distillation (and cache) fields, then TrainingArguments'."""
+    from transformers import TrainingArguments
+
+    by_dest = {action.dest: action for action in parser._actions}
+    for name, text in _RECIPE_HELP.items():
+        if name in by_dest:
+            by_dest[name].help = text
+    training = {f.name for f in dataclasses.fields(TrainingArguments)}
+    titles = {
+        "RecipeArguments": "recipe (the stages)",
+        "DataArguments": "data",
+        "DistillationConfig": "distillation (DistillationConfig)",
+        "CacheArguments": "teacher cache",
+    }
+    groups = []
+    for cls in classes:
+        names = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.init and not (cls is DistillationConfig and f.name in training)
+        ]
+        groups.append((titles[cls.__name__], names))
+    order = [f.name for f in dataclasses.fields(TrainingArguments) if f.name in by_dest]
+    groups.append(("training (transformers TrainingArguments; they apply to distillation)", order))
+    moved = {dest for _, names in groups for dest in names} | {"config", "traceback"}
+    # Rebuild argparse's help groups in that order; parsing reads parser._actions and is unaffected.
+    first = parser._action_groups[1] if len(parser._action_groups) > 1 else parser._action_groups[0]
+    for group in parser._action_groups:
+        group._group_actions[:] = [
+            a for a in group._group_actions if a.dest not in moved or a.dest in ("config", "traceback")
+        ]
+    first._group_actions.sort(key=lambda a: (a.dest not in ("help", "config", "traceback"),))
+    new_groups = []
+    for title, names in groups:
+        group = argparse._ArgumentGroup(parser, title)
+        group._group_actions.extend(by_dest[n] for n in names if n in by_dest)
+        new_groups.append(group)
+    parser._action_groups[:] = parser._action_groups[:2] + new_groups
 
 
 def parse_distill_args(argv: list[str], command: str = "distill"):
@@ -76,16 +147,21 @@ def main(argv: list[str] | None = None) -> int:
     if command not in ("distill", "cache"):
         print(f"hfkd: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    debug = "--traceback" in rest or os.environ.get("HFKD_TRACEBACK", "").lower() in ("1", "true", "yes")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    if command == "cache":
-        return _cache(rest)
     try:
-        recipe, data_args, config = parse_distill_args(rest)
-        check_output_dir(config.output_dir, config.overwrite_output_dir)
-    except ValueError as err:
-        print(f"hfkd distill: {err}", file=sys.stderr)
+        return _cache(rest) if command == "cache" else _distill(rest)
+    except USER_ERRORS as err:
+        if debug:
+            raise
+        message = str(err.args[0]) if len(err.args) == 1 and isinstance(err.args[0], str) else str(err)
+        print(f"hfkd: error: {message}\n(--traceback or HFKD_TRACEBACK=1 shows the traceback)", file=sys.stderr)
         return 2
+
+
+def _distill(argv: list[str]) -> int:
+    recipe, data_args, config = parse_distill_args(argv)
     metrics = run_recipe(recipe, data_args, config)
     push_message, status = None, 0
     if config.push_to_hub and config.process_index == 0:
@@ -106,12 +182,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _cache(argv: list[str]) -> int:
-    try:
-        recipe, data_args, config, cache_args = parse_distill_args(argv, "cache")
-        result = run_cache(recipe, data_args, config, cache_args)
-    except ValueError as err:  # bad fields, unfit data or collator, existing folder: nothing was written
-        print(f"hfkd cache: {err}", file=sys.stderr)
-        return 2
+    recipe, data_args, config, cache_args = parse_distill_args(argv, "cache")
+    result = run_cache(recipe, data_args, config, cache_args)
     logits = result["logits"]
     what = []
     if logits:

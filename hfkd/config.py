@@ -132,6 +132,10 @@ class DistillationConfig(TrainingArguments):
                 f"{type(self.teacher_model_init_kwargs).__name__}."
             )
 
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value!r}.")
         for name in ("task_weight", "logit_weight", "hidden_weight", "attention_weight"):
             value = getattr(self, name)
             if not _is_number(value) or value != value or value < 0 or value == float("inf"):

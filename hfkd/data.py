@@ -119,15 +119,64 @@ def _require_columns(dataset: datasets.Dataset, columns: dict[str, str | None]) 
             )
 
 
+def _has_label(value) -> bool:
+    # An empty CSV cell arrives as None (text columns) or NaN (number columns); neither is a class.
+    if value is None or (isinstance(value, float) and value != value):
+        return False
+    return not (isinstance(value, str) and not value.strip())
+
+
+def _label_key(value) -> str:
+    # A number column with an empty cell is read as floats: 1.0 is the class "1", as in the column without gaps.
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def drop_unlabelled(
+    train: datasets.Dataset, held_out: datasets.Dataset, args: DataArguments
+) -> tuple[datasets.Dataset, datasets.Dataset, str | None]:
+    """Drops rows whose label cell is empty, and says how many went; an empty cell never becomes a class."""
+    _require_columns(train, {"label_column": args.label_column})
+    _require_columns(held_out, {"label_column": args.label_column})
+    column = args.label_column
+    if isinstance(train.features[column], datasets.ClassLabel):
+        return train, held_out, None
+    kept, dropped = [], []
+    for split in (train, held_out):
+        labelled = split.filter(
+            lambda batch: [_has_label(v) for v in batch[column]], batched=True, desc="Dropping rows without a label"
+        )
+        kept.append(labelled)
+        dropped.append(len(split) - len(labelled))
+    if not sum(dropped):
+        return train, held_out, None
+    note = (
+        f"{dropped[0]} training and {dropped[1]} held-out rows without a {column!r} label (label_column) were dropped"
+    )
+    logger.warning("%s.", note)
+    if len(kept[0]) == 0 or len(kept[1]) == 0:
+        raise ValueError(f"{note}, which leaves {len(kept[0])} training and {len(kept[1])} held-out rows.")
+    return kept[0], kept[1], note
+
+
 def label_names(train: datasets.Dataset, held_out: datasets.Dataset, args: DataArguments) -> list[str]:
-    """Class names: from a ClassLabel feature, else the sorted distinct values seen in both splits."""
+    """Class names: from a ClassLabel feature, else the sorted distinct values seen in both splits (at least 2)."""
     _require_columns(train, {"label_column": args.label_column})
     _require_columns(held_out, {"label_column": args.label_column})
     feature = train.features[args.label_column]
     if isinstance(feature, datasets.ClassLabel):
-        return list(feature.names)
-    values = sorted(set(train.unique(args.label_column)) | set(held_out.unique(args.label_column)), key=str)
-    return [str(v) for v in values]
+        names = list(feature.names)
+    else:
+        values = sorted(set(train.unique(args.label_column)) | set(held_out.unique(args.label_column)), key=str)
+        names = list(dict.fromkeys(_label_key(v) for v in values))
+    if len(names) < 2:
+        # One label would give num_labels=1, which transformers treats as regression: a meaningless "accuracy".
+        raise ValueError(
+            f"The {args.label_column!r} column (label_column) holds a single class {names}: a classifier needs at "
+            "least 2. Check label_column, or the data files and max_train_samples."
+        )
+    return names
 
 
 def _label_ids(dataset: datasets.Dataset, args: DataArguments, names: list[str]) -> datasets.Dataset:
@@ -135,7 +184,7 @@ def _label_ids(dataset: datasets.Dataset, args: DataArguments, names: list[str])
         return dataset.rename_column(args.label_column, "labels") if args.label_column != "labels" else dataset
     index = {name: i for i, name in enumerate(names)}
     return dataset.map(
-        lambda batch: {"labels": [index[str(v)] for v in batch[args.label_column]]},
+        lambda batch: {"labels": [index[_label_key(v)] for v in batch[args.label_column]]},
         batched=True,
         desc="Encoding labels",
     )

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -25,21 +26,33 @@ from transformers import (
     AutoTokenizer,
     DataCollatorForLanguageModeling,
     DataCollatorWithPadding,
+    EarlyStoppingCallback,
     Trainer,
     TrainingArguments,
     default_data_collator,
     set_seed,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 from . import data as hfkd_data
-from .cache import build_teacher_cache
+from .cache import TeacherCache, build_teacher_cache
 from .config import DistillationConfig
 from .data import DataArguments
 from .measure import compare_latency, count_parameters
 from .metrics import load_metric
 from .paths import resolve_path
 from .report import model_card, plot_report, write_metrics
-from .student import student_from_teacher
+from .run_folder import (
+    CONFIG_FILE,
+    TEACHER_RECORD,
+    WORK_DIRS,
+    check_output_dir,
+    cleaned_on_failure,
+    resume_target,
+    run_values,
+    write_config,
+)
+from .student import student_from_teacher, student_layers
 from .trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -49,8 +62,6 @@ _AUTO = {
     "image-classification": AutoModelForImageClassification,
     "causal-lm": AutoModelForCausalLM,
 }
-CONFIG_FILE = "hfkd_config.yaml"
-WORK_DIRS = ("teacher", "checkpoints")  # kept locally, never pushed
 
 
 @dataclass
@@ -76,8 +87,17 @@ class RecipeArguments:
     finetune_teacher: bool = field(
         default=False, metadata={"help": "Fine-tune the teacher on the task before distilling (stage 1)."}
     )
-    teacher_num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs of teacher fine-tuning."})
-    teacher_max_steps: int = field(default=-1, metadata={"help": "Caps teacher fine-tuning steps (-1: epochs rule)."})
+    teacher_num_train_epochs: float = field(
+        default=1.0,
+        metadata={"help": "Epochs of teacher fine-tuning (num_train_epochs applies to distillation only)."},
+    )
+    teacher_max_steps: int = field(
+        default=-1,
+        metadata={
+            "help": "Caps teacher fine-tuning steps (-1: teacher_num_train_epochs rules). --max_steps does not bound "
+            "this stage: it caps distillation only."
+        },
+    )
     teacher_learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of teacher fine-tuning."})
     teacher_lora_r: int = field(
         default=0,
@@ -107,6 +127,16 @@ class RecipeArguments:
             "ViTImageProcessor (size, image_mean, image_std, do_resize, ...)."
         },
     )
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={
+            "help": "Stop distillation after this many evaluations without improvement of metric_for_best_model "
+            "(0: off). Needs eval_strategy, load_best_model_at_end=true and metric_for_best_model (e.g. accuracy)."
+        },
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Smallest change of metric_for_best_model that counts as an improvement."}
+    )
     latency_batch_size: int = field(default=16, metadata={"help": "Batch size of the latency measurement."})
     latency_repeats: int = field(default=10, metadata={"help": "Rounds of the latency measurement (median kept)."})
 
@@ -126,6 +156,20 @@ class RecipeArguments:
             raise ValueError("teacher_lora_r > 0 needs finetune_teacher=true: LoRA is how the teacher is fine-tuned.")
         if self.latency_batch_size < 1 or self.latency_repeats < 1:
             raise ValueError("latency_batch_size and latency_repeats must be >= 1.")
+        if self.early_stopping_patience < 0:
+            raise ValueError(f"early_stopping_patience must be >= 0 (0: off), got {self.early_stopping_patience}.")
+        if self.student_layers is not None:
+            self.layer_list()  # a typo fails here, before any model is loaded
+
+    def layer_list(self) -> list[int] | None:
+        if self.student_layers is None:
+            return None
+        try:
+            return [int(x) for x in str(self.student_layers).split(",")]
+        except ValueError:
+            raise ValueError(
+                f"student_layers={self.student_layers!r} must be comma-separated teacher layer indices, e.g. '0,2,5'."
+            ) from None
 
 
 def _json_arg(value, name: str) -> dict:
@@ -142,16 +186,107 @@ def _json_arg(value, name: str) -> dict:
     return parsed
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Refuses, before any work, to write into a folder that holds another run (nothing is deleted)."""
-    if not os.path.isdir(output_dir) or overwrite:
-        return
-    markers = [m for m in ("metrics.json", CONFIG_FILE, *WORK_DIRS) if os.path.exists(os.path.join(output_dir, m))]
-    if markers:
-        raise ValueError(
-            f"output_dir {output_dir} already holds a run ({', '.join(markers)}). Choose another output_dir or pass "
-            "--overwrite_output_dir true to write over it."
-        )
+def _planned_steps(args: TrainingArguments, num_rows: int) -> int:
+    """The optimizer steps Trainer will take (its own formula), for the stage headings."""
+    if args.max_steps > 0:
+        return args.max_steps
+    batches = math.ceil(num_rows / (args.per_device_train_batch_size * max(args.world_size, 1)))
+    per_epoch = max(
+        batches // args.gradient_accumulation_steps + int(batches % args.gradient_accumulation_steps > 0), 1
+    )
+    return math.ceil(args.num_train_epochs * per_epoch)
+
+
+def _heading(config: DistillationConfig, text: str) -> None:
+    if config.process_index == 0:
+        print(f"\n== hfkd: {text}", file=sys.stderr, flush=True)
+
+
+def eval_metric_names(recipe: RecipeArguments, config: DistillationConfig) -> list[str]:
+    """What the recipe's evaluation during distillation reports (without the `eval_` prefix)."""
+    names = ["loss"]
+    if config.task_weight > 0:
+        names.append("task")
+        names.append("perplexity" if recipe.task == "causal-lm" else "accuracy")
+    elif recipe.task != "causal-lm":
+        names.append("accuracy")
+    for term in ("logit", "hidden", "attention"):
+        if getattr(config, f"{term}_weight") > 0:
+            names.append(f"distill/{term}")
+    return names
+
+
+def check_run_settings(recipe: RecipeArguments, config: DistillationConfig) -> None:
+    """Settings that would only fail during training (at the first evaluation, or in a callback): checked now."""
+    metric = config.metric_for_best_model
+    if metric:
+        name = metric[len("eval_") :] if metric.startswith("eval_") else metric
+        valid = eval_metric_names(recipe, config)
+        if name not in valid:
+            raise ValueError(
+                f"metric_for_best_model={metric!r} is not reported by this recipe's evaluation; it reports "
+                f"{valid}. Set --metric_for_best_model to one of them."
+            )
+        if name == "perplexity" and config.greater_is_better:
+            raise ValueError(
+                "metric_for_best_model=perplexity: lower is better, but greater_is_better is true (transformers' "
+                "default for names not ending in 'loss'). Pass --greater_is_better false."
+            )
+    if recipe.early_stopping_patience:
+        missing = [
+            need
+            for need, ok in (
+                ("--eval_strategy steps (or epoch)", config.eval_strategy != "no"),
+                ("--load_best_model_at_end true", config.load_best_model_at_end),
+                ("--metric_for_best_model <name>", bool(metric)),
+            )
+            if not ok
+        ]
+        if missing:
+            raise ValueError(
+                f"early_stopping_patience={recipe.early_stopping_patience} needs {', '.join(missing)}: early "
+                "stopping watches the metric at each evaluation."
+            )
+    from transformers import integrations
+
+    for name in config.report_to or []:
+        available = getattr(integrations, f"is_{name}_available", None)
+        if available is not None and not available():
+            extra = "pip install 'hfkd[tensorboard]'" if name == "tensorboard" else f"pip install {name}"
+            raise ValueError(
+                f"report_to includes {name!r}, which is not installed: {extra}, or drop it from report_to."
+            )
+
+
+def _read_teacher_record(folder: str | None) -> dict | None:
+    path = os.path.join(folder, TEACHER_RECORD) if folder and os.path.isdir(folder) else None
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return json.load(handle)
+
+
+def _accuracy(prediction) -> dict:
+    """The recipe's classification metric during training, the same `evaluate` accuracy as the final evaluation."""
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    result = load_metric("accuracy").compute(
+        predictions=np.argmax(logits, -1).tolist(), references=prediction.label_ids.tolist()
+    )
+    return {"accuracy": result["accuracy"]}
+
+
+class _RecipeTrainer(DistillationTrainer):
+    """The recipe's distillation trainer: a causal LM's evaluation also reports the student's perplexity."""
+
+    report_perplexity = False
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None, **kwargs):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", "eval")
+        task = output.metrics.get(f"{prefix}_task")
+        if self.report_perplexity and task is not None:
+            output.metrics[f"{prefix}_perplexity"] = math.exp(min(task, 50.0))
+        return output
 
 
 class _Run:
@@ -164,12 +299,20 @@ class _Run:
         self.teacher_path = resolve_path(config.teacher_model_name_or_path)
         init = dict(config.teacher_model_init_kwargs or {})
         self.teacher_kwargs = {k: resolve_path(v) if isinstance(v, str) else v for k, v in init.items()}
+        self.resume = resume_target(config)
+        # What the teacher folder says of its own making (a teacher fine-tuned by an earlier hfkd run).
+        self.teacher_record = _read_teacher_record(self.teacher_path)
+        self.teacher_finetune: dict | None = None  # this run's teacher fine-tuning, when it has one
 
     # -- data and processors
     def load_data(self):
         self.train_raw, self.eval_raw = hfkd_data.load_splits(self.data_args, self.config.seed)
         task = self.recipe.task
+        self.dropped_rows = None
         if task != "causal-lm":
+            self.train_raw, self.eval_raw, self.dropped_rows = hfkd_data.drop_unlabelled(
+                self.train_raw, self.eval_raw, self.data_args
+            )
             self.labels = self._teacher_label_order(
                 hfkd_data.label_names(self.train_raw, self.eval_raw, self.data_args)
             )
@@ -288,6 +431,29 @@ class _Run:
         kwargs.update(overrides)
         return TrainingArguments(**kwargs)
 
+    def check_student_plan(self):
+        """The student's layers against the teacher's depth, before the teacher is fine-tuned."""
+        r = self.recipe
+        if not r.student_model_name_or_path:
+            layers = r.layer_list()
+            student_layers(self.teacher, num_layers=None if layers else r.student_num_layers, layers=layers)
+
+    def finished_teacher(self) -> bool:
+        """On resume, a teacher this run already fine-tuned and saved whole is loaded instead of trained again."""
+        folder = os.path.join(self.out, "teacher")
+        record = _read_teacher_record(folder)
+        if not self.resume or record is None:
+            return False
+        kwargs = {k: v for k, v in self.teacher_kwargs.items() if k != "gguf_file"}
+        teacher = _AUTO[self.recipe.task].from_pretrained(folder, **kwargs)
+        # The same teacher as before the stop (the run's checkpoints name it): the one fine-tuned from the original.
+        teacher.config._name_or_path = self.teacher.config._name_or_path
+        if self.recipe.task == "causal-lm" and teacher.config.pad_token_id is None:
+            teacher.config.pad_token_id = self.processor.pad_token_id
+        self.teacher = teacher
+        self.teacher_finetune = record["finetune"]
+        return True
+
     def finetune_teacher(self):
         r = self.recipe
         teacher = self.teacher
@@ -309,6 +475,12 @@ class _Run:
             max_steps=r.teacher_max_steps,
             learning_rate=r.teacher_learning_rate,
         )
+        steps = _planned_steps(args, len(self.train_ds))
+        _heading(
+            self.config,
+            f"stage 1/2: teacher fine-tuning, {steps} steps (teacher_max_steps / teacher_num_train_epochs; "
+            "--max_steps bounds distillation only)",
+        )
         trainer = Trainer(
             model=teacher,
             args=args,
@@ -319,12 +491,57 @@ class _Run:
         trainer.train()
         if r.teacher_lora_r:
             teacher = teacher.merge_and_unload()
+        self.teacher_finetune = {
+            "steps": trainer.state.global_step,
+            "epochs": round(trainer.state.epoch or 0.0, 4),
+            "learning_rate": r.teacher_learning_rate,
+            "batch_size": args.train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1),
+            "train_examples": len(self.train_ds),
+            "lora_r": r.teacher_lora_r,
+        }
         if self.config.process_index == 0:  # one writer under `accelerate launch`
             shutil.rmtree(args.output_dir, ignore_errors=True)
-            teacher.save_pretrained(os.path.join(self.out, "teacher"))
-            self.processor.save_pretrained(os.path.join(self.out, "teacher"))
+            folder = os.path.join(self.out, "teacher")
+            teacher.save_pretrained(folder)
+            self.processor.save_pretrained(folder)
+            # Written last: its presence says the folder holds a whole fine-tuned teacher (resume skips the stage),
+            # and it carries the lineage to any later run that distils from this folder.
+            record = {"base": self._teacher_lineage(), "finetune": self.teacher_finetune, "data": self.data_note()}
+            with open(os.path.join(folder, TEACHER_RECORD), "w") as handle:
+                json.dump(record, handle, indent=1)
         self.teacher = teacher
-        self.teacher_finetune_log = trainer.state.log_history
+
+    def _teacher_lineage(self) -> dict:
+        """Where the teacher came from, following a teacher folder written by an earlier hfkd run to its origin."""
+        name = self.config.teacher_model_name_or_path or "built from teacher_config"
+        hub_id = self.recipe.teacher_hub_id
+        if self.teacher_record is not None:  # a teacher fine-tuned by an earlier hfkd run: its own origin
+            base = self.teacher_record["base"]
+            return {
+                "name": name,
+                "hub_id": hub_id or base.get("hub_id"),
+                "origin": base,
+                "finetune": self.teacher_record.get("finetune"),
+                "data": self.teacher_record.get("data"),
+            }
+        if hub_id is None and name and not name.startswith("pkg:") and not os.path.exists(name):
+            hub_id = name if "/" in name or name.isidentifier() else None
+        return {"name": name, "hub_id": hub_id}
+
+    def data_note(self) -> str:
+        data_args = self.data_args
+        return (
+            f"`{data_args.dataset_name}`"
+            + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
+            + (f" from {data_args.data_files}" if data_args.data_files else "")
+            + f"; {len(self.train_ds)} training and {len(self.eval_ds)} held-out examples"
+            + (
+                ""
+                if data_args.eval_split
+                else f" (held-out {data_args.eval_fraction:.0%} carved from train, seed {self.config.seed})"
+            )
+            + (f"; {self.dropped_rows}" if getattr(self, "dropped_rows", None) else "")
+        )
 
     def build_student(self):
         r = self.recipe
@@ -333,7 +550,7 @@ class _Run:
             self.student = _AUTO[r.task].from_pretrained(path, **self._label_kwargs())
             self.student_note = f"`{r.student_model_name_or_path}`"
             return
-        layers = [int(x) for x in r.student_layers.split(",")] if r.student_layers else None
+        layers = r.layer_list()
         self.student = student_from_teacher(
             self.teacher, num_layers=None if layers else r.student_num_layers, layers=layers
         )
@@ -358,12 +575,20 @@ class _Run:
         args = dataclasses.replace(
             c,
             output_dir=os.path.join(self.out, "checkpoints"),
+            overwrite_output_dir=c.overwrite_output_dir,
+            resume_from_checkpoint=None,  # given to train() below, after the run's own checks
             push_to_hub=False,  # the recipe pushes the finished folder itself
             teacher_model_name_or_path=None,
             teacher_model_init_kwargs=None,
             report_to=c.report_to,
         )
-        trainer = DistillationTrainer(
+        callbacks = []
+        if self.recipe.early_stopping_patience:
+            callbacks.append(
+                EarlyStoppingCallback(self.recipe.early_stopping_patience, self.recipe.early_stopping_threshold)
+            )
+        lm = self.recipe.task == "causal-lm"
+        trainer = _RecipeTrainer(
             model=self.student,
             teacher_model=self.teacher,
             args=args,
@@ -371,8 +596,22 @@ class _Run:
             eval_dataset=self.eval_ds,
             data_collator=self.collator(),
             processing_class=self.processor,
+            compute_metrics=None if lm else _accuracy,
+            callbacks=callbacks,
         )
-        trainer.train()
+        trainer.report_perplexity = lm
+        resume = self.resume
+        if resume is True and get_last_checkpoint(args.output_dir) is None:
+            resume = None  # the run stopped before its first distillation checkpoint: distillation starts again
+        from_step = f", resuming from {resume}" if isinstance(resume, str) else ""
+        if resume is True:
+            from_step = f", resuming from {get_last_checkpoint(args.output_dir)}"
+        _heading(
+            self.config,
+            f"stage {2 if self.recipe.finetune_teacher else 1}/{2 if self.recipe.finetune_teacher else 1}: "
+            f"distillation, {_planned_steps(args, len(self.train_ds))} steps{from_step}",
+        )
+        trainer.train(resume_from_checkpoint=resume)
         self.trainer = trainer
         self.log_history = trainer.state.log_history
         self.layer_maps = {
@@ -444,8 +683,30 @@ def run_cache(recipe: RecipeArguments, data_args: DataArguments, config: Distill
 
 
 def run_recipe(recipe: RecipeArguments, data_args: DataArguments, config: DistillationConfig) -> dict:
-    """Runs every stage and writes the output folder; returns the metrics written to metrics.json."""
-    check_output_dir(config.output_dir, config.overwrite_output_dir)
+    """Runs every stage and writes the output folder; returns the metrics written to metrics.json.
+
+    Everything that can be checked without training is checked first; a run that fails leaves no folder behind
+    unless it holds finished stages, which `resume_from_checkpoint=true` then reuses.
+    """
+    resume = resume_target(config)
+    values = run_values(recipe, data_args, config)
+    check_output_dir(config.output_dir, config.overwrite_output_dir, resume, values)
+    check_run_settings(recipe, config)
+    if config.teacher_cache_dir and recipe.finetune_teacher:
+        raise ValueError(
+            "teacher_cache_dir with finetune_teacher=true: the cache holds the outputs of a teacher that is final. "
+            "Fine-tune first (a run without the cache), cache its teacher/ folder with hfkd cache, then distil with "
+            "--teacher_model_name_or_path <run>/teacher --finetune_teacher false --teacher_cache_dir <cache>."
+        )
+    main_process = config.process_index == 0
+    with cleaned_on_failure(config.output_dir, main_process):
+        if main_process:
+            os.makedirs(config.output_dir, exist_ok=True)
+            write_config(os.path.join(config.output_dir, CONFIG_FILE), values)
+        return _run_stages(recipe, data_args, config)
+
+
+def _run_stages(recipe: RecipeArguments, data_args: DataArguments, config: DistillationConfig) -> dict:
     start = time.perf_counter()
     set_seed(config.seed)
     run = _Run(recipe, data_args, config)
@@ -453,17 +714,22 @@ def run_recipe(recipe: RecipeArguments, data_args: DataArguments, config: Distil
     tick = time.perf_counter()
     run.load_data()
     run.load_teacher()
+    run.check_student_plan()
     run.times["data"] = time.perf_counter() - tick
     if recipe.finetune_teacher:
-        tick = time.perf_counter()
-        run.finetune_teacher()
-        run.times["teacher fine-tuning"] = time.perf_counter() - tick
+        if run.finished_teacher():
+            _heading(config, "stage 1/2: teacher fine-tuning, already done in this run (teacher/): skipped")
+        else:
+            tick = time.perf_counter()
+            run.finetune_teacher()
+            run.times["teacher fine-tuning"] = time.perf_counter() - tick
     run.build_student()
     tick = time.perf_counter()
     run.distill()
     run.times["distillation"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
+    _heading(config, f"evaluation of teacher and student on {len(run.eval_ds)} held-out examples, latency")
     teacher_metric = run.evaluate(run.teacher)
     student_metric = run.evaluate(run.student)
     if config.process_index != 0:
@@ -484,10 +750,6 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
     # Lower is better for perplexity: retained = teacher / student there, student / teacher otherwise.
     retained = teacher_metric / student_metric if lm else student_metric / max(teacher_metric, 1e-12)
     t_params, s_params = count_parameters(run.teacher), count_parameters(run.student)
-    teacher_name = config.teacher_model_name_or_path or "built from teacher_config"
-    hub_id = recipe.teacher_hub_id
-    if hub_id is None and teacher_name and not teacher_name.startswith("pkg:") and not os.path.exists(teacher_name):
-        hub_id = teacher_name if "/" in teacher_name or teacher_name.isidentifier() else None
     last = {}
     for entry in run.log_history:
         last.update(
@@ -500,20 +762,25 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
         "distill/attention": (config.attention_weight, config.attention_loss),
     }
     dataset_hub = data_args.dataset_name if data_args.data_files is None else None
+    teacher = run._teacher_lineage()
+    if run.teacher_finetune is not None:
+        teacher["finetune"] = run.teacher_finetune
+        teacher["data"] = run.data_note()
+        teacher["finetuned_here"] = True
+    if config.teacher_cache_dir:
+        cache = TeacherCache(config.teacher_cache_dir)
+        teacher["cache"] = {
+            "path": config.teacher_cache_dir,
+            "rows": len(cache),
+            "logits": cache.logits,
+            "hidden_layers": cache.hidden_layers,
+        }
+    state, args = run.trainer.state, run.trainer.args
+    evals = [e for e in run.log_history if any(k.startswith("eval_") for k in e)]
     return {
         "task": recipe.task,
         "metric": metric,
-        "teacher": {
-            "name": teacher_name,
-            "hub_id": hub_id,
-            "note": "fine-tuned on the task here first"
-            + (f" with LoRA r={recipe.teacher_lora_r}, merged" if recipe.teacher_lora_r else "")
-            if recipe.finetune_teacher
-            else "",
-            "params": t_params,
-            "metric": teacher_metric,
-            "latency_ms": t_latency,
-        },
+        "teacher": {**teacher, "params": t_params, "metric": teacher_metric, "latency_ms": t_latency},
         "student": {"note": run.student_note, "params": s_params, "metric": student_metric, "latency_ms": s_latency},
         "retained": retained,
         "size_ratio": s_params / t_params,
@@ -522,19 +789,26 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
         "device": f"{config.device.type}, {torch.get_num_threads()} threads",
         "data": {
             "hub_id": dataset_hub,
-            "note": (
-                f"`{data_args.dataset_name}`"
-                + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
-                + (f" from {data_args.data_files}" if data_args.data_files else "")
-                + f"; {len(run.train_ds)} training and {len(run.eval_ds)} held-out examples"
-                + (
-                    ""
-                    if data_args.eval_split
-                    else f" (held-out {data_args.eval_fraction:.0%} carved from train, seed {config.seed})"
-                )
-            ),
+            "note": run.data_note(),
             "train_examples": len(run.train_ds),
             "eval_examples": len(run.eval_ds),
+        },
+        "training": {
+            "steps": state.global_step,
+            "epochs": round(state.epoch or 0.0, 4),
+            "learning_rate": args.learning_rate,
+            "lr_scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
+            "per_device_batch_size": args.per_device_train_batch_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps,
+            "processes": max(args.world_size, 1),
+            "batch_size": args.train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1),
+            "seed": args.seed,
+            "precision": "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
+            "evaluations": len(evals),
+            "best_checkpoint": state.best_model_checkpoint if args.load_best_model_at_end else None,
+            "best_metric": state.best_metric if args.load_best_model_at_end else None,
+            "best_by": args.metric_for_best_model if args.load_best_model_at_end else None,
+            "resumed": bool(run.resume),
         },
         "distillation": {
             "temperature": config.temperature,
@@ -544,7 +818,7 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
                 if w > 0
             },
             "layer_maps": run.layer_maps,
-            "steps": run.trainer.state.global_step,
+            "steps": state.global_step,
         },
     }
 
@@ -580,19 +854,5 @@ def push_folder(output_dir: str, repo_id: str, token: str | None = None, private
 
 
 def save_config(path: str, recipe: RecipeArguments, data_args: DataArguments, config: DistillationConfig) -> None:
-    """The flat key/value configuration of this run, loadable again with `hfkd distill --config`."""
-    import yaml
-
-    values = {}
-    for obj in (recipe, data_args):
-        values.update({f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)})
-    # to_dict() gives plain values (enums as strings); only what differs from the defaults is kept, so the file
-    # reads like a recipe, and secrets never go in.
-    defaults = DistillationConfig(output_dir=config.output_dir, report_to=[]).to_dict()
-    for name, value in config.to_dict().items():
-        if name.startswith("_") or "token" in name or defaults.get(name) == value:
-            continue
-        values[name] = value
-    values["output_dir"] = config.output_dir
-    with open(path, "w") as handle:
-        yaml.safe_dump(values, handle, sort_keys=False)
+    """Every field of this run, loadable again with `hfkd distill --config` (which then starts it anew)."""
+    write_config(path, run_values(recipe, data_args, config))

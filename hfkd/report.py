@@ -26,9 +26,12 @@ model = {{ auto_class }}.from_pretrained("{{ repo_id }}")
 ```
 
 ## Lineage
-- Teacher: `{{ teacher_name }}`{{ teacher_note }}
+- Teacher: {{ teacher_line }}
 - Student: {{ student_note }}
 - Data: {{ dataset_note }}
+
+## Training
+{{ training_note }}
 
 ## Results (same held-out split, measured by this run)
 | | teacher | student |
@@ -102,7 +105,8 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
         auto_class=auto_class,
         teacher_name=teacher_hub or teacher["name"],
         teacher_link=f"https://huggingface.co/{teacher_hub}" if teacher_hub else "#lineage",
-        teacher_note=f" ({teacher['note']})" if teacher.get("note") else "",
+        teacher_line=teacher_line(teacher),
+        training_note=training_note(metrics),
         student_note=student["note"],
         dataset_note=metrics["data"]["note"],
         results_rows="\n".join(f"| {a} | {b} | {c} |" for a, b, c in results),
@@ -112,6 +116,70 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
         layer_maps=json.dumps(distill["layer_maps"]) if distill["layer_maps"] else "none (no feature terms)",
         wall_time=", ".join(f"{k} {v:.0f} s" for k, v in metrics["wall_time_s"].items()),
     )
+
+
+def _finetune_text(finetune: dict) -> str:
+    text = (
+        f"{finetune['steps']} steps ({finetune['epochs']:g} epochs) at learning rate {finetune['learning_rate']:g}, "
+        f"batch size {finetune['batch_size']}, on {finetune['train_examples']} examples"
+    )
+    return text + (f", with LoRA r={finetune['lora_r']}, merged" if finetune.get("lora_r") else "")
+
+
+def teacher_line(teacher: dict) -> str:
+    """Where the teacher came from, as far back as hfkd knows: a Hub id, a folder an earlier run fine-tuned, a cache."""
+    name, hub_id = teacher["name"], teacher.get("hub_id")
+    origin = teacher.get("origin")
+    if teacher.get("finetuned_here"):
+        line = f"`{hub_id or name}`, fine-tuned on the task here first: {_finetune_text(teacher['finetune'])}"
+    elif origin is not None:
+        line = (
+            f"`{name}`, which an earlier hfkd run fine-tuned from `{origin.get('hub_id') or origin.get('name')}`"
+            + (f" ({_finetune_text(teacher['finetune'])}" if teacher.get("finetune") else " (")
+            + (f"; data: {teacher['data']})" if teacher.get("data") else ")")
+        )
+    else:
+        line = f"`{name}`" + (f" (Hub: `{hub_id}`)" if hub_id and hub_id != name else "")
+    cache = teacher.get("cache")
+    if cache:
+        logits = cache.get("logits") or {}
+        stored = []
+        if logits:
+            stored.append(
+                f"top-{logits['top_k']} of {logits['num_classes']} logits at T={logits['temperature']:g} plus the rest "
+                "of the mass"
+                if logits.get("mode") == "topk"
+                else f"all {logits.get('num_classes')} logits"
+            )
+        if cache.get("hidden_layers"):
+            stored.append(f"hidden states of layers {cache['hidden_layers']}")
+        line += (
+            f". Its outputs were read from the teacher cache `{cache['path']}` ({cache['rows']} rows; "
+            f"{' and '.join(stored) or 'no logits'}), built by `hfkd cache`: no teacher forward ran in training"
+        )
+    return line
+
+
+def training_note(metrics: dict) -> str:
+    t = metrics.get("training")
+    if not t:
+        return "Not recorded."
+    lines = [
+        f"- Distillation: {t['steps']} steps ({t['epochs']:g} epochs), learning rate {t['learning_rate']:g} "
+        f"({t['lr_scheduler']}), batch size {t['batch_size']} ({t['per_device_batch_size']} per device x "
+        f"{t['gradient_accumulation_steps']} accumulation x {t['processes']} process(es)), seed {t['seed']}, "
+        f"{t['precision']}" + ("; resumed from a checkpoint" if t.get("resumed") else "") + ".",
+        f"- Evaluated on {metrics['data']['eval_examples']} held-out examples"
+        + (f", {t['evaluations']} times during training" if t.get("evaluations") else "")
+        + (
+            f"; the student is the best checkpoint by eval {t.get('best_by')} = {t['best_metric']:.4g} "
+            f"({t['best_checkpoint']})"
+            if t.get("best_checkpoint") and t.get("best_metric") is not None
+            else ""
+        )
+        + ".",
+    ]
+    return "\n".join(lines)
 
 
 def plot_report(path: str, metrics: dict, log_history: list[dict]) -> None:

@@ -127,23 +127,7 @@ def student_from_teacher(
             f"`teacher` must be a transformers PreTrainedModel, got {type(teacher).__name__}; "
             "build the student yourself for other models."
         )
-    if (num_layers is None) == (layers is None):
-        raise ValueError(
-            "Pass exactly one of `num_layers` (how many layers to keep, spread evenly) or `layers` "
-            "(which teacher layer indices to keep), not " + ("both." if num_layers is not None else "neither.")
-        )
-
-    stacks = _find_stacks(teacher)
-    if num_layers is not None:
-        selections = [
-            _spread(count, stack, len(stacks))
-            for count, stack in zip(_per_stack(num_layers, stacks, "num_layers"), stacks)
-        ]
-    else:
-        selections = [
-            _check_indices(idx, stack, len(stacks)) for idx, stack in zip(_per_stack(layers, stacks, "layers"), stacks)
-        ]
-
+    stacks, selections = _select(teacher, num_layers, layers)
     student_config = _student_config(teacher.config, stacks, selections)
     student = _instantiate(teacher, student_config)
     source_keys = _source_keys(teacher, student, stacks, selections)
@@ -154,6 +138,38 @@ def student_from_teacher(
         student.generation_config = copy.deepcopy(teacher.generation_config)
     student.train(teacher.training)
     return student
+
+
+def student_layers(
+    teacher: PreTrainedModel,
+    num_layers: int | Sequence[int] | None = None,
+    layers: Sequence[int] | Sequence[Sequence[int]] | None = None,
+) -> list[list[int]]:
+    """The teacher layers `student_from_teacher` would keep, one list per stack, without building the student.
+
+    It raises the same errors as `student_from_teacher`, so a recipe can check its student before a long stage
+    (teacher fine-tuning) rather than after it.
+    """
+    return _select(teacher, num_layers, layers)[1]
+
+
+def _select(teacher, num_layers, layers) -> tuple[list[_Stack], list[list[int]]]:
+    if (num_layers is None) == (layers is None):
+        raise ValueError(
+            "Pass exactly one of `num_layers` (how many layers to keep, spread evenly) or `layers` "
+            "(which teacher layer indices to keep), not " + ("both." if num_layers is not None else "neither.")
+        )
+    stacks = _find_stacks(teacher)
+    if num_layers is not None:
+        selections = [
+            _spread(count, stack, len(stacks))
+            for count, stack in zip(_per_stack(num_layers, stacks, "num_layers"), stacks)
+        ]
+    else:
+        selections = [
+            _check_indices(idx, stack, len(stacks)) for idx, stack in zip(_per_stack(layers, stacks, "layers"), stacks)
+        ]
+    return stacks, selections
 
 
 def _model_type(model: PreTrainedModel) -> str:

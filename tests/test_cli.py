@@ -83,6 +83,45 @@ def _recipe(tmp_path, teacher_dir, data, **extra):
     return path
 
 
+def _held_out(run):
+    """The run's held-out examples, rebuilt from its hfkd_config.yaml with the recipe's own data path."""
+    from hfkd import data as hfkd_data
+
+    recipe, data_args, config = parse_distill_args(["--config", str(run / "hfkd_config.yaml")])
+    train, held_out = hfkd_data.load_splits(data_args, config.seed)
+    tokenizer = BertTokenizerFast.from_pretrained(run)
+    if recipe.task == "causal-lm":
+        return hfkd_data.preprocess_causal_lm(held_out, tokenizer, data_args)
+    train, held_out, _ = hfkd_data.drop_unlabelled(train, held_out, data_args)
+    labels = json.loads((run / "config.json").read_text())["id2label"]
+    names = [labels[str(i)] for i in range(len(labels))]
+    return hfkd_data.preprocess_text_classification(held_out, tokenizer, data_args, names)
+
+
+def _accuracy_by_hand(run) -> float:
+    model = BertForSequenceClassification.from_pretrained(run).eval()
+    right = 0
+    rows = _held_out(run)
+    for row in rows:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits
+        right += int(logits.argmax(-1).item() == row["labels"])
+    return right / len(rows)
+
+
+def _perplexity_by_hand(run) -> float:
+    """exp of the mean next-token negative log-likelihood over every held-out block (all blocks are full)."""
+    model = LlamaForCausalLM.from_pretrained(run).eval()
+    total, count = 0.0, 0
+    for row in _held_out(run):
+        ids = torch.tensor([row["input_ids"]])
+        with torch.no_grad():
+            log_probs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        total -= log_probs.gather(-1, ids[0, 1:, None]).sum().item()
+        count += ids.shape[1] - 1
+    return float(np.exp(total / count))
+
+
 def test_yaml_and_overrides(tmp_path, tiny_text):
     path = _recipe(tmp_path, *tiny_text)
     recipe, data_args, config = parse_distill_args(
@@ -129,7 +168,9 @@ def test_recipe_end_to_end_writes_every_output(tmp_path, tiny_text):
     ):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["metric"] == "accuracy" and 0 <= metrics["student"]["metric"] <= 1
+    # The reported accuracy is the saved student's on the held-out rows, recomputed here row by row.
+    assert metrics["metric"] == "accuracy" and metrics["student"]["metric"] == pytest.approx(_accuracy_by_hand(out))
+    assert metrics["data"]["eval_examples"] == 8 and metrics["data"]["train_examples"] == 72
     assert metrics["teacher"]["params"] > metrics["student"]["params"] and metrics["speedup"] > 0
     assert set(metrics["distillation"]["terms"]) == {"task", "distill/logit", "distill/hidden"}
     card = (out / "README.md").read_text()
@@ -215,7 +256,8 @@ def test_causal_lm_recipe_reports_perplexity(tmp_path, tiny_text):
     path = _lm_recipe(tmp_path, tiny_text, hidden_weight=0.0)
     assert main(["distill", "--config", str(path)]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["metric"] == "perplexity" and metrics["student"]["metric"] > 1.0
+    assert metrics["metric"] == "perplexity"
+    assert metrics["student"]["metric"] == pytest.approx(_perplexity_by_hand(tmp_path / "run"), rel=1e-4)
     assert "pipeline_tag: text-generation" in (tmp_path / "run" / "README.md").read_text()
 
 
@@ -284,19 +326,310 @@ def test_cache_command_then_distill_from_the_cache(tmp_path, tiny_text, capsys):
 
     assert main(["distill", "--config", str(path), "--teacher_cache_dir", str(cache)]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert metrics["student"]["metric"] > 1.0
+    assert metrics["student"]["metric"] == pytest.approx(_perplexity_by_hand(tmp_path / "run"), rel=1e-4)
+    assert metrics["teacher"]["cache"]["logits"]["top_k"] == 8
     # Another temperature than the cached top-k probabilities is refused before training.
+    argv = ["distill", "--config", str(path), "--teacher_cache_dir", str(cache), "--temperature", "4"]
+    assert main([*argv, "--overwrite_output_dir", "true"]) == 2
+    assert "temperature=4.0 but" in capsys.readouterr().err
     with pytest.raises(ValueError, match="temperature=4.0 but"):
-        main(
-            [
-                "distill",
-                "--config",
-                str(path),
-                "--teacher_cache_dir",
-                str(cache),
-                "--temperature",
-                "4",
-                "--overwrite_output_dir",
-                "true",
-            ]
-        )
+        main([*argv, "--overwrite_output_dir", "true", "--traceback"])
+
+
+# ---------------------------------------------------------------- nothing lost, nothing silent
+
+
+def _files(folder):
+    """Every file under folder with its bytes, to show that a refusal changed nothing."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err[err.index("hfkd: error: ") :]
+
+
+def test_a_folder_of_other_files_is_refused_and_left_intact(tmp_path, tiny_text, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"a user's own weights")
+    (out / "notes.txt").write_text("keep me")
+    before = _files(out)
+    assert main(["distill", "--config", str(_recipe(tmp_path, *tiny_text))]) == 2
+    err = _error(capsys)
+    assert "not empty and holds no hfkd run" in err and "model.safetensors" in err and "--overwrite_output_dir" in err
+    assert _files(out) == before
+    # An empty folder is fine; with --overwrite_output_dir true the user's folder is written into.
+    assert main(["distill", "--config", str(_recipe(tmp_path, *tiny_text)), "--overwrite_output_dir", "true"]) == 0
+    assert (out / "notes.txt").read_text() == "keep me" and (out / "metrics.json").is_file()
+
+
+def test_output_dir_that_is_a_file_fails_cleanly(tmp_path, tiny_text, capsys):
+    target = tmp_path / "run"
+    target.write_text("a file")
+    assert main(["distill", "--config", str(_recipe(tmp_path, *tiny_text))]) == 2
+    assert "is a file, not a folder" in _error(capsys)
+    assert target.read_text() == "a file"
+
+
+def _csv(tmp_path, rows, name="labels.csv"):
+    path = tmp_path / name
+    path.write_text("text,sentiment\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_rows_without_a_label_are_dropped_and_counted_never_a_class(tmp_path, tiny_text, caplog):
+    teacher_dir, data = tiny_text
+    rows = data.read_text().splitlines()[1:]
+    blanks = [f"{row.rsplit(',', 1)[0]}," for row in rows[:7]]  # the same texts, label cell empty
+    path = _recipe(tmp_path, teacher_dir, _csv(tmp_path, rows + blanks), eval_fraction=0.2)
+    with caplog.at_level("WARNING"):
+        assert main(["distill", "--config", str(path)]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == ["negative", "neutral", "positive"]  # 3 labels, no "None"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["data"]["train_examples"] + metrics["data"]["eval_examples"] == len(rows)
+    counted = [r.getMessage() for r in caplog.records if "without a 'sentiment' label" in r.getMessage()]
+    assert counted, "the drop is reported"
+    dropped = [int(word) for word in counted[0].replace(",", " ").split() if word.isdigit()]
+    assert sum(dropped) == 7
+    assert "rows without a 'sentiment' label" in metrics["data"]["note"]
+
+
+def test_a_single_class_is_refused_not_regression(tmp_path, tiny_text, capsys):
+    teacher_dir, _ = tiny_text
+    data = _csv(tmp_path, [f"good movie number {i},positive" for i in range(20)])
+    path = _recipe(tmp_path, teacher_dir, data)
+    assert main(["distill", "--config", str(path)]) == 2
+    assert "holds a single class ['positive']" in _error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_from_a_missing_checkpoint_is_refused(tmp_path, tiny_text, capsys):
+    path = _recipe(tmp_path, *tiny_text)
+    missing = tmp_path / "run" / "checkpoints" / "checkpoint-10"
+    assert main(["distill", "--config", str(path), "--resume_from_checkpoint", str(missing)]) == 2
+    assert f"resume_from_checkpoint={str(missing)!r} does not exist" in _error(capsys)
+    assert not (tmp_path / "run").exists()
+    # Resuming a folder that holds no run, or resuming and overwriting at once, is refused too.
+    assert main(["distill", "--config", str(path), "--resume_from_checkpoint", "true"]) == 2
+    assert "holds no hfkd run to resume" in _error(capsys)
+    argv = ["--resume_from_checkpoint", "true", "--overwrite_output_dir", "true"]
+    assert main(["distill", "--config", str(path), *argv]) == 2
+    assert "contradict each other" in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"data_files": "/no/such/data.csv"}, "/no/such/data.csv"),
+        ({"per_device_train_batch_size": 0}, "per_device_train_batch_size must be >= 1"),
+        ({"student_num_layers": 9}, "between 1 and the teacher's 4 layers"),
+        ({"student_num_layers": None, "student_layers": "0,7"}, "indices [7] out of range"),
+        ({"student_num_layers": None, "student_layers": "0,x"}, "student_layers='0,x' must be comma-separated"),
+        ({"metric_for_best_model": "f1", "eval_strategy": "steps"}, "metric_for_best_model='f1' is not reported"),
+        ({"early_stopping_patience": 2}, "early_stopping_patience=2 needs --eval_strategy steps"),
+    ],
+)
+def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, tiny_text, capsys, change, expected):
+    path = _recipe(tmp_path, *tiny_text, **change)
+    assert main(["distill", "--config", str(path)]) == 2
+    err = _error(capsys)
+    assert expected in err, err
+    assert not (tmp_path / "run").exists()  # nor teacher/_trainer, nor checkpoints/hfkd_run.json
+    # The traceback, on request.
+    with pytest.raises((ValueError, FileNotFoundError)):
+        main(["distill", "--config", str(path), "--traceback"])
+
+
+def test_a_bug_keeps_its_traceback_and_a_failed_run_leaves_no_folder(tmp_path, tiny_text, monkeypatch, capsys):
+    from hfkd import recipe
+
+    def broken(self):
+        raise KeyError("a bug")
+
+    # After the teacher is fine-tuned: the finished teacher stays for a resume, the scratch folder goes.
+    monkeypatch.setattr(recipe._Run, "build_student", broken)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["distill", "--config", str(_recipe(tmp_path, *tiny_text))])
+    out = tmp_path / "run"
+    assert sorted(p.name for p in out.iterdir()) == ["hfkd_config.yaml", "teacher"]
+    assert (out / "teacher" / "hfkd_teacher.json").is_file() and not (out / "teacher" / "_trainer").exists()
+    assert "Continue it with the same command and --resume_from_checkpoint true" in capsys.readouterr().err
+    # Before anything resumable exists: the folder the run created goes entirely (checkpoints/hfkd_run.json too).
+    monkeypatch.undo()
+    monkeypatch.setattr(recipe._Run, "evaluate", lambda self, model: broken(self))
+    path = _recipe(tmp_path, *tiny_text, output_dir=str(tmp_path / "second"), finetune_teacher=False)
+    with pytest.raises(KeyError, match="a bug"):
+        main(["distill", "--config", str(path)])
+    assert not (tmp_path / "second").exists()
+
+
+def _state(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_resume_from_the_command_line_continues_exactly(tmp_path, tiny_text, monkeypatch, capsys):
+    from hfkd.trainer import DistillationTrainer
+
+    extra = dict(max_steps=6, save_strategy="steps", save_steps=2, teacher_max_steps=3, learning_rate=1e-3)
+    whole = _recipe(tmp_path, *tiny_text, **{**extra, "output_dir": str(tmp_path / "whole")})
+    assert main(["distill", "--config", str(whole)]) == 0
+
+    path = _recipe(tmp_path, *tiny_text, **extra)
+    original = DistillationTrainer._save_checkpoint
+
+    def crash_after_step_4(self, model, trial):
+        original(self, model, trial)
+        if self.state.global_step == 4:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(DistillationTrainer, "_save_checkpoint", crash_after_step_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["distill", "--config", str(path)])
+    monkeypatch.setattr(DistillationTrainer, "_save_checkpoint", original)
+    out = tmp_path / "run"
+    assert (out / "checkpoints" / "checkpoint-4").is_dir() and not (out / "metrics.json").exists()
+    assert "--resume_from_checkpoint true" in capsys.readouterr().err
+
+    # Starting again without resuming is refused; resuming with other settings is refused, naming them.
+    assert main(["distill", "--config", str(path)]) == 2
+    assert "--resume_from_checkpoint true" in _error(capsys)
+    assert main(["distill", "--config", str(path), "--resume_from_checkpoint", "true", "--temperature", "3"]) == 2
+    assert "temperature: 2.0 -> 3.0" in _error(capsys)
+
+    teacher_before = (out / "teacher" / "model.safetensors").read_bytes()
+    assert main(["distill", "--config", str(path), "--resume_from_checkpoint", "true"]) == 0
+    err = capsys.readouterr().err
+    assert "teacher fine-tuning, already done in this run" in err and "resuming from" in err
+    assert (out / "teacher" / "model.safetensors").read_bytes() == teacher_before
+    resumed, reference = _state(out), _state(tmp_path / "whole")
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name], reference[name]), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training"]["steps"] == 6 and metrics["training"]["resumed"] is True
+
+
+def test_metric_during_training_selects_the_best_checkpoint_and_stops_early(tmp_path, tiny_text):
+    path = _recipe(
+        tmp_path,
+        *tiny_text,
+        max_steps=8,
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="steps",
+        save_steps=1,
+        load_best_model_at_end=True,
+        metric_for_best_model="accuracy",
+        early_stopping_patience=2,
+        early_stopping_threshold=1.0,  # no change of accuracy can reach it: stops after 1 + 2 evaluations
+        learning_rate=1e-3,
+    )
+    assert main(["distill", "--config", str(path)]) == 0
+    out = tmp_path / "run"
+    log = json.loads((out / "training_log.json").read_text())
+    accuracies = [entry["eval_accuracy"] for entry in log if "eval_accuracy" in entry]
+    assert len(accuracies) == 3
+    metrics = json.loads((out / "metrics.json").read_text())
+    training = metrics["training"]
+    assert training["steps"] == 3 and training["evaluations"] == 3 and training["best_by"] == "accuracy"
+    assert training["best_metric"] == max(accuracies)
+    assert "best checkpoint by eval accuracy" in (out / "README.md").read_text()
+
+
+def test_perplexity_during_training_for_language_models(tmp_path, tiny_text, capsys):
+    path = _lm_recipe(tmp_path, tiny_text, hidden_weight=0.0, eval_strategy="steps", eval_steps=1)
+    assert main(["distill", "--config", str(path), "--metric_for_best_model", "perplexity"]) == 2
+    assert "Pass --greater_is_better false" in _error(capsys)
+    assert main(["distill", "--config", str(path)]) == 0
+    log = json.loads((tmp_path / "run" / "training_log.json").read_text())
+    evals = [entry for entry in log if "eval_perplexity" in entry]
+    assert len(evals) == 3
+    for entry in evals:
+        assert entry["eval_perplexity"] == pytest.approx(np.exp(entry["eval_task"]), rel=1e-6)
+
+
+def test_saved_configuration_is_exact_and_never_overwrites(tmp_path, tiny_text, capsys):
+    path = _recipe(tmp_path, *tiny_text, overwrite_output_dir=True, max_steps=1, teacher_max_steps=1)
+    assert main(["distill", "--config", str(path)]) == 0
+    saved = tmp_path / "run" / "hfkd_config.yaml"
+    values = yaml.safe_load(saved.read_text())
+    assert values["overwrite_output_dir"] is False and values["resume_from_checkpoint"] is None
+    assert "hub_token" not in values
+    # Every field is there, defaults included, and parsing the file gives this run's configuration back.
+    recipe, data_args, config = parse_distill_args(["--config", str(path)])
+    again = parse_distill_args(["--config", str(saved)])
+    from hfkd.recipe import run_values
+
+    assert run_values(*again) == run_values(recipe, data_args, config) == values
+    assert values["warmup_steps"] == 0 and values["temperature"] == 2.0 and values["eval_fraction"] == 0.1
+    # Running the saved file again asks before overwriting.
+    assert main(["distill", "--config", str(saved)]) == 2
+    assert "already holds a run" in _error(capsys)
+
+
+def test_lineage_of_a_teacher_fine_tuned_earlier_and_read_from_a_cache(tmp_path, tiny_text, capsys):
+    first = _recipe(tmp_path, *tiny_text, output_dir=str(tmp_path / "first"), max_steps=1, hidden_weight=0.0)
+    assert main(["distill", "--config", str(first)]) == 0
+    card = (tmp_path / "first" / "README.md").read_text()
+    assert "`org/tiny-teacher`, fine-tuned on the task here first: 2 steps" in card
+    assert "learning rate 5e-05, batch size 8, on 72 examples" in card
+    assert "- Distillation: 1 steps" in card and "Evaluated on 8 held-out examples" in card
+
+    teacher = tmp_path / "first" / "teacher"
+    second = _recipe(
+        tmp_path, teacher, tiny_text[1], teacher_hub_id=None, finetune_teacher=False, hidden_weight=0.0, max_steps=2
+    )
+    cache = tmp_path / "cache"
+    assert main(["cache", "--config", str(second), "--cache_dir", str(cache)]) == 0
+    assert main(["distill", "--config", str(second), "--teacher_cache_dir", str(cache)]) == 0
+    card = (tmp_path / "run" / "README.md").read_text()
+    assert f"`{teacher}`, which an earlier hfkd run fine-tuned from `org/tiny-teacher` (2 steps" in card
+    assert f"read from the teacher cache `{cache}` (72 rows; all 3 logits)" in card
+    assert "base_model: org/tiny-teacher" in card
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["teacher"]["cache"]["rows"] == 72 and metrics["teacher"]["origin"]["hub_id"] == "org/tiny-teacher"
+    # A cache with a recipe that fine-tunes its teacher is refused before anything runs.
+    argv = ["--teacher_cache_dir", str(cache), "--finetune_teacher", "true", "--output_dir", str(tmp_path / "x")]
+    assert main(["distill", "--config", str(second), *argv]) == 2
+    assert "Fine-tune first" in _error(capsys)
+
+
+def test_help_puts_the_recipe_first_and_says_what_max_steps_bounds(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    out = capsys.readouterr().out
+    order = [out.index(name) for name in ("--config", "--task", "--dataset_name", "--temperature", "--learning_rate")]
+    assert order == sorted(order)
+    assert out.index("recipe (the stages)") < out.index("training (transformers TrainingArguments")
+    help_of_max_steps = out[out.index("--max_steps MAX_STEPS") :][:300]
+    assert "teacher_max_steps" in " ".join(help_of_max_steps.split())
+
+
+def test_report_to_a_missing_integration_is_refused_early(tmp_path, tiny_text, capsys, monkeypatch):
+    import transformers.integrations
+
+    monkeypatch.setattr(transformers.integrations, "is_tensorboard_available", lambda: False)
+    path = _recipe(tmp_path, *tiny_text, report_to="tensorboard")
+    assert main(["distill", "--config", str(path)]) == 2
+    assert "pip install 'hfkd[tensorboard]'" in _error(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_accuracy_reaches_tensorboard(tmp_path, tiny_text):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    path = _recipe(tmp_path, *tiny_text, report_to="tensorboard", eval_strategy="steps", eval_steps=2, max_steps=4)
+    assert main(["distill", "--config", str(path)]) == 0
+    events = [p for p in (tmp_path / "run" / "checkpoints").rglob("events.out.tfevents.*")]
+    assert events
+    tags = set()
+    for event_file in events:
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"eval/accuracy", "eval/task", "eval/distill/logit", "train/distill/hidden"} <= tags, tags

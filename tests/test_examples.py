@@ -80,7 +80,18 @@ def test_lora_student_saves_only_the_adapter(runs):
     assert not (out / "model.safetensors").exists()
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_CLS" and sorted(adapter["target_modules"]) == ["query", "value"]
-    assert "reloading it reproduces the student's logits" in stdout
+    assert "AutoPeftModelForSequenceClassification reloads it and reproduces the student's logits" in stdout
+    # The usual reload, in a fresh process without hfkd: adapter_config.json names the saved base student.
+    assert adapter["base_model_name_or_path"] == str((out / "base").resolve())
+    code = (
+        "import sys, peft;"
+        f"m = peft.AutoPeftModelForSequenceClassification.from_pretrained({str(out)!r});"
+        "assert 'hfkd' not in sys.modules; print(m.base_model.model.config.num_hidden_layers)"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "3"
 
 
 def test_distill_script_is_a_drop_in_of_the_train_script():
