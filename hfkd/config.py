@@ -7,6 +7,7 @@ from transformers import TrainingArguments
 
 from .layer_map import parse_layer_map_spec
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
+from .terms import parse_term_specs
 
 
 @dataclass
@@ -47,6 +48,15 @@ class DistillationConfig(TrainingArguments):
     logit_weight: float = field(default=0.5, metadata={"help": "Weight of the logit (response) distillation term."})
     hidden_weight: float = field(default=0.0, metadata={"help": "Weight of the hidden-state (feature) term."})
     attention_weight: float = field(default=0.0, metadata={"help": "Weight of the attention-map term."})
+    terms: list | str | None = field(
+        default=None,
+        metadata={
+            "help": "More distillation terms, each {'name': ..., 'weight': ..., <its options>}, as a list (Python, "
+            'YAML) or JSON (command line), e.g. \'[{"name": "rkd", "weight": 1.0}, {"name": "dkd", "beta": 8}]\'. '
+            "Each is logged as distill/<name> and added to the loss as weight x term. hfkd.terms.TERMS lists "
+            "the known names; hfkd.register_term adds your own."
+        },
+    )
     temperature: float = field(
         default=2.0,
         metadata={
@@ -140,6 +150,9 @@ class DistillationConfig(TrainingArguments):
             value = getattr(self, name)
             if not _is_number(value) or value != value or value < 0 or value == float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        # Checked against the registry and each term's options now, so that a typo fails before any model loads.
+        self.term_specs = parse_term_specs(self.terms)
+        self.terms = [spec.as_dict() for spec in self.term_specs] or None
         if self.total_weight == 0:
             raise ValueError(
                 "task_weight, logit_weight, hidden_weight and attention_weight are all 0: nothing would be trained. "
@@ -168,7 +181,8 @@ class DistillationConfig(TrainingArguments):
 
     @property
     def total_weight(self) -> float:
-        return self.task_weight + self.logit_weight + self.hidden_weight + self.attention_weight
+        extra = sum(spec.weight for spec in getattr(self, "term_specs", []))
+        return self.task_weight + self.logit_weight + self.hidden_weight + self.attention_weight + extra
 
 
 def _is_number(value) -> bool:

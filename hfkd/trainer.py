@@ -44,6 +44,8 @@ from .losses.fused import kl_ce_with_grad
 from .losses.topk import topk_logit_loss
 from .projection import FeatureProjector
 from .teacher import ensure_eager_attention, load_teacher, prepare_teacher, unwrap_peft
+from .terms.base import Features, TermBatch
+from .terms.runner import TermSet, capture_modules
 
 logger = logging.getLogger(__name__)
 
@@ -123,11 +125,20 @@ class DistillationTrainer(Trainer):
         # compute_loss normalises every term over the whole accumulated batch itself (see get_batch_samples).
         self.loss_is_scaled_for_ga = True
 
-        if args.attention_weight > 0:
+        self.term_set = TermSet(args.term_specs)
+        self._terms_wrapped: torch.nn.Module | None = None
+        if args.attention_weight > 0 or self.term_set.needs().attentions:
             ensure_eager_attention(self.model, "student")
             ensure_eager_attention(teacher, "teacher")
             _warn_attention_dropout(unwrap_peft(self.model))
-        self._distills = args.logit_weight > 0 or args.hidden_weight > 0 or args.attention_weight > 0
+        if len(self.term_set) and cache is not None:
+            raise TeacherCacheError(
+                f"The teacher cache holds logits and hidden states for the built-in terms only; the terms "
+                f"{list(self.term_set.terms)} read the teacher online. Drop teacher_cache_dir or those terms."
+            )
+        self._distills = (
+            args.logit_weight > 0 or args.hidden_weight > 0 or args.attention_weight > 0 or len(self.term_set) > 0
+        )
         self._cache = cache
         self.teacher_model = prepare_teacher(teacher, self.accelerator) if teacher is not None else None
         self._teacher_accepts_use_cache = teacher is not None and "use_cache" in _forward_parameters(
@@ -258,7 +269,13 @@ class DistillationTrainer(Trainer):
         was_training = self.model.training
         self.model.eval()
         try:
-            with torch.no_grad(), capture_last_hidden(s_base) as s_last, capture_last_hidden(t_base) as t_last:
+            with (
+                torch.no_grad(),
+                capture_last_hidden(s_base) as s_last,
+                capture_last_hidden(t_base) as t_last,
+                self._capture("student") as s_modules,
+                self._capture("teacher") as t_modules,
+            ):
                 student_inputs, teacher_inputs, _ = self._split_inputs(batch)
                 student_inputs.pop("labels", None)  # only shapes matter here, not the loss
                 student_out = self.model(**student_inputs, **self._feature_flags())
@@ -266,6 +283,8 @@ class DistillationTrainer(Trainer):
         finally:
             self.model.train(was_training)
         self._plan(student_out, teacher_out, building=True)
+        if len(self.term_set):
+            self._setup_terms(student_out, s_modules, teacher_out, t_modules, batch)
         self._measure_task_normalisation(batch)
         if candidates:
             s_head, t_head = candidates[1], candidates[3]
@@ -283,11 +302,62 @@ class DistillationTrainer(Trainer):
                     "(soft-capping or logit scaling?); the logit term uses the full logits (logit_chunk_size ignored)."
                 )
 
+    def _setup_terms(self, student_out, s_modules, teacher_out, t_modules, batch) -> None:
+        """The configured terms see real outputs once, check them and build their parameters, before the optimizer."""
+        student = Features(student_out, s_modules, self._kind)
+        teacher = Features(teacher_out, t_modules, self._kind)
+        self.term_set.setup(student, teacher, self._term_batch(batch, training=False))
+        first = next(self.model.parameters())
+        self.term_set.to(device=first.device)
+        if self.term_set.has_state():
+            self._terms_wrapped = self.accelerator.prepare_model(self.term_set)
+
+    def _capture(self, side: str):
+        """Records the submodule outputs the terms asked for, during that model's forwards inside the block."""
+        needs = self.term_set.needs()
+        names = needs.student_modules if side == "student" else needs.teacher_modules
+        model = self.model if side == "student" else self.teacher_model
+        model = unwrap_peft(self.accelerator.unwrap_model(model)) if model is not None and names else model
+        return capture_modules(model, names, side)
+
+    def _term_batch(self, batch: dict, training: bool, masks: dict | None = None) -> TermBatch:
+        masks = masks if masks is not None else unit_masks(batch, self._kind)
+        stream = "encoder" if self._kind.encoder_decoder else "main"
+        labels = batch.get("labels")
+        rows = batch.get(ROW_COLUMN)
+        return TermBatch(
+            labels=labels if isinstance(labels, torch.Tensor) else None,
+            mask=masks.get(stream),
+            num_examples=batch_size(batch),
+            logit_mask=masks.get("logit"),
+            row_ids=rows if isinstance(rows, torch.Tensor) else None,
+            training=training,
+        )
+
+    def _term_values(self, student: Features, teacher: Features, batch: TermBatch, counts, scale, training):
+        """Each configured term's value, normalised over its unit (see hfkd.terms.base)."""
+        module = self._terms_wrapped if self._terms_wrapped is not None else self.term_set
+        raw = module(student, teacher, batch)
+        stream = "encoder" if self._kind.encoder_decoder else "main"
+        values = {}
+        for name, value in raw.items():
+            unit = self.term_set.terms[name].unit
+            if unit == "batch":
+                # A micro-batch value: the mean over the window's micro-batches (and, through DDP, processes).
+                value = value / self.current_gradient_accumulation_steps if training else value
+            else:
+                count = counts.get(stream) if unit == "tokens" else None
+                value = value * (scale / (count if count is not None else counts["examples"]))
+            values[f"distill/{name}"] = value
+        return values
+
     def _chunk_candidates(self):
         """(student base, student head, teacher base, teacher head) if the logit term can be chunked, else None."""
         args = self.args
         if args.logit_weight == 0 or args.logit_chunk_size == 0:
             return None
+        if self.term_set.needs().logits:
+            return None  # another term reads the full logits: they are computed anyway
         kind = self._kind
         if not (kind.shifts_labels and kind.token_level) or kind.encoder_decoder:
             return None
@@ -495,12 +565,16 @@ class DistillationTrainer(Trainer):
     # ------------------------------------------------------------------ optimizer and checkpoints
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.projector is not None:
-            known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            params = [p for p in self.projector.parameters() if id(p) not in known]
-            if params:
-                optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
+        known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = [p for p in self._distillation_parameters() if id(p) not in known]
+        if params:
+            optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
         return optimizer
+
+    def _distillation_parameters(self) -> list[torch.nn.Parameter]:
+        """Trainable parts that are not the student's: projections and the terms' own parameters."""
+        params = list(self.projector.parameters()) if self.projector is not None else []
+        return params + [p for p in self.term_set.parameters() if p.requires_grad]
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
@@ -509,18 +583,20 @@ class DistillationTrainer(Trainer):
             _write_run_file(folder, self._fingerprint)
             if self.projector is not None:
                 self.projector.save(folder)
+            self.term_set.save(folder)
 
     def _clip_grad_norm(self, model):
-        # Student and projections are one trainable system (as timm wraps them): clip their joint norm.
-        if self.projector is None or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        # Student, projections and terms are one trainable system (as timm wraps them): clip their joint norm.
+        extra = self._distillation_parameters()
+        if not extra or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._clip_grad_norm(model)
-        params = [*model.parameters(), *self.projector.parameters()]
-        return self.accelerator.clip_grad_norm_(params, self.args.max_grad_norm)
+        return self.accelerator.clip_grad_norm_([*model.parameters(), *extra], self.args.max_grad_norm)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self.projector is not None:
             self.projector.load(resume_from_checkpoint)
+        self.term_set.load(resume_from_checkpoint)
 
     # ------------------------------------------------------------------ the step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
@@ -529,6 +605,7 @@ class DistillationTrainer(Trainer):
         # projections' gradients are cleared here, before this window's first backward.
         if self.projector is not None:
             self.projector.zero_grad(set_to_none=True)
+        self.term_set.zero_grad(set_to_none=True)
         if self._distills and batch_samples:
             self._window_counts = self._count_units(batch_samples, device)
         if batch_samples:
@@ -548,7 +625,7 @@ class DistillationTrainer(Trainer):
         return dict(zip(names, vector, strict=True))
 
     def _feature_flags(self) -> dict[str, bool]:
-        flags = {}
+        flags = dict(self.term_set.flags())
         if self.args.hidden_weight > 0:
             flags["output_hidden_states"] = True
         if self.args.attention_weight > 0:
@@ -592,6 +669,10 @@ class DistillationTrainer(Trainer):
             return self.teacher_model(**teacher_inputs, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        with self._capture("student") as s_modules, self._capture("teacher") as t_modules:
+            return self._compute_loss(model, inputs, return_outputs, num_items_in_batch, s_modules, t_modules)
+
+    def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch, s_modules, t_modules):
         args = self.args
         training = model.training
         student_inputs, teacher_inputs, batch = self._split_inputs(inputs)
@@ -666,12 +747,18 @@ class DistillationTrainer(Trainer):
                 terms["distill/hidden"] = self._hidden_term(outputs, teacher_out, masks, counts) * scale
             if args.attention_weight > 0:
                 terms["distill/attention"] = self._attention_term(outputs, teacher_out, masks, counts) * scale
+            if len(self.term_set):
+                student_side = Features(outputs, s_modules, self._kind)
+                teacher_side = Features(teacher_out, t_modules, self._kind)
+                term_batch = self._term_batch(batch, training, masks)
+                terms.update(self._term_values(student_side, teacher_side, term_batch, counts, scale, training))
 
         weights = {
             "task": args.task_weight,
             "distill/logit": args.logit_weight,
             "distill/hidden": args.hidden_weight,
             "distill/attention": args.attention_weight,
+            **{f"distill/{name}": weight for name, weight in self.term_set.weights.items()},
         }
         loss = fused
         for name, value in terms.items():

@@ -1,0 +1,244 @@
+"""What a distillation term is: a module that reads both models' features and returns one value.
+
+A term declares what it needs from each model (`Needs`), may own trainable parts and buffers (it is an
+`nn.Module`: the trainer's optimizer, gradient clipping, DDP and checkpoints see them; the exported student never
+does), and says what its value is normalised over (`unit`):
+
+- `"tokens"`: the value is a sum over the positions the attention mask keeps; the trainer divides by their count
+  over the whole accumulated batch (and all processes), so accumulation equals one big batch;
+- `"examples"`: a sum over examples, divided likewise by the number of examples;
+- `"batch"`: a value of the micro-batch as a whole (relations between its examples, contrastive losses). The
+  trainer averages it over the micro-batches of an accumulation window and over processes. Such a value depends on
+  which examples share a micro-batch, so accumulation cannot equal one big batch exactly.
+
+Write one with `@register_term("name")` on a subclass whose `Options` is a dataclass of its settings; then
+`DistillationConfig(terms=[{"name": "name", "weight": 1.0, <options>}])` uses it. A term never receives a model.
+"""
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..features import ModelKind, attention_streams, hidden_streams
+
+UNITS = ("tokens", "examples", "batch")
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a term reads from each model's forward.
+
+    Attributes:
+        logits: the output logits.
+        hidden_states: every layer's hidden states (`output_hidden_states=True`).
+        attentions: every layer's attention probabilities (`output_attentions=True`, eager attention).
+        labels: the batch's labels.
+        student_modules / teacher_modules: outputs of submodules by name (as in `model.named_modules()`), captured
+            with forward hooks, e.g. `("encoder.layer.2.attention.self.query",)`.
+    """
+
+    logits: bool = False
+    hidden_states: bool = False
+    attentions: bool = False
+    labels: bool = False
+    student_modules: tuple[str, ...] = ()
+    teacher_modules: tuple[str, ...] = ()
+
+    def merge(self, other: "Needs") -> "Needs":
+        return Needs(
+            logits=self.logits or other.logits,
+            hidden_states=self.hidden_states or other.hidden_states,
+            attentions=self.attentions or other.attentions,
+            labels=self.labels or other.labels,
+            student_modules=tuple(dict.fromkeys(self.student_modules + other.student_modules)),
+            teacher_modules=tuple(dict.fromkeys(self.teacher_modules + other.teacher_modules)),
+        )
+
+
+def logits_of(outputs: Any) -> torch.Tensor | None:
+    """A model's logits: the `logits` field, or the output itself (a tensor), or its first entry (a tuple)."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs
+    if isinstance(outputs, dict) or hasattr(outputs, "logits"):
+        value = outputs.get("logits") if isinstance(outputs, dict) else getattr(outputs, "logits", None)
+        return value
+    if isinstance(outputs, (tuple, list)) and outputs and isinstance(outputs[0], torch.Tensor):
+        return outputs[0]
+    return None
+
+
+@dataclass
+class Features:
+    """One model's side of a step: its outputs, the submodule outputs the terms asked for, and how it is shaped."""
+
+    outputs: Any
+    modules: dict[str, torch.Tensor]
+    kind: ModelKind
+
+    @property
+    def logits(self) -> torch.Tensor | None:
+        return logits_of(self.outputs)
+
+    @property
+    def hidden_states(self) -> tuple[torch.Tensor, ...] | None:
+        """Hidden states of the main stream (the encoder's for encoder-decoders); index 0 = embeddings output."""
+        streams = hidden_streams(self.outputs, self.kind) if not isinstance(self.outputs, torch.Tensor) else {}
+        return streams.get("main", streams.get("encoder"))
+
+    @property
+    def attentions(self) -> tuple[torch.Tensor, ...] | None:
+        streams = attention_streams(self.outputs, self.kind) if not isinstance(self.outputs, torch.Tensor) else {}
+        return streams.get("main", streams.get("encoder"))
+
+
+@dataclass
+class TermBatch:
+    """The batch as terms see it.
+
+    Attributes:
+        labels: the labels, or None.
+        mask: `[batch, positions]` bool, the positions the attention mask keeps (None: no padding).
+        num_examples: examples in this micro-batch.
+        logit_mask: the positions the logit term counts (labels != -100, shifted for causal LMs), or None.
+        row_ids: indices of the batch's rows in the training data when the trainer provides them (else None).
+    """
+
+    labels: torch.Tensor | None
+    mask: torch.Tensor | None
+    num_examples: int
+    logit_mask: torch.Tensor | None = None
+    row_ids: torch.Tensor | None = None
+    training: bool = True
+
+
+class Term(nn.Module):
+    """Base class of distillation terms. Subclasses set `name`, `unit`, `Options` and implement `forward`.
+
+    `needs()` says what both models must return; `setup(student, teacher, batch)` runs once on the probe batch
+    (before the optimizer exists) and may create parameters; `forward(student, teacher, batch)` returns a 0-dim
+    tensor: a sum over the term's units, or a batch value for `unit = "batch"`.
+    """
+
+    name: ClassVar[str] = ""
+    unit: ClassVar[str] = "examples"
+    Options: ClassVar[type] = None
+
+    def __init__(self, options=None):
+        super().__init__()
+        self.options = options if options is not None else self.Options()
+
+    def needs(self) -> Needs:
+        return Needs()
+
+    def setup(self, student: Features, teacher: Features, batch: TermBatch) -> None:
+        """Checks shapes and builds parameters from real outputs (the probe batch); nothing by default."""
+
+    def forward(self, student: Features, teacher: Features, batch: TermBatch) -> torch.Tensor:
+        raise NotImplementedError
+
+
+@dataclass
+class NoOptions:
+    """This term has no options."""
+
+
+TERMS: dict[str, type[Term]] = {}
+
+
+def register_term(name: str) -> Callable[[type[Term]], type[Term]]:
+    """Class decorator: registers a `Term` subclass under `name` (its `distill/<name>` log key and config name)."""
+    if not isinstance(name, str) or not name or "/" in name:
+        raise ValueError(f"A term needs a non-empty name without '/', got {name!r}.")
+
+    def decorator(cls: type[Term]) -> type[Term]:
+        if not (isinstance(cls, type) and issubclass(cls, Term)):
+            raise TypeError(f"register_term({name!r}) decorates a subclass of hfkd.terms.Term, got {cls!r}.")
+        if cls.unit not in UNITS:
+            raise ValueError(f"Term {name!r} has unit {cls.unit!r}; choose one of {UNITS}.")
+        if cls.Options is None:
+            cls.Options = NoOptions
+        if not dataclasses.is_dataclass(cls.Options):
+            raise TypeError(f"Term {name!r}: Options must be a dataclass of its settings.")
+        previous = TERMS.get(name)
+        if previous is not None and (previous.__module__, previous.__qualname__) != (cls.__module__, cls.__qualname__):
+            raise ValueError(f"A term named {name!r} is already registered ({previous.__qualname__}).")
+        cls.name = name
+        TERMS[name] = cls
+        return cls
+
+    return decorator
+
+
+@dataclass
+class TermSpec:
+    """One entry of `DistillationConfig.terms`: which term, its weight and its options."""
+
+    name: str
+    weight: float = 1.0
+    options: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "weight": self.weight, **self.options}
+
+
+def parse_term_specs(value, field_name: str = "terms") -> list[TermSpec]:
+    """Checks `terms` entries against the registry and each term's options; errors name the term and the option."""
+    import json
+
+    if value is None or value == "" or value == []:
+        return []
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(
+                f'{field_name} must be a JSON list of terms, e.g. \'[{{"name": "rkd", "weight": 1.0}}]\', got '
+                f"{value!r} ({err})."
+            ) from err
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"{field_name} must be a list of {{'name': ..., 'weight': ..., <options>}}, got {value!r}.")
+    specs, seen = [], set()
+    for entry in value:
+        if isinstance(entry, TermSpec):
+            entry = entry.as_dict()
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ValueError(f"Each entry of {field_name} needs a 'name', got {entry!r}.")
+        entry = dict(entry)
+        name = entry.pop("name")
+        if name not in TERMS:
+            raise ValueError(
+                f"{field_name}: no term named {name!r}. Known terms: {sorted(TERMS)}; register your own with "
+                "hfkd.register_term."
+            )
+        if name in seen:
+            raise ValueError(f"{field_name}: the term {name!r} is given twice; give it once with all its options.")
+        seen.add(name)
+        weight = entry.pop("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight < float("inf"):
+            raise ValueError(f"{field_name}: {name}.weight must be a finite number >= 0, got {weight!r}.")
+        options_cls = TERMS[name].Options
+        valid = [f.name for f in dataclasses.fields(options_cls)]
+        unknown = sorted(set(entry) - set(valid))
+        if unknown:
+            raise ValueError(
+                f"{field_name}: term {name!r} has no option {unknown[0]!r}; its options are {valid or 'none'}."
+            )
+        try:
+            options_cls(**entry)  # the options' own checks (__post_init__) run now, at config time
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{field_name}: term {name!r}: {err}") from err
+        specs.append(TermSpec(name=name, weight=float(weight), options=entry))
+    return specs
+
+
+def build_term(spec: TermSpec) -> Term:
+    cls = TERMS[spec.name]
+    return cls(cls.Options(**spec.options))

@@ -1,0 +1,106 @@
+"""The trainer's side of the configured terms: one module that owns them all, their hooks and their state.
+
+Holding every term in one `nn.Module` is what lets the optimizer, gradient clipping, DDP and checkpoints treat their
+parameters and buffers (projections, embedding heads, memory banks) at once, and keeps them out of the student.
+"""
+
+import contextlib
+import json
+import os
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .base import Features, Needs, TermBatch, TermSpec, build_term
+
+TERMS_FILE = "hfkd_terms.safetensors"
+
+
+class TermSet(nn.Module):
+    """The terms of `DistillationConfig.terms`, by name, with their weights."""
+
+    def __init__(self, specs: list[TermSpec]):
+        super().__init__()
+        self.specs = list(specs)
+        self.weights = {spec.name: spec.weight for spec in self.specs}
+        self.terms = nn.ModuleDict({spec.name: build_term(spec) for spec in self.specs})
+
+    def __len__(self) -> int:
+        return len(self.terms)
+
+    def needs(self) -> Needs:
+        needs = Needs()
+        for term in self.terms.values():
+            needs = needs.merge(term.needs())
+        return needs
+
+    def flags(self) -> dict[str, bool]:
+        """`output_*` flags both models' forwards need for these terms."""
+        needs, flags = self.needs(), {}
+        if needs.hidden_states:
+            flags["output_hidden_states"] = True
+        if needs.attentions:
+            flags["output_attentions"] = True
+        return flags
+
+    def setup(self, student: Features, teacher: Features, batch: TermBatch) -> None:
+        for term in self.terms.values():
+            term.setup(student, teacher, batch)
+
+    def forward(self, student: Features, teacher: Features, batch: TermBatch) -> dict[str, torch.Tensor]:
+        # One call for every term, so that a DDP wrapper around this module sees each parameter used in the step.
+        return {name: term(student, teacher, batch) for name, term in self.terms.items()}
+
+    def has_state(self) -> bool:
+        return any(True for _ in self.parameters()) or any(True for _ in self.buffers())
+
+    def save(self, directory: str) -> None:
+        if not self.has_state():
+            return
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
+        layout = {name: list(tensor.shape) for name, tensor in state.items()}
+        save_file(state, os.path.join(directory, TERMS_FILE), metadata={"layout": json.dumps(layout)})
+
+    def load(self, directory: str) -> None:
+        if not self.has_state():
+            return
+        path = os.path.join(directory, TERMS_FILE)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"{directory} holds no {TERMS_FILE}, but this run's terms ({', '.join(self.terms)}) have trainable "
+                "state: the checkpoint comes from a run with other terms. Resume from another checkpoint or start "
+                "without resume_from_checkpoint."
+            )
+        state = load_file(path)
+        mine = self.state_dict()
+        if {k: tuple(v.shape) for k, v in state.items()} != {k: tuple(v.shape) for k, v in mine.items()}:
+            raise ValueError(
+                f"The term state in {path} ({sorted(state)}) does not match this run's terms ({sorted(mine)}); the "
+                "checkpoint was made with other terms or models."
+            )
+        self.load_state_dict({k: v.to(mine[k].device) for k, v in state.items()})
+
+
+@contextlib.contextmanager
+def capture_modules(model: nn.Module | None, names: tuple[str, ...], side: str):
+    """Records the outputs of the named submodules during the forwards inside the block."""
+    captured: dict[str, torch.Tensor] = {}
+    if model is None or not names:
+        yield captured
+        return
+    modules = dict(model.named_modules())
+    handles = []
+    for name in names:
+        module = modules.get(name)
+        if module is None:
+            close = [n for n in modules if n.endswith(name.split(".")[-1])][:5]
+            raise ValueError(
+                f"The {side} has no submodule named {name!r}; names come from model.named_modules(), e.g. {close}."
+            )
+        handles.append(module.register_forward_hook(lambda _m, _i, out, _n=name: captured.__setitem__(_n, out)))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
