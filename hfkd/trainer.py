@@ -45,7 +45,7 @@ from .losses.topk import topk_logit_loss
 from .projection import FeatureProjector
 from .teacher import ensure_eager_attention, load_teacher, prepare_teacher, unwrap_peft
 from .terms.base import Features, TermBatch
-from .terms.runner import TermSet, capture_modules
+from .terms.runner import ROW_IDS_KEY, RowIdCollator, TermSet, capture_modules
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,7 @@ class DistillationTrainer(Trainer):
         self._chunk_heads: tuple[torch.nn.Module, torch.nn.Linear, torch.nn.Module, torch.nn.Linear] | None = None
 
         self._check_data()
+        self._term_row_ids = self._add_row_ids() if self.term_set.needs().row_ids else False
         # Taken before any forward pass: heads fill config fields such as `problem_type` on first use.
         self._fingerprint = self._run_fingerprint()
         if cache is not None:
@@ -173,6 +174,21 @@ class DistillationTrainer(Trainer):
             )
 
     # ------------------------------------------------------------------ set-up
+    def _add_row_ids(self) -> bool:
+        """Training batches carry each row's index in the data (for terms with per-row memory, such as CRD)."""
+        import datasets
+
+        if not isinstance(self.train_dataset, datasets.Dataset):
+            names = [n for n, t in self.term_set.terms.items() if t.needs().row_ids]
+            raise ValueError(
+                f"The terms {names} keep a memory per training row, so they need a datasets.Dataset train_dataset "
+                f"(got {type(self.train_dataset).__name__}); convert it with datasets.Dataset.from_list or drop them."
+            )
+        if ROW_COLUMN not in self.train_dataset.column_names:
+            self.train_dataset = self.train_dataset.add_column(ROW_COLUMN, list(range(len(self.train_dataset))))
+        self.data_collator = RowIdCollator(self.data_collator)
+        return True
+
     def _use_cache(self, cache: TeacherCache) -> None:
         """Checks the cache against this run and routes the training rows' cached outputs into their batches."""
         if self.train_dataset is None:
@@ -324,7 +340,7 @@ class DistillationTrainer(Trainer):
         masks = masks if masks is not None else unit_masks(batch, self._kind)
         stream = "encoder" if self._kind.encoder_decoder else "main"
         labels = batch.get("labels")
-        rows = batch.get(ROW_COLUMN)
+        rows = batch.get(ROW_IDS_KEY)
         return TermBatch(
             labels=labels if isinstance(labels, torch.Tensor) else None,
             mask=masks.get(stream),
@@ -332,6 +348,7 @@ class DistillationTrainer(Trainer):
             logit_mask=masks.get("logit"),
             row_ids=rows if isinstance(rows, torch.Tensor) else None,
             training=training,
+            num_rows=len(self.train_dataset) if self._term_row_ids else None,
         )
 
     def _term_values(self, student: Features, teacher: Features, batch: TermBatch, counts, scale, training):
@@ -638,7 +655,7 @@ class DistillationTrainer(Trainer):
         student = {
             k: v
             for k, v in inputs.items()
-            if not k.startswith(TEACHER_INPUT_PREFIX) and not k.startswith(CACHED_PREFIX)
+            if not k.startswith(TEACHER_INPUT_PREFIX) and not k.startswith(CACHED_PREFIX) and k != ROW_IDS_KEY
         }
         if self._kind.encoder_decoder and "labels" in student and "decoder_input_ids" not in student:
             # Both models must decode the same sequence; derive it once from the labels as the models would.

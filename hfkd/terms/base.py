@@ -39,6 +39,8 @@ class Needs:
         labels: the batch's labels.
         student_modules / teacher_modules: outputs of submodules by name (as in `model.named_modules()`), captured
             with forward hooks, e.g. `("encoder.layer.2.attention.self.query",)`.
+        row_ids: each training row's index in `train_dataset` (`TermBatch.row_ids`; `TermBatch.num_rows` then gives
+            the data set's size), for terms that keep a memory per row. Needs a `datasets.Dataset`.
     """
 
     logits: bool = False
@@ -47,6 +49,7 @@ class Needs:
     labels: bool = False
     student_modules: tuple[str, ...] = ()
     teacher_modules: tuple[str, ...] = ()
+    row_ids: bool = False
 
     def merge(self, other: "Needs") -> "Needs":
         return Needs(
@@ -56,6 +59,7 @@ class Needs:
             labels=self.labels or other.labels,
             student_modules=tuple(dict.fromkeys(self.student_modules + other.student_modules)),
             teacher_modules=tuple(dict.fromkeys(self.teacher_modules + other.teacher_modules)),
+            row_ids=self.row_ids or other.row_ids,
         )
 
 
@@ -104,7 +108,10 @@ class TermBatch:
         mask: `[batch, positions]` bool, the positions the attention mask keeps (None: no padding).
         num_examples: examples in this micro-batch.
         logit_mask: the positions the logit term counts (labels != -100, shifted for causal LMs), or None.
-        row_ids: indices of the batch's rows in the training data when the trainer provides them (else None).
+        row_ids: `[batch]` indices of the rows in train_dataset, for terms whose `needs().row_ids` (None in
+            evaluation, or when no term asks).
+        training: whether this is a training step (terms with memories update them only then).
+        num_rows: rows in train_dataset, when row ids are given.
     """
 
     labels: torch.Tensor | None
@@ -113,6 +120,7 @@ class TermBatch:
     logit_mask: torch.Tensor | None = None
     row_ids: torch.Tensor | None = None
     training: bool = True
+    num_rows: int | None = None
 
 
 class Term(nn.Module):

@@ -12,9 +12,29 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..cache import ROW_COLUMN  # the column the trainer adds to carry each row's index through shuffling
 from .base import Features, Needs, TermBatch, TermSpec, build_term
 
 TERMS_FILE = "hfkd_terms.safetensors"
+ROW_IDS_KEY = "hfkd_row_ids"  # batch key: each row's index in train_dataset (never given to a model)
+
+
+class RowIdCollator:
+    """Wraps a collator: rows carrying `hfkd_row` come out as a `hfkd_row_ids` tensor beside the batch."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        rows = None
+        if features and isinstance(features[0], dict) and ROW_COLUMN in features[0]:
+            rows = torch.tensor([int(f[ROW_COLUMN]) for f in features], dtype=torch.long)
+            features = [{k: v for k, v in f.items() if k != ROW_COLUMN} for f in features]
+        batch = self.collator(features)
+        if rows is not None:
+            batch = dict(batch)
+            batch[ROW_IDS_KEY] = rows
+        return batch
 
 
 class TermSet(nn.Module):
