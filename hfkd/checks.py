@@ -593,8 +593,10 @@ def check_dataset(
 
     for limits in (student, teacher):
         main = limits.main_input
+        if not main:  # a plain nn.Module: its input is not known by name
+            continue
         candidates = {main, "inputs_embeds", _key_for(limits.role, main), _key_for(limits.role, "inputs_embeds")}
-        if main and not candidates & set(columns):
+        if not candidates & set(columns):
             raise ValueError(
                 f"The {limits.role} ({limits.name}) needs `{main}`, but {name} has no such column (columns: "
                 f"{columns}). Preprocess the data set's text or image column into it (check text_column/"

@@ -57,6 +57,23 @@ class DistillationConfig(TrainingArguments):
             "the known names; hfkd.register_term adds your own."
         },
     )
+    logit_standardize: bool = field(
+        default=False,
+        metadata={
+            "help": "Z-score both models' logits over the classes before the temperature (Sun et al., CVPR 2024, "
+            "'Logit Standardization in KD'; the paper uses temperature 2 on CIFAR-100 and a larger logit weight, e.g. "
+            "9 with task weight 0.1). Needs the teacher's full logits (a top-k cache cannot serve it)."
+        },
+    )
+    eval_with_teacher: bool = field(
+        default=True,
+        metadata={
+            "help": "Evaluation runs the teacher too and reports every term; eval_loss is then the weighted "
+            "distillation objective (what load_best_model_at_end with metric 'loss' selects by). False: evaluation "
+            "runs the student alone and eval_loss is its own loss on the labels. predict() always runs the student "
+            "alone."
+        },
+    )
     temperature: float = field(
         default=2.0,
         metadata={
@@ -107,6 +124,14 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Attention-map loss over attention probabilities: 'kl' (KL(teacher || student) per query row) "
             "or 'mse'. Needs eager attention; sdpa/flash models are switched to eager with a warning."
+        },
+    )
+    attention_heads: str = field(
+        default="auto",
+        metadata={
+            "help": "How attention maps are compared head by head: 'match' (head h with head h; the head counts must "
+            "be equal), 'mean' (the maps averaged over heads, so any head counts work), or 'auto' (match when the "
+            "counts are equal, else mean)."
         },
     )
     attention_layer_map: str = field(
@@ -175,6 +200,8 @@ class DistillationConfig(TrainingArguments):
         _check_choice("logit_loss", self.logit_loss, LOGIT_LOSSES)
         _check_choice("hidden_loss", self.hidden_loss, HIDDEN_LOSSES)
         _check_choice("attention_loss", self.attention_loss, ATTENTION_LOSSES)
+        if self.attention_heads not in ("auto", "match", "mean"):
+            raise ValueError(f"attention_heads must be 'auto', 'match' or 'mean', got {self.attention_heads!r}.")
         # Parsed here so that a typo fails before any model is loaded; lengths are checked once models are known.
         self.hidden_layer_map = parse_layer_map_spec(self.hidden_layer_map, "hidden_layer_map")
         self.attention_layer_map = parse_layer_map_spec(self.attention_layer_map, "attention_layer_map")

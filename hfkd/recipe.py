@@ -127,6 +127,14 @@ class RecipeArguments:
             "ViTImageProcessor (size, image_mean, image_std, do_resize, ...)."
         },
     )
+    compare_without_distillation: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the same student (same initial weights, data, steps, learning rate and batches) on "
+            "the labels alone, and report it beside the distilled one: did distillation help? Doubles the "
+            "distillation stage's time."
+        },
+    )
     early_stopping_patience: int = field(
         default=0,
         metadata={
@@ -213,6 +221,7 @@ def eval_metric_names(recipe: RecipeArguments, config: DistillationConfig) -> li
     for term in ("logit", "hidden", "attention"):
         if getattr(config, f"{term}_weight") > 0:
             names.append(f"distill/{term}")
+    names.extend(f"distill/{spec.name}" for spec in config.term_specs)
     return names
 
 
@@ -544,21 +553,57 @@ class _Run:
         )
 
     def build_student(self):
+        self.student, self.student_note = self._make_student()
+
+    def _make_student(self):
+        """The student as the recipe says, and how it was made; the same weights every time it is called."""
         r = self.recipe
         if r.student_model_name_or_path:
             path = resolve_path(r.student_model_name_or_path)
-            self.student = _AUTO[r.task].from_pretrained(path, **self._label_kwargs())
-            self.student_note = f"`{r.student_model_name_or_path}`"
-            return
+            set_seed(self.config.seed)  # a head the checkpoint lacks starts the same way each time
+            return _AUTO[r.task].from_pretrained(path, **self._label_kwargs()), f"`{r.student_model_name_or_path}`"
         layers = r.layer_list()
-        self.student = student_from_teacher(
+        student = student_from_teacher(
             self.teacher, num_layers=None if layers else r.student_num_layers, layers=layers
         )
         kept = layers or "evenly spread, first and last kept"
-        self.student_note = (
-            f"{type(self.student).__name__} built from the teacher's own embeddings, head and layers ({kept}); "
-            f"{self._num_layers(self.student)} of the teacher's {self._num_layers(self.teacher)} layers"
+        note = (
+            f"{type(student).__name__} built from the teacher's own embeddings, head and layers ({kept}); "
+            f"{self._num_layers(student)} of the teacher's {self._num_layers(self.teacher)} layers"
         )
+        return student, note
+
+    def train_labels_only(self):
+        """The same student, data and budget on the labels alone, with plain transformers.Trainer."""
+        c = self.config
+        student, _ = self._make_student()
+        kwargs = {f.name: getattr(c, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
+        kwargs.update(
+            output_dir=os.path.join(self.out, "checkpoints", "_labels_only"),
+            save_strategy="no",
+            eval_strategy="no",
+            load_best_model_at_end=False,
+            metric_for_best_model=None,
+            greater_is_better=None,
+            report_to=[],
+            push_to_hub=False,
+            resume_from_checkpoint=None,
+        )
+        args = TrainingArguments(**kwargs)
+        _heading(
+            c,
+            f"comparison: the same student on the labels alone, {_planned_steps(args, len(self.train_ds))} steps",
+        )
+        trainer = Trainer(
+            model=student,
+            args=args,
+            train_dataset=self.train_ds,
+            data_collator=self.collator(),
+            processing_class=self.processor,
+        )
+        trainer.train()
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+        self.labels_only = {"steps": trainer.state.global_step, "metric": self.evaluate(student)}
 
     @staticmethod
     def _num_layers(model) -> int | str:
@@ -727,6 +772,10 @@ def _run_stages(recipe: RecipeArguments, data_args: DataArguments, config: Disti
     tick = time.perf_counter()
     run.distill()
     run.times["distillation"] = time.perf_counter() - tick
+    if recipe.compare_without_distillation:
+        tick = time.perf_counter()
+        run.train_labels_only()
+        run.times["labels-only comparison"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
     _heading(config, f"evaluation of teacher and student on {len(run.eval_ds)} held-out examples, latency")
@@ -752,15 +801,16 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
     t_params, s_params = count_parameters(run.teacher), count_parameters(run.student)
     last = {}
     for entry in run.log_history:
-        last.update(
-            {k: v for k, v in entry.items() if k in ("task", "distill/logit", "distill/hidden", "distill/attention")}
-        )
+        last.update({k: v for k, v in entry.items() if k == "task" or k.startswith("distill/")})
     weights = {
         "task": (config.task_weight, "cross-entropy on the labels"),
         "distill/logit": (config.logit_weight, config.logit_loss),
         "distill/hidden": (config.hidden_weight, config.hidden_loss),
         "distill/attention": (config.attention_weight, config.attention_loss),
     }
+    for spec in config.term_specs:
+        options = ", ".join(f"{k}={v}" for k, v in spec.options.items())
+        weights[f"distill/{spec.name}"] = (spec.weight, spec.name + (f" ({options})" if options else ""))
     dataset_hub = data_args.dataset_name if data_args.data_files is None else None
     teacher = run._teacher_lineage()
     if run.teacher_finetune is not None:
@@ -777,11 +827,23 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
         }
     state, args = run.trainer.state, run.trainer.args
     evals = [e for e in run.log_history if any(k.startswith("eval_") for k in e)]
+    comparison = {}
+    if getattr(run, "labels_only", None) is not None:
+        plain = run.labels_only["metric"]
+        comparison = {
+            "labels_only": {
+                **run.labels_only,
+                "note": "the same student, data, steps, learning rate and batches, on the labels alone",
+            },
+            # Positive when distillation helped: accuracy points gained, or perplexity lowered.
+            "gain": (plain - student_metric) if lm else (student_metric - plain),
+        }
     return {
         "task": recipe.task,
         "metric": metric,
         "teacher": {**teacher, "params": t_params, "metric": teacher_metric, "latency_ms": t_latency},
         "student": {"note": run.student_note, "params": s_params, "metric": student_metric, "latency_ms": s_latency},
+        **comparison,
         "retained": retained,
         "size_ratio": s_params / t_params,
         "speedup": t_latency / s_latency,

@@ -39,6 +39,7 @@ model = {{ auto_class }}.from_pretrained("{{ repo_id }}")
 {{ results_rows }}
 
 {{ retained_line }}
+{{ comparison_line }}
 
 ## Distillation
 | term | weight | loss |
@@ -83,6 +84,10 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
         ("parameters", f"{teacher['params']:,}", f"{student['params']:,}"),
         ("forward latency (ms/batch)", _fmt(teacher["latency_ms"]), _fmt(student["latency_ms"])),
     ]
+    if "labels_only" in metrics:
+        results[0] = (
+            f"{metric_name} (same student on the labels alone: {_fmt(metrics['labels_only']['metric'])})",
+        ) + (results[0][1:])
     distill = metrics["distillation"]
     terms = [(name, _fmt(term["weight"]), term.get("loss", "-")) for name, term in distill["terms"].items()]
     retained = metrics["retained"]
@@ -111,6 +116,7 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
         dataset_note=metrics["data"]["note"],
         results_rows="\n".join(f"| {a} | {b} | {c} |" for a, b, c in results),
         retained_line=retained_line,
+        comparison_line=" ".join(comparison_lines(metrics)),
         terms_rows="\n".join(f"| {a} | {b} | {c} |" for a, b, c in terms),
         temperature=distill["temperature"],
         layer_maps=json.dumps(distill["layer_maps"]) if distill["layer_maps"] else "none (no feature terms)",
@@ -182,6 +188,35 @@ def training_note(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def comparison_lines(metrics: dict) -> list[str]:
+    """Did distillation help? Plain sentences from the labels-only comparison (empty without one)."""
+    if "labels_only" not in metrics:
+        return []
+    lm = metrics["metric"] == "perplexity"
+    teacher, student = metrics["teacher"]["metric"], metrics["student"]["metric"]
+    plain, gain = metrics["labels_only"]["metric"], metrics["gain"]
+    unit = "" if lm else " points"
+    scale = 1.0 if lm else 100.0
+    if gain > 0:
+        lines = [
+            f"Distillation helped: the distilled student's {metrics['metric']} is {gain * scale:.2f}{unit} "
+            f"{'lower' if lm else 'higher'} than the same student's trained on the labels alone ({_fmt(plain)}), "
+            "in one run (no seeds repeated)."
+        ]
+    else:
+        lines = [
+            f"Distillation did not help here: the same student trained on the labels alone reached {_fmt(plain)} "
+            f"against {_fmt(student)} distilled ({abs(gain) * scale:.2f}{unit} {'lower' if lm else 'better'})."
+        ]
+    if (plain <= teacher) if lm else (plain >= teacher):
+        lines.append(
+            "The student on the labels alone matches or beats the teacher, so the teacher has little to teach: it is "
+            "probably undertrained. Fine-tune it longer (teacher_num_train_epochs, teacher_learning_rate) or use a "
+            "stronger teacher before distilling."
+        )
+    return lines
+
+
 def plot_report(path: str, metrics: dict, log_history: list[dict]) -> None:
     """Loss curves per term, teacher vs student metric, size and latency, in one PNG."""
     import matplotlib
@@ -191,11 +226,8 @@ def plot_report(path: str, metrics: dict, log_history: list[dict]) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     ax = axes[0][0]
-    names = [
-        k
-        for k in ("loss", "task", "distill/logit", "distill/hidden", "distill/attention")
-        if any(k in e for e in log_history)
-    ]
+    seen = dict.fromkeys(k for e in log_history for k in e if k == "task" or k.startswith("distill/"))
+    names = [k for k in ("loss", *seen) if any(k in e for e in log_history)]
     for name in names:
         points = [(e["step"], e[name]) for e in log_history if name in e and "step" in e]
         if points:
@@ -209,14 +241,16 @@ def plot_report(path: str, metrics: dict, log_history: list[dict]) -> None:
     ax.grid(alpha=0.3)
 
     teacher, student = metrics["teacher"], metrics["student"]
-    colors = ["#4C72B0", "#DD8452"]
+    colors = ["#4C72B0", "#DD8452", "#8C8C8C"]
     for ax, key, title in (
         (axes[0][1], "metric", metrics["metric"]),
         (axes[1][0], "params", "parameters"),
         (axes[1][1], "latency_ms", f"forward latency, ms per batch of {metrics['latency_batch_size']}"),
     ):
-        values = [teacher[key], student[key]]
-        bars = ax.bar(["teacher", "student"], values, color=colors)
+        names, values = ["teacher", "student"], [teacher[key], student[key]]
+        if key == "metric" and "labels_only" in metrics:
+            names, values = [*names, "labels only"], [*values, metrics["labels_only"]["metric"]]
+        bars = ax.bar(names, values, color=colors[: len(values)])
         ax.bar_label(bars, labels=[_fmt(v) if isinstance(v, float) else f"{v:,}" for v in values])
         ax.set_title(title)
     fig.suptitle(
@@ -247,6 +281,9 @@ def summary(metrics: dict, output_dir: str, push_message: str | None) -> str:
         f"outputs: {output_dir}  (student + tokenizer/processor, README.md card, metrics.json, report.png, "
         "hfkd_config.yaml)",
     ]
+    if "labels_only" in metrics:
+        lines.insert(6, f"{'(labels only)':24}{'':>16}{_fmt(metrics['labels_only']['metric']):>16}")
+        lines.extend(comparison_lines(metrics))
     if push_message:
         lines.append(push_message)
     lines.append("=" * 72)

@@ -1,6 +1,7 @@
 """Loading and preparing the teacher: frozen, in eval mode, placed by Accelerate."""
 
 import copy
+import inspect
 import logging
 
 import torch
@@ -115,3 +116,28 @@ def _prepare_deepspeed(teacher: torch.nn.Module, accelerator) -> torch.nn.Module
     engine, *_ = deepspeed.initialize(model=teacher, config=config)
     engine.eval()
     return engine
+
+
+# Batch keys that hold a model's main input, for modules whose forward takes it positionally (`forward(self, x)`).
+_MAIN_INPUTS = ("pixel_values", "input_ids", "inputs_embeds", "input_values", "input_features")
+
+
+def call_model(model: torch.nn.Module, inputs: dict, extra: dict | None = None):
+    """Runs `model` on a batch: keyword arguments for transformers models, the main input alone for a plain
+    `nn.Module` whose forward takes one tensor (a timm-style CNN). Flags it does not accept are left out."""
+    extra = extra or {}
+    base = unwrap_peft(model.module if hasattr(model, "module") and not hasattr(model, "config") else model)
+    try:
+        parameters = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return model(**inputs, **extra)
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    if takes_kwargs or set(inputs) <= set(parameters):
+        return model(**inputs, **{k: v for k, v in extra.items() if takes_kwargs or k in parameters})
+    main = next((key for key in _MAIN_INPUTS if key in inputs), None)
+    if main is None:
+        raise ValueError(
+            f"{type(base).__name__}.forward takes {list(parameters)} but the batch holds {sorted(inputs)}; give the "
+            "model a forward that takes the batch's keys, or one input named like pixel_values or input_ids."
+        )
+    return model(inputs[main])

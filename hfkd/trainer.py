@@ -41,10 +41,11 @@ from .layer_map import resolve_layer_map
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
 from .losses.chunked import chunked_head_loss
 from .losses.fused import kl_ce_with_grad
+from .losses.logits import standardize_logits
 from .losses.topk import topk_logit_loss
 from .projection import FeatureProjector
-from .teacher import ensure_eager_attention, load_teacher, prepare_teacher, unwrap_peft
-from .terms.base import Features, TermBatch
+from .teacher import call_model, ensure_eager_attention, load_teacher, prepare_teacher, unwrap_peft
+from .terms.base import Features, TermBatch, logits_of
 from .terms.runner import ROW_IDS_KEY, RowIdCollator, TermSet, capture_modules
 
 logger = logging.getLogger(__name__)
@@ -148,6 +149,7 @@ class DistillationTrainer(Trainer):
         self._kind: ModelKind = model_kind(unwrap_peft(self.model), self._loss_shifts_labels)
         self._hidden_pairs: dict[str, list[tuple[int, int]]] | None = None
         self._attention_pairs: dict[str, list[tuple[int, int]]] | None = None
+        self._attention_head_mean = False  # set when the planned maps have other head counts (attention_heads)
         self.projector: FeatureProjector | None = None
         self._projector_wrapped: torch.nn.Module | None = None
         self._window_counts: dict[str, torch.Tensor] | None = None
@@ -158,6 +160,8 @@ class DistillationTrainer(Trainer):
         # Causal LMs: base modules and linear heads of (student, teacher) when the logit term is chunked (_probe).
         self._chunk_heads: tuple[torch.nn.Module, torch.nn.Linear, torch.nn.Module, torch.nn.Linear] | None = None
 
+        self._probed = False
+        self._predicting = False
         self._check_data()
         self._term_row_ids = self._add_row_ids() if self.term_set.needs().row_ids else False
         # Taken before any forward pass: heads fill config fields such as `problem_type` on first use.
@@ -263,15 +267,18 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"{which} is empty (0 rows): there is nothing to distil on. Check the split and filters.")
         return self._prepare_inputs(collator(features))
 
-    def _probe(self) -> None:
+    def _probe(self, batch: dict | None = None) -> None:
         """Runs both models on two examples before training to check that the terms can be computed.
 
         This is where mismatched vocabularies, layer maps, head counts and widths fail, before the first step, and
-        where the projections are built so that the optimizer and DDP know them from the start.
+        where the projections are built so that the optimizer and DDP know them from the start. A trainer built
+        without data is probed on its first batch instead (`batch`): the checks and the chunked logit path then
+        still apply, but nothing trainable can be added to an optimizer that exists already.
         """
-        batch = self._probe_batch()
+        batch = batch if batch is not None else self._probe_batch()
         if batch is None:
-            return  # Planned at the first step instead; projections then cannot be trained (checked there).
+            return  # planned on the first batch compute_loss sees
+        self._probed = True
         student, teacher = self._limits()
         checks.check_probe_batch(
             batch,
@@ -298,7 +305,7 @@ class DistillationTrainer(Trainer):
                 teacher_out = self._teacher_outputs(batch, teacher_inputs)
         finally:
             self.model.train(was_training)
-        self._plan(student_out, teacher_out, building=True)
+        self._plan(student_out, teacher_out, building=self.optimizer is None)
         if len(self.term_set):
             self._setup_terms(student_out, s_modules, teacher_out, t_modules, batch)
         self._measure_task_normalisation(batch)
@@ -306,8 +313,8 @@ class DistillationTrainer(Trainer):
             s_head, t_head = candidates[1], candidates[3]
             cached = isinstance(teacher_out, CachedTeacherOutput)
             if (
-                head_reproduces_logits(s_last.value, s_head, _get(student_out, "logits"))
-                and (cached or head_reproduces_logits(t_last.value, t_head, _get(teacher_out, "logits")))
+                head_reproduces_logits(s_last.value, s_head, logits_of(student_out))
+                and (cached or head_reproduces_logits(t_last.value, t_head, logits_of(teacher_out)))
                 and (self.args.task_weight == 0 or self._task_uses_num_items)
             ):
                 # A teacher not checked here (the probe read the cache) keeps the full logits when it runs.
@@ -323,6 +330,12 @@ class DistillationTrainer(Trainer):
         student = Features(student_out, s_modules, self._kind)
         teacher = Features(teacher_out, t_modules, self._kind)
         self.term_set.setup(student, teacher, self._term_batch(batch, training=False))
+        if self.term_set.has_state() and self.optimizer is not None:
+            raise ValueError(
+                f"The terms {list(self.term_set.terms)} build trainable state from the first batch, but the optimizer "
+                "exists already: pass train_dataset (or eval_dataset) to DistillationTrainer so that they are built "
+                "before it."
+            )
         first = next(self.model.parameters())
         self.term_set.to(device=first.device)
         if self.term_set.has_state():
@@ -361,7 +374,7 @@ class DistillationTrainer(Trainer):
             unit = self.term_set.terms[name].unit
             if unit == "batch":
                 # A micro-batch value: the mean over the window's micro-batches (and, through DDP, processes).
-                value = value / self.current_gradient_accumulation_steps if training else value
+                value = value / self._accumulation_steps if training else value
             else:
                 count = counts.get(stream) if unit == "tokens" else None
                 value = value * (scale / (count if count is not None else counts["examples"]))
@@ -423,11 +436,16 @@ class DistillationTrainer(Trainer):
     def _plan(self, student_out, teacher_out, building: bool) -> None:
         """Checks shapes, resolves layer maps and (when `building`) creates the projections."""
         args = self.args
-        s_logits, t_logits = _get(student_out, "logits"), _get(teacher_out, "logits")
+        s_logits, t_logits = logits_of(student_out), logits_of(teacher_out)
         if s_logits is not None:
             # The class guess can be wrong for custom heads; the logits' rank is the truth.
             self._kind.token_level = s_logits.dim() >= 3
         topk = teacher_out.topk if isinstance(teacher_out, CachedTeacherOutput) else None
+        if args.logit_weight > 0 and topk is not None and args.logit_standardize:
+            raise TeacherCacheError(
+                "logit_standardize needs the teacher's full logits, but the teacher cache holds its top-k only; "
+                "rebuild it with `hfkd cache --top_k 0`, or drop logit_standardize."
+            )
         if args.logit_weight > 0 and topk is not None:
             classes = self._cache.logits["num_classes"]
             if s_logits is None or s_logits.shape[-1] != classes:
@@ -523,13 +541,18 @@ class DistillationTrainer(Trainer):
             )
             for s_idx, t_idx in pairs[stream]:
                 s, t = s_maps[s_idx], t_maps[t_idx]
-                if s.shape != t.shape:
+                heads_differ = s.shape[1] != t.shape[1]
+                if s.shape[:1] + s.shape[2:] != t.shape[:1] + t.shape[2:] or (
+                    heads_differ and self.args.attention_heads == "match"
+                ):
                     raise ValueError(
                         f"Attention maps differ in shape: student layer {s_idx} {tuple(s.shape)} vs teacher layer "
                         f"{t_idx} {tuple(t.shape)} ([batch, heads, query, key]). The attention term needs the same "
-                        "number of heads and the same tokens; set attention_weight=0 or pick a student with "
-                        "the teacher's head count."
+                        "tokens (same tokenizer or patches), and with attention_heads='match' the same number of "
+                        "heads; set attention_heads='mean' to compare head-averaged maps, or attention_weight=0."
                     )
+                if heads_differ:
+                    self._attention_head_mean = True
         return pairs
 
     # ------------------------------------------------------------------ runs and checkpoints
@@ -641,6 +664,11 @@ class DistillationTrainer(Trainer):
             vector = self.accelerator.gather(vector.unsqueeze(0)).sum(0)
         return dict(zip(names, vector, strict=True))
 
+    @property
+    def _accumulation_steps(self) -> int:
+        # Set by Trainer's training loop; a compute_loss called outside train() sees one micro-batch per step.
+        return getattr(self, "current_gradient_accumulation_steps", 1)
+
     def _feature_flags(self) -> dict[str, bool]:
         flags = dict(self.term_set.flags())
         if self.args.hidden_weight > 0:
@@ -683,11 +711,30 @@ class DistillationTrainer(Trainer):
         if self._teacher_accepts_use_cache:
             kwargs["use_cache"] = False  # a KV cache is dead weight in a single forward
         with torch.no_grad():
-            return self.teacher_model(**teacher_inputs, **kwargs)
+            return call_model(self.teacher_model, teacher_inputs, kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training and (self._predicting or not self.args.eval_with_teacher):
+            return self._student_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._distills and not self._probed:
+            self._probe(inputs)
         with self._capture("student") as s_modules, self._capture("teacher") as t_modules:
             return self._compute_loss(model, inputs, return_outputs, num_items_in_batch, s_modules, t_modules)
+
+    def _student_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """Evaluation of the student alone (predict(), or eval_with_teacher=False): its own loss, no teacher."""
+        student_inputs, _, _ = self._split_inputs(inputs)
+        loss, outputs = super().compute_loss(model, student_inputs, return_outputs=True)
+        self._record({"task": loss}, "eval")
+        return (loss, outputs) if return_outputs else loss
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix="test"):
+        """`Trainer.predict`, with the student alone: predictions never need the teacher."""
+        self._predicting = True
+        try:
+            return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._predicting = False
 
     def _compute_loss(self, model, inputs, return_outputs, num_items_in_batch, s_modules, t_modules):
         args = self.args
@@ -726,7 +773,7 @@ class DistillationTrainer(Trainer):
                     task_loss = task_loss / (self.accelerator.num_processes // self.get_tp_size())
                 scaled_by_trainer = False
             if training and not scaled_by_trainer:
-                task_loss = task_loss / self.current_gradient_accumulation_steps
+                task_loss = task_loss / self._accumulation_steps
             terms["task"] = task_loss
         else:
             plain = {k: v for k, v in student_inputs.items() if k != "labels"}
@@ -832,7 +879,7 @@ class DistillationTrainer(Trainer):
             else:
                 task_coef = 1.0 / targets.ne(-100).sum().clamp_min(1)  # a tensor: no host sync
                 if training:
-                    task_coef = task_coef / self.current_gradient_accumulation_steps
+                    task_coef = task_coef / self._accumulation_steps
         loss_fn = LOGIT_LOSSES[args.logit_loss]
         sums = {"distill/logit": torch.zeros((), device=s_rows.device)}
         if with_task:
@@ -843,8 +890,10 @@ class DistillationTrainer(Trainer):
                 return t_head(t_rows[start:end]) if t_head is not None else t_rows[start:end]
 
         # Online, the teacher's hidden states are divided by T before its head: logits / T at 1/V of the cost.
+        standardize = args.logit_standardize
         scaled_teacher = (
             args.logit_loss == "kl"
+            and not standardize
             and topk is None
             and t_head is not None
             and t_head.bias is None
@@ -884,9 +933,10 @@ class DistillationTrainer(Trainer):
                     beta=args.jsd_beta,
                 ).sum()
             else:
-                distill = loss_fn(
-                    s_logits, teacher_logits(start, end), temperature=args.temperature, beta=args.jsd_beta
-                ).sum()
+                s_view, t_logits = s_logits, teacher_logits(start, end)
+                if standardize:  # the divergence sees z-scores; the task loss below keeps the raw logits
+                    s_view, t_logits = standardize_logits(s_view), standardize_logits(t_logits)
+                distill = loss_fn(s_view, t_logits, temperature=args.temperature, beta=args.jsd_beta).sum()
             sums["distill/logit"] += distill.detach()
             total = distill * logit_coef
             if with_task:
@@ -895,7 +945,7 @@ class DistillationTrainer(Trainer):
                 total = total + task * (args.task_weight * task_coef)
             return total
 
-        if args.logit_loss == "kl":
+        if args.logit_loss == "kl" and not standardize:
             fused = chunked_head_loss(
                 s_rows, s_head.weight, s_head.bias, closed_form, args.logit_chunk_size, with_gradient=True
             )
@@ -932,7 +982,7 @@ class DistillationTrainer(Trainer):
         return {k: v.clamp_min(1.0) for k, v in counts.items()}, scale
 
     def _logit_term(self, student_out, teacher_out, mask) -> torch.Tensor:
-        s, t = _get(student_out, "logits"), _get(teacher_out, "logits")
+        s, t = logits_of(student_out), logits_of(teacher_out)
         topk = teacher_out.topk if isinstance(teacher_out, CachedTeacherOutput) else None
         shift = self._kind.shifts_labels and s.dim() == 3
         if topk is not None:
@@ -948,6 +998,8 @@ class DistillationTrainer(Trainer):
             return masked_sum(per_position, mask)
         if shift:
             s, t = s[:, :-1], t[:, :-1]
+        if self.args.logit_standardize:
+            s, t = standardize_logits(s), standardize_logits(t)
         per_position = LOGIT_LOSSES[self.args.logit_loss](
             s, t, temperature=self.args.temperature, beta=self.args.jsd_beta
         )
@@ -978,10 +1030,15 @@ class DistillationTrainer(Trainer):
     def _attention_term(self, student_out, teacher_out, masks, counts) -> torch.Tensor:
         s_streams, t_streams = attention_streams(student_out, self._kind), attention_streams(teacher_out, self._kind)
         loss_fn = ATTENTION_LOSSES[self.args.attention_loss]
+        # Head-averaged maps are still distributions over keys, so every attention loss applies to them.
+        mean = self.args.attention_heads == "mean" or self._attention_head_mean
         total, n = 0.0, 0
         for stream, pairs in self._attention_pairs.items():
             for s_idx, t_idx in pairs:
-                per_query = loss_fn(s_streams[stream][s_idx], t_streams[stream][t_idx])
+                s_map, t_map = s_streams[stream][s_idx], t_streams[stream][t_idx]
+                if mean:
+                    s_map, t_map = s_map.mean(1, keepdim=True), t_map.mean(1, keepdim=True)
+                per_query = loss_fn(s_map, t_map)
                 total = total + masked_sum(per_query, masks[stream]) / counts[stream]
                 n += 1
         return total / n

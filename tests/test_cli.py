@@ -633,3 +633,49 @@ def test_eval_accuracy_reaches_tensorboard(tmp_path, tiny_text):
         accumulator.Reload()
         tags |= set(accumulator.Tags()["scalars"])
     assert {"eval/accuracy", "eval/task", "eval/distill/logit", "train/distill/hidden"} <= tags, tags
+
+
+def test_terms_from_the_command_line_and_the_labels_only_comparison(tmp_path, tiny_text, capsys):
+    path = _recipe(tmp_path, *tiny_text, compare_without_distillation=True, max_steps=2, teacher_max_steps=1)
+    terms = '[{"name": "sp", "weight": 10.0, "pooling": "cls"}, {"name": "dkd", "weight": 0.5}]'
+    assert main(["distill", "--config", str(path), "--terms", terms]) == 0
+    captured = capsys.readouterr()
+    assert "comparison: the same student on the labels alone, 2 steps" in captured.err
+    out = tmp_path / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"distill/sp", "distill/dkd"} <= set(metrics["distillation"]["terms"])
+    assert metrics["distillation"]["terms"]["distill/sp"] == {
+        "weight": 10.0,
+        "loss": "sp (pooling=cls)",
+        "last_logged": metrics["distillation"]["terms"]["distill/sp"]["last_logged"],
+    }
+    labels_only = metrics["labels_only"]
+    assert labels_only["steps"] == 2 and 0 <= labels_only["metric"] <= 1
+    assert metrics["gain"] == pytest.approx(metrics["student"]["metric"] - labels_only["metric"])
+    verdict = "Distillation helped" if metrics["gain"] > 0 else "Distillation did not help here"
+    assert verdict in captured.out and verdict in (out / "README.md").read_text()
+    assert "(labels only)" in captured.out
+    # The saved configuration keeps the terms, and runs again.
+    saved = yaml.safe_load((out / "hfkd_config.yaml").read_text())
+    assert saved["terms"] == [{"name": "sp", "weight": 10.0, "pooling": "cls"}, {"name": "dkd", "weight": 0.5}]
+    assert main(["distill", "--config", str(path), "--terms", '[{"name": "spp"}]', "--output_dir", "x"]) == 2
+    assert "no term named 'spp'" in _error(capsys)
+
+
+def test_the_comparison_says_plainly_what_helped():
+    from hfkd.report import comparison_lines
+
+    def lines(metric, teacher, student, plain):
+        gain = (plain - student) if metric == "perplexity" else (student - plain)
+        metrics = {"metric": metric, "teacher": {"metric": teacher}, "student": {"metric": student}}
+        return " ".join(comparison_lines({**metrics, "labels_only": {"metric": plain}, "gain": gain}))
+
+    assert "Distillation helped" in lines("accuracy", 0.81, 0.84, 0.80) and "undertrained" not in lines(
+        "accuracy", 0.81, 0.84, 0.80
+    )
+    text = lines("accuracy", 0.810, 0.825, 0.835)  # the 20-class case: labels alone beat both
+    assert "did not help here" in text and "1.00 points better" in text and "probably undertrained" in text
+    assert "4.00 lower" in lines("perplexity", 20.0, 30.0, 34.0)
+    assert "did not help" in lines("perplexity", 20.0, 30.0, 28.0)
+    assert lines("accuracy", 0.9, 0.8, 0.8).startswith("Distillation did not help here")
+    assert comparison_lines({"metric": "accuracy"}) == []

@@ -15,6 +15,18 @@ def _log_probs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return F.log_softmax(logits.to(dtype) / temperature, dim=-1).clamp_min(torch.finfo(dtype).min)
 
 
+def standardize_logits(logits: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Z-score of each logit vector over the class axis (Sun et al., "Logit Standardization in Knowledge
+    Distillation", CVPR 2024): (z - mean(z)) / (std(z) + eps), with the unbiased std as in the paper's code.
+
+    The divergence then compares the shapes of the two distributions, not the logits' ranges: a student need not
+    match the teacher's logit scale, only their ranking and relative gaps. The temperature still applies after it
+    (the paper's "base temperature", 2 on CIFAR-100).
+    """
+    x = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return (x - x.mean(-1, keepdim=True)) / (x.std(-1, keepdim=True) + eps)
+
+
 def _kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """KL(p || q) over the last axis, from log-probabilities."""
     return (log_p.exp() * (log_p - log_q)).sum(-1)

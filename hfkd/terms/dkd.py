@@ -1,0 +1,185 @@
+"""Decoupled knowledge distillation (Zhao, Cui, Song, Qiu & Liang, "Decoupled Knowledge Distillation", CVPR 2022).
+
+For one example with target class t and logits z over C classes, softened at temperature T,
+
+    p_i = exp(z_i / T) / sum_j exp(z_j / T)                          (all classes)
+    b = [p_t, p_\\t],  p_\\t = 1 - p_t                               (target vs the rest: a binary distribution)
+    p^_i = exp(z_i / T) / sum_{j != t} exp(z_j / T),  i != t          (the non-target classes, renormalised)
+
+and the paper rewrites classical KD as KD = KL(b^T || b^S) + (1 - p_t^T) KL(p^^T || p^^S) (Sec. 3.1). DKD drops
+the coupling factor (1 - p_t^T) and weights the two parts freely:
+
+    TCKD = KL(b^T || b^S)      = sum_{k in {t, \\t}} b^T_k log(b^T_k / b^S_k)
+    NCKD = KL(p^^T || p^^S)    = sum_{i != t} p^^T_i log(p^^T_i / p^^S_i)
+    DKD  = alpha * T^2 * TCKD + beta * T^2 * NCKD
+
+(the T^2 factors are those of the paper's code, as in Hinton et al.'s KD). The log-probabilities are taken from
+log-sum-exps, log p_t = z_t / T - LSE(z / T) and log p_\\t = LSE_{j != t}(z_j / T) - LSE(z / T), so no probability
+is rounded to 0 or 1 before its log.
+
+Defaults (the paper's CIFAR-100 setting, as in its official code, mdistiller): alpha = 1.0, beta = 8.0, T = 4.0,
+the DKD loss added to the student's cross-entropy with weight 1.0: use `weight = 1.0` for this term beside the task
+term, and `logit_weight = 0` (DKD replaces the classical logit term). Some CIFAR-100 pairs use smaller beta
+(e.g. beta = 2 for ResNet56 -> ResNet20). On ImageNet the paper uses beta = 0.5 and T = 1.0 (alpha = 1.0) with a
+warm-up of 1 epoch. The paper warms the DKD loss up linearly, min(epoch / 20, 1), over the first 20 epochs on
+CIFAR-100: `warmup_steps = n` multiplies the term by min(s / n, 1) at its s-th training forward (s = 1, 2, ...),
+counted by a buffer that checkpoints save and restore. It counts training micro-batches: with
+gradient_accumulation_steps = k, set n = k x the optimizer steps wanted (CIFAR-100 at batch 64: 20 epochs =
+20 x 782 steps); the micro-batches of one window then get slightly different factors. Evaluation uses factor 1
+(the un-warmed loss), so evaluation losses stay comparable over a run. `warmup_steps = 0` (default): no warm-up.
+
+Unit: examples (each example's DKD is summed; the trainer divides by the number of examples over the accumulated
+batch, so accumulation equals one big batch). Examples whose label is -100 have no target class and give 0 (they
+still count in that number).
+
+Scope: example-level classification logits `[batch, classes]` with integer labels `[batch]` (sequence, image and
+audio classifiers). Token-level logits `[batch, positions, vocabulary]` (token classification, masked and causal LMs)
+are refused in `setup()`: a "tokens" term is divided by the count of attention-mask positions, not by the count of
+labelled positions (labels != -100, shifted for causal LMs) the per-token DKD would be a mean over, so it could not
+be normalised correctly without a new unit in the trainer. `dkd_per_item` itself works on any leading shape.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .base import Features, Needs, Term, TermBatch, register_term
+
+IGNORE_INDEX = -100
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class DKDOptions:
+    """alpha (TCKD weight), beta (NCKD weight), temperature and warm-up; the paper's CIFAR-100 defaults.
+
+    ImageNet in the paper: beta = 0.5, temperature = 1.0. The paper's loss weight is 1.0 (the term's `weight`).
+    """
+
+    alpha: float = 1.0
+    beta: float = 8.0
+    temperature: float = 4.0
+    warmup_steps: int = 0
+
+    def __post_init__(self):
+        for name in ("alpha", "beta"):
+            value = getattr(self, name)
+            if not _number(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+        if self.alpha == 0 and self.beta == 0:
+            raise ValueError("alpha and beta are both 0: the dkd term would always be 0. Set alpha or beta > 0.")
+        if not _number(self.temperature) or self.temperature <= 0:
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}.")
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be an integer >= 0 (0: no warm-up), got {self.warmup_steps!r}.")
+
+
+def dkd_per_item(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`[..., C]` logits and `[...]` labels -> (T^2 * TCKD, T^2 * NCKD), each `[...]`; 0 where the label is -100.
+
+    Computed in float32 at least (float64 inputs stay float64), outside autocast. Needs C >= 2; with C = 2 the
+    non-target distribution has one class and NCKD is 0.
+    """
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    with torch.autocast(device_type=student_logits.device.type, enabled=False):
+        s = student_logits.to(dtype) / temperature
+        t = teacher_logits.detach().to(dtype) / temperature
+        valid = labels != IGNORE_INDEX
+        target = torch.where(valid, labels, torch.zeros_like(labels)).long().unsqueeze(-1)
+        is_target = torch.zeros(s.shape, dtype=torch.bool, device=s.device).scatter_(-1, target, True)
+
+        def log_parts(z):
+            lse = torch.logsumexp(z, dim=-1)
+            lse_rest = torch.logsumexp(z.masked_fill(is_target, float("-inf")), dim=-1)
+            log_b = torch.stack((z.gather(-1, target).squeeze(-1) - lse, lse_rest - lse), dim=-1)
+            # log p^_i for i != t; 0 at the target, so that its entry adds exp(0) * (0 - 0) = 0 below.
+            log_hat = (z - lse_rest.unsqueeze(-1)).masked_fill(is_target, 0.0)
+            return log_b, log_hat
+
+        log_b_s, log_hat_s = log_parts(s)
+        log_b_t, log_hat_t = log_parts(t)
+        tckd = (log_b_t.exp() * (log_b_t - log_b_s)).sum(-1)
+        nckd = (log_hat_t.exp() * (log_hat_t - log_hat_s)).sum(-1)
+        scale = temperature * temperature
+        zero = torch.zeros((), dtype=dtype, device=s.device)
+        return torch.where(valid, tckd * scale, zero), torch.where(valid, nckd * scale, zero)
+
+
+@register_term("dkd")
+class DecoupledKD(Term):
+    """alpha * TCKD + beta * NCKD per example (see the module docstring), summed over the micro-batch."""
+
+    unit = "examples"
+    Options = DKDOptions
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        if self.options.warmup_steps > 0:
+            # Training forwards so far; a buffer, so checkpoints save it and resuming continues the warm-up.
+            self.register_buffer("warmup_count", torch.zeros((), dtype=torch.long))
+
+    def needs(self) -> Needs:
+        return Needs(logits=True, labels=True)
+
+    def _inputs(self, student: Features, teacher: Features, batch: TermBatch):
+        """Shape checks only (no host sync): the logits of both models and the labels."""
+        s, t = student.logits, teacher.logits
+        if s is None or t is None:
+            raise ValueError("dkd needs both models' logits, but a model returned none.")
+        if s.dim() == 3 or student.kind.token_level:
+            raise ValueError(
+                f"dkd supports example-level classification logits [batch, classes] only; got token-level logits of "
+                f"shape {list(s.shape)} (token classification or language model). A 'tokens' term is normalised by "
+                "the attention-mask count, not by the labelled positions (labels != -100) a per-token DKD averages "
+                "over, so it cannot be normalised correctly. Use the built-in logit term (logit_weight) for "
+                "token-level models."
+            )
+        if s.dim() != 2:
+            raise ValueError(f"dkd needs logits of shape [batch, classes], got {list(s.shape)}.")
+        if t.shape != s.shape:
+            raise ValueError(
+                f"dkd compares the student's and the teacher's class distributions: their logits must have the same "
+                f"shape, got student {list(s.shape)} and teacher {list(t.shape)} (the same labels, in the same order)."
+            )
+        if s.shape[-1] < 2:
+            raise ValueError(
+                f"dkd needs at least 2 classes (a target and the rest), got logits with {s.shape[-1]} (a regression "
+                "head?)."
+            )
+        labels = batch.labels
+        if labels is None:
+            raise ValueError(
+                "dkd needs the labels (each example's target class), but the batch has none; evaluation data needs "
+                "a label column too."
+            )
+        if labels.shape != s.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(
+                f"dkd needs one integer class id per example, labels of shape {list(s.shape[:1])}; got "
+                f"{labels.dtype} labels of shape {list(labels.shape)} (multi-label or regression targets?)."
+            )
+        return s, t, labels
+
+    def setup(self, student: Features, teacher: Features, batch: TermBatch) -> None:
+        s, _, labels = self._inputs(student, teacher, batch)
+        bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= s.shape[-1]))
+        if bool(bad.any()):
+            raise ValueError(
+                f"dkd: labels must be class ids in [0, {s.shape[-1]}) or -100, got {labels[bad].tolist()} on the "
+                "probe batch."
+            )
+
+    def forward(self, student: Features, teacher: Features, batch: TermBatch) -> torch.Tensor:
+        s, t, labels = self._inputs(student, teacher, batch)
+        options = self.options
+        tckd, nckd = dkd_per_item(s, t.detach(), labels, options.temperature)
+        value = (options.alpha * tckd + options.beta * nckd).sum()
+        if options.warmup_steps > 0 and batch.training:
+            self.warmup_count += 1
+            value = value * (self.warmup_count.to(value.dtype) / options.warmup_steps).clamp(max=1.0)
+        return value

@@ -1,0 +1,175 @@
+"""The trainer as a new user meets it: calls outside train(), no data at construction, plain modules, other head
+counts, predictions and evaluation without the teacher."""
+
+import copy
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from tiny_models import COMMON, bert, classification_data, llama, lm_data, vit_with
+from transformers import Trainer, TrainingArguments
+
+from hfkd import DistillationConfig, DistillationTrainer
+
+
+def _collate(data, n=4):
+    rows = [data[i] for i in range(n)]
+    return {k: torch.tensor([r[k] for r in rows]) for k in rows[0]}
+
+
+def _config(tmp_path, **overrides):
+    values = {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1}
+    return DistillationConfig(output_dir=str(tmp_path / "out"), **{**COMMON, **values, **overrides})
+
+
+def test_compute_loss_outside_train_matches_the_first_step(tmp_path):
+    data = classification_data(n=4)
+    trainer = DistillationTrainer(
+        model=bert(dropout=0.0, seed=1, layers=2),
+        teacher_model=bert(dropout=0.0),
+        args=_config(tmp_path, hidden_weight=1.0),
+        train_dataset=data,
+    )
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, _collate(data))  # Trainer's own works here; so must ours
+    assert torch.isfinite(loss)
+    trainer.args.max_steps, trainer.args.optim = 1, "sgd"
+    trainer.train()
+    first = trainer.state.log_history[0]["loss"]
+    assert first == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_a_trainer_built_without_data_plans_on_its_first_batch(tmp_path):
+    """The chunked large-vocabulary path is taken at the first batch, and gives the full-logits loss."""
+    data = lm_data()
+    batch = _collate(data, 8)
+    losses = {}
+    for name, data_at_init in (("with data", data), ("without", None)):
+        trainer = DistillationTrainer(
+            model=llama(seed=1),
+            teacher_model=llama(layers=3),
+            args=_config(tmp_path / name, logit_chunk_size=4),
+            train_dataset=data_at_init,
+        )
+        trainer.model.train()
+        losses[name] = trainer.compute_loss(trainer.model, dict(batch))
+        assert trainer._chunk_heads is not None, name
+    full = DistillationTrainer(
+        model=llama(seed=1), teacher_model=llama(layers=3), args=_config(tmp_path / "full", logit_chunk_size=0)
+    )
+    full.model.train()
+    reference = full.compute_loss(full.model, dict(batch))
+    assert full._chunk_heads is None
+    torch.testing.assert_close(losses["without"], losses["with data"], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(losses["without"], reference, rtol=1e-5, atol=1e-6)
+
+
+class PlainCNN(torch.nn.Module):
+    """A timm-style classifier: forward(x) returns a logits tensor; no config, no hidden_states."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.global_pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.global_pool(self.features(x)).flatten(1))
+
+
+def test_a_plain_module_teacher_teaches_a_vit_with_kd_and_a_relation_term(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict(
+        {"pixel_values": torch.randn(8, 3, 16, 16, generator=g).tolist(), "labels": [0, 1, 2, 0, 1, 2, 0, 1]}
+    ).with_format("torch")
+    teacher = PlainCNN()
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    terms = [{"name": "sp", "weight": 100.0, "teacher_module": "global_pool", "student_layer": -1, "pooling": "cls"}]
+    trainer = DistillationTrainer(
+        model=vit_with(), teacher_model=teacher, args=_config(tmp_path, terms=terms), train_dataset=data
+    )
+    before = copy.deepcopy(trainer.model.state_dict())
+    trainer.train()
+    logs = [e for e in trainer.state.log_history if "loss" in e]
+    assert len(logs) == 2 and calls
+    for entry in logs:
+        assert entry["loss"] == pytest.approx(
+            0.5 * entry["task"] + 0.5 * entry["distill/logit"] + 100.0 * entry["distill/sp"], rel=1e-4
+        )
+        assert entry["distill/logit"] > 0 and entry["distill/sp"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+
+
+def _attention_reference(student, teacher, batch) -> float:
+    """float64, from the definition: KL(teacher || student) per kept query row, between head-averaged maps, over
+    the uniform layer map (student layer k -> teacher layer round((k + 1) * L_t / L_s) - 1), averaged over pairs."""
+    with torch.no_grad():
+        s_maps = student(**batch, output_attentions=True).attentions
+        t_maps = teacher(**batch, output_attentions=True).attentions
+    mask = batch["attention_mask"].numpy().astype(bool)
+    pairs = [(k, round((k + 1) * len(t_maps) / len(s_maps)) - 1) for k in range(len(s_maps))]
+    total = 0.0
+    for s_idx, t_idx in pairs:
+        s = s_maps[s_idx].double().mean(1).numpy()
+        t = t_maps[t_idx].double().mean(1).numpy()
+        value, count = 0.0, 0
+        for b in range(s.shape[0]):
+            for q in range(s.shape[1]):
+                if not mask[b, q]:
+                    continue
+                count += 1
+                for k in range(s.shape[2]):
+                    if t[b, q, k] > 0:
+                        value += t[b, q, k] * (np.log(t[b, q, k]) - np.log(s[b, q, k]))
+        total += value / count
+    return total / len(pairs)
+
+
+def test_attention_between_other_head_counts_compares_head_averaged_maps(tmp_path):
+    data = classification_data(n=4)
+    student, teacher = bert(heads=2, layers=2, dropout=0.0, seed=1), bert(heads=4, dropout=0.0)
+    for model in (student, teacher):
+        model.set_attn_implementation("eager")
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=_config(tmp_path, attention_weight=1.0, per_device_eval_batch_size=4),
+        train_dataset=data,
+        eval_dataset=data,
+    )
+    metrics = trainer.evaluate()
+    expected = _attention_reference(student.eval(), teacher.eval(), {k: v for k, v in _collate(data).items()})
+    assert metrics["eval_distill/attention"] == pytest.approx(expected, rel=2e-4)  # float32 maps, KL ~ 3e-5
+    with pytest.raises(ValueError, match="attention_heads must be"):
+        _config(tmp_path, attention_heads="max")
+
+
+def test_predict_and_student_only_evaluation_never_run_the_teacher(tmp_path):
+    data = classification_data(n=8)
+    teacher = bert(dropout=0.0)
+    calls = []
+    teacher.register_forward_hook(lambda *_: calls.append(1))
+    student = bert(layers=2, dropout=0.0, seed=1)
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=_config(tmp_path), train_dataset=data, eval_dataset=data
+    )
+    calls.clear()
+    prediction = trainer.predict(data)
+    assert not calls
+    with torch.no_grad():
+        logits = student.eval()(**{k: v for k, v in _collate(data, 8).items() if k != "labels"}).logits
+    np.testing.assert_allclose(prediction.predictions, logits.numpy(), rtol=1e-5, atol=1e-6)
+    # By default evaluation runs the teacher and eval_loss is the weighted objective ...
+    with_teacher = trainer.evaluate()
+    assert calls and "eval_distill/logit" in with_teacher
+    # ... and with eval_with_teacher=False it is the student's own loss, as plain Trainer reports it.
+    calls.clear()
+    trainer.args.eval_with_teacher = False
+    alone = trainer.evaluate()
+    assert not calls and "eval_distill/logit" not in alone
+    plain = Trainer(model=student, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **COMMON))
+    assert alone["eval_loss"] == pytest.approx(plain.evaluate(data)["eval_loss"], rel=1e-6)
+    assert alone["eval_task"] == pytest.approx(alone["eval_loss"], rel=1e-6)
