@@ -31,7 +31,9 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checks import ModelLimits, model_limits, teacher_view
+from .batch import LABEL_KEYS, TEACHER_PREFIX, teacher_inputs
+from .batch import student_inputs as batch_student_inputs
+from .checks import ModelLimits, model_limits
 from .fingerprint import dataset_fingerprint, model_fingerprint, processor_fingerprint
 from .layer_map import resolve_layer_map
 from .losses.topk import TOPK_LOSSES, fold_teacher
@@ -100,7 +102,7 @@ def _teacher_columns(dataset, teacher: torch.nn.Module, student: torch.nn.Module
     for model in (teacher, student):
         if model is not None:
             wanted |= set(inspect.signature(unwrap_peft(model).forward).parameters)
-    return [c for c in dataset.column_names if c in wanted or c.startswith("teacher_")]
+    return [c for c in dataset.column_names if c in wanted or c.startswith(TEACHER_PREFIX)]
 
 
 # ---------------------------------------------------------------------------------------------------- build
@@ -245,8 +247,8 @@ def _flags(teacher, args) -> dict:
 
 
 def _teacher_inputs(batch: dict, device) -> dict:
-    """What the teacher reads from a collated batch (as in training: `checks.teacher_view`), on its device."""
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in teacher_view(batch).items()}
+    """What the teacher reads from a collated batch (as in training: `hfkd.batch.teacher_inputs`), on its device."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in teacher_inputs(batch).items()}
 
 
 def _positions(batch: dict, b: int) -> torch.Tensor | None:
@@ -284,8 +286,8 @@ def _plan_layout(out, batch, args, teacher, student, collator, rows_view, top_k,
         probe = collator([dict(rows_view[i]) for i in range(min(2, len(rows_view)))])
         student_inputs = {
             k: v.to(next(student.parameters()).device) if isinstance(v, torch.Tensor) else v
-            for k, v in probe.items()
-            if not k.startswith("teacher_") and k not in ("labels", "label")
+            for k, v in batch_student_inputs(probe).items()
+            if k not in LABEL_KEYS
         }
         was_training = student.training
         student.eval()

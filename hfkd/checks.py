@@ -18,14 +18,13 @@ from dataclasses import dataclass
 import torch
 from transformers.models.auto import modeling_auto
 
+from .batch import LABEL_KEYS, student_inputs, teacher_inputs, teacher_key
 from .teacher import unwrap_peft
 
 logger = logging.getLogger(__name__)
 
-# Prefix of batch keys meant for the teacher only (the trainer's TEACHER_INPUT_PREFIX).
-TEACHER_PREFIX = "teacher_"
 # Columns Trainer's collators turn into `labels`.
-LABEL_COLUMNS = ("labels", "label", "label_ids")
+LABEL_COLUMNS = LABEL_KEYS
 IGNORE_INDEX = -100
 # Rows per Arrow slice when a data set's columns are scanned (bounded memory on large data sets).
 _SCAN_ROWS = 65_536
@@ -217,15 +216,8 @@ def check_logit_heads(student: ModelLimits, teacher: ModelLimits, logit_weight: 
 
 
 # ---------------------------------------------------------------------------------------------------- batches
-def teacher_view(batch: dict) -> dict:
-    """What the teacher receives from a batch: the student's inputs without labels, `teacher_*` keys renamed."""
-    view = {k: v for k, v in batch.items() if not k.startswith(TEACHER_PREFIX) and k not in LABEL_COLUMNS}
-    view.update({k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)})
-    return view
-
-
 def _key_for(role: str, key: str) -> str:
-    return TEACHER_PREFIX + key if role == "teacher" else key
+    return teacher_key(key) if role == "teacher" else key
 
 
 def _tensor(value) -> torch.Tensor | None:
@@ -248,7 +240,7 @@ def _describe_image(limits: ModelLimits) -> str:
 def check_image_pair(keys, student: ModelLimits, teacher: ModelLimits) -> None:
     """Student and teacher that need differently preprocessed images must get `teacher_pixel_values`."""
     keys = set(keys)
-    if "pixel_values" not in keys or TEACHER_PREFIX + "pixel_values" in keys:
+    if "pixel_values" not in keys or teacher_key("pixel_values") in keys:
         return
     sizes_differ = student.image_size and teacher.image_size and student.image_size != teacher.image_size
     channels_differ = student.num_channels and teacher.num_channels and student.num_channels != teacher.num_channels
@@ -391,14 +383,14 @@ def check_probe_batch(
 ) -> None:
     """Everything a collated batch must satisfy before both models run on it."""
     check_image_pair(batch, student, teacher)
-    student_inputs = {k: v for k, v in batch.items() if not k.startswith(TEACHER_PREFIX)}
-    check_labels(student_inputs, student, where, task_loss=task_loss, require_labels=require_labels)
-    check_model_inputs(student_inputs, student, where)
-    teacher_inputs = teacher_view(batch)
-    if teacher.encoder_decoder and "decoder_input_ids" not in teacher_inputs and "labels" in batch:
+    for_student = student_inputs(batch)
+    check_labels(for_student, student, where, task_loss=task_loss, require_labels=require_labels)
+    check_model_inputs(for_student, student, where)
+    for_teacher = teacher_inputs(batch)
+    if teacher.encoder_decoder and "decoder_input_ids" not in for_teacher and "labels" in batch:
         # The teacher decodes the sequence the labels give (the trainer derives its decoder_input_ids from them).
-        teacher_inputs["decoder_input_ids"] = batch["labels"]
-    check_model_inputs(teacher_inputs, teacher, where)
+        for_teacher["decoder_input_ids"] = batch["labels"]
+    check_model_inputs(for_teacher, teacher, where)
 
 
 # ---------------------------------------------------------------------------------------------------- data sets

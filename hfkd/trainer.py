@@ -14,8 +14,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from . import checks
+from .batch import TEACHER_PREFIX, student_inputs, teacher_inputs, teacher_key
 from .cache import (
-    CACHED_PREFIX,
     ROW_COLUMN,
     CachedTeacherCollator,
     CachedTeacherOutput,
@@ -50,9 +50,6 @@ from .terms.runner import ROW_IDS_KEY, RowIdCollator, TermSet, capture_modules
 
 logger = logging.getLogger(__name__)
 
-# Prefix of batch keys meant for the teacher only (e.g. `teacher_pixel_values` when the two models preprocess
-# images differently); the student never sees them.
-TEACHER_INPUT_PREFIX = "teacher_"
 
 # Written in output_dir and in each checkpoint: which teacher and student the checkpoints belong to.
 RUN_FILE = "hfkd_run.json"
@@ -237,7 +234,7 @@ class DistillationTrainer(Trainer):
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        extra = [TEACHER_INPUT_PREFIX + c for c in self._signature_columns if not c.startswith(TEACHER_INPUT_PREFIX)]
+        extra = [teacher_key(c) for c in self._signature_columns if not c.startswith(TEACHER_PREFIX)]
         extra.append(ROW_COLUMN)
         self._signature_columns += [c for c in extra if c not in self._signature_columns]
 
@@ -680,22 +677,16 @@ class DistillationTrainer(Trainer):
     def _split_inputs(self, inputs: dict) -> tuple[dict, dict, dict]:
         """Student inputs, teacher inputs (no labels; `teacher_*` keys renamed), and the full batch for masks."""
         inputs = dict(inputs)
-        student = {
-            k: v
-            for k, v in inputs.items()
-            if not k.startswith(TEACHER_INPUT_PREFIX) and not k.startswith(CACHED_PREFIX) and k != ROW_IDS_KEY
-        }
+        student = student_inputs(inputs)
+        derived = {}
         if self._kind.encoder_decoder and "labels" in student and "decoder_input_ids" not in student:
             # Both models must decode the same sequence; derive it once from the labels as the models would.
             prepare = getattr(
                 unwrap_peft(self.accelerator.unwrap_model(self.model)), "prepare_decoder_input_ids_from_labels", None
             )
             if prepare is not None:
-                student["decoder_input_ids"] = prepare(labels=student["labels"])
-        teacher = {k: v for k, v in student.items() if k not in ("labels", "num_items_in_batch")}
-        teacher.update(
-            {k[len(TEACHER_INPUT_PREFIX) :]: v for k, v in inputs.items() if k.startswith(TEACHER_INPUT_PREFIX)}
-        )
+                derived["decoder_input_ids"] = student["decoder_input_ids"] = prepare(labels=student["labels"])
+        teacher = teacher_inputs({**inputs, **derived})
         return student, teacher, inputs
 
     def _teacher_outputs(self, batch: dict, teacher_inputs: dict, **extra):

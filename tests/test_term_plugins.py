@@ -156,3 +156,18 @@ def test_example_terms_accumulate_exactly_and_batch_terms_average(tmp_path):
         rtol=1e-5,
         atol=1e-6,
     )
+
+
+def test_the_readme_example_of_a_users_own_term_runs(tmp_path):
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("```python", readme.index("**Your own term:**")) + len("```python")
+    code = readme[start : readme.index("```", start)]
+    if "pooled_cosine" not in TERMS:
+        exec(compile(code, "README.md", "exec"), {})
+    trainer = _trainer(tmp_path, [{"name": "pooled_cosine", "weight": 1.0, "margin": 0.1}])
+    before = trainer.term_set.terms["pooled_cosine"].proj.weight.detach().clone()
+    trainer.train()
+    assert not torch.equal(before, trainer.term_set.terms["pooled_cosine"].proj.weight)
+    assert all("distill/pooled_cosine" in e for e in trainer.state.log_history if "loss" in e)

@@ -1,0 +1,36 @@
+"""The one place a batch is split into what each model receives.
+
+A batch may hold keys for the teacher only (`teacher_<key>`, e.g. `teacher_pixel_values` when the two models
+preprocess images differently; the teacher gets them without the prefix, in place of the student's) and keys that
+are hfkd's own bookkeeping (`hfkd_*`: cached teacher outputs, row ids), which no model receives. Labels go to the
+student only.
+"""
+
+TEACHER_PREFIX = "teacher_"
+INTERNAL_PREFIX = "hfkd_"
+LABEL_KEYS = ("labels", "label", "label_ids")
+
+
+def student_inputs(batch: dict) -> dict:
+    """The student's keyword arguments: everything but teacher-only and hfkd keys (labels included)."""
+    return {k: v for k, v in batch.items() if not _is_teacher_key(k) and not _is_internal(k)}
+
+
+def teacher_inputs(batch: dict) -> dict:
+    """The teacher's keyword arguments: the student's inputs without labels, `teacher_*` keys renamed over them."""
+    view = {k: v for k, v in student_inputs(batch).items() if k not in LABEL_KEYS and k != "num_items_in_batch"}
+    view.update({k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if _is_teacher_key(k)})
+    return view
+
+
+def teacher_key(key: str) -> str:
+    """The batch key that holds `key` for the teacher only."""
+    return TEACHER_PREFIX + key
+
+
+def _is_teacher_key(key) -> bool:
+    return isinstance(key, str) and key.startswith(TEACHER_PREFIX)
+
+
+def _is_internal(key) -> bool:
+    return isinstance(key, str) and key.startswith(INTERNAL_PREFIX)
