@@ -124,6 +124,12 @@ class DistillationTrainer(Trainer):
         self.loss_is_scaled_for_ga = True
 
         self.term_set = TermSet(args.term_specs)
+        # Before any needs(): terms that pick their submodules by name patterns resolve them from these names
+        # (the same unwrapped models _capture hooks).
+        self.term_set.bind_module_names(
+            tuple(name for name, _ in unwrap_peft(self.accelerator.unwrap_model(self.model)).named_modules()),
+            tuple(name for name, _ in unwrap_peft(teacher).named_modules()) if teacher is not None else (),
+        )
         self._terms_wrapped: torch.nn.Module | None = None
         if args.attention_weight > 0 or self.term_set.needs().attentions:
             ensure_eager_attention(self.model, "student")

@@ -1,21 +1,20 @@
 """Teacher-output caching: cached training equals online training, top-k folding, fingerprints and refusals."""
 
 import copy
+import math
 import os
 
 import datasets
+import numpy as np
 import pytest
 import torch
-from test_trainer import COMMON, _params, llama, lm_data
-from tiny_models import dataset_for, teacher_student_pair
+from tiny_models import COMMON, dataset_for, llama, lm_data, parameters_of, teacher_student_pair
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
 from hfkd import DistillationConfig, DistillationTrainer, TeacherCache, build_teacher_cache
 from hfkd.cache import CACHE_FILE, TeacherCacheError
 from hfkd.losses import LOGIT_LOSSES
 from hfkd.losses.topk import fold_teacher, topk_logit_loss
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def _config(tmp_path, name="run", **terms):
@@ -46,7 +45,7 @@ class _Counter:
 def _train(config, student, teacher, data, **kwargs):
     trainer = DistillationTrainer(model=student, teacher_model=teacher, args=config, train_dataset=data, **kwargs)
     trainer.train()
-    return trainer, [e for e in trainer.state.log_history if "loss" in e], _params(student)
+    return trainer, [e for e in trainer.state.log_history if "loss" in e], parameters_of(student)
 
 
 # ---------------------------------------------------------------------------------------------------- exactness
@@ -107,6 +106,54 @@ def test_cached_classification_and_vision_equal_online_without_any_teacher(tmp_p
     # Without a teacher, evaluation reports the student's own loss only.
     metrics = trainer.evaluate(dataset_for(family))
     assert "eval_loss" in metrics and "eval_distill/logit" not in metrics
+
+
+def test_topk_cache_stores_the_teachers_own_log_probabilities_at_the_configured_temperature(tmp_path):
+    """Each stored value against a float64 forward of the teacher: log softmax(logits / T) at the k stored ids, which
+    are the k most likely, and log(1 - their mass) in the last column. Every row, real positions only."""
+    data, teacher = lm_data(), llama(hidden=32, layers=4, seed=2)
+    temperature, k = 2.0, 8
+    cache = build_teacher_cache(
+        teacher,
+        data,
+        str(tmp_path / "cache"),
+        args=_config(tmp_path, temperature=temperature),
+        top_k=k,
+        progress=False,
+    )
+    assert cache.logits["temperature"] == temperature
+    stored = datasets.concatenate_datasets(
+        [datasets.Dataset.from_file(str(tmp_path / "cache" / name)) for name in cache.meta["shards"]]
+    )
+    assert stored["row"] == list(range(len(data)))
+    reference_teacher = copy.deepcopy(teacher).double().eval()
+    checked = 0
+    for row in range(len(data)):
+        length = sum(data[row]["attention_mask"])
+        assert stored[row]["length"] == length
+        ids = np.asarray(stored[row]["topk_ids"]).reshape(length, k)
+        log_probs = np.asarray(stored[row]["topk_logprobs"], dtype=np.float64).reshape(length, k + 1)
+        if length == 0:  # a row that is all padding stores nothing
+            continue
+        with torch.no_grad():
+            logits = reference_teacher(
+                input_ids=torch.tensor([data[row]["input_ids"][:length]]),
+                attention_mask=torch.ones(1, length, dtype=torch.long),
+            ).logits[0]
+        for position in range(length):
+            scaled = [float(v) / temperature for v in logits[position]]
+            top = max(scaled)
+            log_norm = top + math.log(sum(math.exp(v - top) for v in scaled))
+            reference = [v - log_norm for v in scaled]  # log softmax(logits / T)
+            chosen = [int(i) for i in ids[position]]
+            assert len(set(chosen)) == k
+            rest = [reference[i] for i in range(len(reference)) if i not in chosen]
+            assert min(reference[i] for i in chosen) >= max(rest) - 1e-6, "not the k most likely ids"
+            np.testing.assert_allclose(log_probs[position, :k], [reference[i] for i in chosen], rtol=0, atol=1e-5)
+            rest_mass = math.log(sum(math.exp(v) for v in rest))
+            assert log_probs[position, k] == pytest.approx(rest_mass, abs=1e-5)
+            checked += 1
+    assert checked == sum(sum(m) for m in data["attention_mask"])
 
 
 def test_topk_cache_trains_and_logs_the_folded_divergence(tmp_path):
@@ -186,8 +233,9 @@ def test_a_cache_that_does_not_match_the_run_is_refused(tmp_path, lm_cache):
         DistillationTrainer(
             model=student, args=_config(tmp_path, "run", teacher_cache_dir=str(tmp_path)), train_dataset=data
         )
-    assert not (tmp_path / "run" / "checkpoint-1").exists()
+    assert not (tmp_path / "run").exists()  # no refused trainer left its output_dir behind
     make(teacher=teacher)  # the right teacher, data and settings are accepted
+    assert (tmp_path / "run").is_dir()
 
 
 def test_hidden_layers_missing_from_the_cache_are_refused(tmp_path):

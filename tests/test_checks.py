@@ -9,40 +9,30 @@ loss, invalid ones raise ValueError or TypeError, never anything else.
 import copy
 import math
 import os
-import sys
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-
-import datasets  # noqa: E402
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from hypothesis import HealthCheck, event, example, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from transformers import (  # noqa: E402
-    BertConfig,
-    BertForMaskedLM,
-    BertForSequenceClassification,
-    ViTConfig,
-    ViTForImageClassification,
-)
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import tiny_models  # noqa: E402
-from tiny_models import (  # noqa: E402
+import datasets
+import numpy as np
+import pytest
+import tiny_models
+import torch
+import transformers
+from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import strategies as st
+from tiny_models import (
     NUM_LABELS,
     VOCAB_SIZE,
+    bert_with,
     image_dataset,
     text_dataset,
     tiny_bert,
     tiny_resnet,
     tiny_vit,
+    vit_with,
 )
+from transformers import BertConfig, BertForSequenceClassification
 
-from hfkd import DistillationConfig, DistillationTrainer  # noqa: E402
-from hfkd.losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES  # noqa: E402
+from hfkd import DistillationConfig, DistillationTrainer
+from hfkd.losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
 
 COMMON = {
     "report_to": [],
@@ -128,38 +118,6 @@ def trainer(out, student, teacher, data, data_collator=None, eval_dataset=None, 
         eval_dataset=eval_dataset,
         data_collator=data_collator,
     )
-
-
-def bert_with(head="sequence", *, vocab=VOCAB_SIZE, heads=2, labels=NUM_LABELS, hidden=16, layers=2, seed=1, **kw):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=2 * hidden,
-        max_position_embeddings=32,
-        attention_probs_dropout_prob=0.0,
-        num_labels=labels,
-        **kw,
-    )
-    return (BertForMaskedLM if head == "mlm" else BertForSequenceClassification)(config)
-
-
-def vit_with(image_size=16, num_channels=3, hidden=16, layers=2, seed=1):
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        image_size=image_size,
-        patch_size=4,
-        num_channels=num_channels,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=2,
-        intermediate_size=2 * hidden,
-        num_labels=NUM_LABELS,
-        attn_implementation="eager",
-    )
-    return ViTForImageClassification(config)
 
 
 def list_collator(features):
@@ -264,7 +222,12 @@ def test_attention_head_mismatch(tmp_path, steps, bert_pair):
     teacher, _ = bert_pair
     expect_error(
         lambda: trainer(
-            tmp_path / "out", bert_with(heads=4), teacher, text_dataset("sequence", 4), attention_weight=1
+            tmp_path / "out",
+            bert_with(heads=4),
+            teacher,
+            text_dataset("sequence", 4),
+            attention_weight=1,
+            attention_heads="match",
         ),
         ValueError,
         "Attention maps differ in shape",
@@ -801,10 +764,15 @@ def property_setup(tmp_path_factory):
     return teacher, student, text_dataset("sequence", 4), tmp_path_factory
 
 
+# Reproducible: derandomize draws the same 25 examples on every run (from the test's own source, not a clock), and
+# database=None keeps no .hypothesis/ store between runs, so a failure is the same failure next time. A failing
+# example is printed in full by Hypothesis; add it as an @example below to keep it.
 @settings(
     max_examples=25,
     deadline=None,
     database=None,
+    derandomize=True,
+    print_blob=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(fields=config_fields())

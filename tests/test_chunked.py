@@ -1,13 +1,11 @@
 """The chunked large-vocabulary logit loss: same loss and gradients as the full logits, without the full logits."""
 
 import copy
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from test_trainer import COMMON, _params, llama, lm_data
-from tiny_models import dataset_for, tiny_gpt2
+from tiny_models import COMMON, dataset_for, llama, lm_data, parameters_of, tiny_gpt2
 from transformers import LlamaForCausalLM
 
 from hfkd import DistillationConfig, DistillationTrainer
@@ -15,8 +13,6 @@ from hfkd.losses import LOGIT_LOSSES
 from hfkd.losses.chunked import chunked_head_loss
 from hfkd.losses.fused import kl_ce_with_grad
 from hfkd.losses.topk import fold_teacher, topk_logit_loss
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.mark.parametrize("loss_name", ["kl", "reverse_kl", "jsd", "mse"])
@@ -78,7 +74,7 @@ def _run(tmp_path, name, student, teacher, data, chunk, batch=8, accumulation=1,
     trainer.train()
     handle.remove()
     logs = [e for e in trainer.state.log_history if "loss" in e]
-    return trainer, logs, _params(student), shapes
+    return trainer, logs, parameters_of(student), shapes
 
 
 @pytest.mark.parametrize(

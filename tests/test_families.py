@@ -6,27 +6,21 @@ evaluation reports every term, and the checkpoint keeps the projections out of t
 students are all reloaded with plain transformers in one subprocess that never imports hfkd.
 """
 
-import os
-
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 import json
 import logging
 import math
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import tiny_models
 import torch
 from safetensors import safe_open
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import tiny_models  # noqa: E402
-
-from hfkd import DistillationConfig, DistillationTrainer, student_from_teacher  # noqa: E402
+from hfkd import DistillationConfig, DistillationTrainer, student_from_teacher
 
 PROJECTOR_FILE = "hfkd_projector.safetensors"
 MAX_STEPS = 3

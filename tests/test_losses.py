@@ -1,4 +1,7 @@
-"""Losses as pure functions, against float64 references written out independently with numpy."""
+"""Losses as pure functions, against float64 references written out independently (numpy, explicit loops) and
+known values."""
+
+import math
 
 import numpy as np
 import pytest
@@ -30,6 +33,59 @@ def _kl_np(p, q):
     return (p * (np.log(p) - np.log(q))).sum(-1)
 
 
+# Per-position references written from the definitions with explicit loops in float64: nothing here reuses the
+# implementation's expressions or its helper functions.
+def _positions(x):
+    """Every index of x but the last axis (the axis a loss reduces), in order."""
+    return list(np.ndindex(*x.shape[:-1]))
+
+
+def _softmax_row(logits, temperature):
+    scaled = [float(v) / temperature for v in logits]
+    top = max(scaled)
+    weights = [math.exp(v - top) for v in scaled]
+    total = sum(weights)
+    return [w / total for w in weights]
+
+
+def _kl_row(p, q):
+    """KL(p || q) = sum_i p_i log(p_i / q_i), with 0 log 0 = 0."""
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0)
+
+
+def _divergence_reference(student, teacher, temperature, direction):
+    """T^2 KL between the two softmax distributions at T, per position; 'forward' is KL(teacher || student)."""
+    s, t = student.double().numpy(), teacher.double().numpy()
+    out = np.zeros(s.shape[:-1])
+    for index in _positions(s):
+        p_s, p_t = _softmax_row(s[index], temperature), _softmax_row(t[index], temperature)
+        kl = _kl_row(p_t, p_s) if direction == "forward" else _kl_row(p_s, p_t)
+        out[index] = temperature**2 * kl
+    return out
+
+
+def _mean_square_reference(a, b):
+    """(1 / n) sum_i (a_i - b_i)^2 over the last axis, per position."""
+    a, b = a.double().numpy(), b.double().numpy()
+    out = np.zeros(a.shape[:-1])
+    for index in _positions(a):
+        diffs = [float(x) - float(y) for x, y in zip(a[index], b[index])]
+        out[index] = sum(d * d for d in diffs) / len(diffs)
+    return out
+
+
+def _attention_mse_reference(student, teacher):
+    """For maps [batch, heads, query, key]: (1 / heads) sum_h (1 / keys) sum_k (s - t)^2, per (batch, query)."""
+    s, t = student.double().numpy(), teacher.double().numpy()
+    batch, heads, queries, keys = s.shape
+    out = np.zeros((batch, queries))
+    for b in range(batch):
+        for q in range(queries):
+            per_head = [sum((s[b, h, q, k] - t[b, h, q, k]) ** 2 for k in range(keys)) / keys for h in range(heads)]
+            out[b, q] = sum(per_head) / heads
+    return out
+
+
 @pytest.fixture
 def logits():
     g = torch.Generator().manual_seed(0)
@@ -59,9 +115,26 @@ def test_jsd_matches_float64_reference(logits, beta):
 
 
 def test_jsd_endpoints_are_forward_and_reverse_kl(logits):
-    s, t = logits
-    torch.testing.assert_close(generalized_jsd(s, t, temperature=1.5, beta=0.0), forward_kl(s, t, temperature=1.5))
-    torch.testing.assert_close(generalized_jsd(s, t, temperature=1.5, beta=1.0), reverse_kl(s, t, temperature=1.5))
+    """GKD's convention: beta = 0 is T^2 KL(teacher || student), beta = 1 is T^2 KL(student || teacher)."""
+    s, t = (x.double() for x in logits)  # float64 in, float64 out: the references can be tight
+    for beta, direction in ((0.0, "forward"), (1.0, "reverse")):
+        expected = _divergence_reference(s, t, 1.5, direction)
+        got = generalized_jsd(s, t, temperature=1.5, beta=beta)
+        assert got.dtype == torch.float64
+        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10, atol=1e-12, err_msg=f"beta={beta}")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_jsd_endpoints_known_values(temperature):
+    # Student probabilities (1/4, 3/4), teacher (1/2, 1/2) at temperature T: logits T * log p.
+    student = torch.tensor([[0.0, temperature * math.log(3.0)]], dtype=torch.float64)
+    teacher = torch.tensor([[0.0, 0.0]], dtype=torch.float64)
+    forward = 0.5 * math.log(0.5 / 0.25) + 0.5 * math.log(0.5 / 0.75)  # KL(teacher || student) = log(4/3) / 2
+    reverse = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)  # KL(student || teacher)
+    got_0 = generalized_jsd(student, teacher, temperature=temperature, beta=0.0).item()
+    got_1 = generalized_jsd(student, teacher, temperature=temperature, beta=1.0).item()
+    assert got_0 == pytest.approx(temperature**2 * forward, rel=1e-12)
+    assert got_1 == pytest.approx(temperature**2 * reverse, rel=1e-12)
 
 
 def test_symmetric_jsd_is_symmetric_and_bounded(logits):
@@ -93,8 +166,15 @@ def test_temperature_squared_scaling():
 
 def test_logit_mse_reference(logits):
     s, t = logits
-    expected = ((s.double() - t.double()) ** 2).mean(-1)
+    expected = torch.from_numpy(_mean_square_reference(s, t))
     torch.testing.assert_close(logit_mse(s, t).double(), expected, rtol=1e-5, atol=1e-6)
+    # Raw logits: the temperature does not enter (Ba & Caruana).
+    torch.testing.assert_close(logit_mse(s, t, temperature=4.0).double(), expected, rtol=1e-5, atol=1e-6)
+    # ((1 - 0)^2 + (2 - 0)^2 + (3 - 0)^2) / 3 and ((1 - 2)^2 + (1 - 0)^2 + (1 - 1)^2) / 3
+    known = logit_mse(
+        torch.tensor([[1.0, 2.0, 3.0], [1.0, 1.0, 1.0]]), torch.tensor([[0.0, 0.0, 0.0], [2.0, 0.0, 1.0]])
+    )
+    torch.testing.assert_close(known, torch.tensor([14.0 / 3.0, 2.0 / 3.0]))
 
 
 def test_masked_class_with_minus_inf_gives_finite_kl():
@@ -122,7 +202,10 @@ def test_logit_gradients_are_finite_and_reach_the_student(logits, name):
 def test_hidden_losses_reference():
     g = torch.Generator().manual_seed(1)
     s, t = torch.randn(2, 4, 8, generator=g), torch.randn(2, 4, 8, generator=g)
-    torch.testing.assert_close(hidden_mse(s, t).double(), ((s.double() - t.double()) ** 2).mean(-1))
+    torch.testing.assert_close(hidden_mse(s, t).double(), torch.from_numpy(_mean_square_reference(s, t)))
+    # ((1 - 3)^2 + (2 - 0)^2) / 2 = 4 and ((0 - 0)^2 + (-1 - 1)^2) / 2 = 2
+    known = hidden_mse(torch.tensor([[1.0, 2.0], [0.0, -1.0]]), torch.tensor([[3.0, 0.0], [0.0, 1.0]]))
+    torch.testing.assert_close(known, torch.tensor([4.0, 2.0]))
     sn, tn = s.double().numpy(), t.double().numpy()
     cos = (sn * tn).sum(-1) / np.linalg.norm(sn, axis=-1) / np.linalg.norm(tn, axis=-1)
     np.testing.assert_allclose(hidden_cosine(s, t).numpy(), 1 - cos, rtol=1e-5, atol=1e-6)
@@ -140,10 +223,18 @@ def test_attention_losses_reference_and_padded_keys():
     ps, pt = a_s.double().numpy()[..., :-1], a_t.double().numpy()[..., :-1]
     expected_kl = _kl_np(pt, ps).mean(1)
     np.testing.assert_allclose(attention_kl(a_s, a_t).numpy(), expected_kl, rtol=1e-4, atol=1e-6)
-    expected_mse = ((a_s.double() - a_t.double()) ** 2).mean(-1).mean(1)
+    expected_mse = torch.from_numpy(_attention_mse_reference(a_s, a_t))
     torch.testing.assert_close(attention_mse(a_s, a_t).double(), expected_mse)
     assert attention_kl(a_s, a_t).shape == (2, 5)
     torch.testing.assert_close(attention_kl(a_t, a_t.clone()), torch.zeros(2, 5), atol=1e-6, rtol=0)
+
+
+def test_attention_mse_known_value():
+    # [batch 1, heads 2, query 2, key 2]. Query 0: head 0 differs by 1 at both keys (mean 1), head 1 agrees: 1 / 2.
+    # Query 1: head 0 agrees, head 1 differs by 1/2 at both keys (mean 1/4): 1 / 8.
+    student = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]], [[0.5, 0.5], [0.5, 0.5]]]])
+    teacher = torch.tensor([[[[0.0, 1.0], [0.5, 0.5]], [[0.5, 0.5], [1.0, 0.0]]]])
+    torch.testing.assert_close(attention_mse(student, teacher), torch.tensor([[0.5, 0.125]]))
 
 
 def test_masked_sum_ignores_masked_positions_even_if_nan():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -12,8 +11,6 @@ import torch
 import transformers as tf
 
 from hfkd.student import student_from_teacher
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 VOCAB = 99
 

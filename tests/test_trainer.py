@@ -2,87 +2,14 @@
 normalisation under gradient accumulation, checkpoints of the projections, and early errors."""
 
 import copy
-import os
 
-import datasets
 import pytest
 import torch
-from transformers import (
-    BertConfig,
-    BertForSequenceClassification,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-)
+from tiny_models import COMMON, bert, classification_data, llama, lm_data, parameters_of
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hfkd import DistillationConfig, DistillationTrainer
 from hfkd.projection import PROJECTOR_FILE
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-COMMON = {"report_to": [], "use_cpu": True, "disable_tqdm": True, "save_strategy": "no", "seed": 0}
-
-
-def bert(hidden=32, layers=4, heads=4, labels=3, vocab=99, dropout=0.1, seed=0):
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=2 * hidden,
-        num_labels=labels,
-        hidden_dropout_prob=dropout,
-        attention_probs_dropout_prob=dropout,
-    )
-    return BertForSequenceClassification(config)
-
-
-def llama(hidden=32, layers=2, vocab=64, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config)
-
-
-def classification_data(n=16, length=10, vocab=99, labels=3, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (n, length), generator=g)
-    mask = torch.ones_like(ids)
-    for i in range(n):
-        mask[i, length - (i % 4) * 2 :] = 0  # ragged padding
-    return datasets.Dataset.from_dict(
-        {
-            "input_ids": ids.tolist(),
-            "attention_mask": mask.tolist(),
-            "labels": torch.randint(0, labels, (n,), generator=g).tolist(),
-        }
-    )
-
-
-def lm_data(n=8, length=12, vocab=64, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (n, length), generator=g)
-    mask = torch.ones_like(ids)
-    for i in range(n):
-        mask[i, length - 3 * i :] = 0 if i else 1  # row i has 3*i padded positions: very uneven token counts
-    labels = ids.masked_fill(mask == 0, -100)
-    return datasets.Dataset.from_dict(
-        {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
-    )
-
-
-def _params(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def test_task_only_training_is_identical_to_trainer(tmp_path):
@@ -144,7 +71,7 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, family, terms):
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
         trainer.train()
         log = next(e for e in trainer.state.log_history if "loss" in e)
-        results.append((log, _params(student), _params(trainer.projector) if trainer.projector else {}))
+        results.append((log, parameters_of(student), parameters_of(trainer.projector) if trainer.projector else {}))
     (log_a, params_a, proj_a), (log_b, params_b, proj_b) = results
     for key in ["loss", "task", *(f"distill/{k.split('_')[0]}" for k in terms)]:
         assert log_a[key] == pytest.approx(log_b[key], rel=1e-5, abs=1e-7), key
@@ -272,35 +199,37 @@ def test_teacher_only_inputs_reach_the_teacher_alone(tmp_path):
     assert calls and all((c >= 6).all() for c in calls)  # the shifted ids (originals start at 5)
 
 
-def _trainer(tmp_path, student, teacher, data, **config):
-    args = DistillationConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2, **COMMON, **config)
+def _trainer(output_dir, student, teacher, data, **config):
+    args = DistillationConfig(
+        output_dir=str(output_dir), max_steps=1, per_device_train_batch_size=2, **COMMON, **config
+    )
     return DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
 
 
 def test_errors_before_the_first_step(tmp_path):
     data = classification_data(n=4)
+    out = tmp_path / "out"  # does not exist yet: a trainer that fails must not leave it behind
     with pytest.raises(ValueError, match="needs a teacher"):
-        DistillationTrainer(
-            model=bert(), args=DistillationConfig(output_dir=str(tmp_path), **COMMON), train_dataset=data
-        )
+        DistillationTrainer(model=bert(), args=DistillationConfig(output_dir=str(out), **COMMON), train_dataset=data)
     with pytest.raises(ValueError, match="number of labels: the student has 2 outputs, the teacher 3"):
-        _trainer(tmp_path, bert(labels=2), bert(), data)
+        _trainer(out, bert(labels=2), bert(), data)
     with pytest.raises(ValueError, match="same vocabulary"):
-        _trainer(tmp_path, llama(vocab=60), llama(), lm_data(vocab=60))
+        _trainer(out, llama(vocab=60), llama(), lm_data(vocab=60))
     with pytest.raises(ValueError, match="hidden_layer_map has 2 entries"):
-        _trainer(tmp_path, bert(layers=2), bert(), data, hidden_weight=1.0, hidden_layer_map="0,4")
+        _trainer(out, bert(layers=2), bert(), data, hidden_weight=1.0, hidden_layer_map="0,4")
     with pytest.raises(ValueError, match="same number of heads"):
-        _trainer(tmp_path, bert(heads=2), bert(heads=4), data, attention_weight=1.0)
+        _trainer(out, bert(heads=2), bert(heads=4), data, attention_weight=1.0, attention_heads="match")
     with pytest.raises(ValueError, match="projections"):
         student = bert(hidden=16)
-        args = DistillationConfig(output_dir=str(tmp_path), hidden_weight=1.0, **COMMON)
+        args = DistillationConfig(output_dir=str(out), hidden_weight=1.0, **COMMON)
         optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
         DistillationTrainer(
             model=student, teacher_model=bert(), args=args, train_dataset=data, optimizers=(optimizer, None)
         )
     with pytest.raises(ValueError, match="Could not load the teacher"):
-        _trainer(tmp_path, bert(), str(tmp_path / "no-such-teacher"), data)
-    assert not (tmp_path / "checkpoint-1").exists()
+        _trainer(out, bert(), str(tmp_path / "no-such-teacher"), data)
+    # Trainer.__init__ creates output_dir before hfkd's checks run; each failure above removed it again.
+    assert not out.exists() and not any(tmp_path.iterdir())
 
 
 def test_bf16_autocast_on_cpu_gives_finite_terms_close_to_float32(tmp_path):

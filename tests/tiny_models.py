@@ -1,8 +1,13 @@
-"""Tiny randomly initialised models and data sets for fast end-to-end distillation tests.
+"""Tiny randomly initialised models and data sets for fast end-to-end distillation tests: the one place the test
+modules take them from (test modules do not import each other).
 
 Every factory seeds torch before building, so the same call always gives the same weights. Teachers are 32 wide
 with 3-4 layers, students 16 wide with 2 layers, and both keep 2 attention heads so attention maps line up while the
 hidden sizes differ (which makes hfkd build projections). Nothing here imports hfkd.
+
+The last section holds the older, differently sized factories (`bert`, `llama`, `bert_with`, `vit_with`) and data
+sets (`classification_data`, `lm_data`) that the trainer, cache, chunked, run and check tests are written against,
+and the `COMMON` training arguments of those tests.
 """
 
 from __future__ import annotations
@@ -326,3 +331,106 @@ def dataset_for(family: str, num_rows: int = 8, *, seed: int = 0) -> Dataset:
     if family in ("resnet", "convnext"):
         return image_dataset(num_rows, CONV_IMAGE_SIZE, seed=seed)
     raise ValueError(f"unknown family {family!r}")
+
+
+# ---------------------------------------------------------------------------------------------------- shared helpers
+# Training arguments of the trainer-level tests: CPU, no reporting, nothing saved unless a test asks for it.
+COMMON = {"report_to": [], "use_cpu": True, "disable_tqdm": True, "save_strategy": "no", "seed": 0}
+
+
+def parameters_of(model) -> dict[str, torch.Tensor]:
+    """A detached copy of every named parameter, to compare runs or check what changed."""
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def bert(hidden=32, layers=4, heads=4, labels=3, vocab=99, dropout=0.1, seed=0):
+    """BERT sequence classifier over 99 ids with 4 heads and dropout (unlike `tiny_bert`)."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        num_labels=labels,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+    return BertForSequenceClassification(config)
+
+
+def llama(hidden=32, layers=2, vocab=64, seed=0):
+    """Llama over 64 ids with 4 query and 2 key-value heads (unlike `tiny_llama`)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config)
+
+
+def bert_with(head="sequence", *, vocab=VOCAB_SIZE, heads=2, labels=NUM_LABELS, hidden=16, layers=2, seed=1, **kw):
+    """A student-sized BERT (sequence classifier or masked LM) with any of its sizes changed."""
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        max_position_embeddings=32,
+        attention_probs_dropout_prob=0.0,
+        num_labels=labels,
+        **kw,
+    )
+    return (BertForMaskedLM if head == "mlm" else BertForSequenceClassification)(config)
+
+
+def vit_with(image_size=16, num_channels=3, hidden=16, layers=2, seed=1):
+    """A student-sized ViT with another image size or channel count."""
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        image_size=image_size,
+        patch_size=4,
+        num_channels=num_channels,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden,
+        num_labels=NUM_LABELS,
+        attn_implementation="eager",
+    )
+    return ViTForImageClassification(config)
+
+
+def classification_data(n=16, length=10, vocab=99, labels=3, seed=0):
+    """Rows padded on the right by 0, 2, 4 or 6 positions, one class each."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(n):
+        mask[i, length - (i % 4) * 2 :] = 0  # ragged padding
+    return Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": mask.tolist(),
+            "labels": torch.randint(0, labels, (n,), generator=g).tolist(),
+        }
+    )
+
+
+def lm_data(n=8, length=12, vocab=64, seed=0):
+    """Causal-LM rows padded on the right (labels -100 there) by 0, 9, 6, 3 positions and, in row 4, entirely (12):
+    very uneven token counts, and one row whose every label is -100."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, length), generator=g)
+    mask = torch.ones_like(ids)
+    for i in range(n):
+        mask[i, length - 3 * i :] = 0 if i else 1  # slices from the end for 3 * i > length: see the docstring
+    labels = ids.masked_fill(mask == 0, -100)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})

@@ -139,6 +139,12 @@ class Term(nn.Module):
         super().__init__()
         self.options = options if options is not None else self.Options()
 
+    def bind_module_names(self, student: tuple[str, ...], teacher: tuple[str, ...]) -> None:
+        """Called once, right after the terms are built and before `needs()` is first read, with the names of every
+        submodule of each model (`named_modules()` of the unwrapped models, as the hooks see them; `()` without a
+        teacher). Terms that find their `student_modules` / `teacher_modules` by name patterns resolve them here;
+        the models themselves are never passed. Nothing by default."""
+
     def needs(self) -> Needs:
         return Needs()
 

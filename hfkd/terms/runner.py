@@ -55,6 +55,10 @@ class TermSet(nn.Module):
             needs = needs.merge(term.needs())
         return needs
 
+    def bind_module_names(self, student: tuple[str, ...], teacher: tuple[str, ...]) -> None:
+        for term in self.terms.values():
+            term.bind_module_names(student, teacher)
+
     def flags(self) -> dict[str, bool]:
         """`output_*` flags both models' forwards need for these terms."""
         needs, flags = self.needs(), {}
