@@ -152,8 +152,11 @@ def build_teacher_cache(
             "attention_weight > 0, but attention maps are not cached ([heads, query, key] per layer per row would "
             "dwarf the data); set attention_weight=0 for a cached run, or train with the online teacher."
         )
-    if args.logit_weight == 0 and args.hidden_weight == 0:
-        raise TeacherCacheError("logit_weight and hidden_weight are 0: the cache would hold nothing. Set one > 0.")
+    if not _wants_logits(args) and args.hidden_weight == 0:
+        raise TeacherCacheError(
+            "logit_weight and hidden_weight are 0 and no term reads the teacher's logits: the cache would hold "
+            "nothing. Set one > 0."
+        )
     if getattr(getattr(unwrap_peft(teacher), "config", None), "is_encoder_decoder", False):
         raise TeacherCacheError("Encoder-decoder teachers are not cached yet; train with the online teacher.")
     if args.hidden_weight > 0 and student is None:
@@ -267,12 +270,19 @@ def _positions(batch: dict, b: int) -> torch.Tensor | None:
     return keep
 
 
+def _wants_logits(args) -> bool:
+    """The logit term, or a configured term that reads the teacher's logits (e.g. dkd), needs them cached."""
+    from .terms.base import build_term
+
+    return args.logit_weight > 0 or any(build_term(spec).needs().logits for spec in args.term_specs)
+
+
 def _plan_layout(out, batch, args, teacher, student, collator, rows_view, top_k, device) -> dict:
     layout = {"logits": None, "hidden": None}
-    if args.logit_weight > 0:
+    if _wants_logits(args):
         logits = getattr(out, "logits", None)
         if logits is None:
-            raise TeacherCacheError("logit_weight > 0, but the teacher returns no `logits`.")
+            raise TeacherCacheError("The logit term (or a term that reads logits), but the teacher returns none.")
         classes = logits.shape[-1]
         token_level = logits.dim() >= 3
         mode = "topk" if top_k and classes > top_k else "dense"

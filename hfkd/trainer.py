@@ -135,11 +135,8 @@ class DistillationTrainer(Trainer):
             ensure_eager_attention(self.model, "student")
             ensure_eager_attention(teacher, "teacher")
             _warn_attention_dropout(unwrap_peft(self.model))
-        if len(self.term_set) and cache is not None:
-            raise TeacherCacheError(
-                f"The teacher cache holds logits and hidden states for the built-in terms only; the terms "
-                f"{list(self.term_set.terms)} read the teacher online. Drop teacher_cache_dir or those terms."
-            )
+        if cache is not None:
+            self._check_terms_against_cache(cache)
         self._distills = (
             args.logit_weight > 0 or args.hidden_weight > 0 or args.attention_weight > 0 or len(self.term_set) > 0
         )
@@ -181,6 +178,23 @@ class DistillationTrainer(Trainer):
             )
 
     # ------------------------------------------------------------------ set-up
+    def _check_terms_against_cache(self, cache: TeacherCache) -> None:
+        """The cache serves a term that reads the teacher's full logits only; anything else is refused, by name."""
+        for name, term in self.term_set.terms.items():
+            needs = term.needs()
+            if needs.hidden_states or needs.attentions or needs.teacher_modules:
+                what = "hidden states" if needs.hidden_states else "attentions" if needs.attentions else "submodules"
+                raise TeacherCacheError(
+                    f"The term {name!r} reads the teacher's {what}, which the teacher cache does not hold for it; "
+                    "drop teacher_cache_dir (train with the teacher online) or the term."
+                )
+            if needs.logits and (cache.logits is None or cache.logits.get("mode") != "dense"):
+                raise TeacherCacheError(
+                    f"The term {name!r} reads the teacher's full logits, but the cache holds "
+                    f"{'its top-k only' if cache.logits else 'no logits'}; rebuild it with `hfkd cache --top_k 0` "
+                    "(and a logit term), or drop the term."
+                )
+
     def _add_row_ids(self) -> bool:
         """Training batches carry each row's index in the data (for terms with per-row memory, such as CRD)."""
         import datasets

@@ -310,3 +310,35 @@ def test_an_existing_cache_is_kept_until_a_new_one_is_complete(tmp_path, lm_cach
     assert open(os.path.join(path, CACHE_FILE)).read() == before
     assert not os.path.exists(path + ".partial")
     TeacherCache(path)  # still readable
+
+
+def test_a_term_that_reads_full_logits_is_served_by_the_cache_and_others_are_refused(tmp_path):
+    """dkd reads only the teacher's logits: a dense cache serves it exactly; a relation term is refused by name."""
+    teacher, student = teacher_student_pair("bert_sequence")
+    data = dataset_for("bert_sequence")
+    terms = dict(logit_weight=0.0, task_weight=1.0, terms=[{"name": "dkd", "weight": 1.0}], learning_rate=0.1)
+    build_teacher_cache(
+        teacher, data, str(tmp_path / "cache"), args=_config(tmp_path, **terms), student=student, progress=False
+    )
+    _, online_logs, online = _train(_config(tmp_path, "a", **terms), copy.deepcopy(student), teacher, data)
+    _, cached_logs, cached = _train(
+        _config(tmp_path, "b", teacher_cache_dir=str(tmp_path / "cache"), **terms), copy.deepcopy(student), None, data
+    )
+    for a, b in zip(online_logs, cached_logs, strict=True):
+        assert b["distill/dkd"] == pytest.approx(a["distill/dkd"], rel=1e-5) and a["distill/dkd"] > 0
+    for name in online:
+        torch.testing.assert_close(cached[name], online[name], rtol=1e-5, atol=1e-6, msg=name)
+    with pytest.raises(TeacherCacheError, match="The term 'rkd' reads the teacher's hidden states"):
+        _train(
+            _config(
+                tmp_path,
+                "c",
+                teacher_cache_dir=str(tmp_path / "cache"),
+                terms=[{"name": "rkd"}],
+                **{k: v for k, v in terms.items() if k != "terms"},
+            ),
+            copy.deepcopy(student),
+            None,
+            data,
+        )
+    assert not (tmp_path / "c").exists()

@@ -13,8 +13,6 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from hfkd.cli import main, parse_distill_args
 
-os.environ["HF_HUB_OFFLINE"] = "1"
-
 WORDS = "good bad fine great awful okay love hate the a movie film was is very not".split()
 
 

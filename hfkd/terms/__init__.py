@@ -4,7 +4,7 @@
 methods register themselves when this package is imported.
 """
 
-from . import at, dkd, minilm, pkd, pkt, rkd, sp  # noqa: E402, F401  (each registers its method)
+from . import at, crd, dkd, minilm, pkd, pkt, rkd, sp  # noqa: E402, F401  (each registers its method)
 from .base import TERMS, Features, Needs, Term, TermBatch, TermSpec, logits_of, parse_term_specs, register_term
 from .pooling import PooledFeatureOptions, pool, pooled
 
