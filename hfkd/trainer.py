@@ -393,7 +393,7 @@ class DistillationTrainer(Trainer):
                 # A micro-batch value: the mean over the window's micro-batches (and, through DDP, processes).
                 value = value / self._accumulation_steps if training else value
             else:
-                count = counts.get(stream) if unit == "tokens" else None
+                count = {"tokens": counts.get(stream), "logits": counts.get("logit")}.get(unit)
                 value = value * (scale / (count if count is not None else counts["examples"]))
             values[f"distill/{name}"] = value
         return values

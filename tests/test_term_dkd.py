@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from tiny_models import COMMON, bert, classification_data, text_dataset, tiny_bert
+from tiny_models import COMMON, bert, classification_data, llama, lm_data, text_dataset, tiny_bert
 
 import hfkd.terms.dkd  # noqa: F401  (registers the term)
 from hfkd import DistillationConfig, DistillationTrainer
@@ -188,14 +188,6 @@ def test_extreme_logits_stay_finite_in_float32():
     assert torch.isfinite(value) and torch.isfinite(s.grad).all()
 
 
-def test_token_level_logits_are_refused_in_setup_with_the_reason():
-    kind = ModelKind(shifts_labels=False, encoder_decoder=False, token_level=True)
-    s, t = torch.randn(2, 5, 7), torch.randn(2, 5, 7)
-    batch = TermBatch(labels=torch.zeros(2, 5, dtype=torch.long), mask=None, num_examples=2)
-    with pytest.raises(ValueError, match=r"example-level classification logits \[batch, classes\] only.*token-level"):
-        _term().setup(Features(s, {}, kind), Features(t, {}, kind), batch)
-
-
 @pytest.mark.parametrize(
     ("student", "teacher", "labels", "message"),
     [
@@ -275,11 +267,39 @@ def test_trainer_warmup_scales_the_first_step(tmp_path):
     assert int(warm.term_set.terms["dkd"].warmup_count) == 1
 
 
-def test_token_level_models_fail_at_construction(tmp_path):
-    args = DistillationConfig(output_dir=str(tmp_path / "out"), terms=[{"name": "dkd"}], max_steps=1, **COMMON)
-    student, teacher = tiny_bert("token", 16, 2, seed=1), tiny_bert("token", 32, 2, seed=0)
-    with pytest.raises(ValueError, match="example-level classification logits"):
-        DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=text_dataset("token"))
+@pytest.mark.parametrize("family", ["token", "causal"])
+def test_token_level_dkd_is_the_mean_over_labelled_positions(tmp_path, family):
+    """Token classification and causal LMs: the reference per labelled position (shifted for the causal LM),
+    divided by their count, as the logit term is; padding and -100 never count."""
+    if family == "token":
+        student, teacher, data = tiny_bert("token", 16, 2, seed=1), tiny_bert("token", 32, 2, seed=0), None
+        data = text_dataset("token")
+    else:
+        student, teacher, data = llama(seed=1), llama(layers=3), lm_data()
+    args = DistillationConfig(
+        output_dir=str(tmp_path / "out"),
+        terms=[{"name": "dkd", "temperature": 2.0}],
+        task_weight=1.0,
+        logit_weight=0.0,
+        per_device_eval_batch_size=len(data),
+        **COMMON,
+    )
+    trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, eval_dataset=data)
+    rows = [data[i] for i in range(len(data))]
+    batch = {k: torch.tensor([r[k] for r in rows]) for k in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        s, t = student.eval()(**inputs).logits.double(), teacher.eval()(**inputs).logits.double()
+    labels = batch["labels"]
+    if family == "causal":
+        s, t, labels = s[:, :-1], t[:, :-1], labels[:, 1:]
+    keep = labels.flatten() != -100
+    tckd, nckd = _reference(
+        s.flatten(0, 1)[keep].numpy(), t.flatten(0, 1)[keep].numpy(), labels.flatten()[keep].numpy(), 2.0
+    )
+    expected = (1.0 * tckd + 8.0 * nckd).sum() / int(keep.sum())
+    assert 0 < int(keep.sum()) < labels.numel()  # some positions do not count
+    assert trainer.evaluate()["eval_distill/dkd"] == pytest.approx(expected, rel=1e-4)  # float32 KL sums
 
 
 @pytest.mark.parametrize(

@@ -7,6 +7,8 @@ does), and says what its value is normalised over (`unit`):
 - `"tokens"`: the value is a sum over the positions the attention mask keeps; the trainer divides by their count
   over the whole accumulated batch (and all processes), so accumulation equals one big batch;
 - `"examples"`: a sum over examples, divided likewise by the number of examples;
+- `"logits"`: a sum over the positions the logit term counts (labels != -100, shifted for causal LMs; one per
+  example for classification heads), divided by their count: for terms on the output distributions;
 - `"batch"`: a value of the micro-batch as a whole (relations between its examples, contrastive losses). The
   trainer averages it over the micro-batches of an accumulation window and over processes. Such a value depends on
   which examples share a micro-batch, so accumulation cannot equal one big batch exactly.
@@ -25,7 +27,7 @@ from torch import nn
 
 from ..features import ModelKind, attention_streams, hidden_streams
 
-UNITS = ("tokens", "examples", "batch")
+UNITS = ("tokens", "examples", "logits", "batch")
 
 
 @dataclass(frozen=True)

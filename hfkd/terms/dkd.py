@@ -28,15 +28,12 @@ gradient_accumulation_steps = k, set n = k x the optimizer steps wanted (CIFAR-1
 20 x 782 steps); the micro-batches of one window then get slightly different factors. Evaluation uses factor 1
 (the un-warmed loss), so evaluation losses stay comparable over a run. `warmup_steps = 0` (default): no warm-up.
 
-Unit: examples (each example's DKD is summed; the trainer divides by the number of examples over the accumulated
-batch, so accumulation equals one big batch). Examples whose label is -100 have no target class and give 0 (they
-still count in that number).
-
-Scope: example-level classification logits `[batch, classes]` with integer labels `[batch]` (sequence, image and
-audio classifiers). Token-level logits `[batch, positions, vocabulary]` (token classification, masked and causal LMs)
-are refused in `setup()`: a "tokens" term is divided by the count of attention-mask positions, not by the count of
-labelled positions (labels != -100, shifted for causal LMs) the per-token DKD would be a mean over, so it could not
-be normalised correctly without a new unit in the trainer. `dkd_per_item` itself works on any leading shape.
+Unit: logits, like the built-in logit term: each example's (or, for token-level heads, each labelled position's)
+DKD is summed and the trainer divides by their number over the accumulated batch, so accumulation equals one big
+batch. For classification heads that number is the examples (one whose label is -100 gives 0 and still counts);
+for token-level heads (token classification, masked and causal LMs: logits `[batch, positions, vocabulary]`, labels
+`[batch, positions]`) it is the positions whose label is not -100, and a causal LM's logits at position t are
+compared at label t + 1, as the logit term and the model's own loss do. `dkd_per_item` works on any leading shape.
 """
 
 import math
@@ -115,7 +112,7 @@ def dkd_per_item(
 class DecoupledKD(Term):
     """alpha * TCKD + beta * NCKD per example (see the module docstring), summed over the micro-batch."""
 
-    unit = "examples"
+    unit = "logits"
     Options = DKDOptions
 
     def __init__(self, options=None):
@@ -132,16 +129,27 @@ class DecoupledKD(Term):
         s, t = student.logits, teacher.logits
         if s is None or t is None:
             raise ValueError("dkd needs both models' logits, but a model returned none.")
-        if s.dim() == 3 or student.kind.token_level:
+        labels = batch.labels
+        if labels is None:
             raise ValueError(
-                f"dkd supports example-level classification logits [batch, classes] only; got token-level logits of "
-                f"shape {list(s.shape)} (token classification or language model). A 'tokens' term is normalised by "
-                "the attention-mask count, not by the labelled positions (labels != -100) a per-token DKD averages "
-                "over, so it cannot be normalised correctly. Use the built-in logit term (logit_weight) for "
-                "token-level models."
+                "dkd needs the labels (each example's target class), but the batch has none; evaluation data needs "
+                "a label column too."
             )
+        if s.dim() == 3 and labels.dim() == 2:
+            # Token-level heads: one distribution per position. A causal LM's position t predicts label t + 1.
+            if student.kind.shifts_labels:
+                s, t, labels = s[:, :-1], t[:, :-1], labels[:, 1:]
+            return self._check(s, t, labels.reshape(-1), flat=True)
         if s.dim() != 2:
-            raise ValueError(f"dkd needs logits of shape [batch, classes], got {list(s.shape)}.")
+            raise ValueError(
+                f"dkd needs logits of shape [batch, classes] (or [batch, positions, classes] with labels of shape "
+                f"[batch, positions]), got {list(s.shape)}."
+            )
+        return self._check(s, t, labels, flat=False)
+
+    def _check(self, s, t, labels, flat: bool):
+        if flat:
+            s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
         if t.shape != s.shape:
             raise ValueError(
                 f"dkd compares the student's and the teacher's class distributions: their logits must have the same "
@@ -151,12 +159,6 @@ class DecoupledKD(Term):
             raise ValueError(
                 f"dkd needs at least 2 classes (a target and the rest), got logits with {s.shape[-1]} (a regression "
                 "head?)."
-            )
-        labels = batch.labels
-        if labels is None:
-            raise ValueError(
-                "dkd needs the labels (each example's target class), but the batch has none; evaluation data needs "
-                "a label column too."
             )
         if labels.shape != s.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:
             raise ValueError(
