@@ -203,6 +203,11 @@ def comparison_lines(metrics: dict) -> list[str]:
             f"{'lower' if lm else 'higher'} than the same student's trained on the labels alone ({_fmt(plain)}), "
             "in one run (no seeds repeated)."
         ]
+    elif abs(gain) * scale < 5e-3:
+        lines = [
+            f"Distillation made no difference here: the same student trained on the labels alone reached "
+            f"{_fmt(plain)}, as the distilled one did."
+        ]
     else:
         lines = [
             f"Distillation did not help here: the same student trained on the labels alone reached {_fmt(plain)} "
