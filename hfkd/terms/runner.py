@@ -45,19 +45,24 @@ class TermSet(nn.Module):
         self.specs = list(specs)
         self.weights = {spec.name: spec.weight for spec in self.specs}
         self.terms = nn.ModuleDict({spec.name: build_term(spec) for spec in self.specs})
+        self._needs: Needs | None = None
 
     def __len__(self) -> int:
         return len(self.terms)
 
     def needs(self) -> Needs:
-        needs = Needs()
-        for term in self.terms.values():
-            needs = needs.merge(term.needs())
-        return needs
+        # Read every step (hooks, output flags): merged once, after the module names are bound.
+        if self._needs is None:
+            needs = Needs()
+            for term in self.terms.values():
+                needs = needs.merge(term.needs())
+            self._needs = needs
+        return self._needs
 
     def bind_module_names(self, student: tuple[str, ...], teacher: tuple[str, ...]) -> None:
         for term in self.terms.values():
             term.bind_module_names(student, teacher)
+        self._needs = None  # a term's needs may follow the names it was given
 
     def flags(self) -> dict[str, bool]:
         """`output_*` flags both models' forwards need for these terms."""
