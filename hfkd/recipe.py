@@ -212,16 +212,15 @@ def _heading(config: DistillationConfig, text: str) -> None:
 
 def eval_metric_names(recipe: RecipeArguments, config: DistillationConfig) -> list[str]:
     """What the recipe's evaluation during distillation reports (without the `eval_` prefix)."""
+    lm = recipe.task == "causal-lm"
     names = ["loss"]
     if config.task_weight > 0:
-        names.append("task")
-        names.append("perplexity" if recipe.task == "causal-lm" else "accuracy")
-    elif recipe.task != "causal-lm":
-        names.append("accuracy")
-    for term in ("logit", "hidden", "attention"):
-        if getattr(config, f"{term}_weight") > 0:
-            names.append(f"distill/{term}")
-    names.extend(f"distill/{spec.name}" for spec in config.term_specs)
+        names += ["task", "perplexity"] if lm else ["task"]
+    if not lm:
+        names.append("accuracy")  # compute_metrics, whatever the weights
+    if config.eval_with_teacher:  # otherwise evaluation runs the student alone and reports no term
+        names += [f"distill/{t}" for t in ("logit", "hidden", "attention") if getattr(config, f"{t}_weight") > 0]
+        names += [f"distill/{spec.name}" for spec in config.term_specs]
     return names
 
 

@@ -46,7 +46,7 @@ from .losses.topk import topk_logit_loss
 from .projection import FeatureProjector
 from .teacher import call_model, ensure_eager_attention, load_teacher, prepare_teacher, unwrap_peft
 from .terms.base import Features, TermBatch, logits_of
-from .terms.runner import ROW_IDS_KEY, RowIdCollator, TermSet, capture_modules
+from .terms.runner import ROW_IDS_KEY, RowIdCollator, TermSet, capture_modules, resolve_modules
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ class DistillationTrainer(Trainer):
             tuple(name for name, _ in unwrap_peft(teacher).named_modules()) if teacher is not None else (),
         )
         self._terms_wrapped: torch.nn.Module | None = None
+        self._hooked: dict[str, dict[str, torch.nn.Module]] = {}  # side -> the submodules the terms read
         if args.attention_weight > 0 or self.term_set.needs().attentions:
             ensure_eager_attention(self.model, "student")
             ensure_eager_attention(teacher, "teacher")
@@ -360,11 +361,13 @@ class DistillationTrainer(Trainer):
 
     def _capture(self, side: str):
         """Records the submodule outputs the terms asked for, during that model's forwards inside the block."""
-        needs = self.term_set.needs()
-        names = needs.student_modules if side == "student" else needs.teacher_modules
-        model = self.model if side == "student" else self.teacher_model
-        model = unwrap_peft(self.accelerator.unwrap_model(model)) if model is not None and names else model
-        return capture_modules(model, names, side)
+        if side not in self._hooked:
+            needs = self.term_set.needs()
+            names = needs.student_modules if side == "student" else needs.teacher_modules
+            model = self.model if side == "student" else self.teacher_model
+            model = unwrap_peft(self.accelerator.unwrap_model(model)) if model is not None and names else model
+            self._hooked[side] = resolve_modules(model, names, side)
+        return capture_modules(self._hooked[side])
 
     def _term_batch(self, batch: dict, training: bool, masks: dict | None = None) -> TermBatch:
         masks = masks if masks is not None else unit_masks(batch, self._kind)

@@ -111,23 +111,28 @@ class TermSet(nn.Module):
         self.load_state_dict({k: v.to(mine[k].device) for k, v in state.items()})
 
 
-@contextlib.contextmanager
-def capture_modules(model: nn.Module | None, names: tuple[str, ...], side: str):
-    """Records the outputs of the named submodules during the forwards inside the block."""
-    captured: dict[str, torch.Tensor] = {}
+def resolve_modules(model: nn.Module | None, names: tuple[str, ...], side: str) -> dict[str, nn.Module]:
+    """The submodules the terms named, found once (the trainer keeps them; a step only hooks them)."""
     if model is None or not names:
-        yield captured
-        return
+        return {}
     modules = dict(model.named_modules())
-    handles = []
     for name in names:
-        module = modules.get(name)
-        if module is None:
+        if name not in modules:
             close = [n for n in modules if n.endswith(name.split(".")[-1])][:5]
             raise ValueError(
                 f"The {side} has no submodule named {name!r}; names come from model.named_modules(), e.g. {close}."
             )
-        handles.append(module.register_forward_hook(lambda _m, _i, out, _n=name: captured.__setitem__(_n, out)))
+    return {name: modules[name] for name in names}
+
+
+@contextlib.contextmanager
+def capture_modules(modules: dict[str, nn.Module]):
+    """Records the outputs of these submodules during the forwards inside the block."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        module.register_forward_hook(lambda _m, _i, out, _n=name: captured.__setitem__(_n, out))
+        for name, module in modules.items()
+    ]
     try:
         yield captured
     finally:
