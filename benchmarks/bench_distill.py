@@ -674,6 +674,28 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+def run_header(script: str, argv, targets: dict, start: dict) -> dict:
+    """What every benchmark's JSON records of its run: command, versions, targets, commit and the load at the start."""
+    return {
+        "command": " ".join(["python", script, *(argv if argv is not None else sys.argv[1:])]),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "judged_on": JUDGED_ON,
+        "targets": targets,
+        "run": {
+            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+            "git_commit": _git("rev-parse", "HEAD"),
+            # files that differ from that commit when the run started; hfkd/ is the code being timed
+            "git_status": _git("status", "--porcelain", "--untracked-files=no").splitlines(),
+            "hfkd_modified": bool(_git("status", "--porcelain", "--untracked-files=no", "--", "../hfkd")),
+            "loadavg_start": start["loadavg"],
+            "hfkd_imported_from": os.path.dirname(sys.modules["hfkd"].__file__),
+        },
+    }
+
+
 def _git(*args: str) -> str:
     try:
         done = subprocess.run(["git", *args], cwd=HERE, capture_output=True, text=True, timeout=30, check=False)
@@ -699,25 +721,7 @@ def main(argv=None) -> int:
         return 0
     with_trl = not args.no_trl and importlib.util.find_spec("trl") is not None
     start = machine()
-    results = {
-        "command": " ".join(["python", "benchmarks/bench_distill.py", *(argv if argv is not None else sys.argv[1:])]),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "judged_on": JUDGED_ON,
-        "targets": TARGETS,
-        "run": {
-            "started": time.strftime("%Y-%m-%d %H:%M:%S %z"),
-            "git_commit": _git("rev-parse", "HEAD"),
-            # files that differ from that commit when the run started; hfkd/ is the code being timed
-            "git_status": _git("status", "--porcelain", "--untracked-files=no").splitlines(),
-            "hfkd_modified": bool(_git("status", "--porcelain", "--untracked-files=no", "--", "../hfkd")),
-            "loadavg_start": start["loadavg"],
-            "hfkd_imported_from": os.path.dirname(sys.modules["hfkd"].__file__),
-        },
-        "pairs": [],
-    }
+    results = {**run_header("benchmarks/bench_distill.py", argv, TARGETS, start), "pairs": []}
     if with_trl:
         import trl
 

@@ -35,7 +35,6 @@ from .batch import LABEL_KEYS, TEACHER_PREFIX, teacher_inputs
 from .batch import student_inputs as batch_student_inputs
 from .checks import ModelLimits, model_limits
 from .fingerprint import dataset_fingerprint, model_fingerprint, processor_fingerprint
-from .layer_map import resolve_layer_map
 from .losses.topk import TOPK_LOSSES, fold_teacher
 from .teacher import unwrap_peft
 
@@ -130,7 +129,8 @@ def build_teacher_cache(
         output_dir: a new folder (or an existing cache with `overwrite=True`; it is replaced only once the new one
             is complete).
         args: the `DistillationConfig` of the run: its weights, temperature, logit loss and hidden layer map.
-        student: needed when `args.hidden_weight > 0`, to resolve the layer map (one forward on two rows).
+        student: needed when a term reads the teacher's hidden states (`hidden_weight > 0`, or `rkd`, `sp`, `pkt`,
+            `crd`, `pkd` on hidden states), to resolve their layers (one forward on two rows).
         data_collator: the trainer's collator (default: `transformers.default_data_collator`); must be
             deterministic.
         processing_class: the tokenizer or image processor, fingerprinted so the trainer can check it.
@@ -152,15 +152,19 @@ def build_teacher_cache(
             "attention_weight > 0, but attention maps are not cached ([heads, query, key] per layer per row would "
             "dwarf the data); set attention_weight=0 for a cached run, or train with the online teacher."
         )
-    if not _wants_logits(args) and args.hidden_weight == 0:
+    hidden_terms = _hidden_terms(args, teacher, student)
+    if not _wants_logits(args) and not hidden_terms:
         raise TeacherCacheError(
-            "logit_weight and hidden_weight are 0 and no term reads the teacher's logits: the cache would hold "
-            "nothing. Set one > 0."
+            "logit_weight and hidden_weight are 0 and no term reads the teacher's logits or hidden states: the cache "
+            "would hold nothing. Set one > 0."
         )
     if getattr(getattr(unwrap_peft(teacher), "config", None), "is_encoder_decoder", False):
         raise TeacherCacheError("Encoder-decoder teachers are not cached yet; train with the online teacher.")
-    if args.hidden_weight > 0 and student is None:
-        raise TeacherCacheError("hidden_weight > 0: pass `student=` so that the hidden layer map can be resolved.")
+    if hidden_terms and student is None:
+        raise TeacherCacheError(
+            f"The terms {[t.name for t in hidden_terms]} read the teacher's hidden states: pass `student=` so that "
+            "their layers can be resolved."
+        )
     if args.logit_weight > 0 and top_k and args.logit_loss not in TOPK_LOSSES:
         raise TeacherCacheError(
             f"logit_loss={args.logit_loss!r} needs the teacher's full logits, and a head with more than top_k={top_k} "
@@ -196,9 +200,9 @@ def build_teacher_cache(
             batch = collator([dict(rows_view[i]) for i in rows])
             inputs = _teacher_inputs(batch, device)
             with torch.no_grad():
-                out = teacher(**inputs, **_flags(teacher, args))
+                out = teacher(**inputs, **_flags(teacher, bool(hidden_terms)))
             if layout is None:
-                layout = _plan_layout(out, batch, args, teacher, student, collator, rows_view, top_k, device)
+                layout = _plan_layout(out, batch, args, hidden_terms, student, collator, rows_view, top_k)
             for b, row in enumerate(rows):
                 record, mass = _record(out, batch, b, layout, args.temperature)
                 if mass is not None:
@@ -240,10 +244,10 @@ def build_teacher_cache(
     return TeacherCache(output_dir)
 
 
-def _flags(teacher, args) -> dict:
+def _flags(teacher, hidden_states: bool) -> dict:
     import inspect
 
-    flags = {"output_hidden_states": True} if args.hidden_weight > 0 else {}
+    flags = {"output_hidden_states": True} if hidden_states else {}
     if "use_cache" in inspect.signature(unwrap_peft(teacher).forward).parameters:
         flags["use_cache"] = False
     return flags
@@ -277,7 +281,30 @@ def _wants_logits(args) -> bool:
     return args.logit_weight > 0 or any(build_term(spec).needs().logits for spec in args.term_specs)
 
 
-def _plan_layout(out, batch, args, teacher, student, collator, rows_view, top_k, device) -> dict:
+def _hidden_terms(args, teacher, student) -> list:
+    """The configured terms that read the teacher's hidden states; one the cache cannot serve is refused by name."""
+    from .terms.base import build_term
+
+    def names(model):
+        return tuple(name for name, _ in unwrap_peft(model).named_modules()) if model is not None else ()
+
+    terms = []
+    for spec in args.term_specs:
+        term = build_term(spec)
+        term.bind_module_names(names(student), names(teacher))  # as in training: some terms pick modules by name
+        needs = term.needs()
+        if needs.attentions or needs.teacher_modules:
+            what = "attention maps" if needs.attentions else f"submodule outputs {list(needs.teacher_modules)}"
+            raise TeacherCacheError(
+                f"The term {spec.name!r} reads the teacher's {what}, which a teacher cache does not store; drop the "
+                "term from the cached run, or train with the online teacher."
+            )
+        if needs.hidden_states:
+            terms.append(term)
+    return terms
+
+
+def _plan_layout(out, batch, args, hidden_terms, student, collator, rows_view, top_k) -> dict:
     layout = {"logits": None, "hidden": None}
     if _wants_logits(args):
         logits = getattr(out, "logits", None)
@@ -289,10 +316,13 @@ def _plan_layout(out, batch, args, teacher, student, collator, rows_view, top_k,
         layout["logits"] = {"mode": mode, "num_classes": classes, "token_level": token_level}
         if mode == "topk":
             layout["logits"].update(top_k=top_k, temperature=args.temperature)
-    if args.hidden_weight > 0:
+    if hidden_terms:
         t_states = getattr(out, "hidden_states", None)
         if not t_states:
-            raise TeacherCacheError("hidden_weight > 0, but the teacher returns no `hidden_states`.")
+            names = [t.name for t in hidden_terms]
+            raise TeacherCacheError(
+                f"The terms {names} read hidden states, but the teacher returns no `hidden_states`."
+            )
         probe = collator([dict(rows_view[i]) for i in range(min(2, len(rows_view)))])
         student_inputs = {
             k: v.to(next(student.parameters()).device) if isinstance(v, torch.Tensor) else v
@@ -306,10 +336,16 @@ def _plan_layout(out, batch, args, teacher, student, collator, rows_view, top_k,
                 s_states = student(**student_inputs, output_hidden_states=True).hidden_states
         finally:
             student.train(was_training)
-        pairs = resolve_layer_map(
-            args.hidden_layer_map, len(s_states), len(t_states), field_name="hidden_layer_map", has_embeddings=True
-        )
-        layers = sorted({t for _, t in pairs})
+        layers = set()
+        for term in hidden_terms:
+            wanted = term.teacher_hidden_layers(len(s_states), len(t_states))
+            if wanted is None:
+                raise TeacherCacheError(
+                    f"The term {term.name!r} cannot say which teacher hidden states it reads, so a cache cannot store "
+                    "them; train with the online teacher."
+                )
+            layers.update(wanted)
+        layers = sorted(layers)
         positional = {t: t_states[t].dim() == 3 and _positions(batch, 0) is not None for t in layers}
         layout["hidden"] = {
             "layers": layers,
@@ -589,6 +625,7 @@ class CachedTeacherOutput:
         self.logits = batch.get(CACHED_PREFIX + "logits")
         ids = batch.get(CACHED_PREFIX + "topk_ids")
         self.topk = (ids, batch[CACHED_PREFIX + "topk_logprobs"]) if ids is not None else None
+        self.num_classes = cache.logits["num_classes"] if cache.logits else None
         self.hidden_states = None
         hidden = cache.meta["hidden"]
         if hidden is not None:

@@ -207,9 +207,9 @@ def check_teacher_argument(teacher) -> None:
         )
 
 
-def check_logit_heads(student: ModelLimits, teacher: ModelLimits, logit_weight: float) -> None:
+def check_logit_heads(student: ModelLimits, teacher: ModelLimits, compares_logits: bool) -> None:
     """Heads of different sizes, from the configs, before any forward (ids beyond a vocabulary would crash it)."""
-    if logit_weight <= 0 or student.label_kind is None or student.label_kind != teacher.label_kind:
+    if not compares_logits or student.label_kind is None or student.label_kind != teacher.label_kind:
         return
     if student.label_count and teacher.label_count and student.label_count != teacher.label_count:
         raise logit_mismatch_error(student.label_what, student.label_count, teacher.label_count)

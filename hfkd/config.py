@@ -1,5 +1,6 @@
 """`DistillationConfig`: `TrainingArguments` plus the fields that say what the student learns from the teacher."""
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 
@@ -7,7 +8,7 @@ from transformers import TrainingArguments
 
 from .layer_map import parse_layer_map_spec
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
-from .terms import parse_term_specs
+from .terms import TERMS, TermSpec, parse_term_specs
 
 
 @dataclass
@@ -176,7 +177,11 @@ class DistillationConfig(TrainingArguments):
             if not _is_number(value) or value != value or value < 0 or value == float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
         # Checked against the registry and each term's options now, so that a typo fails before any model loads.
-        self.term_specs = parse_term_specs(self.terms)
+        extra = parse_term_specs(self.terms)
+        for spec in extra:
+            if TERMS[spec.name].short_form:
+                self._set_short_form(spec)
+        self.term_specs = [spec for spec in extra if not TERMS[spec.name].short_form]
         self.terms = [spec.as_dict() for spec in self.term_specs] or None
         if self.total_weight == 0:
             raise ValueError(
@@ -205,11 +210,40 @@ class DistillationConfig(TrainingArguments):
         # Parsed here so that a typo fails before any model is loaded; lengths are checked once models are known.
         self.hidden_layer_map = parse_layer_map_spec(self.hidden_layer_map, "hidden_layer_map")
         self.attention_layer_map = parse_layer_map_spec(self.attention_layer_map, "attention_layer_map")
+        # Built-in terms from their short-form fields first (in the order of their weight fields), then the others.
+        order = [f.name for f in dataclasses.fields(self)]
+        built_in = sorted(
+            (
+                TermSpec(name, getattr(self, cls.short_form["weight"]), self._short_form_options(cls))
+                for name, cls in TERMS.items()
+                if cls.short_form and getattr(self, cls.short_form["weight"]) > 0
+            ),
+            key=lambda spec: order.index(TERMS[spec.name].short_form["weight"]),
+        )
+        self.term_specs = built_in + self.term_specs
+
+    def _set_short_form(self, spec: TermSpec) -> None:
+        """A `terms` entry for a built-in term sets its short-form fields (one source of truth for the cache and the
+        card); a field already set to another value than the entry's is a conflict."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        for option, value in {"weight": spec.weight, **spec.options}.items():
+            name = TERMS[spec.name].short_form[option]
+            current, default = getattr(self, name), fields[name].default
+            if current != default and current != value:
+                raise ValueError(
+                    f"terms: the {spec.name!r} entry sets {option}={value!r}, but {name}={current!r} is set too; "
+                    f"give it in one place ({name} is the short form of the entry's {option})."
+                )
+            setattr(self, name, value)
+
+    def _short_form_options(self, cls) -> dict:
+        return {option: getattr(self, name) for option, name in cls.short_form.items() if option != "weight"}
 
     @property
     def total_weight(self) -> float:
-        extra = sum(spec.weight for spec in getattr(self, "term_specs", []))
-        return self.task_weight + self.logit_weight + self.hidden_weight + self.attention_weight + extra
+        built_in = {cls.short_form.get("weight") for cls in TERMS.values()}
+        extra = sum(spec.weight for spec in getattr(self, "term_specs", []) if not TERMS[spec.name].short_form)
+        return self.task_weight + sum(getattr(self, name) for name in built_in if name) + extra
 
 
 def _is_number(value) -> bool:

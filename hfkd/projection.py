@@ -1,14 +1,15 @@
 """Learned projections from student features to the teacher's width (FitNets' regressors).
 
-They are trained with the student but are not part of it: they are saved in each checkpoint in their own file and
-never in the student's weights, so the exported student loads with plain transformers.
+They are the `hidden` term's state: trained with the student, saved in each checkpoint with the terms' state
+(`hfkd_terms.safetensors`), never in the student's weights, so the exported student loads with plain transformers.
+Checkpoints written before terms were plugins kept them in `hfkd_projector.safetensors`; resuming reads that too.
 """
 
 import json
 import os
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 PROJECTOR_FILE = "hfkd_projector.safetensors"
@@ -48,31 +49,20 @@ class FeatureProjector(nn.Module):
             out[key] = layer(value.to(layer.weight.dtype)) if layer is not None else value
         return out
 
-    def save(self, directory: str) -> str:
-        """Writes the weights and the layout to `directory/hfkd_projector.safetensors`; returns the path."""
-        path = os.path.join(directory, PROJECTOR_FILE)
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in self.state_dict().items()}
-        save_file(state, path, metadata={"specs": json.dumps(self.specs)})
-        return path
 
-    def load(self, directory: str) -> None:
-        """Restores weights written by `save`; the layout must match this run's."""
-        path = os.path.join(directory, PROJECTOR_FILE)
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"{directory} holds no {PROJECTOR_FILE}, but this run trains feature projections: the checkpoint "
-                "comes from a run with other hidden-state settings or was cut short while saving. Resume from "
-                "another checkpoint or start without `resume_from_checkpoint`."
-            )
-        from safetensors import safe_open
+def read_legacy_projections(directory: str, specs: dict[str, tuple[str, int, int]]) -> dict[str, torch.Tensor] | None:
+    """Projection weights from a checkpoint of hfkd before terms were plugins (`hfkd_projector.safetensors`), or None
+    when the folder holds none; refuses projections of another layout."""
+    path = os.path.join(directory, PROJECTOR_FILE)
+    if not os.path.isfile(path):
+        return None
+    from safetensors import safe_open
 
-        with safe_open(path, framework="pt") as handle:
-            saved_specs = json.loads((handle.metadata() or {}).get("specs", "{}"))
-        if {k: tuple(v) for k, v in saved_specs.items()} != {k: tuple(v) for k, v in self.specs.items()}:
-            raise ValueError(
-                f"The projections in {path} ({saved_specs}) do not match this run's ({self.specs}); the checkpoint "
-                "was made with other models or layer maps."
-            )
-        first = next(iter(self.parameters()), None)
-        state = load_file(path, device=str(first.device) if first is not None else "cpu")
-        self.load_state_dict(state)
+    with safe_open(path, framework="pt") as handle:
+        saved_specs = json.loads((handle.metadata() or {}).get("specs", "{}"))
+    if {k: tuple(v) for k, v in saved_specs.items()} != {k: tuple(v) for k, v in specs.items()}:
+        raise ValueError(
+            f"The projections in {path} ({saved_specs}) do not match this run's ({specs}); the checkpoint was made "
+            "with other models or layer maps."
+        )
+    return load_file(path)

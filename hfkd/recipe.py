@@ -53,6 +53,7 @@ from .run_folder import (
     write_config,
 )
 from .student import student_from_teacher, student_layers
+from .terms import TERMS
 from .trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -219,7 +220,6 @@ def eval_metric_names(recipe: RecipeArguments, config: DistillationConfig) -> li
     if not lm:
         names.append("accuracy")  # compute_metrics, whatever the weights
     if config.eval_with_teacher:  # otherwise evaluation runs the student alone and reports no term
-        names += [f"distill/{t}" for t in ("logit", "hidden", "attention") if getattr(config, f"{t}_weight") > 0]
         names += [f"distill/{spec.name}" for spec in config.term_specs]
     return names
 
@@ -658,10 +658,11 @@ class _Run:
         trainer.train(resume_from_checkpoint=resume)
         self.trainer = trainer
         self.log_history = trainer.state.log_history
+        # The terms that pair layers per stream (hidden, attention) say how they paired them.
         self.layer_maps = {
-            kind: {stream: pairs for stream, pairs in (p or {}).items()}
-            for kind, p in (("hidden", trainer._hidden_pairs), ("attention", trainer._attention_pairs))
-            if p
+            name: dict(term.pairs)
+            for name, term in trainer.term_set.terms.items()
+            if isinstance(getattr(term, "pairs", None), dict) and term.pairs
         }
 
     def evaluate(self, model) -> float:
@@ -801,13 +802,11 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
     last = {}
     for entry in run.log_history:
         last.update({k: v for k, v in entry.items() if k == "task" or k.startswith("distill/")})
-    weights = {
-        "task": (config.task_weight, "cross-entropy on the labels"),
-        "distill/logit": (config.logit_weight, config.logit_loss),
-        "distill/hidden": (config.hidden_weight, config.hidden_loss),
-        "distill/attention": (config.attention_weight, config.attention_loss),
-    }
+    weights = {"task": (config.task_weight, "cross-entropy on the labels")}
     for spec in config.term_specs:
+        if TERMS[spec.name].short_form:  # a built-in term: its loss says what it is (its fields are in the card)
+            weights[f"distill/{spec.name}"] = (spec.weight, spec.options["loss"])
+            continue
         options = ", ".join(f"{k}={v}" for k, v in spec.options.items())
         weights[f"distill/{spec.name}"] = (spec.weight, spec.name + (f" ({options})" if options else ""))
     dataset_hub = data_args.dataset_name if data_args.data_files is None else None

@@ -1,15 +1,14 @@
-"""`DistillationTrainer`: `transformers.Trainer` plus a teacher and the logit, hidden-state and attention terms."""
+"""`DistillationTrainer`: `transformers.Trainer` plus a teacher and the distillation terms (`hfkd.terms`)."""
 
 import dataclasses
 import glob
+import inspect
 import json
 import logging
 import os
 import shutil
-from collections import defaultdict
 
 import torch
-import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
@@ -24,26 +23,9 @@ from .cache import (
     has_cached_outputs,
 )
 from .config import DistillationConfig
-from .features import (
-    ModelKind,
-    as_positions,
-    attention_streams,
-    batch_size,
-    hidden_streams,
-    masked_sum,
-    model_kind,
-    unit_counts,
-    unit_masks,
-)
+from .features import ModelKind, batch_size, model_kind, unit_counts, unit_masks
 from .fingerprint import model_fingerprint
 from .heads import accepts_logits_to_keep, base_module, capture_last_hidden, head_reproduces_logits, linear_head
-from .layer_map import resolve_layer_map
-from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
-from .losses.chunked import chunked_head_loss
-from .losses.fused import kl_ce_with_grad
-from .losses.logits import standardize_logits
-from .losses.topk import topk_logit_loss
-from .projection import FeatureProjector
 from .teacher import call_model, ensure_eager_attention, load_teacher, prepare_teacher, unwrap_peft
 from .terms.base import Features, TermBatch, logits_of
 from .terms.runner import ROW_IDS_KEY, RowIdCollator, TermSet, capture_modules, resolve_modules
@@ -75,8 +57,8 @@ class DistillationTrainer(Trainer):
 
     It takes everything `Trainer` takes, plus `teacher_model` (a model, a Hub id or a local path; or set
     `DistillationConfig.teacher_model_name_or_path`). The loss is the weighted sum of the student's own loss and the
-    distillation terms configured in [`DistillationConfig`]; each term is logged on its own (`task`,
-    `distill/logit`, `distill/hidden`, `distill/attention`).
+    distillation terms configured in [`DistillationConfig`] (`terms`, and the short-form fields of the built-in
+    ones); each is logged on its own: `task` for the student's own loss, `distill/<name>` for each term.
 
     Example:
         ```python
@@ -122,6 +104,10 @@ class DistillationTrainer(Trainer):
     ) -> None:
         # compute_loss normalises every term over the whole accumulated batch itself (see get_batch_samples).
         self.loss_is_scaled_for_ga = True
+        if not self.label_names and self.compute_loss_func is not None and args.label_names is None:
+            # A plain nn.Module student has no `labels` in its forward, so Trainer would drop them from the batch;
+            # its compute_loss_func (the task loss) and label-reading terms need them.
+            self.label_names = ["labels"]
 
         self.term_set = TermSet(args.term_specs)
         # Before any needs(): terms that pick their submodules by name patterns resolve them from these names
@@ -132,15 +118,13 @@ class DistillationTrainer(Trainer):
         )
         self._terms_wrapped: torch.nn.Module | None = None
         self._hooked: dict[str, dict[str, torch.nn.Module]] = {}  # side -> the submodules the terms read
-        if args.attention_weight > 0 or self.term_set.needs().attentions:
+        if self.term_set.needs().attentions:
             ensure_eager_attention(self.model, "student")
             ensure_eager_attention(teacher, "teacher")
             _warn_attention_dropout(unwrap_peft(self.model))
         if cache is not None:
             self._check_terms_against_cache(cache)
-        self._distills = (
-            args.logit_weight > 0 or args.hidden_weight > 0 or args.attention_weight > 0 or len(self.term_set) > 0
-        )
+        self._distills = len(self.term_set) > 0
         self._cache = cache
         self.teacher_model = prepare_teacher(teacher, self.accelerator) if teacher is not None else None
         self._teacher_accepts_use_cache = teacher is not None and "use_cache" in _forward_parameters(
@@ -148,21 +132,18 @@ class DistillationTrainer(Trainer):
         )
 
         self._kind: ModelKind = model_kind(unwrap_peft(self.model), self._loss_shifts_labels)
-        self._hidden_pairs: dict[str, list[tuple[int, int]]] | None = None
-        self._attention_pairs: dict[str, list[tuple[int, int]]] | None = None
-        self._attention_head_mean = False  # set when the planned maps have other head counts (attention_heads)
-        self.projector: FeatureProjector | None = None
-        self._projector_wrapped: torch.nn.Module | None = None
         self._window_counts: dict[str, torch.Tensor] | None = None
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._eval_batches = 0
         self._train_windows = 0  # optimizer steps (accumulation windows) since the last training log
         self._task_uses_num_items = True  # measured in _probe
-        # Causal LMs: base modules and linear heads of (student, teacher) when the logit term is chunked (_probe).
+        # Causal LMs: base modules and linear heads of (student, teacher) when a term runs on the heads by chunks
+        # (TermSet.head_term; planned in _probe).
         self._chunk_heads: tuple[torch.nn.Module, torch.nn.Linear, torch.nn.Module, torch.nn.Linear] | None = None
 
         self._probed = False
         self._predicting = False
+        self._student_takes: frozenset[str] | str | None = None  # the student forward's keywords (_student_flags)
         self._check_data()
         self._term_row_ids = self._add_row_ids() if self.term_set.needs().row_ids else False
         # Taken before any forward pass: heads fill config fields such as `problem_type` on first use.
@@ -171,30 +152,12 @@ class DistillationTrainer(Trainer):
             self._use_cache(cache)
         if self._distills:
             self._probe()
-        if self.projector is not None and self.optimizer is not None:
-            raise ValueError(
-                "The student and teacher widths differ, so hfkd trains feature projections, but `optimizers=` gave "
-                "an optimizer that does not know them. Let DistillationTrainer create the optimizer, or use "
-                "`optimizer_cls_and_kwargs=` instead."
-            )
 
     # ------------------------------------------------------------------ set-up
     def _check_terms_against_cache(self, cache: TeacherCache) -> None:
-        """The cache serves a term that reads the teacher's full logits only; anything else is refused, by name."""
-        for name, term in self.term_set.terms.items():
-            needs = term.needs()
-            if needs.hidden_states or needs.attentions or needs.teacher_modules:
-                what = "hidden states" if needs.hidden_states else "attentions" if needs.attentions else "submodules"
-                raise TeacherCacheError(
-                    f"The term {name!r} reads the teacher's {what}, which the teacher cache does not hold for it; "
-                    "drop teacher_cache_dir (train with the teacher online) or the term."
-                )
-            if needs.logits and (cache.logits is None or cache.logits.get("mode") != "dense"):
-                raise TeacherCacheError(
-                    f"The term {name!r} reads the teacher's full logits, but the cache holds "
-                    f"{'its top-k only' if cache.logits else 'no logits'}; rebuild it with `hfkd cache --top_k 0` "
-                    "(and a logit term), or drop the term."
-                )
+        """Each term says whether the cache can serve it (`Term.check_cache`); one it cannot is refused, by name."""
+        for term in self.term_set.terms.values():
+            term.check_cache(cache)
 
     def _add_row_ids(self) -> bool:
         """Training batches carry each row's index in the data (for terms with per-row memory, such as CRD)."""
@@ -239,7 +202,7 @@ class DistillationTrainer(Trainer):
     def _check_data(self) -> None:
         """Data-set checks before the first step, without a forward: rows, columns, labels, token ids, lengths."""
         student, teacher = self._limits()
-        checks.check_logit_heads(student, teacher, self.args.logit_weight)
+        checks.check_logit_heads(student, teacher, self.term_set.needs().logits)
         task_loss = self.args.task_weight > 0
         for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
             # Evaluation without labels is legitimate (no loss, predictions only); training without them is not.
@@ -289,10 +252,11 @@ class DistillationTrainer(Trainer):
         """Runs both models on two examples before training to check that the terms can be computed.
 
         This is where mismatched vocabularies, layer maps, head counts and widths fail, before the first step, and
-        where the projections are built so that the optimizer and DDP know them from the start. A trainer built
-        without data is probed on its first batch instead (`batch`): the checks and the chunked logit path then
-        still apply, but nothing trainable can be added to an optimizer that exists already.
+        where the terms build their parameters (projections, heads) so that the optimizer and DDP know them from the
+        start. A trainer built without data is probed on its first batch instead (`batch`): the checks and the
+        chunked head path then still apply, but nothing trainable can be added to an optimizer that exists already.
         """
+        first_batch = batch is not None
         batch = batch if batch is not None else self._probe_batch()
         if batch is None:
             return  # planned on the first batch compute_loss sees
@@ -319,13 +283,15 @@ class DistillationTrainer(Trainer):
             ):
                 student_inputs, teacher_inputs, _ = self._split_inputs(batch)
                 student_inputs.pop("labels", None)  # only shapes matter here, not the loss
-                student_out = self.model(**student_inputs, **self._feature_flags())
+                student_out = self.model(**student_inputs, **self._student_flags())
                 teacher_out = self._teacher_outputs(batch, teacher_inputs)
         finally:
             self.model.train(was_training)
-        self._plan(student_out, teacher_out, building=self.optimizer is None)
-        if len(self.term_set):
-            self._setup_terms(student_out, s_modules, teacher_out, t_modules, batch)
+        s_logits = logits_of(student_out)
+        if s_logits is not None:
+            # The class guess can be wrong for custom heads; the logits' rank is the truth.
+            self._kind.token_level = s_logits.dim() >= 3
+        self._setup_terms(student_out, s_modules, teacher_out, t_modules, batch, first_batch)
         self._measure_task_normalisation(batch)
         if candidates:
             s_head, t_head = candidates[1], candidates[3]
@@ -340,24 +306,51 @@ class DistillationTrainer(Trainer):
             else:
                 logger.warning(
                     "The student's or teacher's logits are not a plain linear head of its last hidden states "
-                    "(soft-capping or logit scaling?); the logit term uses the full logits (logit_chunk_size ignored)."
+                    "(soft-capping or logit scaling?); the %s term uses the full logits (its chunk size is ignored).",
+                    self.term_set.head_term()[0],
                 )
 
-    def _setup_terms(self, student_out, s_modules, teacher_out, t_modules, batch) -> None:
+    def _setup_terms(self, student_out, s_modules, teacher_out, t_modules, batch, first_batch: bool) -> None:
         """The configured terms see real outputs once, check them and build their parameters, before the optimizer."""
         student = Features(student_out, s_modules, self._kind)
         teacher = Features(teacher_out, t_modules, self._kind)
+        if isinstance(teacher_out, CachedTeacherOutput):
+            self._check_cached_layers(student, teacher)
         self.term_set.setup(student, teacher, self._term_batch(batch, training=False))
         if self.term_set.has_state() and self.optimizer is not None:
+            stateful = [name for name, term in self.term_set.terms.items() if any(True for _ in term.state_dict())]
+            if first_batch:
+                raise ValueError(
+                    f"The terms {stateful} build trainable state (e.g. projections where the widths differ) from the "
+                    "first batch, but the optimizer exists already: pass train_dataset (or eval_dataset) to "
+                    "DistillationTrainer so that they are built before it."
+                )
             raise ValueError(
-                f"The terms {list(self.term_set.terms)} build trainable state from the first batch, but the optimizer "
-                "exists already: pass train_dataset (or eval_dataset) to DistillationTrainer so that they are built "
-                "before it."
+                f"The terms {stateful} train parameters of their own (e.g. projections where the student and teacher "
+                "widths differ), but `optimizers=` gave an optimizer that does not know them. Let "
+                "DistillationTrainer create the optimizer, or use `optimizer_cls_and_kwargs=` instead."
             )
         first = next(self.model.parameters())
         self.term_set.to(device=first.device)
         if self.term_set.has_state():
             self._terms_wrapped = self.accelerator.prepare_model(self.term_set)
+
+    def _check_cached_layers(self, student: Features, teacher: Features) -> None:
+        """Every teacher hidden state a term reads must be in the teacher cache (checked on the probe batch)."""
+        stored, s_states = teacher.hidden_states, student.hidden_states
+        if stored is None or s_states is None:
+            return  # the term's own setup names what is missing
+        held = [i for i, state in enumerate(stored) if state is not None]
+        for name, term in self.term_set.terms.items():
+            if not term.needs().hidden_states:
+                continue
+            wanted = term.teacher_hidden_layers(len(s_states), len(stored))
+            missing = sorted(set(wanted) - set(held)) if wanted is not None else ["?"]
+            if missing:
+                raise TeacherCacheError(
+                    f"The term {name!r} reads teacher hidden_states[{missing[0]}], but the teacher cache holds "
+                    f"{held}; rebuild it with `hfkd cache` for this student and these terms."
+                )
 
     def _capture(self, side: str):
         """Records the submodule outputs the terms asked for, during that model's forwards inside the block."""
@@ -369,8 +362,9 @@ class DistillationTrainer(Trainer):
             self._hooked[side] = resolve_modules(model, names, side)
         return capture_modules(self._hooked[side])
 
-    def _term_batch(self, batch: dict, training: bool, masks: dict | None = None) -> TermBatch:
+    def _term_batch(self, batch: dict, training: bool, masks: dict | None = None, counts: dict | None = None):
         masks = masks if masks is not None else unit_masks(batch, self._kind)
+        counts = counts if counts is not None else self._normalisers(masks, batch, False)[0]
         stream = "encoder" if self._kind.encoder_decoder else "main"
         labels = batch.get("labels")
         rows = batch.get(ROW_IDS_KEY)
@@ -382,17 +376,22 @@ class DistillationTrainer(Trainer):
             row_ids=rows if isinstance(rows, torch.Tensor) else None,
             training=training,
             num_rows=len(self.train_dataset) if self._term_row_ids else None,
+            masks=masks,
+            counts=counts,
         )
 
-    def _term_values(self, student: Features, teacher: Features, batch: TermBatch, counts, scale, training):
-        """Each configured term's value, normalised over its unit (see hfkd.terms.base)."""
+    def _term_values(self, student: Features, teacher: Features, batch: TermBatch, scale, training, skip=None):
+        """Each configured term's value (but `skip`'s), normalised over its unit (see hfkd.terms.base)."""
         module = self._terms_wrapped if self._terms_wrapped is not None else self.term_set
-        raw = module(student, teacher, batch)
+        raw = module(student, teacher, batch, skip=skip)
         stream = "encoder" if self._kind.encoder_decoder else "main"
+        counts = batch.counts
         values = {}
         for name, value in raw.items():
             unit = self.term_set.terms[name].unit
-            if unit == "batch":
+            if unit == "mixed":  # divided by its counts already; `scale` undoes DDP's mean over processes
+                value = value * scale
+            elif unit == "batch":
                 # A micro-batch value: the mean over the window's micro-batches (and, through DDP, processes).
                 value = value / self._accumulation_steps if training else value
             else:
@@ -402,12 +401,9 @@ class DistillationTrainer(Trainer):
         return values
 
     def _chunk_candidates(self):
-        """(student base, student head, teacher base, teacher head) if the logit term can be chunked, else None."""
-        args = self.args
-        if args.logit_weight == 0 or args.logit_chunk_size == 0:
+        """(student base, student head, teacher base, teacher head) if a term can run on the heads by chunks."""
+        if self.term_set.head_term() is None:
             return None
-        if self.term_set.needs().logits:
-            return None  # another term reads the full logits: they are computed anyway
         kind = self._kind
         if not (kind.shifts_labels and kind.token_level) or kind.encoder_decoder:
             return None
@@ -422,7 +418,7 @@ class DistillationTrainer(Trainer):
             models.append(unwrap_peft(self.accelerator.unwrap_model(self.teacher_model)))
         parts = [part for m in models for part in (base_module(m), linear_head(m))]
         if any(part is None for part in parts) or not all(accepts_logits_to_keep(m) for m in models):
-            logger.info("The logit term uses the full logits: a model has no plain linear head or no logits_to_keep.")
+            logger.info("The logits are computed whole: a model has no plain linear head or no logits_to_keep.")
             return None
         return tuple(parts) if len(parts) == 4 else (*parts, None, None)
 
@@ -452,128 +448,6 @@ class DistillationTrainer(Trainer):
             self.model.train(was_training)
         if all(isinstance(loss, torch.Tensor) for loss in losses):
             self._task_uses_num_items = not torch.allclose(losses[0], losses[1])
-
-    def _plan(self, student_out, teacher_out, building: bool) -> None:
-        """Checks shapes, resolves layer maps and (when `building`) creates the projections."""
-        args = self.args
-        s_logits, t_logits = logits_of(student_out), logits_of(teacher_out)
-        if s_logits is not None:
-            # The class guess can be wrong for custom heads; the logits' rank is the truth.
-            self._kind.token_level = s_logits.dim() >= 3
-        topk = teacher_out.topk if isinstance(teacher_out, CachedTeacherOutput) else None
-        if args.logit_weight > 0 and topk is not None and args.logit_standardize:
-            raise TeacherCacheError(
-                "logit_standardize needs the teacher's full logits, but the teacher cache holds its top-k only; "
-                "rebuild it with `hfkd cache --top_k 0`, or drop logit_standardize."
-            )
-        if args.logit_weight > 0 and topk is not None:
-            classes = self._cache.logits["num_classes"]
-            if s_logits is None or s_logits.shape[-1] != classes:
-                what = "vocabulary" if self._kind.token_level else "number of labels"
-                raise checks.logit_mismatch_error(what, -1 if s_logits is None else s_logits.shape[-1], classes)
-            if s_logits.shape[:-1] != topk[0].shape[:-1]:
-                raise TeacherCacheError(
-                    f"Student logits {tuple(s_logits.shape)} and cached top-k {tuple(topk[0].shape)} do not line up; "
-                    "the cache must be built from the same tokenized data."
-                )
-        elif args.logit_weight > 0:
-            if s_logits is None or t_logits is None:
-                raise ValueError("logit_weight > 0, but the student or teacher returned no `logits`.")
-            if s_logits.shape[-1] != t_logits.shape[-1]:
-                what = "vocabulary" if self._kind.token_level else "number of labels"
-                raise checks.logit_mismatch_error(what, s_logits.shape[-1], t_logits.shape[-1])
-            if s_logits.shape != t_logits.shape:
-                raise ValueError(
-                    f"Student logits {tuple(s_logits.shape)} and teacher logits {tuple(t_logits.shape)} do not line "
-                    "up; both models must see the same tokens (same tokenizer and padding)."
-                )
-
-        if args.hidden_weight > 0:
-            self._hidden_pairs, specs = self._plan_hidden(student_out, teacher_out)
-            if specs and building:
-                self.projector = FeatureProjector(specs)
-                first = next(self.model.parameters())
-                self.projector.to(device=first.device, dtype=first.dtype if first.is_floating_point() else None)
-                self._projector_wrapped = self.accelerator.prepare_model(self.projector)
-            elif specs and self.projector is None:
-                raise ValueError(
-                    "The student and teacher hidden sizes differ, so hfkd must train projections, but it could not "
-                    "size them before training: pass `train_dataset` (or `eval_dataset`) to DistillationTrainer."
-                )
-        if args.attention_weight > 0:
-            self._attention_pairs = self._plan_attention(student_out, teacher_out)
-
-    def _plan_hidden(self, student_out, teacher_out):
-        s_streams, t_streams = hidden_streams(student_out, self._kind), hidden_streams(teacher_out, self._kind)
-        if not s_streams or set(s_streams) != set(t_streams):
-            raise ValueError("hidden_weight > 0, but the student or teacher returned no `hidden_states`.")
-        pairs, specs = {}, {}
-        for stream, s_states in s_streams.items():
-            t_states = t_streams[stream]
-            pairs[stream] = resolve_layer_map(
-                self.args.hidden_layer_map,
-                len(s_states),
-                len(t_states),
-                field_name="hidden_layer_map",
-                has_embeddings=True,
-            )
-            for s_idx, t_idx in pairs[stream]:
-                s, t = s_states[s_idx], t_states[t_idx]
-                if t is None:
-                    raise TeacherCacheError(
-                        f"hidden_layer_map pairs teacher hidden_states[{t_idx}], but the teacher cache holds "
-                        f"{self._cache.hidden_layers}; rebuild it with `hfkd cache` for this student and layer map."
-                    )
-                where = f"student hidden_states[{s_idx}] {tuple(s.shape)} vs teacher hidden_states[{t_idx}] {tuple(t.shape)}"
-                if s.dim() != t.dim() or s.dim() not in (3, 4):
-                    raise ValueError(
-                        f"hidden_layer_map pairs features no projection can bridge: {where}. hfkd projects token "
-                        "features [batch, tokens, width] onto token features and conv maps [batch, channels, h, w] "
-                        "onto conv maps; pick a teacher and student of the same kind, or set hidden_weight=0."
-                    )
-                if s.dim() == 3 and s.shape[1] != t.shape[1]:
-                    raise ValueError(
-                        f"The hidden term compares positions one to one, but the sequence lengths differ ({where}); "
-                        "use the same tokenizer (or patch size) for both models, or set hidden_weight=0."
-                    )
-                feature_axis = 1 if s.dim() == 4 else -1
-                if s.shape[feature_axis] != t.shape[feature_axis]:
-                    kind = "conv" if s.dim() == 4 else "linear"
-                    specs[f"{stream}.{s_idx}"] = (kind, s.shape[feature_axis], t.shape[feature_axis])
-        return pairs, specs
-
-    def _plan_attention(self, student_out, teacher_out):
-        s_streams, t_streams = attention_streams(student_out, self._kind), attention_streams(teacher_out, self._kind)
-        if not s_streams or set(s_streams) != set(t_streams):
-            raise ValueError(
-                "attention_weight > 0, but the student or teacher returned no attention maps; load both with "
-                "attn_implementation='eager' or set attention_weight=0."
-            )
-        pairs = {}
-        for stream, s_maps in s_streams.items():
-            t_maps = t_streams[stream]
-            pairs[stream] = resolve_layer_map(
-                self.args.attention_layer_map,
-                len(s_maps),
-                len(t_maps),
-                field_name="attention_layer_map",
-                has_embeddings=False,
-            )
-            for s_idx, t_idx in pairs[stream]:
-                s, t = s_maps[s_idx], t_maps[t_idx]
-                heads_differ = s.shape[1] != t.shape[1]
-                if s.shape[:1] + s.shape[2:] != t.shape[:1] + t.shape[2:] or (
-                    heads_differ and self.args.attention_heads == "match"
-                ):
-                    raise ValueError(
-                        f"Attention maps differ in shape: student layer {s_idx} {tuple(s.shape)} vs teacher layer "
-                        f"{t_idx} {tuple(t.shape)} ([batch, heads, query, key]). The attention term needs the same "
-                        "tokens (same tokenizer or patches), and with attention_heads='match' the same number of "
-                        "heads; set attention_heads='mean' to compare head-averaged maps, or attention_weight=0."
-                    )
-                if heads_differ:
-                    self._attention_head_mean = True
-        return pairs
 
     # ------------------------------------------------------------------ runs and checkpoints
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -632,21 +506,18 @@ class DistillationTrainer(Trainer):
         return optimizer
 
     def _distillation_parameters(self) -> list[torch.nn.Parameter]:
-        """Trainable parts that are not the student's: projections and the terms' own parameters."""
-        params = list(self.projector.parameters()) if self.projector is not None else []
-        return params + [p for p in self.term_set.parameters() if p.requires_grad]
+        """Trainable parts that are not the student's: the terms' own parameters (projections, heads)."""
+        return [p for p in self.term_set.parameters() if p.requires_grad]
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save and os.path.isdir(folder):
             _write_run_file(folder, self._fingerprint)
-            if self.projector is not None:
-                self.projector.save(folder)
             self.term_set.save(folder)
 
     def _clip_grad_norm(self, model):
-        # Student, projections and terms are one trainable system (as timm wraps them): clip their joint norm.
+        # The student and the terms' parameters are one trainable system (as timm wraps them): clip their joint norm.
         extra = self._distillation_parameters()
         if not extra or self.is_deepspeed_enabled or self.is_fsdp_enabled:
             return super()._clip_grad_norm(model)
@@ -654,17 +525,13 @@ class DistillationTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        if self.projector is not None:
-            self.projector.load(resume_from_checkpoint)
         self.term_set.load(resume_from_checkpoint)
 
     # ------------------------------------------------------------------ the step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         # A new accumulation window starts here. Trainer zeroes only the student's gradients after a step, so the
-        # projections' gradients are cleared here, before this window's first backward.
-        if self.projector is not None:
-            self.projector.zero_grad(set_to_none=True)
+        # terms' gradients are cleared here, before this window's first backward.
         self.term_set.zero_grad(set_to_none=True)
         if self._distills and batch_samples:
             self._window_counts = self._count_units(batch_samples, device)
@@ -674,12 +541,13 @@ class DistillationTrainer(Trainer):
 
     def _count_units(self, batch_samples: list, device) -> dict[str, torch.Tensor]:
         """Units behind each term over the whole accumulated batch (and all processes), for exact normalisation."""
-        totals: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros(()))
+        totals: dict[str, torch.Tensor] = {}
         for batch in batch_samples:
             for name, count in unit_counts(unit_masks(batch, self._kind), batch_size(batch)).items():
-                totals[name] = totals[name] + count.cpu()
+                count = count.to(device)  # summed where the masks are: reading them on the host would sync
+                totals[name] = totals[name] + count if name in totals else count
         names = sorted(totals)
-        vector = torch.stack([totals[n] for n in names]).to(device)
+        vector = torch.stack([totals[n] for n in names])
         if self.args.world_size > 1:
             vector = self.accelerator.gather(vector.unsqueeze(0)).sum(0)
         return dict(zip(names, vector, strict=True))
@@ -690,12 +558,16 @@ class DistillationTrainer(Trainer):
         return getattr(self, "current_gradient_accumulation_steps", 1)
 
     def _feature_flags(self) -> dict[str, bool]:
-        flags = dict(self.term_set.flags())
-        if self.args.hidden_weight > 0:
-            flags["output_hidden_states"] = True
-        if self.args.attention_weight > 0:
-            flags["output_attentions"] = True
-        return flags
+        """The `output_*` flags the terms need (the teacher's call leaves out those its forward does not take)."""
+        return dict(self.term_set.flags())
+
+    def _student_flags(self) -> dict[str, bool]:
+        # A plain nn.Module student (forward(pixel_values) -> logits) takes no output flags; the terms then read its
+        # submodules, and one that needs its hidden states says so in its own error.
+        if self._student_takes is None:
+            self._student_takes = _keyword_parameters(unwrap_peft(self.accelerator.unwrap_model(self.model)))
+        flags = self._feature_flags()
+        return flags if self._student_takes == "any" else {k: v for k, v in flags.items() if k in self._student_takes}
 
     def _split_inputs(self, inputs: dict) -> tuple[dict, dict, dict]:
         """Student inputs, teacher inputs (no labels; `teacher_*` keys renamed), and the full batch for masks."""
@@ -754,9 +626,9 @@ class DistillationTrainer(Trainer):
         args = self.args
         training = model.training
         student_inputs, teacher_inputs, batch = self._split_inputs(inputs)
-        flags = self._feature_flags()
+        flags = self._student_flags()
         terms: dict[str, torch.Tensor] = {}
-        fused = None  # chunked logit + task terms, already weighted (see _chunked_terms)
+        fused = None  # the head term and the task loss by chunks, already weighted (see _head_loss)
         cached = self._cache is not None and has_cached_outputs(batch)
         if training and self._distills and self.teacher_model is None and not cached:
             raise TeacherCacheError("A training batch came without cached teacher outputs and there is no teacher.")
@@ -799,14 +671,12 @@ class DistillationTrainer(Trainer):
                 teacher_out = self._teacher_outputs(
                     batch, teacher_inputs, **({"logits_to_keep": 1} if online_chunks else {})
                 )
-            if (args.hidden_weight > 0 and self._hidden_pairs is None) or (
-                args.attention_weight > 0 and self._attention_pairs is None
-            ):
-                self._plan(outputs, teacher_out, building=False)
             masks = unit_masks(batch, self._kind)
             counts, scale = self._normalisers(masks, batch, training)
+            head = None
             if chunked:
-                fused, logged = self._chunked_terms(
+                head, _ = self.term_set.head_term()
+                fused, logged = self._head_loss(
                     s_last.value,
                     teacher_out if cached else t_last.value,
                     student_inputs.get("labels"),
@@ -817,30 +687,16 @@ class DistillationTrainer(Trainer):
                     training,
                 )
                 terms.update(logged)
-            elif args.logit_weight > 0:
-                terms["distill/logit"] = self._logit_term(outputs, teacher_out, masks["logit"]) * (
-                    scale / counts["logit"]
-                )
-            if args.hidden_weight > 0:
-                terms["distill/hidden"] = self._hidden_term(outputs, teacher_out, masks, counts) * scale
-            if args.attention_weight > 0:
-                terms["distill/attention"] = self._attention_term(outputs, teacher_out, masks, counts) * scale
-            if len(self.term_set):
-                student_side = Features(outputs, s_modules, self._kind)
-                teacher_side = Features(teacher_out, t_modules, self._kind)
-                term_batch = self._term_batch(batch, training, masks)
-                terms.update(self._term_values(student_side, teacher_side, term_batch, counts, scale, training))
+            student_side = Features(outputs, s_modules, self._kind)
+            teacher_side = Features(teacher_out, t_modules, self._kind)
+            term_batch = self._term_batch(batch, training, masks, counts)
+            terms.update(self._term_values(student_side, teacher_side, term_batch, scale, training, skip=head))
 
-        weights = {
-            "task": args.task_weight,
-            "distill/logit": args.logit_weight,
-            "distill/hidden": args.hidden_weight,
-            "distill/attention": args.attention_weight,
-            **{f"distill/{name}": weight for name, weight in self.term_set.weights.items()},
-        }
+        weights = {"task": args.task_weight, **{f"distill/{name}": w for name, w in self.term_set.weights.items()}}
+        fused_names = ("task", f"distill/{head}") if fused is not None else ()
         loss = fused
         for name, value in terms.items():
-            if fused is not None and name in ("task", "distill/logit"):
+            if name in fused_names:
                 continue  # inside `fused` already
             weighted = value if weights[name] == 1 else weights[name] * value
             loss = weighted if loss is None else loss + weighted
@@ -857,116 +713,40 @@ class DistillationTrainer(Trainer):
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in _OUTPUT_FEATURE_KEYS})
         return loss, outputs
 
-    def _chunked_terms(self, s_hidden, teacher, labels, mask, counts, scale, num_items_in_batch, training):
-        """The logit term and (if weighted) the student's own next-token loss, from hidden states, by chunks.
+    def _head_loss(self, s_hidden, teacher, labels, mask, counts, scale, num_items_in_batch, training):
+        """The head term (`TermSet.head_term`) and, if weighted, the student's own next-token loss, by chunks.
 
-        Returns the weighted sum (with gradients) and each term's value for the logs. Every term is normalised
-        exactly as on the full-logits path: the logit term over the window's counted positions, the task term as
-        Trainer and the model's loss function do it (sum over `num_items_in_batch`, else a mean per batch divided
-        by the accumulation steps).
+        Returns the weighted sum (with gradients) and each one's value for the logs. Both are normalised exactly as
+        on the full-logits path: the term over the window's counted positions, the task loss as Trainer and the
+        model's loss function do it (sum over `num_items_in_batch`, else a mean per batch divided by the
+        accumulation steps).
         """
         args = self.args
+        name, term = self.term_set.head_term()
         s_head, t_head = self._chunk_heads[1], self._chunk_heads[3]
-
-        def select(values):  # position t predicts token t + 1: the last position has no target
-            values = values[:, :-1]
-            return values[mask] if mask is not None else values.flatten(0, 1)
-
-        s_rows = select(s_hidden)
-        # The teacher's side of each row: its final hidden states (online), or cached logits or top-k.
-        topk = teacher.topk if isinstance(teacher, CachedTeacherOutput) else None
-        if topk is not None:
-            t_ids, t_log_probs = select(topk[0]), select(topk[1])
-        else:
-            t_rows = select(teacher.logits if isinstance(teacher, CachedTeacherOutput) else teacher)
-            if isinstance(teacher, CachedTeacherOutput):
-                t_head = None  # the rows are logits already
-
-        logit_coef = args.logit_weight * scale / counts["logit"]
-        with_task = args.task_weight > 0 and isinstance(labels, torch.Tensor)  # evaluation may come without labels
-        if with_task:
-            targets = labels[:, 1:][mask] if mask is not None else labels[:, 1:].flatten()
+        task_coef = None
+        if args.task_weight > 0 and isinstance(labels, torch.Tensor):  # evaluation may come without labels
             if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
                 task_coef = 1.0 / num_items_in_batch
                 if args.average_tokens_across_devices:
                     task_coef = task_coef * (self.accelerator.num_processes // self.get_tp_size())
             else:
-                task_coef = 1.0 / targets.ne(-100).sum().clamp_min(1)  # a tensor: no host sync
+                task_coef = 1.0 / labels[:, 1:].ne(-100).sum().clamp_min(1)  # a tensor: no host sync
                 if training:
                     task_coef = task_coef / self._accumulation_steps
-        loss_fn = LOGIT_LOSSES[args.logit_loss]
-        sums = {"distill/logit": torch.zeros((), device=s_rows.device)}
-        if with_task:
-            sums["task"] = torch.zeros((), device=s_rows.device)
-
-        def teacher_logits(start, end):
-            with torch.no_grad():
-                return t_head(t_rows[start:end]) if t_head is not None else t_rows[start:end]
-
-        # Online, the teacher's hidden states are divided by T before its head: logits / T at 1/V of the cost.
-        standardize = args.logit_standardize
-        scaled_teacher = (
-            args.logit_loss == "kl"
-            and not standardize
-            and topk is None
-            and t_head is not None
-            and t_head.bias is None
-            and args.temperature != 1.0
+        per_unit = scale / counts["logit"]
+        fused, term_sum, task_sum = term.head_loss(
+            s_hidden,
+            s_head,
+            teacher,
+            t_head,
+            mask,
+            self.term_set.weights[name] * per_unit,
+            labels=labels,
+            task_scale=args.task_weight * task_coef if task_coef is not None else None,
         )
-        if scaled_teacher:
-            t_rows = t_rows / args.temperature
-
-        def closed_form(s_logits, start, end):
-            # Forward KL (the default) and cross-entropy have known gradients: no autograd over [rows, vocab].
-            distill, task, grad = kl_ce_with_grad(
-                s_logits,
-                temperature=args.temperature,
-                kl_scale=logit_coef,
-                teacher_logits=teacher_logits(start, end) if topk is None else None,
-                teacher_scaled=scaled_teacher,
-                topk=(t_ids[start:end], t_log_probs[start:end]) if topk is not None else None,
-                targets=targets[start:end] if with_task else None,
-                ce_scale=args.task_weight * task_coef if with_task else 0.0,
-                targets_all_valid=mask is not None,  # rows were selected by labels != -100
-            )
-            sums["distill/logit"] += distill
-            total = distill * logit_coef
-            if with_task:
-                sums["task"] += task
-                total = total + task * (args.task_weight * task_coef)
-            return total, grad
-
-        def chunk_loss(s_logits, start, end):
-            if topk is not None:
-                distill = topk_logit_loss(
-                    args.logit_loss,
-                    s_logits,
-                    t_ids[start:end],
-                    t_log_probs[start:end],
-                    temperature=args.temperature,
-                    beta=args.jsd_beta,
-                ).sum()
-            else:
-                s_view, t_logits = s_logits, teacher_logits(start, end)
-                if standardize:  # the divergence sees z-scores; the task loss below keeps the raw logits
-                    s_view, t_logits = standardize_logits(s_view), standardize_logits(t_logits)
-                distill = loss_fn(s_view, t_logits, temperature=args.temperature, beta=args.jsd_beta).sum()
-            sums["distill/logit"] += distill.detach()
-            total = distill * logit_coef
-            if with_task:
-                task = F.cross_entropy(s_logits.float(), targets[start:end], ignore_index=-100, reduction="sum")
-                sums["task"] += task.detach()
-                total = total + task * (args.task_weight * task_coef)
-            return total
-
-        if args.logit_loss == "kl" and not standardize:
-            fused = chunked_head_loss(
-                s_rows, s_head.weight, s_head.bias, closed_form, args.logit_chunk_size, with_gradient=True
-            )
-        else:
-            fused = chunked_head_loss(s_rows, s_head.weight, s_head.bias, chunk_loss, args.logit_chunk_size)
-        logged = {"task": sums["task"] * task_coef} if with_task else {}
-        logged["distill/logit"] = sums["distill/logit"] * (scale / counts["logit"])
+        logged = {"task": task_sum * task_coef} if task_coef is not None else {}
+        logged[f"distill/{name}"] = term_sum * per_unit
         return fused, logged
 
     def _stop_if_not_finite(self, terms: dict[str, torch.Tensor]) -> None:
@@ -994,68 +774,6 @@ class DistillationTrainer(Trainer):
             counts, scale = unit_counts(masks, batch_size(batch)), 1.0
         # An all-masked batch gives 0 / 1 = 0 rather than 0 / 0 = NaN.
         return {k: v.clamp_min(1.0) for k, v in counts.items()}, scale
-
-    def _logit_term(self, student_out, teacher_out, mask) -> torch.Tensor:
-        s, t = logits_of(student_out), logits_of(teacher_out)
-        topk = teacher_out.topk if isinstance(teacher_out, CachedTeacherOutput) else None
-        shift = self._kind.shifts_labels and s.dim() == 3
-        if topk is not None:
-            ids, log_probs = (topk[0][:, :-1], topk[1][:, :-1]) if shift else topk
-            per_position = topk_logit_loss(
-                self.args.logit_loss,
-                s[:, :-1] if shift else s,
-                ids,
-                log_probs,
-                temperature=self.args.temperature,
-                beta=self.args.jsd_beta,
-            )
-            return masked_sum(per_position, mask)
-        if shift:
-            s, t = s[:, :-1], t[:, :-1]
-        if self.args.logit_standardize:
-            s, t = standardize_logits(s), standardize_logits(t)
-        per_position = LOGIT_LOSSES[self.args.logit_loss](
-            s, t, temperature=self.args.temperature, beta=self.args.jsd_beta
-        )
-        return masked_sum(per_position, mask)
-
-    def _hidden_term(self, student_out, teacher_out, masks, counts) -> torch.Tensor:
-        s_streams, t_streams = hidden_streams(student_out, self._kind), hidden_streams(teacher_out, self._kind)
-        selected = {
-            f"{stream}.{s}": s_streams[stream][s] for stream, pairs in self._hidden_pairs.items() for s, _ in pairs
-        }
-        if self._projector_wrapped is not None:
-            selected = self._projector_wrapped(selected)
-        loss_fn = HIDDEN_LOSSES[self.args.hidden_loss]
-        total, n = 0.0, 0
-        for stream, pairs in self._hidden_pairs.items():
-            for s_idx, t_idx in pairs:
-                s, t = as_positions(selected[f"{stream}.{s_idx}"], t_streams[stream][t_idx])
-                mask = masks[stream]
-                if mask is None or mask.shape != s.shape[:2]:
-                    # Vision tokens and feature maps have no padding: each example is one unit.
-                    mask, count = None, counts["examples"]
-                else:
-                    count = counts[stream]
-                total = total + masked_sum(loss_fn(s, t), mask) / count
-                n += 1
-        return total / n
-
-    def _attention_term(self, student_out, teacher_out, masks, counts) -> torch.Tensor:
-        s_streams, t_streams = attention_streams(student_out, self._kind), attention_streams(teacher_out, self._kind)
-        loss_fn = ATTENTION_LOSSES[self.args.attention_loss]
-        # Head-averaged maps are still distributions over keys, so every attention loss applies to them.
-        mean = self.args.attention_heads == "mean" or self._attention_head_mean
-        total, n = 0.0, 0
-        for stream, pairs in self._attention_pairs.items():
-            for s_idx, t_idx in pairs:
-                s_map, t_map = s_streams[stream][s_idx], t_streams[stream][t_idx]
-                if mean:
-                    s_map, t_map = s_map.mean(1, keepdim=True), t_map.mean(1, keepdim=True)
-                per_query = loss_fn(s_map, t_map)
-                total = total + masked_sum(per_query, masks[stream]) / counts[stream]
-                n += 1
-        return total / n
 
     # ------------------------------------------------------------------ logging
     def _record(self, terms: dict[str, torch.Tensor], mode: str) -> None:
@@ -1106,8 +824,8 @@ def _warn_attention_dropout(model: torch.nn.Module) -> None:
         value = getattr(config, name, None)
         if isinstance(value, (int, float)) and value > 0:
             logger.warning(
-                "attention_weight > 0 and the student has %s=%s: its attention maps are taken after dropout in "
-                "training, which inflates the attention term. Build the student with %s=0 for clean maps.",
+                "A term reads attention maps and the student has %s=%s: its attention maps are taken after dropout "
+                "in training, which inflates such terms. Build the student with %s=0 for clean maps.",
                 name,
                 value,
                 name,
@@ -1143,9 +861,18 @@ def _get(outputs, key: str):
 
 
 def _forward_parameters(model: torch.nn.Module) -> set[str]:
-    import inspect
-
     try:
         return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
         return set()
+
+
+def _keyword_parameters(model: torch.nn.Module) -> frozenset[str] | str:
+    """The keyword arguments a model's forward takes, or "any" (it takes **kwargs, or its signature is unknown)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return "any"
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return "any"
+    return frozenset(parameters)

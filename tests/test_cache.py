@@ -8,7 +8,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from tiny_models import COMMON, dataset_for, llama, lm_data, parameters_of, teacher_student_pair
+from tiny_models import COMMON, dataset_for, llama, lm_data, parameters_of, projector_of, teacher_student_pair
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
 from hfkd import DistillationConfig, DistillationTrainer, TeacherCache, build_teacher_cache
@@ -98,7 +98,7 @@ def test_cached_classification_and_vision_equal_online_without_any_teacher(tmp_p
     trainer, cached_logs, cached = _train(
         _config(tmp_path, "b", teacher_cache_dir=str(tmp_path / "cache"), **terms), student, None, data
     )
-    assert trainer.teacher_model is None and trainer.projector is not None
+    assert trainer.teacher_model is None and projector_of(trainer) is not None
     for a, b in zip(online_logs, cached_logs, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], rel=1e-5)
     for name in online:
@@ -342,3 +342,49 @@ def test_a_term_that_reads_full_logits_is_served_by_the_cache_and_others_are_ref
             data,
         )
     assert not (tmp_path / "c").exists()
+
+
+def test_relation_and_pkd_terms_read_the_hidden_states_the_cache_stored_for_them(tmp_path):
+    """rkd (pooled last layer) and pkd (CLS of mapped layers) read teacher hidden states: the cache stores exactly the
+    layers they name, and cached training equals online training. A term reading another layer is refused on the
+    probe batch, naming the layer, before anything is written."""
+    teacher, student = teacher_student_pair("bert_sequence")
+    data = dataset_for("bert_sequence")
+    terms = dict(terms=[{"name": "rkd", "weight": 1.0}, {"name": "pkd", "weight": 10.0}], learning_rate=0.1)
+    cache = build_teacher_cache(
+        teacher, data, str(tmp_path / "cache"), args=_config(tmp_path, **terms), student=student, progress=False
+    )
+    last = teacher.config.num_hidden_layers
+    # pkd-skip of a 2-layer student from a 4-layer teacher reads teacher layer 2; rkd the last layer.
+    assert cache.hidden_layers == [2, last]
+    _, online_logs, online = _train(_config(tmp_path, "a", **terms), copy.deepcopy(student), teacher, data)
+    trainer, cached_logs, cached = _train(
+        _config(tmp_path, "b", teacher_cache_dir=str(tmp_path / "cache"), **terms), copy.deepcopy(student), None, data
+    )
+    assert trainer.teacher_model is None
+    for a, b in zip(online_logs, cached_logs, strict=True):
+        for key in ("loss", "distill/rkd", "distill/pkd", "distill/logit"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        assert a["distill/rkd"] > 0 and a["distill/pkd"] > 0
+    for name in online:
+        torch.testing.assert_close(cached[name], online[name], rtol=1e-5, atol=1e-6, msg=name)
+
+    with pytest.raises(
+        TeacherCacheError, match=r"The term 'sp' reads teacher hidden_states\[1\], but the teacher cache"
+    ):
+        _train(
+            _config(tmp_path, "c", teacher_cache_dir=str(tmp_path / "cache"), terms=[{"name": "sp", "layer": 1}]),
+            copy.deepcopy(student),
+            None,
+            data,
+        )
+    assert not (tmp_path / "c").exists()
+    with pytest.raises(TeacherCacheError, match="The term 'minilm' reads the teacher's submodule outputs"):
+        build_teacher_cache(
+            teacher,
+            data,
+            str(tmp_path / "cache2"),
+            args=_config(tmp_path, terms=[{"name": "minilm"}]),
+            student=student,
+            progress=False,
+        )

@@ -22,7 +22,7 @@ from safetensors import safe_open
 
 from hfkd import DistillationConfig, DistillationTrainer, student_from_teacher
 
-PROJECTOR_FILE = "hfkd_projector.safetensors"
+TERMS_FILE = "hfkd_terms.safetensors"  # the terms' state, the hidden term's projections included
 MAX_STEPS = 3
 TERM_WEIGHTS = {
     "task": "task_weight",
@@ -171,16 +171,17 @@ def _train_family(name: str, root: Path) -> Run:
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=dataset, eval_dataset=dataset
     )
-    assert trainer.projector is not None, "student and teacher widths differ, so projections must be built"
-    assert {k: tuple(v) for k, v in trainer.projector.specs.items()} == family.projections
-    projector_before = _snapshot(trainer.projector)
+    projector = tiny_models.projector_of(trainer)
+    assert projector is not None, "student and teacher widths differ, so projections must be built"
+    assert {k: tuple(v) for k, v in projector.specs.items()} == family.projections
+    projector_before = _snapshot(projector)
     trainer.train()
 
     # (a) the student learnt: every parameter tensor moved, and so did the projections (which stay outside it).
     assert student.state_dict().keys() == student_before.keys(), "training added or removed student tensors"
     unchanged = [n for n, p in student.named_parameters() if torch.equal(p.detach(), student_before[n])]
     assert not unchanged, f"{name}: student parameters did not change: {unchanged}"
-    moved = [n for n, p in trainer.projector.state_dict().items() if not torch.equal(p, projector_before[n])]
+    moved = [n for n, p in projector.state_dict().items() if not torch.equal(p, projector_before[n])]
     assert moved, "the projections were not trained"
 
     # (b) the teacher did not move (buffers such as BatchNorm statistics included) and is frozen in eval mode.
@@ -196,13 +197,13 @@ def _train_family(name: str, root: Path) -> Run:
     assert len(terms) == (4 if family.attention else 3)
     _assert_finite_terms(trainer.state.log_history, args)
 
-    # (e) the checkpoint holds the projections in their own file, never in the student's weights.
+    # (e) the checkpoint holds the projections with the terms' state, never in the student's weights.
     checkpoint = Path(args.output_dir) / f"checkpoint-{MAX_STEPS}"
-    assert (checkpoint / PROJECTOR_FILE).is_file()
+    assert (checkpoint / TERMS_FILE).is_file()
     weight_keys = _safetensors_keys(checkpoint / "model.safetensors")
     assert not [k for k in weight_keys if "projector" in k or "teacher" in k]
-    projector_keys = _safetensors_keys(checkpoint / PROJECTOR_FILE)
-    assert set(projector_keys) == set(trainer.projector.state_dict())
+    projector_keys = _safetensors_keys(checkpoint / TERMS_FILE)
+    assert set(projector_keys) == {f"terms.hidden.projector.{k}" for k in projector.state_dict()}
 
     # The exported student (checked in a subprocess by test_exported_students_reload_with_plain_transformers).
     export_dir = root / name / "export"
@@ -301,7 +302,7 @@ def test_all_masked_causal_batch_gives_zero_logit_term(tmp_path):
         assert math.isfinite(entry["distill/hidden"]) and entry["distill/hidden"] > 0, entry
         assert math.isfinite(entry["loss"]) and math.isfinite(entry["grad_norm"]), entry
     assert all(torch.isfinite(p).all() for p in student.parameters())
-    assert all(torch.isfinite(p).all() for p in trainer.projector.parameters())
+    assert all(torch.isfinite(p).all() for p in tiny_models.projector_of(trainer).parameters())
 
     metrics = trainer.evaluate()
     assert metrics["eval_distill/logit"] == 0.0, metrics
@@ -342,13 +343,13 @@ def test_same_width_student_from_teacher_needs_no_projector(tmp_path):
     trainer = DistillationTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=tiny_models.text_dataset("causal")
     )
-    assert trainer.projector is None
+    assert tiny_models.projector_of(trainer) is None
     trainer.train()
     _assert_finite_terms(trainer.state.log_history, args)
     assert all(torch.equal(v, teacher_before[k]) for k, v in teacher.state_dict().items())
     checkpoint = tmp_path / f"checkpoint-{MAX_STEPS}"
     assert (checkpoint / "model.safetensors").is_file()
-    assert not (checkpoint / PROJECTOR_FILE).exists()
+    assert not (checkpoint / TERMS_FILE).exists()
 
 
 def _t5_pair_with_dropout():

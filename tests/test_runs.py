@@ -84,7 +84,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):
         ["--output_dir", str(tmp_path / "cut"), "--result", str(resumed), "--kill_at_step", "3"], check=False
     )
     assert killed.returncode == -9 and not resumed.exists()
-    assert (tmp_path / "cut" / "checkpoint-2" / "hfkd_projector.safetensors").is_file()
+    assert (tmp_path / "cut" / "checkpoint-2" / "hfkd_terms.safetensors").is_file()
     _run(["--output_dir", str(tmp_path / "cut"), "--result", str(resumed), "--resume"])
     _assert_same(torch.load(full), torch.load(resumed), atol=1e-6)
 

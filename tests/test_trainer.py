@@ -2,14 +2,17 @@
 normalisation under gradient accumulation, checkpoints of the projections, and early errors."""
 
 import copy
+import json
+import shutil
 
 import pytest
 import torch
-from tiny_models import COMMON, bert, classification_data, llama, lm_data, parameters_of
+from tiny_models import COMMON, bert, classification_data, llama, lm_data, parameters_of, projector_of
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from hfkd import DistillationConfig, DistillationTrainer
 from hfkd.projection import PROJECTOR_FILE
+from hfkd.terms.runner import TERMS_FILE
 
 
 def test_task_only_training_is_identical_to_trainer(tmp_path):
@@ -71,7 +74,9 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, family, terms):
         trainer = DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=data)
         trainer.train()
         log = next(e for e in trainer.state.log_history if "loss" in e)
-        results.append((log, parameters_of(student), parameters_of(trainer.projector) if trainer.projector else {}))
+        results.append(
+            (log, parameters_of(student), parameters_of(projector_of(trainer)) if projector_of(trainer) else {})
+        )
     (log_a, params_a, proj_a), (log_b, params_b, proj_b) = results
     for key in ["loss", "task", *(f"distill/{k.split('_')[0]}" for k in terms)]:
         assert log_a[key] == pytest.approx(log_b[key], rel=1e-5, abs=1e-7), key
@@ -103,7 +108,7 @@ def test_resume_restores_projector_and_ends_like_an_uninterrupted_run(tmp_path):
 
     full = run(tmp_path / "full")
     checkpoint = tmp_path / "full" / "checkpoint-2"
-    assert (checkpoint / PROJECTOR_FILE).is_file()
+    assert (checkpoint / TERMS_FILE).is_file()
     from safetensors.torch import load_file
 
     student_keys = load_file(str(checkpoint / "model.safetensors")).keys()
@@ -112,11 +117,31 @@ def test_resume_restores_projector_and_ends_like_an_uninterrupted_run(tmp_path):
     resumed = run(tmp_path / "resumed", resume=str(checkpoint))
     for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-    for (name, a), b in zip(full.projector.named_parameters(), resumed.projector.parameters(), strict=True):
+    for (name, a), b in zip(projector_of(full).named_parameters(), projector_of(resumed).parameters(), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
     # The projections really were restored: a fresh projector differs from the trained one.
     fresh = run(tmp_path / "fresh", max_steps=0)
-    assert not torch.equal(next(fresh.projector.parameters()), next(full.projector.parameters()))
+    assert not torch.equal(next(projector_of(fresh).parameters()), next(projector_of(full).parameters()))
+
+    # A checkpoint written before terms were plugins kept the projections in hfkd_projector.safetensors, with
+    # their layout as metadata: resuming from it ends the same way.
+    from safetensors.torch import save_file
+
+    legacy = tmp_path / "legacy" / "checkpoint-2"
+    shutil.copytree(checkpoint, legacy)
+    state = load_file(str(legacy / TERMS_FILE))
+    prefix = "terms.hidden.projector."
+    old = {key[len(prefix) :]: value for key, value in state.items() if key.startswith(prefix)}
+    assert old and len(old) == len(state)
+    (legacy / TERMS_FILE).unlink()
+    save_file(old, str(legacy / PROJECTOR_FILE), metadata={"specs": json.dumps(projector_of(full).specs)})
+    from_legacy = run(tmp_path / "from-legacy", resume=str(legacy))
+    for (name, a), b in zip(full.model.named_parameters(), from_legacy.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    for (name, a), b in zip(
+        projector_of(full).named_parameters(), projector_of(from_legacy).parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
 
 
 def test_drop_in_keeps_trainer_features(tmp_path):

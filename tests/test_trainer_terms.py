@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 from datasets import Dataset
-from tiny_models import COMMON, llama, tiny_bert
+from tiny_models import COMMON, llama, projector_of, tiny_bert
 
 from hfkd import DistillationConfig, DistillationTrainer
 
@@ -256,13 +256,13 @@ def test_hidden_and_attention_terms_equal_the_definition_on_a_padded_batch(tmp_p
         hidden_layer_map=",".join(str(t) for _, t in hidden_pairs),
         attention_layer_map=",".join(str(t) for _, t in attention_pairs),
     )
-    assert trainer.projector is not None
+    assert projector_of(trainer) is not None
     metrics = trainer.evaluate()
     student.eval()  # as the trainer runs it in evaluation: no dropout
     expected_hidden, expected_attention = _feature_reference(
         student,
         teacher,
-        trainer.projector,
+        projector_of(trainer),
         CLASSIFICATION_ROWS,
         hidden_pairs,
         attention_pairs,

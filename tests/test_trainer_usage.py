@@ -103,6 +103,54 @@ def test_a_plain_module_teacher_teaches_a_vit_with_kd_and_a_relation_term(tmp_pa
     assert any(not torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
 
 
+class PlainStudentCNN(PlainCNN):
+    """A plain student: forward(pixel_values) returns a logits tensor; its loss comes from compute_loss_func."""
+
+    def forward(self, pixel_values):
+        return super().forward(pixel_values)
+
+
+def test_a_plain_module_student_learns_from_a_vit_with_kd_and_a_relation_term(tmp_path):
+    """The student is a plain nn.Module: its own loss comes from Trainer's `compute_loss_func`, its logits feed the
+    logit term and a named submodule the relation term. Checked against the loss computed by hand."""
+    g = torch.Generator().manual_seed(0)
+    data = datasets.Dataset.from_dict(
+        {"pixel_values": torch.randn(8, 3, 16, 16, generator=g).tolist(), "labels": [0, 1, 2, 0, 1, 2, 0, 1]}
+    ).with_format("torch")
+    teacher = vit_with()
+    teacher.eval()
+    student = PlainStudentCNN()
+    terms = [{"name": "sp", "weight": 100.0, "student_module": "global_pool", "teacher_layer": -1, "pooling": "cls"}]
+
+    def task_loss(outputs, labels, num_items_in_batch=None):
+        return torch.nn.functional.cross_entropy(outputs, labels)
+
+    args = _config(tmp_path, terms=terms, max_steps=1, optim="sgd", temperature=1.0)
+    batch = {"pixel_values": data[:4]["pixel_values"], "labels": data[:4]["labels"]}
+    with torch.no_grad():
+        s_logits = student(batch["pixel_values"]).double()
+        out = teacher(pixel_values=batch["pixel_values"], output_hidden_states=True)
+        t_logits, t_cls = out.logits.double(), out.hidden_states[-1][:, 0].double()
+        s_pool = student.global_pool(student.features(batch["pixel_values"])).flatten(1).double()
+    ce = torch.nn.functional.cross_entropy(s_logits, batch["labels"]).item()
+    p_t = t_logits.softmax(-1)
+    kl = (p_t * (p_t.log() - s_logits.log_softmax(-1))).sum(-1).mean().item()
+    g_s, g_t = s_pool @ s_pool.T, t_cls @ t_cls.T
+    g_s, g_t = g_s / g_s.norm(dim=1, keepdim=True), g_t / g_t.norm(dim=1, keepdim=True)
+    sp = ((g_s - g_t) ** 2).sum().item() / 16
+    trainer = DistillationTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=data, compute_loss_func=task_loss
+    )
+    trainer.model.train()
+    loss = trainer.compute_loss(trainer.model, dict(batch))
+    assert loss.item() == pytest.approx(0.5 * ce + 0.5 * kl + 100.0 * sp, rel=1e-5)
+    before = copy.deepcopy(student.state_dict())
+    trainer.train()
+    entry = next(e for e in trainer.state.log_history if "loss" in e)
+    assert entry["task"] > 0 and entry["distill/logit"] > 0 and entry["distill/sp"] > 0
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+
+
 def _attention_reference(student, teacher, batch) -> float:
     """float64, from the definition: KL(teacher || student) per kept query row, between head-averaged maps, over
     the uniform layer map (student layer k -> teacher layer round((k + 1) * L_t / L_s) - 1), averaged over pairs."""

@@ -338,6 +338,12 @@ def dataset_for(family: str, num_rows: int = 8, *, seed: int = 0) -> Dataset:
 COMMON = {"report_to": [], "use_cpu": True, "disable_tqdm": True, "save_strategy": "no", "seed": 0}
 
 
+def projector_of(trainer):
+    """The hidden term's learned projections (None when the widths match or there is no hidden term)."""
+    term = trainer.term_set.terms["hidden"] if "hidden" in trainer.term_set.terms else None
+    return term.projector if term is not None else None
+
+
 def parameters_of(model) -> dict[str, torch.Tensor]:
     """A detached copy of every named parameter, to compare runs or check what changed."""
     return {n: p.detach().clone() for n, p in model.named_parameters()}

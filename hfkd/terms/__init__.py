@@ -1,10 +1,11 @@
 """Distillation terms: one module per method, registered by name (see `base.py` for the contract).
 
 `DistillationConfig(terms=[{"name": "sp", "weight": 3000.0}])` adds a term; `register_term` adds your own. The
-methods register themselves when this package is imported.
+methods register themselves when this package is imported. The built-in `logit`, `hidden` and `attention` terms
+also have short forms, `DistillationConfig`'s `logit_*`, `hidden_*` and `attention_*` fields.
 """
 
-from . import at, crd, dkd, minilm, pkd, pkt, rkd, sp  # noqa: E402, F401  (each registers its method)
+from . import at, attention, crd, dkd, hidden, logit, minilm, pkd, pkt, rkd, sp  # noqa: F401  (each registers itself)
 from .base import TERMS, Features, Needs, Term, TermBatch, TermSpec, logits_of, parse_term_specs, register_term
 from .pooling import PooledFeatureOptions, pool, pooled
 

@@ -11,7 +11,9 @@ does), and says what its value is normalised over (`unit`):
   example for classification heads), divided by their count: for terms on the output distributions;
 - `"batch"`: a value of the micro-batch as a whole (relations between its examples, contrastive losses). The
   trainer averages it over the micro-batches of an accumulation window and over processes. Such a value depends on
-  which examples share a micro-batch, so accumulation cannot equal one big batch exactly.
+  which examples share a micro-batch, so accumulation cannot equal one big batch exactly;
+- `"mixed"`: a value made of parts with different units (e.g. one part per layer, over tokens for text and over
+  examples for images); the term divides each part by its count in `TermBatch.counts` (the window's totals) itself.
 
 Write one with `@register_term("name")` on a subclass whose `Options` is a dataclass of its settings; then
 `DistillationConfig(terms=[{"name": "name", "weight": 1.0, <options>}])` uses it. A term never receives a model.
@@ -27,7 +29,7 @@ from torch import nn
 
 from ..features import ModelKind, attention_streams, hidden_streams
 
-UNITS = ("tokens", "examples", "logits", "batch")
+UNITS = ("tokens", "examples", "logits", "batch", "mixed")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,10 @@ class TermBatch:
             evaluation, or when no term asks).
         training: whether this is a training step (terms with memories update them only then).
         num_rows: rows in train_dataset, when row ids are given.
+        masks: the positions that count per stream (`main`, or `encoder` and `decoder`) and for the logits
+            (`logit`); None where each example is one unit.
+        counts: units behind each of `masks` (and `examples`) over the whole accumulation window and all processes
+            (>= 1), for `unit = "mixed"` terms; in evaluation, over this batch.
     """
 
     labels: torch.Tensor | None
@@ -123,6 +129,8 @@ class TermBatch:
     row_ids: torch.Tensor | None = None
     training: bool = True
     num_rows: int | None = None
+    masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 class Term(nn.Module):
@@ -136,6 +144,8 @@ class Term(nn.Module):
     name: ClassVar[str] = ""
     unit: ClassVar[str] = "examples"
     Options: ClassVar[type] = None
+    # Built-in terms keep `DistillationConfig` fields as their short form: option (and "weight") -> field name.
+    short_form: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options=None):
         super().__init__()
@@ -155,6 +165,57 @@ class Term(nn.Module):
 
     def forward(self, student: Features, teacher: Features, batch: TermBatch) -> torch.Tensor:
         raise NotImplementedError
+
+    def teacher_hidden_layers(self, num_student: int, num_teacher: int) -> list[int] | None:
+        """The teacher `hidden_states` indices (>= 0) this term reads, given both models' numbers of entries, so that
+        a teacher cache can store them; None: it reads none, or cannot say. By default the options decide when they
+        can (`PooledFeatureOptions` can)."""
+        layers = getattr(self.options, "teacher_hidden_layers", None)
+        return layers(num_student, num_teacher) if callable(layers) else None
+
+    def check_cache(self, cache) -> None:
+        """Raises (naming the term) when a teacher cache (`hfkd.cache.TeacherCache`) cannot serve this term.
+
+        A cache serves the teacher's full logits, and the hidden states of the layers the terms named when it was
+        built (`teacher_hidden_layers`; the trainer checks the layers on the first batch). Terms that can read
+        more (top-k logits) override this."""
+        needs = self.needs()
+        hidden_only = needs.hidden_states and not (needs.attentions or needs.teacher_modules)
+        if hidden_only and cache.meta.get("hidden") is None:
+            raise cache_error(
+                f"The term {self.name!r} reads the teacher's hidden states, which the teacher cache does not hold; "
+                "rebuild it with `hfkd cache` with this term configured, drop teacher_cache_dir (train with the "
+                "teacher online) or drop the term."
+            )
+        if (needs.hidden_states and not hidden_only) or needs.attentions or needs.teacher_modules:
+            what = "attentions" if needs.attentions else "submodules"
+            raise cache_error(
+                f"The term {self.name!r} reads the teacher's {what}, which the teacher cache does not hold for it; "
+                "drop teacher_cache_dir (train with the teacher online) or the term."
+            )
+        if needs.logits and (cache.logits is None or cache.logits.get("mode") != "dense"):
+            raise cache_error(
+                f"The term {self.name!r} reads the teacher's full logits, but the cache holds "
+                f"{'its top-k only' if cache.logits else 'no logits'}; rebuild it with `hfkd cache --top_k 0` "
+                "(and a logit term), or drop the term."
+            )
+
+    def head_chunk_size(self) -> int:
+        """Positions per chunk when this term can be computed from both models' final hidden states and linear
+        output heads, a chunk at a time, instead of their full logits (see `head_loss`); 0: it cannot."""
+        return 0
+
+    def legacy_state(self, directory: str) -> dict[str, torch.Tensor] | None:
+        """This term's state from a checkpoint written before terms saved theirs in `hfkd_terms.safetensors`
+        (keys as in `state_dict()`), or None. Nothing by default."""
+        return None
+
+
+def cache_error(message: str) -> ValueError:
+    """A `hfkd.cache.TeacherCacheError`, for terms that refuse what a teacher cache holds."""
+    from ..cache import TeacherCacheError  # the cache imports the term registry: imported when used
+
+    return TeacherCacheError(message)
 
 
 @dataclass

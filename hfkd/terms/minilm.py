@@ -175,12 +175,9 @@ class MiniLMOptions:
 
 
 # ---------------------------------------------------------------------------------------------------- the loss
-def relation_log_probs(x: torch.Tensor, relation_heads: int, mask: torch.Tensor | None = None) -> torch.Tensor:
-    """`[B, T, W]` projections -> `[B, A_r, T, T]` log self-attention relations log softmax(A A^T / sqrt(d_r)).
-
-    Keys at padded positions (`mask` False) get probability 0; the rows of padded queries are finite but
-    meaningless. Computed in float32 at least.
-    """
+def _relation_scores(x: torch.Tensor, relation_heads: int, mask: torch.Tensor | None) -> torch.Tensor:
+    """`[B, T, W]` projections -> `[B, A_r, T, T]` scores A A^T / sqrt(d_r) (float32 at least); keys at padding get
+    the lowest score, so probability 0."""
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
     b, t, width = x.shape
@@ -190,22 +187,39 @@ def relation_log_probs(x: torch.Tensor, relation_heads: int, mask: torch.Tensor 
     if mask is not None:  # zeros at padding: whatever a model leaves there (even NaN) cannot reach the loss
         x = x.masked_fill(~mask[..., None], 0.0)
     heads = x.reshape(b, t, relation_heads, d_r).transpose(1, 2)  # [B, A_r, T, d_r]
-    scores = heads @ heads.transpose(-1, -2) / math.sqrt(d_r)
+    # Scaled on the [T, d_r] side and masked by adding a per-key bias in place (its gradient is the identity): each
+    # pass over [B, A_r, T, T] costs more than the product itself.
+    scores = (heads * (1.0 / math.sqrt(d_r))) @ heads.transpose(-1, -2)
     if mask is not None:
-        scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
-    return torch.log_softmax(scores, dim=-1)
+        bias = torch.zeros(mask.shape, dtype=scores.dtype, device=scores.device)
+        scores.add_(bias.masked_fill_(~mask, torch.finfo(scores.dtype).min)[:, None, None, :])
+    return scores
+
+
+def relation_log_probs(x: torch.Tensor, relation_heads: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`[B, T, W]` projections -> `[B, A_r, T, T]` log self-attention relations log softmax(A A^T / sqrt(d_r)).
+
+    Keys at padded positions (`mask` False) get probability 0; the rows of padded queries are finite but
+    meaningless. Computed in float32 at least.
+    """
+    return torch.log_softmax(_relation_scores(x, relation_heads, mask), dim=-1)
 
 
 def relation_kl(
     student: torch.Tensor, teacher: torch.Tensor, relation_heads: int, mask: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`[B, T, W_s]`, `[B, T, W_t]` -> `[B, T]`: per query position, (1 / A_r) sum_a KL(R_T || R_S) over the keys."""
+    """`[B, T, W_s]`, `[B, T, W_t]` -> `[B, T]`: per query position, (1 / A_r) sum_a KL(R_T || R_S) over the keys.
+
+    Written as sum_k P log P (a constant, without gradients) - sum_k P log R_S, so that the autograd graph over the
+    `[B, A_r, T, T]` relations holds only log R_S and one product (identical inputs still give exactly 0).
+    """
+    with torch.no_grad():  # the teacher's side is a constant of the loss
+        scores = _relation_scores(teacher, relation_heads, mask)
+        log_t, p_t = torch.log_softmax(scores, dim=-1), torch.softmax(scores, dim=-1)
+        neg_entropy = (p_t * log_t).sum(-1)  # padded keys: p = 0 and log p finite, so they add 0
     log_s = relation_log_probs(student, relation_heads, mask)
-    log_t = relation_log_probs(teacher.detach(), relation_heads, mask).to(log_s.dtype)
-    kl = log_t.exp() * (log_t - log_s)
-    if mask is not None:
-        kl = torch.where(mask[:, None, None, :], kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
-    return kl.sum(-1).mean(1)
+    cross = (p_t.to(log_s.dtype) * log_s).sum(-1)
+    return (neg_entropy.to(log_s.dtype) - cross).mean(1)
 
 
 # ---------------------------------------------------------------------------------------------------- module names

@@ -166,6 +166,10 @@ class PatientKD(Term):
     def needs(self) -> Needs:
         return Needs(hidden_states=True)
 
+    def teacher_hidden_layers(self, num_student: int, num_teacher: int) -> list[int]:
+        pairs = pkd_pairs(self._spec, self._student_layers, num_student, num_teacher)
+        return sorted({t % num_teacher for _, t in pairs})
+
     @staticmethod
     def _states(side: Features, which: str) -> tuple[torch.Tensor, ...]:
         states = side.hidden_states

@@ -40,6 +40,13 @@ class PooledFeatureOptions:
         if self.pooling not in POOLINGS:
             raise ValueError(f"pooling={self.pooling!r} is not known; choose one of {list(POOLINGS)}.")
 
+    def teacher_hidden_layers(self, num_student: int, num_teacher: int) -> list[int] | None:
+        """The teacher hidden_states index pooled (for a teacher cache), or None when a submodule is read."""
+        if self.teacher_module:
+            return None
+        layer = self.layer if self.teacher_layer is None else self.teacher_layer
+        return [layer % num_teacher] if -num_teacher <= layer < num_teacher else None
+
     def pooled_needs(self) -> Needs:
         return Needs(
             hidden_states=not (self.student_module and self.teacher_module),

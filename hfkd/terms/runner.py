@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..cache import ROW_COLUMN  # the column the trainer adds to carry each row's index through shuffling
-from .base import Features, Needs, TermBatch, TermSpec, build_term
+from .base import Features, Needs, Term, TermBatch, TermSpec, build_term
 
 TERMS_FILE = "hfkd_terms.safetensors"
 ROW_IDS_KEY = "hfkd_row_ids"  # batch key: each row's index in train_dataset (never given to a model)
@@ -77,9 +77,12 @@ class TermSet(nn.Module):
         for term in self.terms.values():
             term.setup(student, teacher, batch)
 
-    def forward(self, student: Features, teacher: Features, batch: TermBatch) -> dict[str, torch.Tensor]:
+    def forward(
+        self, student: Features, teacher: Features, batch: TermBatch, skip: str | None = None
+    ) -> dict[str, torch.Tensor]:
         # One call for every term, so that a DDP wrapper around this module sees each parameter used in the step.
-        return {name: term(student, teacher, batch) for name, term in self.terms.items()}
+        # `skip`: the head term, when the trainer computed it on the output heads by chunks (it has no parameters).
+        return {name: term(student, teacher, batch) for name, term in self.terms.items() if name != skip}
 
     def has_state(self) -> bool:
         return any(True for _ in self.parameters()) or any(True for _ in self.buffers())
@@ -95,20 +98,34 @@ class TermSet(nn.Module):
         if not self.has_state():
             return
         path = os.path.join(directory, TERMS_FILE)
-        if not os.path.isfile(path):
+        state = load_file(path) if os.path.isfile(path) else {}
+        mine = self.state_dict()
+        for name, term in self.terms.items():
+            prefix = f"terms.{name}."
+            if any(key.startswith(prefix) and key not in state for key in mine):
+                legacy = term.legacy_state(directory)  # a checkpoint from before the term saved here
+                state.update({prefix + key: value for key, value in (legacy or {}).items()})
+        if not state:
             raise ValueError(
                 f"{directory} holds no {TERMS_FILE}, but this run's terms ({', '.join(self.terms)}) have trainable "
-                "state: the checkpoint comes from a run with other terms. Resume from another checkpoint or start "
-                "without resume_from_checkpoint."
+                "state: the checkpoint comes from a run with other terms or models, or was cut short while saving. "
+                "Resume from another checkpoint or start without resume_from_checkpoint."
             )
-        state = load_file(path)
-        mine = self.state_dict()
         if {k: tuple(v.shape) for k, v in state.items()} != {k: tuple(v.shape) for k, v in mine.items()}:
             raise ValueError(
                 f"The term state in {path} ({sorted(state)}) does not match this run's terms ({sorted(mine)}); the "
                 "checkpoint was made with other terms or models."
             )
         self.load_state_dict({k: v.to(mine[k].device) for k, v in state.items()})
+
+    def head_term(self) -> tuple[str, Term] | None:
+        """The term that can run on the models' output heads chunk by chunk (`Term.head_chunk_size`), when no other
+        term needs the full logits (they would be computed anyway); else None."""
+        chunked = [(name, term) for name, term in self.terms.items() if term.head_chunk_size() > 0]
+        if len(chunked) != 1:
+            return None
+        others = [term for name, term in self.terms.items() if name != chunked[0][0]]
+        return None if any(term.needs().logits for term in others) else chunked[0]
 
 
 def resolve_modules(model: nn.Module | None, names: tuple[str, ...], side: str) -> dict[str, nn.Module]:

@@ -88,7 +88,9 @@ def main():
             {
                 "log": [e for e in trainer.state.log_history if "loss" in e],
                 "student": {k: v.detach().clone() for k, v in student.state_dict().items()},
-                "projector": {k: v.detach().clone() for k, v in trainer.projector.state_dict().items()},
+                "projector": {
+                    k: v.detach().clone() for k, v in trainer.term_set.terms["hidden"].projector.state_dict().items()
+                },
                 "world_size": trainer.args.world_size,
             },
             args.result,

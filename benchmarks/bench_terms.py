@@ -1,0 +1,329 @@
+"""What each distillation term costs on top of a KD-only step, on the MiniLM pair. Prints a table, writes JSON.
+
+    python benchmarks/bench_terms.py --rounds 30 --json benchmarks/terms.json   # the MiniLM pair (real models)
+    python benchmarks/bench_terms.py --tiny --rounds 2                          # tiny models from configs, seconds
+
+The pair is bench_distill.py's MiniLM pair (`load_pair("minilm")`): all-MiniLM-L6-v2 with a 3-label head teaching a
+3-layer student built from its layers, batches of 32 tweets of up to 48 tokens, AdamW at learning rate 1e-5. Every
+variant is a DistillationTrainer on the same student weights and the same batches:
+
+- `kd`: task_weight=0.5, logit_weight=0.5 (KL, T=2), hidden_weight=0, attention_weight=0: the baseline;
+- `kd+rkd`, `kd+sp`, `kd+pkt`: kd plus that relation term at its default options (pooled features of the last
+  hidden state, mask-aware mean), weight 1;
+- `kd+minilm`: kd plus `minilm` at its default options (last layers' q/k/v, 12 relation heads), weight 1;
+- `kd+pkd`: kd plus `pkd` at its default options (PKD-Skip, [CLS] of the student's intermediate layers), weight 1.
+
+A term's weight does not change what it costs. In `--tiny` mode (a BERT of width 32 with 4 heads) `minilm` takes
+relation_heads=4, since its default 12 does not divide the width.
+
+A step is bench_distill.py's `_step`: what Trainer does per optimizer step with no accumulation (collate,
+`get_batch_samples`, `training_step`, `optimizer.step()`, `zero_grad()`, the loss read on the host). The variants take
+turns, one step each per round in a rotating order; the first round warms up (it also runs each trainer's probe and
+the terms' setup) and is not timed. Each variant's cost is its step time / the kd step time, as the median of the
+per-round ratios (the form the targets are judged on, as in bench_distill.py) with their quartiles, and as the ratio
+of the median step times. The machine's load is recorded per round (bench_distill.py's `load_between`).
+
+Targets (the project's issue): kd + any one relation term on pooled features (rkd, sp, pkt) <= 1.05 x a kd-only step,
+kd + minilm <= 1.10 x; pkd has no target here. And no host sync per term per step: after the timed rounds each
+variant takes one more step (untimed) under a dispatch mode that records every read of a tensor's values by the host
+(`.item()`, `bool()`, `float()`, `int()` of a tensor: aten._local_scalar_dense), every op whose output size depends on
+the data (nonzero, masked_select, boolean-mask indexing, unique), and every call of `Tensor.tolist`, `.numpy` and
+`.cpu`, each with the place in the code it came from. On this CPU-only machine none of them waits for a device, but
+each is a host sync on an accelerator. The table gives each variant's count per step and the difference from kd;
+the JSON lists the places.
+"""
+
+import argparse
+import collections
+import copy
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import torch  # noqa: E402
+from bench_distill import (  # noqa: E402  (sets HF_HUB_OFFLINE etc. before transformers is imported by it)
+    FORMS,
+    JUDGED_ON,
+    _batches,
+    _features,
+    _load_text,
+    _step,
+    _verdict,
+    hfkd_trainer,
+    load_between,
+    load_pair,
+    load_summary,
+    machine,
+    ratios,
+    run_header,
+)
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+import hfkd  # noqa: E402
+
+BASELINE = "kd"
+# The variants, each kd plus these terms (default options; the weight does not change the cost).
+VARIANTS = {
+    "kd": [],
+    "kd+rkd": [{"name": "rkd", "weight": 1.0}],
+    "kd+sp": [{"name": "sp", "weight": 1.0}],
+    "kd+pkt": [{"name": "pkt", "weight": 1.0}],
+    "kd+minilm": [{"name": "minilm", "weight": 1.0}],
+    "kd+pkd": [{"name": "pkd", "weight": 1.0}],
+}
+TINY_OPTIONS = {"minilm": {"relation_heads": 4}}  # the tiny BERT's width is 32: 12 relation heads do not divide it
+# Step time of kd + the term / kd step time (median of per-round ratios, see bench_distill.JUDGED_ON).
+TARGETS = {"kd+rkd": 1.05, "kd+sp": 1.05, "kd+pkt": 1.05, "kd+minilm": 1.10}
+
+
+# ---------------------------------------------------------------------------------------------------- host reads
+HFKD_DIR = os.path.dirname(os.path.abspath(hfkd.__file__))
+ROOT = os.path.dirname(HFKD_DIR)
+TORCH_DIR = os.path.dirname(os.path.abspath(torch.__file__))
+# ops whose output size depends on the values of their inputs: the host must see those values first
+DATA_DEPENDENT = {"nonzero", "masked_select", "_unique2", "unique_dim", "unique_consecutive"}
+
+
+def _where() -> str:
+    """The code that caused a host read: the innermost frame outside torch and this file (hfkd, transformers, or the
+    benchmark's own `_step`), followed by "via" the innermost frame in hfkd/ when the first is outside hfkd/."""
+    frame, inner, ours = sys._getframe(2), None, None
+    while frame is not None and ours is None:
+        path = os.path.abspath(frame.f_code.co_filename)
+        if path.startswith(HFKD_DIR + os.sep):
+            ours = f"{os.path.relpath(path, ROOT)}:{frame.f_lineno} ({frame.f_code.co_name})"
+        if inner is None and not path.startswith(TORCH_DIR + os.sep) and path != os.path.abspath(__file__):
+            short = (
+                path.split("site-packages" + os.sep)[-1] if "site-packages" in path else os.path.relpath(path, ROOT)
+            )
+            inner = f"{short}:{frame.f_lineno} ({frame.f_code.co_name})"
+        frame = frame.f_back
+    if inner is None or inner == ours:
+        return ours or inner or "?"
+    return f"{inner} via {ours}" if ours else inner
+
+
+class HostReads(TorchDispatchMode):
+    """Records, with their place in the code, the host's reads of tensor values during the block (see the docstring)."""
+
+    PATCHED = ("tolist", "numpy", "cpu")
+
+    def __init__(self):
+        super().__init__()
+        self.events: collections.Counter = collections.Counter()
+        self._saved = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name == "_local_scalar_dense":
+            self.events[("item/bool/float of a tensor", _where())] += 1
+        elif name in DATA_DEPENDENT:
+            self.events[(name, _where())] += 1
+        elif name in ("index", "index_put", "index_put_") and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ()
+        ):
+            self.events[("boolean-mask indexing", _where())] += 1
+        return func(*args, **(kwargs or {}))
+
+    def __enter__(self):
+        for method in self.PATCHED:
+            original = getattr(torch.Tensor, method)
+            self._saved[method] = original
+
+            def wrapper(tensor, *a, _original=original, _method=method, **k):
+                self.events[(f"Tensor.{_method}", _where())] += 1
+                return _original(tensor, *a, **k)
+
+            setattr(torch.Tensor, method, wrapper)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for method, original in self._saved.items():
+            setattr(torch.Tensor, method, original)
+        self._saved = {}
+        return super().__exit__(*exc)
+
+
+def _events_list(events: collections.Counter) -> list[dict]:
+    return [{"kind": kind, "where": where, "count": n} for (kind, where), n in sorted(events.items())]
+
+
+# ---------------------------------------------------------------------------------------------------- benchmark
+def variant_terms(name: str, tiny: bool) -> list[dict]:
+    return [{**t, **(TINY_OPTIONS.get(t["name"], {}) if tiny else {})} for t in VARIANTS[name]]
+
+
+def bench_terms(tiny: bool, rounds: int, names: list[str], work: str) -> dict:
+    teacher, student, rows, collator, batch_size, pair_terms = load_pair("minilm", tiny)
+    batches = _batches(rows, batch_size)
+    rows = [r for b in batches for r in b]
+    base = {**pair_terms, "hidden_weight": 0.0, "attention_weight": 0.0}
+    result = {
+        "pair": "minilm",
+        "batch": [batch_size, max(len(r["input_ids"]) for r in rows)],
+        "batches": len(batches),
+        "kd": base,
+        "teacher_params": teacher.num_parameters(),
+        "student_params": student.num_parameters(),
+        "rounds": rounds,
+        "variants": {},
+    }
+    trainers = {}
+    for name in names:
+        terms = variant_terms(name, tiny)
+        # Every variant starts from the same student weights.
+        trainers[name] = hfkd_trainer(
+            copy.deepcopy(student), teacher, rows, collator, f"{work}/{name}", **base, terms=terms
+        )
+    step = {
+        name: (lambda i, t=trainers[name]: _step(t, _features(batches[i % len(batches)], False))) for name in names
+    }
+
+    times = {name: [] for name in names}
+    losses = {name: [] for name in names}
+    loads = []
+    for i in range(rounds + 1):  # round 0 warms up (the probe, the terms' setup, optimizer state)
+        before = machine()
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            tick = time.perf_counter()
+            loss = step[name](i)
+            if i:
+                times[name].append(time.perf_counter() - tick)
+            losses[name].append(loss)
+        if i:
+            loads.append(load_between(before, machine()))
+        print(f"[round {i}/{rounds}]", file=sys.stderr, flush=True)
+
+    # One more step each, untimed, recording the host's reads of tensor values.
+    reads = {}
+    for name in names:
+        with HostReads() as recorder:
+            losses[name].append(step[name](rounds + 1))
+        reads[name] = recorder.events
+    base_reads = reads.get(BASELINE, collections.Counter())
+
+    for name in names:
+        trainer = trainers[name]
+        term_set = getattr(trainer, "term_set", None)
+        entry = {
+            "terms": variant_terms(name, tiny),
+            "median_s": statistics.median(times[name]),
+            "times_s": times[name],
+            "losses": losses[name],
+            "host_reads_per_step": sum(reads[name].values()),
+            "host_reads": _events_list(reads[name]),
+            "host_reads_beyond_kd": _events_list(reads[name] - base_reads),
+            "host_reads_in_terms": _events_list(
+                collections.Counter({k: n for k, n in reads[name].items() if k[1].startswith("hfkd/terms/")})
+            ),
+        }
+        if term_set is not None and len(term_set):
+            needs = term_set.needs()
+            entry["model_flags"] = term_set.flags()
+            entry["hooked_modules"] = {"student": list(needs.student_modules), "teacher": list(needs.teacher_modules)}
+        if name != BASELINE:
+            entry["ratio_to_kd"] = ratios(times[name], times[BASELINE])
+            target = TARGETS.get(name)
+            entry["target"] = target
+            entry["verdict"] = _verdict(entry["ratio_to_kd"], target) if target is not None else None
+        result["variants"][name] = entry
+    result["load_per_round"] = loads
+    result["load"] = load_summary(loads)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------- report
+def table(results: dict) -> str:
+    r = results["terms"]
+    variants = r["variants"]
+    judged = FORMS[JUDGED_ON]
+    kd_reads = variants[BASELINE]["host_reads_per_step"] if BASELINE in variants else 0
+    lines = [
+        f"MiniLM pair{' (tiny)' if results['tiny'] else ''}: batch {r['batch'][0]} x up to {r['batch'][1]} tokens, "
+        f"{r['rounds']} timed rounds after a warm-up round. Ratios are step time / kd step time; targets are judged "
+        f"on the {judged}; quartiles are those of the per-round ratios.",
+        "",
+        f"| variant | median step | {judged} | per-round quartiles | ratio of medians | target | verdict | "
+        f"host reads per step (beyond kd; in hfkd/terms/) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, v in variants.items():
+        beyond = sum(e["count"] for e in v["host_reads_beyond_kd"])
+        in_terms = sum(e["count"] for e in v["host_reads_in_terms"])
+        reads = f"{v['host_reads_per_step']} ({'+' if beyond else ''}{beyond}; {in_terms})"
+        if name == BASELINE:
+            lines.append(f"| {name} | {v['median_s']:.3f} s | 1 | - | 1 | - | baseline | {reads} |")
+            continue
+        x = v["ratio_to_kd"]
+        target = f"<= {v['target']:.2f}" if v["target"] is not None else "-"
+        lines.append(
+            f"| {name} | {v['median_s']:.3f} s | **{x['median_of_round_ratios']:.3f}** | "
+            f"{x['round_ratio_quartiles'][0]:.3f}-{x['round_ratio_quartiles'][1]:.3f} | {x['ratio_of_medians']:.3f} | "
+            f"{target} | {v['verdict'] or '-'} | {reads} |"
+        )
+    lines += ["", f"host reads per kd step: {kd_reads}, from:"]
+    lines += [
+        f"  {e['count']} x {e['kind']} at {e['where']}" for e in variants.get(BASELINE, {}).get("host_reads", [])
+    ]
+    for name, v in variants.items():
+        for e in v["host_reads_beyond_kd"]:
+            lines.append(f"{name}: {e['count']} more x {e['kind']} at {e['where']}")
+    lines += ["", f"load during the timed rounds: {_load_text(r.get('load', {}))}"]
+    run = results["run"]
+    lines.append(
+        f"run: {run['started']} to {run['finished']}, {run['wall_s'] / 60:.1f} min; commit {run['git_commit'] or '?'}"
+        f"{' (hfkd/ modified)' if run.get('hfkd_modified') else ''}; torch threads {results['torch_threads']}; "
+        f"other processes used {run.get('load', {}).get('other_processes_cores', float('nan')):.2f} cores on average"
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(
+        "--rounds", type=int, default=30, help="timed rounds (one step per variant each) after warm-up"
+    )
+    parser.add_argument("--tiny", action="store_true", help="tiny models from configs and random data (smoke test)")
+    parser.add_argument(
+        "--variants", default=",".join(VARIANTS), help=f"comma-separated, kd always included: {', '.join(VARIANTS)}"
+    )
+    parser.add_argument("--json", default=None, help="write the results here")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    names = [BASELINE] + [n for n in dict.fromkeys(args.variants.split(",")) if n and n != BASELINE]
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
+
+    start = machine()
+    results = {**run_header("benchmarks/bench_terms.py", argv, TARGETS, start), "tiny": args.tiny}
+    with tempfile.TemporaryDirectory() as work:
+        results["terms"] = bench_terms(args.tiny, args.rounds, names, work)
+    end = machine()
+    results["run"].update(
+        finished=time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        wall_s=end["wall"] - start["wall"],
+        loadavg_end=end["loadavg"],
+        load=load_between(start, end),
+    )
+    print(table(results))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1, allow_nan=True)
+    bad = [n for n, v in results["terms"]["variants"].items() if not all(map(math.isfinite, v["losses"]))]
+    if bad:
+        print(f"non-finite losses in {bad}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,249 @@
+"""`logit`: the student's output distribution against the teacher's (response-based knowledge).
+
+Hinton, Vinyals & Dean (2015), "Distilling the Knowledge in a Neural Network": the default loss is
+T^2 KL(softmax(z_t / T) || softmax(z_s / T)) per position, at temperature T = 2 here (the paper tries 1-20; 2-4 is
+common for language models). Other losses: reverse KL, the generalised Jensen-Shannon divergence of GKD
+(Agarwal et al., 2024) with `jsd_beta`, or MSE of the raw logits (see `hfkd.losses`). `standardize` z-scores both
+models' logits over the classes first (Sun et al., CVPR 2024).
+
+Short form: `logit_weight`, `logit_loss`, `temperature`, `jsd_beta`, `logit_chunk_size`, `logit_standardize`.
+The value is a sum over the positions the logits count (labels != -100, shifted for causal LMs; one per example
+for classification heads), so the trainer divides it by their count over the whole accumulated batch.
+
+For causal LMs with plain linear heads the trainer asks `head_loss` instead of `forward`: the divergence (and the
+student's own next-token loss, which needs the same logits) is computed from both models' final hidden states a
+chunk of positions at a time, so the `[batch, sequence, vocabulary]` logits are never held. Loss and gradients equal
+the full computation (tested), and forward KL without standardisation uses its closed-form gradient.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..checks import logit_mismatch_error
+from ..features import masked_sum
+from ..losses import LOGIT_LOSSES
+from ..losses.chunked import chunked_head_loss
+from ..losses.fused import kl_ce_with_grad
+from ..losses.logits import standardize_logits
+from ..losses.topk import topk_logit_loss
+from .base import Features, Needs, Term, TermBatch, cache_error, register_term
+
+
+@dataclass
+class LogitOptions:
+    """Options of the `logit` term (short-form fields in brackets).
+
+    Attributes:
+        loss: 'kl', 'reverse_kl', 'jsd', 'mse' or a registered logit loss (`logit_loss`).
+        temperature: softmax temperature of the divergences, > 0 (`temperature`).
+        jsd_beta: 'jsd' interpolation in [0, 1] (`jsd_beta`).
+        chunk_size: causal LMs: positions per chunk of the head-fused path; 0 = full logits (`logit_chunk_size`).
+        standardize: z-score both models' logits before the temperature (`logit_standardize`).
+    """
+
+    loss: str = "kl"
+    temperature: float = 2.0
+    jsd_beta: float = 0.5
+    chunk_size: int = 128
+    standardize: bool = False
+
+
+def _cached_topk(outputs):
+    # A teacher cache of a large vocabulary holds (ids, log_probs) of the top-k classes (hfkd.cache).
+    return None if isinstance(outputs, torch.Tensor) else getattr(outputs, "topk", None)
+
+
+@register_term("logit")
+class LogitTerm(Term):
+    unit = "logits"
+    Options = LogitOptions
+    short_form = {
+        "weight": "logit_weight",
+        "loss": "logit_loss",
+        "temperature": "temperature",
+        "jsd_beta": "jsd_beta",
+        "chunk_size": "logit_chunk_size",
+        "standardize": "logit_standardize",
+    }
+
+    def needs(self) -> Needs:
+        return Needs(logits=True)
+
+    def check_cache(self, cache) -> None:
+        # Dense or top-k logits both serve it; the cache checked loss and temperature against the config already.
+        if cache.logits is None:
+            raise cache_error("logit_weight > 0, but the teacher cache holds no logits; rebuild it with a logit term.")
+
+    def head_chunk_size(self) -> int:
+        return self.options.chunk_size
+
+    def setup(self, student: Features, teacher: Features, batch: TermBatch) -> None:
+        s_logits, t_logits = student.logits, teacher.logits
+        topk = _cached_topk(teacher.outputs)
+        what = "vocabulary" if student.kind.token_level else "number of labels"
+        if topk is not None:
+            if self.options.standardize:
+                raise cache_error(
+                    "logit_standardize needs the teacher's full logits, but the teacher cache holds its top-k only; "
+                    "rebuild it with `hfkd cache --top_k 0`, or drop logit_standardize."
+                )
+            classes = teacher.outputs.num_classes
+            if s_logits is None or s_logits.shape[-1] != classes:
+                raise logit_mismatch_error(what, -1 if s_logits is None else s_logits.shape[-1], classes)
+            if s_logits.shape[:-1] != topk[0].shape[:-1]:
+                raise cache_error(
+                    f"Student logits {tuple(s_logits.shape)} and cached top-k {tuple(topk[0].shape)} do not line up; "
+                    "the cache must be built from the same tokenized data."
+                )
+            return
+        if s_logits is None or t_logits is None:
+            raise ValueError("logit_weight > 0, but the student or teacher returned no `logits`.")
+        if s_logits.shape[-1] != t_logits.shape[-1]:
+            raise logit_mismatch_error(what, s_logits.shape[-1], t_logits.shape[-1])
+        if s_logits.shape != t_logits.shape:
+            raise ValueError(
+                f"Student logits {tuple(s_logits.shape)} and teacher logits {tuple(t_logits.shape)} do not line "
+                "up; both models must see the same tokens (same tokenizer and padding)."
+            )
+
+    def forward(self, student: Features, teacher: Features, batch: TermBatch) -> torch.Tensor:
+        options = self.options
+        s, t = student.logits, teacher.logits
+        topk = _cached_topk(teacher.outputs)
+        shift = student.kind.shifts_labels and s.dim() == 3
+        if topk is not None:
+            ids, log_probs = (topk[0][:, :-1], topk[1][:, :-1]) if shift else topk
+            per_position = topk_logit_loss(
+                options.loss,
+                s[:, :-1] if shift else s,
+                ids,
+                log_probs,
+                temperature=options.temperature,
+                beta=options.jsd_beta,
+            )
+            return masked_sum(per_position, batch.logit_mask)
+        if shift:
+            s, t = s[:, :-1], t[:, :-1]
+        if options.standardize:
+            s, t = standardize_logits(s), standardize_logits(t)
+        per_position = LOGIT_LOSSES[options.loss](s, t, temperature=options.temperature, beta=options.jsd_beta)
+        return masked_sum(per_position, batch.logit_mask)
+
+    def head_loss(
+        self,
+        s_hidden: torch.Tensor,
+        s_head: torch.nn.Linear,
+        teacher,
+        t_head: torch.nn.Linear | None,
+        mask: torch.Tensor | None,
+        coef,
+        labels: torch.Tensor | None = None,
+        task_scale=None,
+    ):
+        """This term (and the student's own next-token loss), from final hidden states and linear heads, by chunks.
+
+        Args:
+            s_hidden: the student's final hidden states `[batch, sequence, width]`.
+            s_head: the student's output head.
+            teacher: the teacher's final hidden states (online, with `t_head`), or its cached outputs (`logits`, or
+                `topk = (ids, log_probs)`; `t_head` None).
+            mask: the positions that count, `[batch, sequence - 1]` (labels != -100, shifted), or None: all.
+            coef: what the summed term is multiplied by in the loss (weight / count).
+            labels: the labels, for the student's cross-entropy when `task_scale` is given.
+            task_scale: what the summed cross-entropy is multiplied by in the loss; None: no task part.
+
+        Returns:
+            (loss with gradients, the term's sum, the cross-entropy's sum or None), the sums detached.
+        """
+        options = self.options
+
+        def select(values):  # position t predicts token t + 1: the last position has no target
+            values = values[:, :-1]
+            return values[mask] if mask is not None else values.flatten(0, 1)
+
+        s_rows = select(s_hidden)
+        topk = None if isinstance(teacher, torch.Tensor) else teacher.topk
+        if topk is not None:
+            t_ids, t_log_probs = select(topk[0]), select(topk[1])
+        elif isinstance(teacher, torch.Tensor):
+            t_rows = select(teacher)
+        else:  # cached dense logits: the rows are logits already
+            t_rows, t_head = select(teacher.logits), None
+
+        with_task = task_scale is not None and isinstance(labels, torch.Tensor)
+        if with_task:
+            targets = labels[:, 1:][mask] if mask is not None else labels[:, 1:].flatten()
+        sums = {"term": torch.zeros((), device=s_rows.device)}
+        if with_task:
+            sums["task"] = torch.zeros((), device=s_rows.device)
+
+        def teacher_logits(start, end):
+            with torch.no_grad():
+                return t_head(t_rows[start:end]) if t_head is not None else t_rows[start:end]
+
+        # Online, the teacher's hidden states are divided by T before its head: logits / T at 1/V of the cost.
+        scaled_teacher = (
+            options.loss == "kl"
+            and not options.standardize
+            and topk is None
+            and t_head is not None
+            and t_head.bias is None
+            and options.temperature != 1.0
+        )
+        if scaled_teacher:
+            t_rows = t_rows / options.temperature
+
+        def closed_form(s_logits, start, end):
+            # Forward KL (the default) and cross-entropy have known gradients: no autograd over [rows, vocab].
+            distill, task, grad = kl_ce_with_grad(
+                s_logits,
+                temperature=options.temperature,
+                kl_scale=coef,
+                teacher_logits=teacher_logits(start, end) if topk is None else None,
+                teacher_scaled=scaled_teacher,
+                topk=(t_ids[start:end], t_log_probs[start:end]) if topk is not None else None,
+                targets=targets[start:end] if with_task else None,
+                ce_scale=task_scale if with_task else 0.0,
+                targets_all_valid=mask is not None,  # rows were selected by labels != -100
+            )
+            sums["term"] += distill
+            total = distill * coef
+            if with_task:
+                sums["task"] += task
+                total = total + task * task_scale
+            return total, grad
+
+        def chunk_loss(s_logits, start, end):
+            if topk is not None:
+                distill = topk_logit_loss(
+                    options.loss,
+                    s_logits,
+                    t_ids[start:end],
+                    t_log_probs[start:end],
+                    temperature=options.temperature,
+                    beta=options.jsd_beta,
+                ).sum()
+            else:
+                s_view, t_logits = s_logits, teacher_logits(start, end)
+                if options.standardize:  # the divergence sees z-scores; the task loss below keeps the raw logits
+                    s_view, t_logits = standardize_logits(s_view), standardize_logits(t_logits)
+                distill = LOGIT_LOSSES[options.loss](
+                    s_view, t_logits, temperature=options.temperature, beta=options.jsd_beta
+                ).sum()
+            sums["term"] += distill.detach()
+            total = distill * coef
+            if with_task:
+                task = F.cross_entropy(s_logits.float(), targets[start:end], ignore_index=-100, reduction="sum")
+                sums["task"] += task.detach()
+                total = total + task * task_scale
+            return total
+
+        if options.loss == "kl" and not options.standardize:
+            fused = chunked_head_loss(
+                s_rows, s_head.weight, s_head.bias, closed_form, options.chunk_size, with_gradient=True
+            )
+        else:
+            fused = chunked_head_loss(s_rows, s_head.weight, s_head.bias, chunk_loss, options.chunk_size)
+        return fused, sums["term"], sums.get("task")
