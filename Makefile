@@ -53,6 +53,11 @@ bench: setup
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/bench_distill.py --steps 7 --json benchmarks/results.json
 
+# What each distillation term adds to a KD step on the MiniLM pair (about 4 minutes); writes benchmarks/terms.json.
+.PHONY: bench-terms
+bench-terms: setup
+	$(PY) benchmarks/bench_terms.py --rounds 30 --json benchmarks/terms.json
+
 # Every distillation method on tweets (MiniLM) and Fashion-MNIST (ResNet -> ResNet / ViT), 3 seeds: 77 minutes
 # here on 2 shared cores, plus 6 to train the two teachers the first time (then cached in outputs/methods/);
 # writes benchmarks/methods.json and benchmarks/METHODS.md.

@@ -482,6 +482,8 @@ class Method:
     settings: Callable[[Pair, int], dict]  # (pair, steps per run) -> DistillationConfig fields
     weights: str  # the weights and options, as the report states them ({T}, {b}, {pkt}: the pair's values)
     terms: tuple[str, ...] = ()
+    # Born-again: generation 1 learns from the pair's teacher, each later one (same init) from the one before.
+    generations: int = 1
 
 
 ALL = ("text", "conv", "vit")
@@ -581,6 +583,22 @@ METHODS = [
         "kd+at+rkd", "KD + AT + RKD", ("conv",), lambda p, s: _kd(p, AT, RKD), "KD + at 1000 + rkd 1", ("at", "rkd")
     ),
     Method(
+        "ema",
+        "mean teacher (EMA self-distillation)",
+        ALL,
+        lambda p, s: _kd(p, teacher_ema_decay=0.99),
+        "task 0.5 + logit 0.5 (KL, T={T:g}) from an EMA of the student, decay 0.99 (Tarvainen 2017); no teacher",
+    ),
+    Method(
+        "born-again",
+        "born-again, generation 2",
+        ALL,
+        lambda p, s: _kd(p),
+        "KD as above (generation 1, from the teacher), then the same student from the same init taught by "
+        "generation 1 with KD (Furlanello 2018); twice the budget in all",
+        generations=2,
+    ),
+    Method(
         "kd+rkd+pkt",
         "KD + RKD + PKT",
         ("vit",),
@@ -630,21 +648,28 @@ def run_one(pair: Pair, method: Method, seed: int, workdir: str) -> dict:
         **pair.budget,
         **settings,
     )
-    set_seed(seed)
-    student = pair.make_student(seed)
     timer = StepTimer()
     before = _cpu_snapshot()
-    trainer = DistillationTrainer(
-        model=student,
-        teacher_model=pair.teacher,
-        args=config,
-        train_dataset=pair.train,
-        data_collator=pair.collator,
-        processing_class=pair.processing_class,
-        callbacks=[timer],
-    )
-    trainer.remove_callback(PrinterCallback)  # with disable_tqdm, Trainer prints every log dict
-    trainer.train()
+    # A mean teacher is made from the student itself; born-again generations are taught by the one before.
+    teacher = None if config.teacher_ema_decay is not None else pair.teacher
+    generation_accuracy = []
+    for generation in range(method.generations):
+        set_seed(seed)
+        student = pair.make_student(seed)
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=config,
+            train_dataset=pair.train,
+            data_collator=pair.collator,
+            processing_class=pair.processing_class,
+            callbacks=[timer],
+        )
+        trainer.remove_callback(PrinterCallback)  # with disable_tqdm, Trainer prints every log dict
+        trainer.train()
+        if method.generations > 1 and generation < method.generations - 1:
+            generation_accuracy.append(accuracy(student, pair.test, pair.collator, 256, workdir))
+        teacher = student
     trained = _cpu_snapshot()
     acc = accuracy(student, pair.test, pair.collator, 256, workdir)
     after = _cpu_snapshot()
@@ -658,9 +683,11 @@ def run_one(pair: Pair, method: Method, seed: int, workdir: str) -> dict:
         "median_step_s": statistics.median(steps) if steps else float("nan"),
         "train_s": round(trained["wall"] - before["wall"], 2),
         # This process's CPU time per training step: less sensitive than wall time to other jobs on the cores.
-        "cpu_per_step_s": (trained["own_cpu"] - before["own_cpu"]) / max(trainer.state.global_step, 1),
+        "cpu_per_step_s": (trained["own_cpu"] - before["own_cpu"])
+        / max(trainer.state.global_step * method.generations, 1),
         "wall_s": round(after["wall"] - before["wall"], 2),
         "final_loss": losses[-1] if losses else None,
+        **({"generation_accuracy": [*generation_accuracy, acc]} if method.generations > 1 else {}),
         **_load_between(before, after),
     }
 

@@ -42,6 +42,15 @@ class DistillationConfig(TrainingArguments):
             "be the ones it was built from. Evaluation uses the teacher if one is given, else reports the task loss."
         },
     )
+    teacher_ema_decay: float | None = field(
+        default=None,
+        metadata={
+            "help": "Self-distillation with a mean teacher (Tarvainen & Valpola, 2017): the teacher is an exponential "
+            "moving average of the student with this decay in (0, 1) (the paper: 0.99, then 0.999), updated after "
+            "every optimizer step, ramped as min(decay, 1 - 1/(t+1)). Give no teacher_model; it starts as a copy of "
+            "the student, is saved in each checkpoint and never exported."
+        },
+    )
     task_weight: float = field(
         default=0.5,
         metadata={"help": "Weight of the student's own loss on the labels (0 for label-free distillation)."},
@@ -168,6 +177,24 @@ class DistillationConfig(TrainingArguments):
                 f"{type(self.teacher_model_init_kwargs).__name__}."
             )
 
+        decay = self.teacher_ema_decay
+        if decay is not None:
+            if not _is_number(decay) or not 0.0 < decay < 1.0:
+                raise ValueError(
+                    f"teacher_ema_decay must lie strictly between 0 and 1 (e.g. 0.999), got {decay!r}; unset it for a "
+                    "frozen teacher."
+                )
+            if self.teacher_model_name_or_path:
+                raise ValueError(
+                    "teacher_ema_decay makes the teacher a moving average of the student, but "
+                    f"teacher_model_name_or_path={self.teacher_model_name_or_path!r} names another teacher; set one "
+                    "of them."
+                )
+            if self.teacher_cache_dir:
+                raise ValueError(
+                    "teacher_ema_decay makes the teacher change after every step, so a teacher cache (which stores "
+                    "one fixed teacher's outputs) cannot stand for it; unset teacher_cache_dir or teacher_ema_decay."
+                )
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

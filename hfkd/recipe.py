@@ -136,6 +136,16 @@ class RecipeArguments:
             "distillation stage's time."
         },
     )
+    generations: int = field(
+        default=1,
+        metadata={
+            "help": "Born-again networks (Furlanello et al., ICML 2018): after the student learns from the teacher "
+            "(generation 1), train this many generations in all, each a student from the same initial weights taught "
+            "by the generation before it, with the same terms and budget. The last generation is saved; each "
+            "generation's metric goes to metrics.json, the card and report.png. Later generations run their "
+            "teacher online and are not checkpointed."
+        },
+    )
     early_stopping_patience: int = field(
         default=0,
         metadata={
@@ -165,6 +175,10 @@ class RecipeArguments:
             raise ValueError("teacher_lora_r > 0 needs finetune_teacher=true: LoRA is how the teacher is fine-tuned.")
         if self.latency_batch_size < 1 or self.latency_repeats < 1:
             raise ValueError("latency_batch_size and latency_repeats must be >= 1.")
+        if isinstance(self.generations, bool) or not isinstance(self.generations, int) or self.generations < 1:
+            raise ValueError(
+                f"generations must be an integer >= 1 (1: no born-again generations), got {self.generations!r}."
+            )
         if self.early_stopping_patience < 0:
             raise ValueError(f"early_stopping_patience must be >= 0 (0: off), got {self.early_stopping_patience}.")
         if self.student_layers is not None:
@@ -572,22 +586,26 @@ class _Run:
         )
         return student, note
 
+    def _side_run(self, name: str) -> dict:
+        """Training arguments of a run beside the distillation (comparison, generations): no checkpoints, no
+        evaluation during training, no logging integrations, nothing pushed, a scratch folder under checkpoints/."""
+        return dict(
+            output_dir=os.path.join(self.out, "checkpoints", name),
+            save_strategy="no",
+            eval_strategy="no",
+            load_best_model_at_end=False,
+            metric_for_best_model=None,
+            report_to=[],
+            push_to_hub=False,
+            resume_from_checkpoint=None,
+        )
+
     def train_labels_only(self):
         """The same student, data and budget on the labels alone, with plain transformers.Trainer."""
         c = self.config
         student, _ = self._make_student()
         kwargs = {f.name: getattr(c, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
-        kwargs.update(
-            output_dir=os.path.join(self.out, "checkpoints", "_labels_only"),
-            save_strategy="no",
-            eval_strategy="no",
-            load_best_model_at_end=False,
-            metric_for_best_model=None,
-            greater_is_better=None,
-            report_to=[],
-            push_to_hub=False,
-            resume_from_checkpoint=None,
-        )
+        kwargs.update(**self._side_run("_labels_only"), greater_is_better=None)
         args = TrainingArguments(**kwargs)
         _heading(
             c,
@@ -664,6 +682,54 @@ class _Run:
             for name, term in trainer.term_set.terms.items()
             if isinstance(getattr(term, "pairs", None), dict) and term.pairs
         }
+
+    def born_again(self):
+        """Generations 2..N (Furlanello et al. 2018): each a student from the same initial weights, taught by the
+        generation before it, with the same terms and budget; the last one becomes the run's student."""
+        c = self.config
+        self.generations = [
+            {
+                "generation": 1,
+                "teacher": "the teacher",
+                "steps": self.trainer.state.global_step,
+                "metric": self.evaluate(self.student),
+            }
+        ]
+        for generation in range(2, self.recipe.generations + 1):
+            teacher = self.student
+            student, _ = self._make_student()
+            args = dataclasses.replace(
+                c,
+                **self._side_run(f"_generation-{generation}"),
+                overwrite_output_dir=True,
+                teacher_model_name_or_path=None,
+                teacher_model_init_kwargs=None,
+                teacher_cache_dir=None,  # the cache holds the first teacher's outputs, not this generation's
+            )
+            _heading(
+                c,
+                f"born-again generation {generation}/{self.recipe.generations}: the same student, taught by "
+                f"generation {generation - 1}, {_planned_steps(args, len(self.train_ds))} steps",
+            )
+            trainer = DistillationTrainer(
+                model=student,
+                teacher_model=teacher,
+                args=args,
+                train_dataset=self.train_ds,
+                data_collator=self.collator(),
+                processing_class=self.processor,
+            )
+            trainer.train()
+            shutil.rmtree(args.output_dir, ignore_errors=True)
+            self.student = student
+            self.generations.append(
+                {
+                    "generation": generation,
+                    "teacher": f"generation {generation - 1}",
+                    "steps": trainer.state.global_step,
+                    "metric": self.evaluate(student),
+                }
+            )
 
     def evaluate(self, model) -> float:
         args = self._stage_args(os.path.join(self.out, "checkpoints", "_eval"))
@@ -772,6 +838,10 @@ def _run_stages(recipe: RecipeArguments, data_args: DataArguments, config: Disti
     tick = time.perf_counter()
     run.distill()
     run.times["distillation"] = time.perf_counter() - tick
+    if recipe.generations > 1:
+        tick = time.perf_counter()
+        run.born_again()
+        run.times["born-again generations"] = time.perf_counter() - tick
     if recipe.compare_without_distillation:
         tick = time.perf_counter()
         run.train_labels_only()
@@ -842,6 +912,7 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
         "teacher": {**teacher, "params": t_params, "metric": teacher_metric, "latency_ms": t_latency},
         "student": {"note": run.student_note, "params": s_params, "metric": student_metric, "latency_ms": s_latency},
         **comparison,
+        **({"generations": run.generations} if getattr(run, "generations", None) else {}),
         "retained": retained,
         "size_ratio": s_params / t_params,
         "speedup": t_latency / s_latency,

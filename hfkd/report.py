@@ -40,6 +40,7 @@ model = {{ auto_class }}.from_pretrained("{{ repo_id }}")
 
 {{ retained_line }}
 {{ comparison_line }}
+{{ generations_line }}
 
 ## Distillation
 | term | weight | loss |
@@ -117,6 +118,7 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
         results_rows="\n".join(f"| {a} | {b} | {c} |" for a, b, c in results),
         retained_line=retained_line,
         comparison_line=" ".join(comparison_lines(metrics)),
+        generations_line=generations_line(metrics),
         terms_rows="\n".join(f"| {a} | {b} | {c} |" for a, b, c in terms),
         temperature=distill["temperature"],
         layer_maps=json.dumps(distill["layer_maps"]) if distill["layer_maps"] else "none (no feature terms)",
@@ -188,6 +190,19 @@ def training_note(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def generations_line(metrics: dict) -> str:
+    """Born-again generations (recipe `generations`): each one's metric, in a sentence ("" without them)."""
+    generations = metrics.get("generations")
+    if not generations:
+        return ""
+    parts = [f"generation {g['generation']} (taught by {g['teacher']}) {_fmt(g['metric'])}" for g in generations]
+    return (
+        f"Born-again generations (Furlanello et al. 2018; the same student from the same initial weights, each taught "
+        f"by the one before, same budget), {metrics['metric']}: {'; '.join(parts)}. The saved student is generation "
+        f"{generations[-1]['generation']}."
+    )
+
+
 def comparison_lines(metrics: dict) -> list[str]:
     """Did distillation help? Plain sentences from the labels-only comparison (empty without one)."""
     if "labels_only" not in metrics:
@@ -253,9 +268,16 @@ def plot_report(path: str, metrics: dict, log_history: list[dict]) -> None:
         (axes[1][1], "latency_ms", f"forward latency, ms per batch of {metrics['latency_batch_size']}"),
     ):
         names, values = ["teacher", "student"], [teacher[key], student[key]]
+        if key == "metric" and metrics.get("generations"):
+            generations = metrics["generations"]
+            names = ["teacher", *(f"gen {g['generation']}" for g in generations)]
+            values = [teacher[key], *(g["metric"] for g in generations)]
         if key == "metric" and "labels_only" in metrics:
             names, values = [*names, "labels only"], [*values, metrics["labels_only"]["metric"]]
-        bars = ax.bar(names, values, color=colors[: len(values)])
+        palette = [colors[0]] + [colors[1]] * (len(values) - 1)  # the teacher, then the students
+        if key == "metric" and "labels_only" in metrics:
+            palette[-1] = colors[2]
+        bars = ax.bar(names, values, color=palette)
         ax.bar_label(bars, labels=[_fmt(v) if isinstance(v, float) else f"{v:,}" for v in values])
         ax.set_title(title)
     fig.suptitle(
@@ -289,6 +311,8 @@ def summary(metrics: dict, output_dir: str, push_message: str | None) -> str:
     if "labels_only" in metrics:
         lines.insert(6, f"{'(labels only)':24}{'':>16}{_fmt(metrics['labels_only']['metric']):>16}")
         lines.extend(comparison_lines(metrics))
+    if metrics.get("generations"):
+        lines.append(generations_line(metrics))
     if push_message:
         lines.append(push_message)
     lines.append("=" * 72)

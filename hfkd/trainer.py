@@ -1,5 +1,6 @@
 """`DistillationTrainer`: `transformers.Trainer` plus a teacher and the distillation terms (`hfkd.terms`)."""
 
+import copy
 import dataclasses
 import glob
 import inspect
@@ -23,6 +24,7 @@ from .cache import (
     has_cached_outputs,
 )
 from .config import DistillationConfig
+from .ema import EMATeacher, EMAUpdate
 from .features import ModelKind, batch_size, model_kind, unit_counts, unit_masks
 from .fingerprint import model_fingerprint
 from .heads import accepts_logits_to_keep, base_module, capture_last_hidden, head_reproduces_logits, linear_head
@@ -79,6 +81,15 @@ class DistillationTrainer(Trainer):
             args = DistillationConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
 
         teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if args.teacher_ema_decay is not None:
+            if teacher is not None:
+                raise ValueError(
+                    "teacher_ema_decay makes the teacher a moving average of the student: pass no teacher_model (or "
+                    "unset teacher_ema_decay to distil from this teacher)."
+                )
+            if model is None:
+                raise ValueError("teacher_ema_decay needs the student (`model=`) to start the teacher from.")
+            teacher = copy.deepcopy(model)  # the mean teacher starts as the student
         if teacher is None and not args.teacher_cache_dir:
             raise ValueError(
                 "DistillationTrainer needs a teacher: pass `teacher_model=` (a model, Hub id or path), set "
@@ -92,7 +103,10 @@ class DistillationTrainer(Trainer):
         if isinstance(teacher, str):
             teacher = load_teacher(teacher, model, args.teacher_model_init_kwargs)
         if teacher is not None and teacher is model:
-            raise ValueError("teacher_model is the student itself; for self-distillation pass a frozen copy.")
+            raise ValueError(
+                "teacher_model is the student itself; for self-distillation pass a frozen copy, or set "
+                "teacher_ema_decay for a teacher that is a moving average of the student."
+            )
 
         # Trainer creates output_dir; every check below runs before the first step, and a failing one removes it.
         with checks.removing_new_output_dir(args.output_dir if args.should_save else None):
@@ -127,6 +141,11 @@ class DistillationTrainer(Trainer):
         self._distills = len(self.term_set) > 0
         self._cache = cache
         self.teacher_model = prepare_teacher(teacher, self.accelerator) if teacher is not None else None
+        self._ema = (
+            self._setup_ema(self.accelerator.unwrap_model(self.teacher_model))
+            if args.teacher_ema_decay is not None
+            else None
+        )
         self._teacher_accepts_use_cache = teacher is not None and "use_cache" in _forward_parameters(
             unwrap_peft(teacher)
         )
@@ -154,6 +173,27 @@ class DistillationTrainer(Trainer):
             self._probe()
 
     # ------------------------------------------------------------------ set-up
+    def _setup_ema(self, teacher: torch.nn.Module) -> EMATeacher:
+        """The mean teacher (hfkd.ema): checks, then its update after every optimizer step."""
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "teacher_ema_decay with DeepSpeed or FSDP: the student's weights are sharded, so no process holds "
+                "them whole to average; train without teacher_ema_decay, or on one device or with DDP."
+            )
+        student = self.accelerator.unwrap_model(self.model)
+        if self.optimizer is not None:  # `optimizers=` gave one: it must own every trainable weight to average
+            owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            missing = [n for n, p in student.named_parameters() if p.requires_grad and id(p) not in owned]
+            if missing:
+                raise ValueError(
+                    f"teacher_ema_decay averages the student's weights after each optimizer step, but the optimizer "
+                    f"given by `optimizers=` does not update {len(missing)} trainable parameters (e.g. {missing[:3]}). "
+                    "Build it over all of model.parameters(), or freeze those (requires_grad=False)."
+                )
+        ema = EMATeacher(teacher, student, self.args.teacher_ema_decay)
+        self.add_callback(EMAUpdate(ema, lambda: self.accelerator.optimizer_step_was_skipped))
+        return ema
+
     def _check_terms_against_cache(self, cache: TeacherCache) -> None:
         """Each term says whether the cache can serve it (`Term.check_cache`); one it cannot is refused, by name."""
         for term in self.term_set.terms.values():
@@ -515,6 +555,8 @@ class DistillationTrainer(Trainer):
         if self.args.should_save and os.path.isdir(folder):
             _write_run_file(folder, self._fingerprint)
             self.term_set.save(folder)
+            if self._ema is not None:
+                self._ema.save(folder)
 
     def _clip_grad_norm(self, model):
         # The student and the terms' parameters are one trainable system (as timm wraps them): clip their joint norm.
@@ -525,6 +567,8 @@ class DistillationTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._ema is not None:
+            self._ema.load(resume_from_checkpoint)
         self.term_set.load(resume_from_checkpoint)
 
     # ------------------------------------------------------------------ the step

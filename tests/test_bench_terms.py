@@ -46,6 +46,9 @@ def test_bench_terms_tiny(tmp_path):
     assert variants["kd+rkd"]["model_flags"] == {"output_hidden_states": True}
     assert len(variants["kd+minilm"]["hooked_modules"]["student"]) == 3  # its q/k/v projections were found
     assert "| variant | median step |" in done.stdout and "| kd+minilm |" in done.stdout
+    ema = results["ema"]  # the mean teacher's update, timed beside self-distillation steps
+    assert len(ema["update_s"]) == 2 and 0 < ema["update_share"] < 1 and ema["target"] == 0.02
+    assert "mean teacher (teacher_ema_decay)" in done.stdout
 
 
 def test_host_reads_recorder_names_the_place():

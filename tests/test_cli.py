@@ -679,3 +679,42 @@ def test_the_comparison_says_plainly_what_helped():
     assert "did not help" in lines("perplexity", 20.0, 30.0, 28.0)
     assert lines("accuracy", 0.9, 0.8, 0.8).startswith("Distillation made no difference here")
     assert comparison_lines({"metric": "accuracy"}) == []
+
+
+def test_born_again_generations_each_teach_the_next_and_are_reported(tmp_path, tiny_text, capsys):
+    """generations: 3: the distilled student (generation 1) teaches generation 2 from the same initial weights,
+    which teaches generation 3; each generation's metric is in metrics.json, the summary, the card and report.png,
+    and the saved student is the last generation (its metric is the run's student metric)."""
+    path = _recipe(tmp_path, *tiny_text, generations=3, max_steps=2, teacher_max_steps=1)
+    assert main(["distill", "--config", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "born-again generation 2/3: the same student, taught by generation 1, 2 steps" in captured.err
+    assert "born-again generation 3/3: the same student, taught by generation 2, 2 steps" in captured.err
+    out = tmp_path / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    generations = metrics["generations"]
+    assert [g["generation"] for g in generations] == [1, 2, 3]
+    assert [g["teacher"] for g in generations] == ["the teacher", "generation 1", "generation 2"]
+    assert all(g["steps"] == 2 and 0 <= g["metric"] <= 1 for g in generations)
+    assert metrics["student"]["metric"] == generations[-1]["metric"]
+    assert metrics["wall_time_s"]["born-again generations"] > 0
+    card = (out / "README.md").read_text()
+    assert "Born-again generations" in card and "The saved student is generation 3." in card
+    assert "Born-again generations" in captured.out
+    assert (out / "report.png").stat().st_size > 0
+    assert not (out / "checkpoints" / "_generation-2").exists()
+    # The saved student is generation 3: evaluated again from its folder, it gives generation 3's accuracy.
+    assert _accuracy_by_hand(out) == pytest.approx(generations[-1]["metric"])
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "1.5"])
+def test_generations_must_be_a_positive_integer(tmp_path, tiny_text, capsys, value):
+    path = _recipe(tmp_path, *tiny_text)
+    if value == "1.5":  # not an integer: argparse's own usage error, exit status 2, as for every integer flag
+        with pytest.raises(SystemExit) as stop:
+            main(["distill", "--config", str(path), "--generations", value])
+        assert stop.value.code == 2 and "argument --generations: invalid int value: '1.5'" in capsys.readouterr().err
+    else:
+        assert main(["distill", "--config", str(path), "--generations", value]) == 2
+        assert "generations must be an integer >= 1" in _error(capsys)
+    assert not (tmp_path / "run").exists()
