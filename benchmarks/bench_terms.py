@@ -55,6 +55,7 @@ from bench_distill import (  # noqa: E402  (sets HF_HUB_OFFLINE etc. before tran
     _features,
     _load_text,
     _step,
+    _teacher_forward,
     _verdict,
     hfkd_trainer,
     load_between,
@@ -63,6 +64,7 @@ from bench_distill import (  # noqa: E402  (sets HF_HUB_OFFLINE etc. before tran
     machine,
     ratios,
     run_header,
+    student_trainer,
 )
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -82,6 +84,7 @@ TINY_OPTIONS = {"minilm": {"relation_heads": 4}}  # the tiny BERT's width is 32:
 # Step time of kd + the term / kd step time (median of per-round ratios, see bench_distill.JUDGED_ON).
 TARGETS = {"kd+rkd": 1.05, "kd+sp": 1.05, "kd+pkt": 1.05, "kd+minilm": 1.10}
 EMA_TARGET = 0.02  # the mean teacher's update / a training step (issue 11)
+MULTI_TARGET = 1.05  # a two-teacher step / (student step + both teachers' forwards) (issue 11)
 
 
 # ---------------------------------------------------------------------------------------------------- host reads
@@ -284,6 +287,17 @@ def table(results: dict) -> str:
             f"{ema['median_update_s'] * 1e3:.1f} ms after a {ema['median_step_s']:.3f} s step (medians) = "
             f"{ema['update_share']:.2%} of a training step (target <= {ema['target']:.0%}: {ema['verdict']})",
         ]
+    multi = results.get("multi_teacher")
+    if multi:
+        judged = multi["ratio"][JUDGED_ON]
+        medians = multi["median_s"]
+        lines.append(
+            f"two teachers (fixed weights, kd): step {medians['two_teacher_step']:.3f} s vs student step "
+            f"{medians['student_step']:.3f} s + teacher forwards {medians['teacher0_forward']:.3f} s and "
+            f"{medians['teacher1_forward']:.3f} s: {judged:.3f} (median of per-round ratios), "
+            f"{multi['ratio']['ratio_of_medians']:.3f} (ratio of medians); target <= {multi['target']}: "
+            f"{multi['verdict']}"
+        )
     lines += ["", f"load during the timed rounds: {_load_text(r.get('load', {}))}"]
     run = results["run"]
     lines.append(
@@ -331,6 +345,44 @@ def bench_ema(tiny: bool, rounds: int, work: str) -> dict:
     }
 
 
+def bench_multi(tiny: bool, rounds: int, work: str) -> dict:
+    """Two teachers (hfkd.teachers, fixed weights): a kd step against its limit, a student-only step plus both
+    teachers' forwards, with the variants taking turns as above. Target: <= 1.05 (issue 11)."""
+    teacher, student, rows, collator, batch_size, pair_terms = load_pair("minilm", tiny)
+    second = copy.deepcopy(teacher)  # the same encoder with another head: another teacher of the same cost
+    torch.manual_seed(1)
+    second.classifier.reset_parameters()
+    batches = _batches(rows, batch_size)
+    rows = [r for b in batches for r in b]
+    kd = {**pair_terms, "hidden_weight": 0.0, "attention_weight": 0.0}
+    multi = hfkd_trainer(copy.deepcopy(student), [teacher, second], rows, collator, f"{work}/multi", **kd)
+    student_only = student_trainer(copy.deepcopy(student), rows, collator, f"{work}/student")
+    variants = {
+        "student_step": lambda i: _step(student_only, _features(batches[i % len(batches)], False)),
+        "teacher0_forward": lambda i: _teacher_forward(teacher, collator, batches[i % len(batches)]),
+        "teacher1_forward": lambda i: _teacher_forward(second, collator, batches[i % len(batches)]),
+        "two_teacher_step": lambda i: _step(multi, _features(batches[i % len(batches)], False)),
+    }
+    names, times = list(variants), {key: [] for key in variants}
+    for i in range(rounds + 1):  # round 0 warms up
+        for key in names[i % len(names) :] + names[: i % len(names)]:
+            tick = time.perf_counter()
+            variants[key](i)
+            if i:
+                times[key].append(time.perf_counter() - tick)
+    ratio = ratios(
+        times["two_teacher_step"], times["student_step"], times["teacher0_forward"], times["teacher1_forward"]
+    )
+    return {
+        "terms": kd,
+        "median_s": {key: statistics.median(values) for key, values in times.items()},
+        "times_s": times,
+        "ratio": ratio,
+        "target": MULTI_TARGET,
+        "verdict": _verdict(ratio, MULTI_TARGET),
+    }
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
@@ -354,6 +406,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as work:
         results["terms"] = bench_terms(args.tiny, args.rounds, names, work)
         results["ema"] = bench_ema(args.tiny, args.rounds, work)
+        results["multi_teacher"] = bench_multi(args.tiny, args.rounds, work)
     end = machine()
     results["run"].update(
         finished=time.strftime("%Y-%m-%d %H:%M:%S %z"),

@@ -9,17 +9,19 @@ student only.
 TEACHER_PREFIX = "teacher_"
 INTERNAL_PREFIX = "hfkd_"
 LABEL_KEYS = ("labels", "label", "label_ids")
+# Which of several teachers teaches each row (hfkd.teachers, teacher_combine="teacher_id"): no model receives it.
+TEACHER_ID = "teacher_id"
 
 
 def student_inputs(batch: dict) -> dict:
     """The student's keyword arguments: everything but teacher-only and hfkd keys (labels included)."""
-    return {k: v for k, v in batch.items() if not _is_teacher_key(k) and not _is_internal(k)}
+    return {k: v for k, v in batch.items() if not _is_teacher_key(k) and not _is_internal(k) and k != TEACHER_ID}
 
 
 def teacher_inputs(batch: dict) -> dict:
     """The teacher's keyword arguments: the student's inputs without labels, `teacher_*` keys renamed over them."""
     view = {k: v for k, v in student_inputs(batch).items() if k not in LABEL_KEYS and k != "num_items_in_batch"}
-    view.update({k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if _is_teacher_key(k)})
+    view.update({k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if _is_teacher_key(k) and k != TEACHER_ID})
     return view
 
 

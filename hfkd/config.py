@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 
 from .layer_map import parse_layer_map_spec
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
+from .teachers import COMBINE_MODES, fixed_weights, named_teachers
 from .terms import TERMS, TermSpec, parse_term_specs
 
 
@@ -25,6 +26,22 @@ class DistillationConfig(TrainingArguments):
         metadata={
             "help": "Hub id or local path of the teacher, used when no `teacher_model` instance is given to the "
             "trainer. It is loaded with the Auto class of the student's task."
+        },
+    )
+    teacher_weights: list | dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Several teachers (teacher_model a list or dict): fixed weight of each, a list in teacher order or "
+            "a dict by name, or JSON, e.g. '[2, 1]'; normalised to sum to 1. Default: equal."
+        },
+    )
+    teacher_combine: str = field(
+        default="weights",
+        metadata={
+            "help": "How several teachers combine (hfkd.teachers): 'weights' (fixed, teacher_weights), 'confidence' "
+            "(per example, from each teacher's cross-entropy on the label: CA-MKD, Zhang et al. 2022), or "
+            "'teacher_id' (a `teacher_id` column names each row's teacher). Response terms (logit, dkd) read the "
+            "weighted mixture of the teachers' distributions; the others are the weighted sum of per-teacher terms."
         },
     )
     teacher_model_init_kwargs: dict | str | None = field(
@@ -177,6 +194,19 @@ class DistillationConfig(TrainingArguments):
                 f"{type(self.teacher_model_init_kwargs).__name__}."
             )
 
+        for name in ("teacher_model_name_or_path", "teacher_weights"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip()[:1] in ("[", "{"):  # several, as JSON on the command line
+                try:
+                    setattr(self, name, json.loads(value))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{name} looks like JSON but is not ({err}): {value!r}.") from err
+        if self.teacher_combine not in COMBINE_MODES:
+            raise ValueError(f"teacher_combine must be one of {list(COMBINE_MODES)}, got {self.teacher_combine!r}.")
+        if isinstance(self.teacher_model_name_or_path, (list, dict)):
+            names = named_teachers(self.teacher_model_name_or_path)  # an empty or repeated entry fails here
+            if self.teacher_weights is not None:
+                fixed_weights(self.teacher_weights, list(names))
         decay = self.teacher_ema_decay
         if decay is not None:
             if not _is_number(decay) or not 0.0 < decay < 1.0:

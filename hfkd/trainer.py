@@ -1,5 +1,6 @@
 """`DistillationTrainer`: `transformers.Trainer` plus a teacher and the distillation terms (`hfkd.terms`)."""
 
+import contextlib
 import copy
 import dataclasses
 import glob
@@ -29,6 +30,15 @@ from .features import ModelKind, batch_size, model_kind, unit_counts, unit_masks
 from .fingerprint import model_fingerprint
 from .heads import accepts_logits_to_keep, base_module, capture_last_hidden, head_reproduces_logits, linear_head
 from .teacher import call_model, ensure_eager_attention, load_teacher, prepare_teacher, unwrap_peft
+from .teachers import (
+    TEACHER_ID,
+    MixedTeacherOutput,
+    confidence_weights,
+    fixed_weights,
+    mixed_logits,
+    named_teachers,
+    routed_weights,
+)
 from .terms.base import Features, TermBatch, logits_of
 from .terms.runner import ROW_IDS_KEY, RowIdCollator, TermSet, capture_modules, resolve_modules
 
@@ -95,26 +105,42 @@ class DistillationTrainer(Trainer):
                 "DistillationTrainer needs a teacher: pass `teacher_model=` (a model, Hub id or path), set "
                 "`teacher_model_name_or_path` in DistillationConfig, or give a teacher cache (`teacher_cache_dir`)."
             )
+        teachers = named_teachers(teacher) if teacher is not None else {}
+        if len(teachers) > 1 and args.teacher_cache_dir:
+            raise ValueError(
+                f"teacher_cache_dir with {len(teachers)} teachers: a teacher cache holds one teacher's outputs. "
+                "Train the teachers online (unset teacher_cache_dir), or distil from the cached teacher alone."
+            )
+        if len(teachers) < 2 and args.teacher_combine != "weights":
+            raise ValueError(
+                f"teacher_combine={args.teacher_combine!r} combines several teachers, but there is one; give "
+                "teacher_model a list or dict of teachers, or leave teacher_combine at 'weights'."
+            )
+        if len(teachers) < 2 and args.teacher_weights is not None:
+            raise ValueError("teacher_weights weighs several teachers, but there is one; unset teacher_weights.")
         cache = TeacherCache(args.teacher_cache_dir) if args.teacher_cache_dir else None
         if cache is not None:
             cache.check_config(args)
-        if teacher is not None:
-            checks.check_teacher_argument(teacher)
-        if isinstance(teacher, str):
-            teacher = load_teacher(teacher, model, args.teacher_model_init_kwargs)
-        if teacher is not None and teacher is model:
-            raise ValueError(
-                "teacher_model is the student itself; for self-distillation pass a frozen copy, or set "
-                "teacher_ema_decay for a teacher that is a moving average of the student."
-            )
+        for name, one in teachers.items():
+            checks.check_teacher_argument(one)
+            if isinstance(one, str):
+                teachers[name] = one = load_teacher(one, model, args.teacher_model_init_kwargs)
+            if one is model:
+                raise ValueError(
+                    "teacher_model is the student itself; for self-distillation pass a frozen copy, or set "
+                    "teacher_ema_decay for a teacher that is a moving average of the student."
+                )
+        # Checked before Trainer creates output_dir.
+        weights = fixed_weights(args.teacher_weights, list(teachers)) if len(teachers) > 1 else None
 
         # Trainer creates output_dir; every check below runs before the first step, and a failing one removes it.
         with checks.removing_new_output_dir(args.output_dir if args.should_save else None):
             super().__init__(model, args, *trainer_args, **trainer_kwargs)
-            self._setup_distillation(args, teacher, cache)
+            self._teacher_weights = weights
+            self._setup_distillation(args, teachers, cache)
 
     def _setup_distillation(
-        self, args: DistillationConfig, teacher: torch.nn.Module | None, cache: TeacherCache | None
+        self, args: DistillationConfig, teachers: dict[str, torch.nn.Module], cache: TeacherCache | None
     ) -> None:
         # compute_loss normalises every term over the whole accumulated batch itself (see get_batch_samples).
         self.loss_is_scaled_for_ga = True
@@ -123,32 +149,39 @@ class DistillationTrainer(Trainer):
             # its compute_loss_func (the task loss) and label-reading terms need them.
             self.label_names = ["labels"]
 
-        self.term_set = TermSet(args.term_specs)
+        self.term_set = TermSet(args.term_specs, tuple(teachers) or ("teacher",))
         # Before any needs(): terms that pick their submodules by name patterns resolve them from these names
         # (the same unwrapped models _capture hooks).
         self.term_set.bind_module_names(
             tuple(name for name, _ in unwrap_peft(self.accelerator.unwrap_model(self.model)).named_modules()),
-            tuple(name for name, _ in unwrap_peft(teacher).named_modules()) if teacher is not None else (),
+            {name: tuple(n for n, _ in unwrap_peft(one).named_modules()) for name, one in teachers.items()},
         )
         self._terms_wrapped: torch.nn.Module | None = None
         self._hooked: dict[str, dict[str, torch.nn.Module]] = {}  # side -> the submodules the terms read
         if self.term_set.needs().attentions:
             ensure_eager_attention(self.model, "student")
-            ensure_eager_attention(teacher, "teacher")
+            for name, one in teachers.items():
+                ensure_eager_attention(one, "teacher" if len(teachers) == 1 else f"teacher {name!r}")
             _warn_attention_dropout(unwrap_peft(self.model))
         if cache is not None:
             self._check_terms_against_cache(cache)
         self._distills = len(self.term_set) > 0
         self._cache = cache
-        self.teacher_model = prepare_teacher(teacher, self.accelerator) if teacher is not None else None
+        # Each teacher by name (one teacher: "teacher"); `teacher_model` is the first, for code that knows one.
+        self.teachers = {name: prepare_teacher(one, self.accelerator) for name, one in teachers.items()}
+        self.teacher_model = next(iter(self.teachers.values()), None)
         self._ema = (
             self._setup_ema(self.accelerator.unwrap_model(self.teacher_model))
             if args.teacher_ema_decay is not None
             else None
         )
-        self._teacher_accepts_use_cache = teacher is not None and "use_cache" in _forward_parameters(
-            unwrap_peft(teacher)
-        )
+        self._teacher_accepts_use_cache = {
+            name: "use_cache" in _forward_parameters(unwrap_peft(one)) for name, one in teachers.items()
+        }
+        if self._teacher_weights is not None:
+            self._teacher_weights = self._teacher_weights.to(args.device)
+        if args.teacher_combine == "teacher_id":
+            self._check_teacher_ids()
 
         self._kind: ModelKind = model_kind(unwrap_peft(self.model), self._loss_shifts_labels)
         self._window_counts: dict[str, torch.Tensor] | None = None
@@ -229,37 +262,61 @@ class DistillationTrainer(Trainer):
                 "(pass teacher_model= as well to evaluate the distillation terms)."
             )
 
-    def _limits(self) -> tuple[checks.ModelLimits, checks.ModelLimits]:
-        """What the student and the teacher accept, read from their configs (see hfkd.checks)."""
+    def _limits(self) -> tuple[checks.ModelLimits, dict[str, checks.ModelLimits]]:
+        """What the student and each teacher accept, read from their configs (see hfkd.checks)."""
         student = checks.model_limits(self.accelerator.unwrap_model(self.model), "student")
         if self.label_names:  # Trainer's label names (args.label_names or the model's own)
             student = dataclasses.replace(student, label_names=tuple(self.label_names))
-        if self.teacher_model is None:
-            return student, self._cache.teacher_limits()
-        teacher = checks.model_limits(self.accelerator.unwrap_model(self.teacher_model), "teacher")
-        return student, teacher
+        if not self.teachers:
+            return student, {"teacher": self._cache.teacher_limits()}
+        role = "teacher" if len(self.teachers) == 1 else "teacher {!r}"
+        return student, {
+            name: checks.model_limits(self.accelerator.unwrap_model(one), role.format(name))
+            for name, one in self.teachers.items()
+        }
 
     def _check_data(self) -> None:
         """Data-set checks before the first step, without a forward: rows, columns, labels, token ids, lengths."""
-        student, teacher = self._limits()
-        checks.check_logit_heads(student, teacher, self.term_set.needs().logits)
+        student, teachers = self._limits()
         task_loss = self.args.task_weight > 0
-        for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
-            # Evaluation without labels is legitimate (no loss, predictions only); training without them is not.
-            checks.check_dataset(
-                dataset,
-                name,
-                student,
-                teacher,
-                self.data_collator,
-                task_loss=task_loss,
-                require_labels=name == "train_dataset",
-            )
+        for teacher in teachers.values():
+            checks.check_logit_heads(student, teacher, self.term_set.needs().logits)
+            for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+                # Evaluation without labels is legitimate (no loss, predictions only); training without them is not.
+                checks.check_dataset(
+                    dataset,
+                    name,
+                    student,
+                    teacher,
+                    self.data_collator,
+                    task_loss=task_loss,
+                    require_labels=name == "train_dataset",
+                )
+
+    def _check_teacher_ids(self) -> None:
+        """teacher_combine='teacher_id': each data set names a known teacher in every row."""
+        import datasets
+
+        for which, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
+            if not isinstance(dataset, datasets.Dataset):
+                continue  # other data sets are checked batch by batch
+            if TEACHER_ID not in dataset.column_names:
+                raise ValueError(
+                    f"teacher_combine='teacher_id', but {which} has no {TEACHER_ID!r} column; add one holding each "
+                    f"row's teacher index (0..{len(self.teachers) - 1}: {list(self.teachers)})."
+                )
+            ids = dataset.unique(TEACHER_ID)
+            bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(self.teachers)]
+            if bad:
+                raise ValueError(
+                    f"{which}[{TEACHER_ID!r}] holds {sorted(map(str, bad))[:5]}, which name no teacher; use the "
+                    f"teacher's index, 0..{len(self.teachers) - 1} for {list(self.teachers)}."
+                )
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         extra = [teacher_key(c) for c in self._signature_columns if not c.startswith(TEACHER_PREFIX)]
-        extra.append(ROW_COLUMN)
+        extra += [ROW_COLUMN, TEACHER_ID]
         self._signature_columns += [c for c in extra if c not in self._signature_columns]
 
     def _probe_batch(self) -> dict | None:
@@ -301,14 +358,15 @@ class DistillationTrainer(Trainer):
         if batch is None:
             return  # planned on the first batch compute_loss sees
         self._probed = True
-        student, teacher = self._limits()
-        checks.check_probe_batch(
-            batch,
-            student,
-            teacher,
-            task_loss=self.args.task_weight > 0,
-            require_labels=self.train_dataset is not None,  # the probe batch may come from eval_dataset
-        )
+        student, teachers = self._limits()
+        for teacher in teachers.values():
+            checks.check_probe_batch(
+                batch,
+                student,
+                teacher,
+                task_loss=self.args.task_weight > 0,
+                require_labels=self.train_dataset is not None,  # the probe batch may come from eval_dataset
+            )
         candidates = self._chunk_candidates()
         s_base, t_base = (candidates[0], candidates[2]) if candidates else (None, None)
         was_training = self.model.training
@@ -319,19 +377,20 @@ class DistillationTrainer(Trainer):
                 capture_last_hidden(s_base) as s_last,
                 capture_last_hidden(t_base) as t_last,
                 self._capture("student") as s_modules,
-                self._capture("teacher") as t_modules,
+                self._capture_teachers() as t_modules,
             ):
                 student_inputs, teacher_inputs, _ = self._split_inputs(batch)
                 student_inputs.pop("labels", None)  # only shapes matter here, not the loss
                 student_out = self.model(**student_inputs, **self._student_flags())
-                teacher_out = self._teacher_outputs(batch, teacher_inputs)
+                teacher_outs = self._teacher_outputs(batch, teacher_inputs)
         finally:
             self.model.train(was_training)
+        teacher_out = next(iter(teacher_outs.values())) if teacher_outs else None
         s_logits = logits_of(student_out)
         if s_logits is not None:
             # The class guess can be wrong for custom heads; the logits' rank is the truth.
             self._kind.token_level = s_logits.dim() >= 3
-        self._setup_terms(student_out, s_modules, teacher_out, t_modules, batch, first_batch)
+        self._setup_terms(student_out, s_modules, teacher_outs, t_modules, batch, first_batch)
         self._measure_task_normalisation(batch)
         if candidates:
             s_head, t_head = candidates[1], candidates[3]
@@ -350,13 +409,15 @@ class DistillationTrainer(Trainer):
                     self.term_set.head_term()[0],
                 )
 
-    def _setup_terms(self, student_out, s_modules, teacher_out, t_modules, batch, first_batch: bool) -> None:
+    def _setup_terms(self, student_out, s_modules, teacher_outs, t_modules, batch, first_batch: bool) -> None:
         """The configured terms see real outputs once, check them and build their parameters, before the optimizer."""
         student = Features(student_out, s_modules, self._kind)
-        teacher = Features(teacher_out, t_modules, self._kind)
-        if isinstance(teacher_out, CachedTeacherOutput):
-            self._check_cached_layers(student, teacher)
-        self.term_set.setup(student, teacher, self._term_batch(batch, training=False))
+        teachers = {name: Features(out, t_modules[name], self._kind) for name, out in (teacher_outs or {}).items()}
+        first = next(iter(teachers.values()), None)
+        if first is not None and isinstance(first.outputs, CachedTeacherOutput):
+            self._check_cached_layers(student, first)
+        mixed, _ = self._combined_teacher(teachers, batch)
+        self.term_set.setup(student, teachers, self._term_batch(batch, training=False), mixed)
         if self.term_set.has_state() and self.optimizer is not None:
             stateful = [name for name, term in self.term_set.terms.items() if any(True for _ in term.state_dict())]
             if first_batch:
@@ -392,15 +453,60 @@ class DistillationTrainer(Trainer):
                     f"{held}; rebuild it with `hfkd cache` for this student and these terms."
                 )
 
-    def _capture(self, side: str):
+    def _capture(self, side: str, teacher: str = "teacher"):
         """Records the submodule outputs the terms asked for, during that model's forwards inside the block."""
-        if side not in self._hooked:
-            needs = self.term_set.needs()
-            names = needs.student_modules if side == "student" else needs.teacher_modules
-            model = self.model if side == "student" else self.teacher_model
+        key = side if side == "student" else f"teacher:{teacher}"
+        if key not in self._hooked:
+            if side == "student":
+                names, model = self.term_set.needs().student_modules, self.model
+            else:
+                names, model = self.term_set.teacher_modules(teacher), self.teachers.get(teacher)
             model = unwrap_peft(self.accelerator.unwrap_model(model)) if model is not None and names else model
-            self._hooked[side] = resolve_modules(model, names, side)
-        return capture_modules(self._hooked[side])
+            self._hooked[key] = resolve_modules(
+                model, names, side if len(self.teachers) < 2 else f"teacher {teacher!r}"
+            )
+        return capture_modules(self._hooked[key])
+
+    @contextlib.contextmanager
+    def _capture_teachers(self):
+        """`_capture` for every teacher: {teacher name: its captured submodule outputs}."""
+        with contextlib.ExitStack() as stack:
+            yield {name: stack.enter_context(self._capture("teacher", name)) for name in self.teachers or ("teacher",)}
+
+    def _combined_teacher(self, teachers: dict[str, Features], batch: dict):
+        """Several teachers: the combined teacher the response terms read, and the weights `[K]` of the others."""
+        if not self.term_set.multi:
+            return None, None
+        logits = [side.logits for side in teachers.values()]
+        weights = self._example_weights(logits, batch)
+        mixed = None
+        if self.term_set.response:
+            if any(z is None for z in logits):
+                raise ValueError("A teacher returned no `logits`, which the response terms of several teachers mix.")
+            z = mixed_logits(logits, weights, self.args.temperature, self.args.logit_loss)
+            mixed = Features(MixedTeacherOutput(z), {}, self._kind)
+        return mixed, weights.mean(0)
+
+    def _example_weights(self, logits: list, batch: dict) -> torch.Tensor:
+        """Each example's weight of each teacher, `[B, K]` (teacher_combine; hfkd.teachers)."""
+        mode, count = self.args.teacher_combine, batch_size(batch)
+        if mode == "weights":
+            return self._teacher_weights.expand(count, -1)
+        if mode == "teacher_id":
+            ids = batch.get(TEACHER_ID)
+            if not isinstance(ids, torch.Tensor):
+                raise ValueError(
+                    f"teacher_combine='teacher_id', but a batch came without a {TEACHER_ID!r} column; give each row "
+                    "its teacher's index."
+                )
+            return routed_weights(ids, len(self.teachers))
+        labels = batch.get("labels")
+        if not isinstance(labels, torch.Tensor) or any(z is None for z in logits):
+            raise ValueError(
+                "teacher_combine='confidence' weighs each teacher by its cross-entropy on the labels: the batch needs "
+                "`labels` and every teacher `logits`."
+            )
+        return confidence_weights(logits, labels, self._kind.shifts_labels)
 
     def _term_batch(self, batch: dict, training: bool, masks: dict | None = None, counts: dict | None = None):
         masks = masks if masks is not None else unit_masks(batch, self._kind)
@@ -420,15 +526,18 @@ class DistillationTrainer(Trainer):
             counts=counts,
         )
 
-    def _term_values(self, student: Features, teacher: Features, batch: TermBatch, scale, training, skip=None):
-        """Each configured term's value (but `skip`'s), normalised over its unit (see hfkd.terms.base)."""
+    def _term_values(
+        self, student, teachers, batch: TermBatch, scale, training, skip=None, mixed=None, teacher_weights=None
+    ):
+        """Each configured term's value (but `skip`'s), normalised over its unit (see hfkd.terms.base); with several
+        teachers also each teacher's (`<name>/<teacher>`)."""
         module = self._terms_wrapped if self._terms_wrapped is not None else self.term_set
-        raw = module(student, teacher, batch, skip=skip)
+        raw = module(student, teachers, batch, skip=skip, mixed=mixed, teacher_weights=teacher_weights)
         stream = "encoder" if self._kind.encoder_decoder else "main"
         counts = batch.counts
         values = {}
         for name, value in raw.items():
-            unit = self.term_set.terms[name].unit
+            unit = self.term_set.unit_of(name)
             if unit == "mixed":  # divided by its counts already; `scale` undoes DDP's mean over processes
                 value = value * scale
             elif unit == "batch":
@@ -501,6 +610,11 @@ class DistillationTrainer(Trainer):
 
     def _run_fingerprint(self) -> dict:
         student = model_fingerprint(self.accelerator.unwrap_model(self.model), with_name=False)
+        if len(self.teachers) > 1:
+            return {
+                "teachers": {n: model_fingerprint(self.accelerator.unwrap_model(t)) for n, t in self.teachers.items()},
+                "student": student,
+            }
         if self.teacher_model is not None:
             teacher = model_fingerprint(self.accelerator.unwrap_model(self.teacher_model))
         else:  # the cache stands for the teacher
@@ -628,27 +742,28 @@ class DistillationTrainer(Trainer):
         teacher = teacher_inputs({**inputs, **derived})
         return student, teacher, inputs
 
-    def _teacher_outputs(self, batch: dict, teacher_inputs: dict, **extra):
-        """The cached outputs when the batch carries them, else a teacher forward; None without either."""
+    def _teacher_outputs(self, batch: dict, teacher_inputs: dict, **extra) -> dict | None:
+        """{teacher name: its outputs}: the cached outputs when the batch carries them, else each teacher's forward;
+        None without either."""
         if self._cache is not None and has_cached_outputs(batch):
-            return CachedTeacherOutput(batch, self._cache)
-        if self.teacher_model is None:
+            return {"teacher": CachedTeacherOutput(batch, self._cache)}
+        if not self.teachers:
             return None
-        return self._teacher_forward(teacher_inputs, **extra)
+        return {name: self._teacher_forward(teacher_inputs, name, **extra) for name in self.teachers}
 
-    def _teacher_forward(self, teacher_inputs: dict, **extra):
+    def _teacher_forward(self, teacher_inputs: dict, name: str, **extra):
         kwargs = {**self._feature_flags(), **extra}
-        if self._teacher_accepts_use_cache:
+        if self._teacher_accepts_use_cache[name]:
             kwargs["use_cache"] = False  # a KV cache is dead weight in a single forward
         with torch.no_grad():
-            return call_model(self.teacher_model, teacher_inputs, kwargs)
+            return call_model(self.teachers[name], teacher_inputs, kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training and (self._predicting or not self.args.eval_with_teacher):
             return self._student_loss(model, inputs, return_outputs, num_items_in_batch)
         if self._distills and not self._probed:
             self._probe(inputs)
-        with self._capture("student") as s_modules, self._capture("teacher") as t_modules:
+        with self._capture("student") as s_modules, self._capture_teachers() as t_modules:
             return self._compute_loss(model, inputs, return_outputs, num_items_in_batch, s_modules, t_modules)
 
     def _student_loss(self, model, inputs, return_outputs, num_items_in_batch):
@@ -712,9 +827,10 @@ class DistillationTrainer(Trainer):
         if distills:
             online_chunks = chunked and not cached
             with capture_last_hidden(self._chunk_heads[2] if online_chunks else None) as t_last:
-                teacher_out = self._teacher_outputs(
+                teacher_outs = self._teacher_outputs(
                     batch, teacher_inputs, **({"logits_to_keep": 1} if online_chunks else {})
                 )
+            teacher_out = next(iter(teacher_outs.values()))  # the chunked path has one teacher
             masks = unit_masks(batch, self._kind)
             counts, scale = self._normalisers(masks, batch, training)
             head = None
@@ -732,16 +848,21 @@ class DistillationTrainer(Trainer):
                 )
                 terms.update(logged)
             student_side = Features(outputs, s_modules, self._kind)
-            teacher_side = Features(teacher_out, t_modules, self._kind)
+            teacher_sides = {name: Features(out, t_modules[name], self._kind) for name, out in teacher_outs.items()}
+            mixed, teacher_weights = self._combined_teacher(teacher_sides, batch)
             term_batch = self._term_batch(batch, training, masks, counts)
-            terms.update(self._term_values(student_side, teacher_side, term_batch, scale, training, skip=head))
+            terms.update(
+                self._term_values(
+                    student_side, teacher_sides, term_batch, scale, training, head, mixed, teacher_weights
+                )
+            )
 
         weights = {"task": args.task_weight, **{f"distill/{name}": w for name, w in self.term_set.weights.items()}}
         fused_names = ("task", f"distill/{head}") if fused is not None else ()
         loss = fused
         for name, value in terms.items():
-            if name in fused_names:
-                continue  # inside `fused` already
+            if name in fused_names or name not in weights:
+                continue  # inside `fused` already, or one teacher's share, logged only
             weighted = value if weights[name] == 1 else weights[name] * value
             loss = weighted if loss is None else loss + weighted
         if loss is None:  # evaluation with neither task loss nor teacher: nothing to report but zero
@@ -894,6 +1015,8 @@ def _describe(fingerprint: dict | None) -> str:
     if not fingerprint:
         return "unknown models"
     teacher, student = fingerprint.get("teacher", {}), fingerprint.get("student", {})
+    if "teachers" in fingerprint:
+        return f"teachers {sorted(fingerprint['teachers'])}, student {student.get('class', '?')}"
     name = teacher.get("name_or_path") or teacher.get("class", "?")
     return f"teacher {name} [{teacher.get('config_sha256', '?')}], student {student.get('class', '?')} [{student.get('config_sha256', '?')}]"
 

@@ -49,6 +49,9 @@ def test_bench_terms_tiny(tmp_path):
     ema = results["ema"]  # the mean teacher's update, timed beside self-distillation steps
     assert len(ema["update_s"]) == 2 and 0 < ema["update_share"] < 1 and ema["target"] == 0.02
     assert "mean teacher (teacher_ema_decay)" in done.stdout
+    multi = results["multi_teacher"]  # two teachers against a student step plus both teachers' forwards
+    assert len(multi["times_s"]["two_teacher_step"]) == 2 and multi["target"] == 1.05
+    assert math.isfinite(multi["ratio"]["median_of_round_ratios"]) and "two teachers" in done.stdout
 
 
 def test_host_reads_recorder_names_the_place():

@@ -38,17 +38,42 @@ class RowIdCollator:
 
 
 class TermSet(nn.Module):
-    """The terms of `DistillationConfig.terms`, by name, with their weights."""
+    """The terms of `DistillationConfig.terms`, by name, with their weights.
 
-    def __init__(self, specs: list[TermSpec]):
+    With one teacher each term is one instance under its name. With several (`teachers`), each term has one instance
+    per teacher under `<name>/<teacher>` (its own projections and heads), and a response term (one that reads only
+    logits) also one under `<name>` that reads the combined teacher (hfkd.teachers).
+    """
+
+    def __init__(self, specs: list[TermSpec], teachers: tuple[str, ...] = ("teacher",)):
         super().__init__()
         self.specs = list(specs)
+        self.teachers = tuple(teachers)
         self.weights = {spec.name: spec.weight for spec in self.specs}
-        self.terms = nn.ModuleDict({spec.name: build_term(spec) for spec in self.specs})
+        self._units = {spec.name: build_term(spec).unit for spec in self.specs}
+        if len(self.teachers) == 1:
+            self.terms = nn.ModuleDict({spec.name: build_term(spec) for spec in self.specs})
+        else:
+            self.terms = nn.ModuleDict(
+                {f"{spec.name}/{t}": build_term(spec) for spec in self.specs for t in self.teachers}
+            )
+        self.response: set[str] = set()  # specs computed against the combined teacher (set in bind_module_names)
         self._needs: Needs | None = None
 
     def __len__(self) -> int:
-        return len(self.terms)
+        return len(self.specs)
+
+    @property
+    def multi(self) -> bool:
+        return len(self.teachers) > 1
+
+    def unit_of(self, key: str) -> str:
+        return self._units[key.split("/")[0]]
+
+    def _instances(self, teacher: str):
+        """(spec name, instance) of one teacher."""
+        for spec in self.specs:
+            yield spec.name, self.terms[f"{spec.name}/{teacher}" if self.multi else spec.name]
 
     def needs(self) -> Needs:
         # Read every step (hooks, output flags): merged once, after the module names are bound.
@@ -59,9 +84,27 @@ class TermSet(nn.Module):
             self._needs = needs
         return self._needs
 
-    def bind_module_names(self, student: tuple[str, ...], teacher: tuple[str, ...]) -> None:
-        for term in self.terms.values():
-            term.bind_module_names(student, teacher)
+    def teacher_modules(self, teacher: str) -> tuple[str, ...]:
+        """The submodules of this teacher that its terms read."""
+        names: tuple[str, ...] = ()
+        for _, term in self._instances(teacher):
+            names += tuple(n for n in term.needs().teacher_modules if n not in names)
+        return names
+
+    def bind_module_names(self, student: tuple[str, ...], teachers: dict[str, tuple[str, ...]]) -> None:
+        """`teachers`: each teacher's module names (`{"teacher": names}` with one teacher)."""
+        for teacher in self.teachers:
+            for _, term in self._instances(teacher):
+                term.bind_module_names(student, teachers.get(teacher, ()))
+        if self.multi:
+            for spec in self.specs:
+                needs = self.terms[f"{spec.name}/{self.teachers[0]}"].needs()
+                reads_features = needs.hidden_states or needs.attentions or needs.teacher_modules
+                if needs.logits and not reads_features and not needs.student_modules:
+                    self.response.add(spec.name)
+                    if spec.name not in self.terms:
+                        self.terms[spec.name] = build_term(spec)  # against the combined teacher
+                        self.terms[spec.name].bind_module_names(student, ())
         self._needs = None  # a term's needs may follow the names it was given
 
     def flags(self) -> dict[str, bool]:
@@ -73,16 +116,48 @@ class TermSet(nn.Module):
             flags["output_attentions"] = True
         return flags
 
-    def setup(self, student: Features, teacher: Features, batch: TermBatch) -> None:
-        for term in self.terms.values():
-            term.setup(student, teacher, batch)
+    def setup(
+        self, student: Features, teachers: dict[str, Features], batch: TermBatch, mixed: Features | None = None
+    ) -> None:
+        for teacher in self.teachers:
+            for _, term in self._instances(teacher):
+                term.setup(student, teachers[teacher], batch)
+        for name in self.response:
+            self.terms[name].setup(student, mixed, batch)
 
     def forward(
-        self, student: Features, teacher: Features, batch: TermBatch, skip: str | None = None
+        self,
+        student: Features,
+        teachers: dict[str, Features],
+        batch: TermBatch,
+        skip: str | None = None,
+        mixed: Features | None = None,
+        teacher_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        # One call for every term, so that a DDP wrapper around this module sees each parameter used in the step.
-        # `skip`: the head term, when the trainer computed it on the output heads by chunks (it has no parameters).
-        return {name: term(student, teacher, batch) for name, term in self.terms.items() if name != skip}
+        """Each term's value: `<name>` (what the loss uses) and, with several teachers, `<name>/<teacher>` too.
+
+        One call for every term, so that a DDP wrapper around this module sees each parameter used in the step.
+        `skip`: the head term, when the trainer computed it on the output heads by chunks (it has no parameters).
+        `teacher_weights` `[K]`: how the per-teacher values of the non-response terms combine.
+        """
+        if not self.multi:
+            teacher = teachers[self.teachers[0]]
+            return {name: term(student, teacher, batch) for name, term in self.terms.items() if name != skip}
+        values = {}
+        for spec in self.specs:
+            name = spec.name
+            per_teacher = []
+            for k, teacher in enumerate(self.teachers):
+                term = self.terms[f"{name}/{teacher}"]
+                if name in self.response:
+                    with torch.no_grad():  # logged only: the loss reads the combined teacher
+                        value = term(student, teachers[teacher], batch)
+                else:
+                    value = term(student, teachers[teacher], batch)
+                    per_teacher.append(teacher_weights[k] * value)
+                values[f"{name}/{teacher}"] = value
+            values[name] = self.terms[name](student, mixed, batch) if name in self.response else sum(per_teacher)
+        return values
 
     def has_state(self) -> bool:
         return any(True for _ in self.parameters()) or any(True for _ in self.buffers())
@@ -120,7 +195,9 @@ class TermSet(nn.Module):
 
     def head_term(self) -> tuple[str, Term] | None:
         """The term that can run on the models' output heads chunk by chunk (`Term.head_chunk_size`), when no other
-        term needs the full logits (they would be computed anyway); else None."""
+        term needs the full logits (they would be computed anyway) and there is one teacher; else None."""
+        if self.multi:
+            return None
         chunked = [(name, term) for name, term in self.terms.items() if term.head_chunk_size() > 0]
         if len(chunked) != 1:
             return None
