@@ -46,6 +46,14 @@ FORMAT_VERSION = 1
 ROW_COLUMN = "hfkd_row"
 # Batch keys that carry cached teacher outputs to the loss (never passed to a model).
 CACHED_PREFIX = "hfkd_cached_"
+
+
+def cached_prefix(teacher: str | None = None) -> str:
+    """Batch-key prefix of a teacher's cached outputs: `hfkd_cached_` for one teacher, `hfkd_cached_<name>/` for
+    each of several (one cache per teacher)."""
+    return CACHED_PREFIX if teacher is None else f"{CACHED_PREFIX}{teacher}/"
+
+
 _FLOAT_TYPES = {"float32": np.float32, "float16": np.float16}
 
 
@@ -528,8 +536,8 @@ class TeacherCache:
             )
 
     # -- reading
-    def gather(self, rows, batch: dict) -> dict[str, torch.Tensor]:
-        """Cached outputs for `rows`, placed at the real positions of `batch` (zeros elsewhere)."""
+    def gather(self, rows, batch: dict, prefix: str = CACHED_PREFIX) -> dict[str, torch.Tensor]:
+        """Cached outputs for `rows`, placed at the real positions of `batch` (zeros elsewhere), under `prefix`."""
         rows = [int(r) for r in rows]
         per_shard = self.meta["rows_per_shard"]
         located = [(self._shards[r // per_shard], r % per_shard) for r in rows]
@@ -554,7 +562,7 @@ class TeacherCache:
                 positional = hidden["positional"][str(t)]
                 shape = tuple(hidden["shapes"][str(t)])
                 out[f"hidden_{t}"] = self._place(located, f"hidden_{t}", shape, keeps, positional)
-        return {CACHED_PREFIX + k: v for k, v in out.items()}
+        return {prefix + k: v for k, v in out.items()}
 
     def _keep(self, length: int, mask, b: int, seq_len, row: int):
         if length < 0:
@@ -597,10 +605,15 @@ def _open_shard(path: str) -> dict:
 
 
 class CachedTeacherCollator:
-    """Wraps a collator: rows carrying `hfkd_row` get their cached teacher outputs added to the batch."""
+    """Wraps a collator: rows carrying `hfkd_row` get their cached teacher outputs added to the batch (each cache's
+    under its prefix, see `cached_prefix`)."""
 
-    def __init__(self, collator, cache: TeacherCache):
-        self.collator, self.cache = collator, cache
+    def __init__(self, collator, caches: "TeacherCache | dict[str, TeacherCache]"):
+        self.collator = collator
+        if isinstance(caches, TeacherCache):
+            self.caches = {CACHED_PREFIX: caches}
+        else:
+            self.caches = {cached_prefix(n if len(caches) > 1 else None): c for n, c in caches.items()}
 
     def __call__(self, features):
         rows = None
@@ -610,7 +623,8 @@ class CachedTeacherCollator:
         batch = self.collator(features)
         if rows is not None:
             batch = dict(batch)
-            batch.update(self.cache.gather(rows, batch))
+            for prefix, cache in self.caches.items():
+                batch.update(cache.gather(rows, batch, prefix))
         return batch
 
 
@@ -621,17 +635,17 @@ class CachedTeacherOutput:
     None in the tuple.
     """
 
-    def __init__(self, batch: dict, cache: TeacherCache):
-        self.logits = batch.get(CACHED_PREFIX + "logits")
-        ids = batch.get(CACHED_PREFIX + "topk_ids")
-        self.topk = (ids, batch[CACHED_PREFIX + "topk_logprobs"]) if ids is not None else None
+    def __init__(self, batch: dict, cache: TeacherCache, prefix: str = CACHED_PREFIX):
+        self.logits = batch.get(prefix + "logits")
+        ids = batch.get(prefix + "topk_ids")
+        self.topk = (ids, batch[prefix + "topk_logprobs"]) if ids is not None else None
         self.num_classes = cache.logits["num_classes"] if cache.logits else None
         self.hidden_states = None
         hidden = cache.meta["hidden"]
         if hidden is not None:
             states = [None] * hidden["num_hidden_states"]
             for t in hidden["layers"]:
-                states[t] = batch[f"{CACHED_PREFIX}hidden_{t}"]
+                states[t] = batch[f"{prefix}hidden_{t}"]
             self.hidden_states = tuple(states)
 
 

@@ -194,7 +194,7 @@ class DistillationConfig(TrainingArguments):
                 f"{type(self.teacher_model_init_kwargs).__name__}."
             )
 
-        for name in ("teacher_model_name_or_path", "teacher_weights"):
+        for name in ("teacher_model_name_or_path", "teacher_weights", "teacher_cache_dir"):
             value = getattr(self, name)
             if isinstance(value, str) and value.strip()[:1] in ("[", "{"):  # several, as JSON on the command line
                 try:

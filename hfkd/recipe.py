@@ -240,9 +240,11 @@ def eval_metric_names(recipe: RecipeArguments, config: DistillationConfig) -> li
 
 def check_run_settings(recipe: RecipeArguments, config: DistillationConfig) -> None:
     """Settings that would only fail during training (at the first evaluation, or in a callback): checked now."""
-    if isinstance(config.teacher_model_name_or_path, (list, dict)):
+    if isinstance(config.teacher_model_name_or_path, (list, dict)) or isinstance(
+        config.teacher_cache_dir, (list, dict)
+    ):
         raise ValueError(
-            "teacher_model_name_or_path names several teachers, but a recipe distils from one (it fine-tunes, "
+            "teacher_model_name_or_path or teacher_cache_dir names several teachers, but a recipe distils from one (it fine-tunes, "
             "evaluates and describes it); for several teachers use DistillationTrainer(teacher_model=[...]) in Python."
         )
     metric = config.metric_for_best_model

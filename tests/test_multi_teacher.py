@@ -233,7 +233,7 @@ def test_bad_teacher_lists_fail_before_anything_is_written(tmp_path):
             args=_config(out, teacher_combine="teacher_id"),
             train_dataset=data.add_column("teacher_id", [0, 1, 2, 0, 1, 0, 1, 0]),
         )
-    with pytest.raises(ValueError, match="teacher_cache_dir with 2 teachers"):
+    with pytest.raises(ValueError, match="one cache per teacher"):
         build([t0, t1], teacher_cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="same number of labels"):
         build([t0, bert(labels=5)])
@@ -247,3 +247,56 @@ def test_bad_teacher_lists_fail_before_anything_is_written(tmp_path):
 def test_list_teachers_are_named_teacher0_teacher1(tmp_path):
     log, *_ = _two_teacher_run(tmp_path, classification_data(n=16))
     assert {"distill/logit", "distill/logit/teacher0", "distill/logit/teacher1"} <= set(log)
+
+
+def test_one_cache_per_teacher_trains_as_the_teachers_online(tmp_path):
+    """Each teacher cached by `build_teacher_cache` (its logits and the hidden layers its terms read); training from
+    the two caches, with no teacher given, logs the same terms and ends with the same student as online."""
+    import copy
+
+    from hfkd import build_teacher_cache
+
+    data = classification_data(n=16)
+    t0, t1 = _teachers()
+    student = bert(hidden=16, layers=2, dropout=0.0, seed=1)
+    terms = dict(
+        hidden_weight=1.0, learning_rate=0.1, max_steps=2, per_device_train_batch_size=8, teacher_weights=[3, 1]
+    )
+    caches = {}
+    for name, teacher in (("a", t0), ("b", t1)):
+        caches[name] = str(tmp_path / f"cache-{name}")
+        build_teacher_cache(
+            teacher, data, caches[name], args=_config(tmp_path / "x", **terms), student=student, progress=False
+        )
+    runs = {}
+    for how, teachers, cache_dir in (("online", {"a": t0, "b": t1}, None), ("cached", None, caches)):
+        trainer = DistillationTrainer(
+            model=copy.deepcopy(student),
+            teacher_model=teachers,
+            args=_config(tmp_path / how, teacher_cache_dir=cache_dir, **terms),
+            train_dataset=data,
+        )
+        trainer.train()
+        runs[how] = ([e for e in trainer.state.log_history if "loss" in e], trainer.model.state_dict())
+    assert runs["cached"][0] and len(runs["cached"][0]) == len(runs["online"][0]) == 2
+    for online, cached in zip(runs["online"][0], runs["cached"][0], strict=True):
+        for key in ("loss", "distill/logit", "distill/logit/a", "distill/hidden", "distill/hidden/b"):
+            assert cached[key] == pytest.approx(online[key], rel=1e-5), key
+    for name, value in runs["online"][1].items():
+        torch.testing.assert_close(runs["cached"][1][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+    with pytest.raises(ValueError, match=r"no cache for \['b'\]"):
+        DistillationTrainer(
+            model=copy.deepcopy(student),
+            teacher_model={"a": t0, "b": t1},
+            args=_config(tmp_path / "bad", teacher_cache_dir={"a": caches["a"]}, teacher_weights=[3, 1]),
+            train_dataset=data,
+        )
+    with pytest.raises(ValueError, match="one cache per teacher"):
+        DistillationTrainer(
+            model=copy.deepcopy(student),
+            teacher_model=[t0, t1],
+            args=_config(tmp_path / "bad", teacher_cache_dir=caches["a"]),
+            train_dataset=data,
+        )
+    assert not (tmp_path / "bad").exists()

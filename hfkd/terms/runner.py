@@ -75,6 +75,10 @@ class TermSet(nn.Module):
         for spec in self.specs:
             yield spec.name, self.terms[f"{spec.name}/{teacher}" if self.multi else spec.name]
 
+    def instances_of(self, teacher: str) -> list[Term]:
+        """The terms that read this teacher (one per configured term)."""
+        return [term for _, term in self._instances(teacher)]
+
     def needs(self) -> Needs:
         # Read every step (hooks, output flags): merged once, after the module names are bound.
         if self._needs is None:
