@@ -240,6 +240,12 @@ def eval_metric_names(recipe: RecipeArguments, config: DistillationConfig) -> li
 
 def check_run_settings(recipe: RecipeArguments, config: DistillationConfig) -> None:
     """Settings that would only fail during training (at the first evaluation, or in a callback): checked now."""
+    if config.teacher_ema_decay is not None:
+        raise ValueError(
+            "teacher_ema_decay (a mean teacher made from the student) is not offered by the `hfkd distill` recipes "
+            "yet: they distil from the recipe's teacher. Unset it, or use it from Python: "
+            "DistillationTrainer(model=student, args=DistillationConfig(teacher_ema_decay=0.999, ...))."
+        )
     if isinstance(config.teacher_model_name_or_path, (list, dict)) or isinstance(
         config.teacher_cache_dir, (list, dict)
     ):

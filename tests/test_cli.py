@@ -428,6 +428,12 @@ def test_resume_from_a_missing_checkpoint_is_refused(tmp_path, tiny_text, capsys
         ({"student_num_layers": None, "student_layers": "0,x"}, "student_layers='0,x' must be comma-separated"),
         ({"metric_for_best_model": "f1", "eval_strategy": "steps"}, "metric_for_best_model='f1' is not reported"),
         ({"early_stopping_patience": 2}, "early_stopping_patience=2 needs --eval_strategy steps"),
+        ({"teacher_ema_decay": 0.99}, "teacher_ema_decay makes the teacher a moving average of the student"),
+        (
+            {"teacher_ema_decay": 0.99, "teacher_model_name_or_path": None},
+            "teacher_ema_decay (a mean teacher made from the student) is not offered",
+        ),
+        ({"teacher_cache_dir": ["/a", "/b"]}, "names several teachers, but a recipe distils from one"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, tiny_text, capsys, change, expected):
