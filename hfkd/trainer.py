@@ -66,12 +66,14 @@ _OUTPUT_FEATURE_KEYS = (
 
 
 class DistillationTrainer(Trainer):
-    """A `Trainer` whose student also learns from a frozen teacher.
+    """A `Trainer` whose student also learns from frozen teachers.
 
-    It takes everything `Trainer` takes, plus `teacher_model` (a model, a Hub id or a local path; or set
-    `DistillationConfig.teacher_model_name_or_path`). The loss is the weighted sum of the student's own loss and the
-    distillation terms configured in [`DistillationConfig`] (`terms`, and the short-form fields of the built-in
-    ones); each is logged on its own: `task` for the student's own loss, `distill/<name>` for each term.
+    It takes everything `Trainer` takes, plus `teacher_model`: a model, a Hub id or a local path, or a list or dict of
+    them for several teachers (hfkd.teachers); or set `DistillationConfig.teacher_model_name_or_path`, a teacher cache
+    (`teacher_cache_dir`), or `teacher_ema_decay` for a mean teacher made from the student (hfkd.ema). The loss is the
+    weighted sum of the student's own loss and the distillation terms configured in [`DistillationConfig`] (`terms`,
+    and the short-form fields of the built-in ones); each is logged on its own: `task` for the student's own loss,
+    `distill/<name>` for each term (and `distill/<name>/<teacher>` for each of several teachers).
 
     Example:
         ```python
