@@ -340,23 +340,11 @@ def bench_pair(name: str, tiny: bool, steps: int, work: str, with_trl: bool) -> 
     if result["online_chunked"]:
         full = hfkd_trainer(fresh(), teacher, rows, collator, f"{work}/f", logit_chunk_size=0, **terms)
         variants["online_full_logits_step"] = lambda i: _step(full, _features(batches[i % len(batches)], False))
-    times = {key: [] for key in variants}
-    losses = {key: [] for key in variants}
     names = list(variants)
     # MiniLM steps are several times shorter than SmolLM2's: four times the rounds.
     rounds = steps * (4 if name == "minilm" else 1)
     result["rounds"] = rounds
-    loads = []
-    for i in range(rounds + 1):  # round 0 warms up (allocations, optimizer state)
-        before = machine()
-        for key in names[i % len(names) :] + names[: i % len(names)]:
-            tick = time.perf_counter()
-            loss = variants[key](i)
-            if i:
-                times[key].append(time.perf_counter() - tick)
-            losses[key].append(loss)
-        if i:
-            loads.append(load_between(before, machine()))
+    times, losses, loads = take_turns(variants, rounds)  # round 0 warms up (allocations, optimizer state)
     for key in names:
         result[key] = {"median_s": statistics.median(times[key]), "times_s": times[key], "losses": losses[key]}
     result["load_per_round"] = loads
@@ -674,6 +662,29 @@ def tables(results: dict) -> str:
     return "\n".join(lines)
 
 
+def take_turns(variants: dict, rounds: int, label: str | None = None) -> tuple[dict, dict, list]:
+    """Runs each variant once per round, in a rotating order, so that drift in the machine's speed reaches all of
+    them alike; round 0 warms up and is not timed. Returns (times, results, load per timed round), the first two by
+    variant; `label` prints each round's number on stderr."""
+    names = list(variants)
+    times = {key: [] for key in names}
+    results = {key: [] for key in names}
+    loads = []
+    for i in range(rounds + 1):
+        before = machine()
+        for key in names[i % len(names) :] + names[: i % len(names)]:
+            tick = time.perf_counter()
+            result = variants[key](i)
+            if i:
+                times[key].append(time.perf_counter() - tick)
+            results[key].append(result)
+        if i:
+            loads.append(load_between(before, machine()))
+        if label:
+            print(f"[{label} round {i}/{rounds}]", file=sys.stderr, flush=True)
+    return times, results, loads
+
+
 def run_header(script: str, argv, targets: dict, start: dict) -> dict:
     """What every benchmark's JSON records of its run: command, versions, targets, commit and the load at the start."""
     return {
@@ -694,6 +705,17 @@ def run_header(script: str, argv, targets: dict, start: dict) -> dict:
             "hfkd_imported_from": os.path.dirname(sys.modules["hfkd"].__file__),
         },
     }
+
+
+def finish_run(results: dict, start: dict) -> None:
+    """Completes `run_header`'s record when the benchmark ends: end time, wall time, load over the whole run."""
+    end = machine()
+    results["run"].update(
+        finished=time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        wall_s=end["wall"] - start["wall"],
+        loadavg_end=end["loadavg"],
+        load=load_between(start, end),
+    )
 
 
 def _git(*args: str) -> str:
@@ -732,13 +754,7 @@ def main(argv=None) -> int:
             print(f"[{name} done]", file=sys.stderr, flush=True)
     if not args.no_memory and "smollm2" in args.pairs:
         results["memory"] = bench_memory(args.tiny, with_trl)
-    end = machine()
-    results["run"].update(
-        finished=time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        wall_s=end["wall"] - start["wall"],
-        loadavg_end=end["loadavg"],
-        load=load_between(start, end),
-    )
+    finish_run(results, start)
     text = tables(results)
     print(text)
     if args.json:

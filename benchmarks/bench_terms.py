@@ -57,14 +57,15 @@ from bench_distill import (  # noqa: E402  (sets HF_HUB_OFFLINE etc. before tran
     _step,
     _teacher_forward,
     _verdict,
+    finish_run,
     hfkd_trainer,
-    load_between,
     load_pair,
     load_summary,
     machine,
     ratios,
     run_header,
     student_trainer,
+    take_turns,
 )
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -190,20 +191,8 @@ def bench_terms(tiny: bool, rounds: int, names: list[str], work: str) -> dict:
         name: (lambda i, t=trainers[name]: _step(t, _features(batches[i % len(batches)], False))) for name in names
     }
 
-    times = {name: [] for name in names}
-    losses = {name: [] for name in names}
-    loads = []
-    for i in range(rounds + 1):  # round 0 warms up (the probe, the terms' setup, optimizer state)
-        before = machine()
-        for name in names[i % len(names) :] + names[: i % len(names)]:
-            tick = time.perf_counter()
-            loss = step[name](i)
-            if i:
-                times[name].append(time.perf_counter() - tick)
-            losses[name].append(loss)
-        if i:
-            loads.append(load_between(before, machine()))
-        print(f"[round {i}/{rounds}]", file=sys.stderr, flush=True)
+    # Round 0 warms up (the probe, the terms' setup, optimizer state).
+    times, losses, loads = take_turns(step, rounds, label="terms")
 
     # One more step each, untimed, recording the host's reads of tensor values.
     reads = {}
@@ -363,13 +352,7 @@ def bench_multi(tiny: bool, rounds: int, work: str) -> dict:
         "teacher1_forward": lambda i: _teacher_forward(second, collator, batches[i % len(batches)]),
         "two_teacher_step": lambda i: _step(multi, _features(batches[i % len(batches)], False)),
     }
-    names, times = list(variants), {key: [] for key in variants}
-    for i in range(rounds + 1):  # round 0 warms up
-        for key in names[i % len(names) :] + names[: i % len(names)]:
-            tick = time.perf_counter()
-            variants[key](i)
-            if i:
-                times[key].append(time.perf_counter() - tick)
+    times, _, _ = take_turns(variants, rounds)  # round 0 warms up
     ratio = ratios(
         times["two_teacher_step"], times["student_step"], times["teacher0_forward"], times["teacher1_forward"]
     )
@@ -407,13 +390,7 @@ def main(argv=None) -> int:
         results["terms"] = bench_terms(args.tiny, args.rounds, names, work)
         results["ema"] = bench_ema(args.tiny, args.rounds, work)
         results["multi_teacher"] = bench_multi(args.tiny, args.rounds, work)
-    end = machine()
-    results["run"].update(
-        finished=time.strftime("%Y-%m-%d %H:%M:%S %z"),
-        wall_s=end["wall"] - start["wall"],
-        loadavg_end=end["loadavg"],
-        load=load_between(start, end),
-    )
+    finish_run(results, start)
     print(table(results))
     if args.json:
         with open(args.json, "w") as handle:
