@@ -28,7 +28,7 @@ class DistillationConfig(TrainingArguments):
             "trainer. It is loaded with the Auto class of the student's task."
         },
     )
-    teacher_weights: list | dict | str | None = field(
+    teacher_weights: list | str | dict | None = field(  # str second: the command line passes JSON text
         default=None,
         metadata={
             "help": "Several teachers (teacher_model a list or dict): fixed weight of each, a list in teacher order or "

@@ -613,6 +613,20 @@ class _Run:
             resume_from_checkpoint=None,
         )
 
+    def _train_beside(self, trainer_cls, student, args, **kwargs):
+        """Trains `student` on the recipe's data in a run beside the distillation; its scratch folder goes after."""
+        trainer = trainer_cls(
+            model=student,
+            args=args,
+            train_dataset=self.train_ds,
+            data_collator=self.collator(),
+            processing_class=self.processor,
+            **kwargs,
+        )
+        trainer.train()
+        shutil.rmtree(args.output_dir, ignore_errors=True)
+        return trainer
+
     def train_labels_only(self):
         """The same student, data and budget on the labels alone, with plain transformers.Trainer."""
         c = self.config
@@ -624,15 +638,7 @@ class _Run:
             c,
             f"comparison: the same student on the labels alone, {_planned_steps(args, len(self.train_ds))} steps",
         )
-        trainer = Trainer(
-            model=student,
-            args=args,
-            train_dataset=self.train_ds,
-            data_collator=self.collator(),
-            processing_class=self.processor,
-        )
-        trainer.train()
-        shutil.rmtree(args.output_dir, ignore_errors=True)
+        trainer = self._train_beside(Trainer, student, args)
         self.labels_only = {"steps": trainer.state.global_step, "metric": self.evaluate(student)}
 
     @staticmethod
@@ -724,16 +730,7 @@ class _Run:
                 f"born-again generation {generation}/{self.recipe.generations}: the same student, taught by "
                 f"generation {generation - 1}, {_planned_steps(args, len(self.train_ds))} steps",
             )
-            trainer = DistillationTrainer(
-                model=student,
-                teacher_model=teacher,
-                args=args,
-                train_dataset=self.train_ds,
-                data_collator=self.collator(),
-                processing_class=self.processor,
-            )
-            trainer.train()
-            shutil.rmtree(args.output_dir, ignore_errors=True)
+            trainer = self._train_beside(DistillationTrainer, student, args, teacher_model=teacher)
             self.student = student
             self.generations.append(
                 {

@@ -122,16 +122,23 @@ def _prepare_deepspeed(teacher: torch.nn.Module, accelerator) -> torch.nn.Module
 _MAIN_INPUTS = ("pixel_values", "input_ids", "inputs_embeds", "input_values", "input_features")
 
 
+def forward_keywords(model: torch.nn.Module) -> tuple[frozenset[str], bool]:
+    """The parameter names of `model.forward`, and whether it also takes **kwargs (True when its signature cannot
+    be read: then everything is passed, as to a transformers model)."""
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return frozenset(), True
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    return frozenset(parameters), takes_kwargs
+
+
 def call_model(model: torch.nn.Module, inputs: dict, extra: dict | None = None):
     """Runs `model` on a batch: keyword arguments for transformers models, the main input alone for a plain
     `nn.Module` whose forward takes one tensor (a timm-style CNN). Flags it does not accept are left out."""
     extra = extra or {}
     base = unwrap_peft(model.module if hasattr(model, "module") and not hasattr(model, "config") else model)
-    try:
-        parameters = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return model(**inputs, **extra)
-    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+    parameters, takes_kwargs = forward_keywords(base)
     if takes_kwargs or set(inputs) <= set(parameters):
         return model(**inputs, **{k: v for k, v in extra.items() if takes_kwargs or k in parameters})
     main = next((key for key in _MAIN_INPUTS if key in inputs), None)

@@ -27,8 +27,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .batch import TEACHER_ID  # noqa: F401  (the batch column that names each row's teacher)
-
 COMBINE_MODES = ("weights", "confidence", "teacher_id")
 
 

@@ -4,7 +4,6 @@ import contextlib
 import copy
 import dataclasses
 import glob
-import inspect
 import json
 import logging
 import os
@@ -15,7 +14,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from . import checks
-from .batch import TEACHER_PREFIX, student_inputs, teacher_inputs, teacher_key
+from .batch import TEACHER_ID, TEACHER_PREFIX, student_inputs, teacher_inputs, teacher_key
 from .cache import (
     ROW_COLUMN,
     CachedTeacherCollator,
@@ -30,9 +29,15 @@ from .ema import EMATeacher, EMAUpdate
 from .features import ModelKind, batch_size, model_kind, unit_counts, unit_masks
 from .fingerprint import model_fingerprint
 from .heads import accepts_logits_to_keep, base_module, capture_last_hidden, head_reproduces_logits, linear_head
-from .teacher import call_model, ensure_eager_attention, load_teacher, prepare_teacher, unwrap_peft
+from .teacher import (
+    call_model,
+    ensure_eager_attention,
+    forward_keywords,
+    load_teacher,
+    prepare_teacher,
+    unwrap_peft,
+)
 from .teachers import (
-    TEACHER_ID,
     MixedTeacherOutput,
     confidence_weights,
     fixed_weights,
@@ -179,7 +184,7 @@ class DistillationTrainer(Trainer):
             else None
         )
         self._teacher_accepts_use_cache = {
-            name: "use_cache" in _forward_parameters(unwrap_peft(one)) for name, one in teachers.items()
+            name: "use_cache" in forward_keywords(unwrap_peft(one))[0] for name, one in teachers.items()
         }
         if self._teacher_weights is not None:
             self._teacher_weights = self._teacher_weights.to(args.device)
@@ -198,7 +203,7 @@ class DistillationTrainer(Trainer):
 
         self._probed = False
         self._predicting = False
-        self._student_takes: frozenset[str] | str | None = None  # the student forward's keywords (_student_flags)
+        self._student_takes: tuple[frozenset[str], bool] | None = None  # the student forward's (_student_flags)
         self._check_data()
         self._term_row_ids = self._add_row_ids() if self.term_set.needs().row_ids else False
         # Taken before any forward pass: heads fill config fields such as `problem_type` on first use.
@@ -724,9 +729,10 @@ class DistillationTrainer(Trainer):
         # A plain nn.Module student (forward(pixel_values) -> logits) takes no output flags; the terms then read its
         # submodules, and one that needs its hidden states says so in its own error.
         if self._student_takes is None:
-            self._student_takes = _keyword_parameters(unwrap_peft(self.accelerator.unwrap_model(self.model)))
+            self._student_takes = forward_keywords(unwrap_peft(self.accelerator.unwrap_model(self.model)))
+        names, takes_kwargs = self._student_takes
         flags = self._feature_flags()
-        return flags if self._student_takes == "any" else {k: v for k, v in flags.items() if k in self._student_takes}
+        return flags if takes_kwargs else {k: v for k, v in flags.items() if k in names}
 
     def _split_inputs(self, inputs: dict) -> tuple[dict, dict, dict]:
         """Student inputs, teacher inputs (no labels; `teacher_*` keys renamed), and the full batch for masks."""
@@ -1058,21 +1064,3 @@ def _named_caches(value, teachers: list[str]) -> dict[str, str]:
             f"{f' (no cache for {missing})' if missing else ''}; give one cache per teacher, by name."
         )
     return caches
-
-
-def _forward_parameters(model: torch.nn.Module) -> set[str]:
-    try:
-        return set(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        return set()
-
-
-def _keyword_parameters(model: torch.nn.Module) -> frozenset[str] | str:
-    """The keyword arguments a model's forward takes, or "any" (it takes **kwargs, or its signature is unknown)."""
-    try:
-        parameters = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return "any"
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
-        return "any"
-    return frozenset(parameters)

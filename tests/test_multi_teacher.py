@@ -300,3 +300,25 @@ def test_one_cache_per_teacher_trains_as_the_teachers_online(tmp_path):
             train_dataset=data,
         )
     assert not (tmp_path / "bad").exists()
+
+
+def test_several_teachers_from_the_command_line_as_json(tmp_path):
+    """The fields that name several teachers, weights and caches take JSON on the command line."""
+    from transformers import HfArgumentParser
+
+    (config,) = HfArgumentParser(DistillationConfig).parse_args_into_dataclasses(
+        [
+            "--output_dir", str(tmp_path / "out"),
+            "--teacher_model_name_or_path", '["org/a", "org/b"]',
+            "--teacher_weights", "[1, 2]",
+            "--teacher_cache_dir", '{"teacher0": "/c/a", "teacher1": "/c/b"}',
+            "--teacher_combine", "confidence",
+        ]
+    )  # fmt: skip
+    assert config.teacher_model_name_or_path == ["org/a", "org/b"]
+    assert config.teacher_weights == [1, 2]
+    assert config.teacher_cache_dir == {"teacher0": "/c/a", "teacher1": "/c/b"}
+    with pytest.raises(ValueError, match="teacher_weights has 3 entries for 2 teachers"):
+        HfArgumentParser(DistillationConfig).parse_args_into_dataclasses(
+            ["--output_dir", "x", "--teacher_model_name_or_path", '["org/a", "org/b"]', "--teacher_weights", "[1,1,1]"]
+        )
