@@ -246,12 +246,21 @@ def check_run_settings(recipe: RecipeArguments, config: DistillationConfig) -> N
             "yet: they distil from the recipe's teacher. Unset it, or use it from Python: "
             "DistillationTrainer(model=student, args=DistillationConfig(teacher_ema_decay=0.999, ...))."
         )
-    if isinstance(config.teacher_model_name_or_path, (list, dict)) or isinstance(
-        config.teacher_cache_dir, (list, dict)
-    ):
+    # A recipe has one teacher: settings for several are refused now, not after the teacher is fine-tuned.
+    several = [
+        name
+        for name, given in (
+            ("teacher_model_name_or_path", isinstance(config.teacher_model_name_or_path, (list, dict))),
+            ("teacher_cache_dir", isinstance(config.teacher_cache_dir, (list, dict))),
+            ("teacher_weights", config.teacher_weights is not None),
+            ("teacher_combine", config.teacher_combine != "weights"),
+        )
+        if given
+    ]
+    if several:
         raise ValueError(
-            "teacher_model_name_or_path or teacher_cache_dir names several teachers, but a recipe distils from one (it fine-tunes, "
-            "evaluates and describes it); for several teachers use DistillationTrainer(teacher_model=[...]) in Python."
+            f"{', '.join(several)} set for several teachers, but a recipe distils from one (it fine-tunes, evaluates "
+            "and describes it); for several teachers use DistillationTrainer(teacher_model=[...]) in Python."
         )
     metric = config.metric_for_best_model
     if metric:

@@ -433,7 +433,9 @@ def test_resume_from_a_missing_checkpoint_is_refused(tmp_path, tiny_text, capsys
             {"teacher_ema_decay": 0.99, "teacher_model_name_or_path": None},
             "teacher_ema_decay (a mean teacher made from the student) is not offered",
         ),
-        ({"teacher_cache_dir": ["/a", "/b"]}, "names several teachers, but a recipe distils from one"),
+        ({"teacher_cache_dir": ["/a", "/b"]}, "teacher_cache_dir set for several teachers, but a recipe distils"),
+        ({"teacher_combine": "confidence"}, "teacher_combine set for several teachers, but a recipe distils"),
+        ({"teacher_weights": [1, 2]}, "teacher_weights set for several teachers, but a recipe distils"),
     ],
 )
 def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, tiny_text, capsys, change, expected):
