@@ -282,10 +282,15 @@ def student_trainer(student, rows, collator, out: str) -> Trainer:
     return Trainer(model=student, args=args, train_dataset=_dataset(rows), data_collator=collator)
 
 
-def hfkd_trainer(student, teacher, rows, collator, out: str, **terms) -> DistillationTrainer:
+def hfkd_trainer(student, teacher, rows, collator, out: str, peer_models=None, **terms) -> DistillationTrainer:
     args = DistillationConfig(output_dir=out, per_device_train_batch_size=4, **COMMON, **terms)
     return DistillationTrainer(
-        model=student, teacher_model=teacher, args=args, train_dataset=_dataset(rows), data_collator=collator
+        model=student,
+        teacher_model=teacher,
+        peer_models=peer_models,
+        args=args,
+        train_dataset=_dataset(rows),
+        data_collator=collator,
     )
 
 

@@ -86,6 +86,7 @@ TINY_OPTIONS = {"minilm": {"relation_heads": 4}}  # the tiny BERT's width is 32:
 TARGETS = {"kd+rkd": 1.05, "kd+sp": 1.05, "kd+pkt": 1.05, "kd+minilm": 1.10}
 EMA_TARGET = 0.02  # the mean teacher's update / a training step (issue 11)
 MULTI_TARGET = 1.05  # a two-teacher step / (student step + both teachers' forwards) (issue 11)
+MUTUAL_TARGET = 1.05  # a mutual-learning step of two models / the sum of their own training steps (issue 11)
 
 
 # ---------------------------------------------------------------------------------------------------- host reads
@@ -287,6 +288,16 @@ def table(results: dict) -> str:
             f"{multi['ratio']['ratio_of_medians']:.3f} (ratio of medians); target <= {multi['target']}: "
             f"{multi['verdict']}"
         )
+    mutual = results.get("mutual")
+    if mutual:
+        medians = mutual["median_s"]
+        lines.append(
+            f"mutual learning (student + 1 peer, task + KL at T 1): step {medians['mutual_step']:.3f} s vs the "
+            f"models' own steps {medians['student_step']:.3f} s + {medians['peer_step']:.3f} s: "
+            f"{mutual['ratio'][JUDGED_ON]:.3f} (median of per-round ratios), "
+            f"{mutual['ratio']['ratio_of_medians']:.3f} (ratio of medians); target <= {mutual['target']}: "
+            f"{mutual['verdict']}"
+        )
     lines += ["", f"load during the timed rounds: {_load_text(r.get('load', {}))}"]
     run = results["run"]
     lines.append(
@@ -334,6 +345,18 @@ def bench_ema(tiny: bool, rounds: int, work: str) -> dict:
     }
 
 
+def _against_limit(terms: dict, times: dict, ratio: dict, target: float) -> dict:
+    """A step against its limit (the sum of the steps and forwards it runs): what the JSON records."""
+    return {
+        "terms": terms,
+        "median_s": {key: statistics.median(values) for key, values in times.items()},
+        "times_s": times,
+        "ratio": ratio,
+        "target": target,
+        "verdict": _verdict(ratio, target),
+    }
+
+
 def bench_multi(tiny: bool, rounds: int, work: str) -> dict:
     """Two teachers (hfkd.teachers, fixed weights): a kd step against its limit, a student-only step plus both
     teachers' forwards, with the variants taking turns as above. Target: <= 1.05 (issue 11)."""
@@ -356,14 +379,36 @@ def bench_multi(tiny: bool, rounds: int, work: str) -> dict:
     ratio = ratios(
         times["two_teacher_step"], times["student_step"], times["teacher0_forward"], times["teacher1_forward"]
     )
-    return {
-        "terms": kd,
-        "median_s": {key: statistics.median(values) for key, values in times.items()},
-        "times_s": times,
-        "ratio": ratio,
-        "target": MULTI_TARGET,
-        "verdict": _verdict(ratio, MULTI_TARGET),
+    return _against_limit(kd, times, ratio, MULTI_TARGET)
+
+
+def bench_mutual(tiny: bool, rounds: int, work: str) -> dict:
+    """Deep mutual learning (hfkd.peers): one step of the student and a peer learning together (task 1 + KL at T 1,
+    each model's loss and optimizer update) against the sum of each model's own training step on the labels alone
+    (plain Trainer), taking turns as above. The peer is the student with another classifier initialisation: a model
+    of the same cost. Target: <= 1.05 (issue 11)."""
+    _, student, rows, collator, batch_size, _ = load_pair("minilm", tiny)
+    peer = copy.deepcopy(student)
+    torch.manual_seed(1)
+    peer.classifier.reset_parameters()
+    batches = _batches(rows, batch_size)
+    rows = [r for b in batches for r in b]
+    dml = dict(task_weight=1.0, logit_weight=1.0, temperature=1.0, hidden_weight=0.0, attention_weight=0.0)
+    mutual = hfkd_trainer(
+        copy.deepcopy(student), None, rows, collator, f"{work}/mutual", peer_models=[copy.deepcopy(peer)], **dml
+    )
+    alone = {
+        "student_step": student_trainer(copy.deepcopy(student), rows, collator, f"{work}/student-alone"),
+        "peer_step": student_trainer(copy.deepcopy(peer), rows, collator, f"{work}/peer-alone"),
+        "mutual_step": mutual,
     }
+    variants = {
+        key: (lambda i, t=trainer: _step(t, _features(batches[i % len(batches)], False)))
+        for key, trainer in alone.items()
+    }
+    times, _, _ = take_turns(variants, rounds)  # round 0 warms up
+    ratio = ratios(times["mutual_step"], times["student_step"], times["peer_step"])
+    return _against_limit(dml, times, ratio, MUTUAL_TARGET)
 
 
 def main(argv=None) -> int:
@@ -390,6 +435,7 @@ def main(argv=None) -> int:
         results["terms"] = bench_terms(args.tiny, args.rounds, names, work)
         results["ema"] = bench_ema(args.tiny, args.rounds, work)
         results["multi_teacher"] = bench_multi(args.tiny, args.rounds, work)
+        results["mutual"] = bench_mutual(args.tiny, args.rounds, work)
     finish_run(results, start)
     print(table(results))
     if args.json:

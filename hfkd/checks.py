@@ -177,33 +177,40 @@ def model_limits(model: torch.nn.Module, role: str) -> ModelLimits:
     )
 
 
-def logit_mismatch_error(what: str, student_outputs: int, teacher_outputs: int) -> ValueError:
+def logit_mismatch_error(what: str, student_outputs: int, teacher_outputs: int, role: str = "teacher") -> ValueError:
     """The error for a logit term between heads of different sizes (used before and after the probe forward)."""
+    if role.startswith("peer"):
+        return ValueError(
+            f"The logit term needs the same {what} in every model, but the student has {student_outputs} outputs and "
+            f"the {role} {teacher_outputs}: peers must solve the student's task, with the same labels or vocabulary."
+        )
     return ValueError(
         f"logit_weight > 0, but the logit term needs the same {what}: the student has {student_outputs} outputs, "
-        f"the teacher {teacher_outputs}. Use a student built from the teacher (student_from_teacher) or the same "
+        f"the {role} {teacher_outputs}. Use a student built from the teacher (student_from_teacher) or the same "
         "tokenizer/label set, or set logit_weight=0."
     )
 
 
-def check_teacher_argument(teacher) -> None:
-    """`teacher_model` / `teacher_model_name_or_path` must be a model or a non-empty name."""
+def check_teacher_argument(teacher, role: str = "teacher") -> None:
+    """`teacher_model` / `teacher_model_name_or_path` (or a peer's, `role="peer"`) must be a model or a non-empty
+    name."""
+    fields = (
+        "peer_models / peer_model_name_or_path" if role == "peer" else "teacher_model / teacher_model_name_or_path"
+    )
     if isinstance(teacher, str):
         if not teacher.strip():
-            raise ValueError(
-                "teacher_model_name_or_path (or teacher_model) is an empty string; give a Hub id, a local path or "
-                "a model instance."
-            )
+            raise ValueError(f"{fields} holds an empty string; give a Hub id, a local path or a model instance.")
         # A Hub id never starts like a file-system path, so such a name can only be a local folder.
         if teacher.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(teacher)):
             raise ValueError(
-                f"Could not load the teacher {teacher!r}: there is no such folder. Check the path given as "
-                "teacher_model / teacher_model_name_or_path (a folder written by save_pretrained), or give a Hub id."
+                f"Could not load the {role} {teacher!r}: there is no such folder. Check the path given as {fields} "
+                "(a folder written by save_pretrained), or give a Hub id."
             )
         return
     if not isinstance(teacher, torch.nn.Module):
         raise TypeError(
-            f"teacher_model must be a model (torch.nn.Module), a Hub id or a local path, got {type(teacher).__name__}."
+            f"{fields.split(' / ')[0]} must be a model (torch.nn.Module), a Hub id or a local path, got "
+            f"{type(teacher).__name__}."
         )
 
 
@@ -212,7 +219,7 @@ def check_logit_heads(student: ModelLimits, teacher: ModelLimits, compares_logit
     if not compares_logits or student.label_kind is None or student.label_kind != teacher.label_kind:
         return
     if student.label_count and teacher.label_count and student.label_count != teacher.label_count:
-        raise logit_mismatch_error(student.label_what, student.label_count, teacher.label_count)
+        raise logit_mismatch_error(student.label_what, student.label_count, teacher.label_count, teacher.role)
 
 
 # ---------------------------------------------------------------------------------------------------- batches

@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 
 from .layer_map import parse_layer_map_spec
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
+from .peers import check_peer_settings, named_peers
 from .teachers import COMBINE_MODES, fixed_weights, named_teachers
 from .terms import TERMS, TermSpec, parse_term_specs
 
@@ -66,6 +67,16 @@ class DistillationConfig(TrainingArguments):
             "moving average of the student with this decay in (0, 1) (the paper: 0.99, then 0.999), updated after "
             "every optimizer step, ramped as min(decay, 1 - 1/(t+1)). Give no teacher_model; it starts as a copy of "
             "the student, is saved in each checkpoint and never exported."
+        },
+    )
+    peer_model_name_or_path: list | str | dict | None = field(  # str second: the command line passes JSON text
+        default=None,
+        metadata={
+            "help": "Deep mutual learning (Zhang et al., 2018; hfkd.peers): peers trained beside the student, each "
+            "learning from the labels and from the others, with no pre-trained teacher. Hub ids or local paths, one "
+            "or a list or dict (JSON on the command line), used when no `peer_models` are given to the trainer; "
+            "loaded with the Auto class of the student's task. The DML paper: temperature 1, task_weight 1, "
+            "logit_weight 1. Each peer is saved in output_dir/peers/<name>."
         },
     )
     task_weight: float = field(
@@ -194,7 +205,7 @@ class DistillationConfig(TrainingArguments):
                 f"{type(self.teacher_model_init_kwargs).__name__}."
             )
 
-        for name in ("teacher_model_name_or_path", "teacher_weights", "teacher_cache_dir"):
+        for name in ("teacher_model_name_or_path", "teacher_weights", "teacher_cache_dir", "peer_model_name_or_path"):
             value = getattr(self, name)
             if isinstance(value, str) and value.strip()[:1] in ("[", "{"):  # several, as JSON on the command line
                 try:
@@ -225,6 +236,9 @@ class DistillationConfig(TrainingArguments):
                     "teacher_ema_decay makes the teacher change after every step, so a teacher cache (which stores "
                     "one fixed teacher's outputs) cannot stand for it; unset teacher_cache_dir or teacher_ema_decay."
                 )
+        if self.peer_model_name_or_path is not None:
+            named_peers(self.peer_model_name_or_path)  # an empty or repeated entry fails here
+            check_peer_settings(self)
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

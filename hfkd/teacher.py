@@ -41,8 +41,11 @@ def auto_class_for(student: torch.nn.Module):
     return AutoModel
 
 
-def load_teacher(name_or_path: str, student: torch.nn.Module | None, init_kwargs: dict | None) -> PreTrainedModel:
-    """Loads the teacher from the Hub or a local folder with the Auto class of the student's task."""
+def load_teacher(
+    name_or_path: str, student: torch.nn.Module | None, init_kwargs: dict | None, role: str = "teacher"
+) -> PreTrainedModel:
+    """Loads the teacher (or a peer: `role`) from the Hub or a local folder with the Auto class of the student's
+    task."""
     if student is None:
         raise ValueError(
             "teacher_model_name_or_path needs the student to pick the teacher's Auto class; pass `model=` or give "
@@ -61,7 +64,7 @@ def load_teacher(name_or_path: str, student: torch.nn.Module | None, init_kwargs
         return auto_cls.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"Could not load the teacher {name_or_path!r} with {auto_cls.__name__}: {err}\nCheck the Hub id or "
+            f"Could not load the {role} {name_or_path!r} with {auto_cls.__name__}: {err}\nCheck the Hub id or "
             "path, your network (HF_HUB_OFFLINE=1 allows only cached models) and `teacher_model_init_kwargs`."
         ) from err
 

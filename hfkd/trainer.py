@@ -29,6 +29,7 @@ from .ema import EMATeacher, EMAUpdate
 from .features import ModelKind, batch_size, model_kind, unit_counts, unit_masks
 from .fingerprint import model_fingerprint
 from .heads import accepts_logits_to_keep, base_module, capture_last_hidden, head_reproduces_logits, linear_head
+from .peers import check_peer_settings, detached, load_peer, named_peers, peer_folder, save_peer
 from .teacher import (
     call_model,
     ensure_eager_attention,
@@ -89,7 +90,7 @@ class DistillationTrainer(Trainer):
         ```
     """
 
-    def __init__(self, model=None, args=None, *trainer_args, teacher_model=None, **trainer_kwargs):
+    def __init__(self, model=None, args=None, *trainer_args, teacher_model=None, peer_models=None, **trainer_kwargs):
         if args is None:
             args = DistillationConfig(output_dir="trainer_output")
         elif not isinstance(args, DistillationConfig):
@@ -98,6 +99,7 @@ class DistillationTrainer(Trainer):
             logger.warning("args is a plain TrainingArguments; using DistillationConfig defaults for distillation.")
             args = DistillationConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
 
+        peers = self._named_peers(model, args, peer_models, teacher_model)
         teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
         if args.teacher_ema_decay is not None:
             if teacher is not None:
@@ -108,14 +110,14 @@ class DistillationTrainer(Trainer):
             if model is None:
                 raise ValueError("teacher_ema_decay needs the student (`model=`) to start the teacher from.")
             teacher = copy.deepcopy(model)  # the mean teacher starts as the student
-        if teacher is None and not args.teacher_cache_dir:
+        if teacher is None and not args.teacher_cache_dir and not peers:
             raise ValueError(
                 "DistillationTrainer needs a teacher: pass `teacher_model=` (a model, Hub id or path), set "
                 "`teacher_model_name_or_path` in DistillationConfig, or give a teacher cache (`teacher_cache_dir`)."
             )
         teachers = named_teachers(teacher) if teacher is not None else {}
         caches = _named_caches(args.teacher_cache_dir, list(teachers)) if args.teacher_cache_dir else {}
-        count = max(len(teachers), len(caches))
+        count = max(len(teachers), len(caches), len(peers))
         if count < 2 and args.teacher_combine != "weights":
             raise ValueError(
                 f"teacher_combine={args.teacher_combine!r} combines several teachers, but there is one; give "
@@ -136,16 +138,42 @@ class DistillationTrainer(Trainer):
                     "teacher_ema_decay for a teacher that is a moving average of the student."
                 )
         # Checked before Trainer creates output_dir.
-        weights = fixed_weights(args.teacher_weights, list(teachers or caches)) if count > 1 else None
+        weights = fixed_weights(args.teacher_weights, list(teachers or caches or peers)) if count > 1 else None
 
         # Trainer creates output_dir; every check below runs before the first step, and a failing one removes it.
         with checks.removing_new_output_dir(args.output_dir if args.should_save else None):
             super().__init__(model, args, *trainer_args, **trainer_kwargs)
             self._teacher_weights = weights
-            self._setup_distillation(args, teachers, caches)
+            self._setup_distillation(args, teachers, caches, peers)
+
+    @staticmethod
+    def _named_peers(model, args: DistillationConfig, peer_models, teacher_model) -> dict[str, torch.nn.Module]:
+        """The peers of deep mutual learning (hfkd.peers) by name, loaded and checked; {} without any."""
+        peers = peer_models if peer_models is not None else args.peer_model_name_or_path
+        if peers is None:
+            return {}
+        check_peer_settings(args, teacher_given=teacher_model is not None)
+        if model is None:
+            raise ValueError("peer_models learn beside the student: pass the student as `model=`.")
+        peers = named_peers(peers)
+        for name, one in peers.items():
+            checks.check_teacher_argument(one, role="peer")
+            if isinstance(one, str):
+                peers[name] = one = load_teacher(one, model, None, role="peer")
+            if one is model:
+                raise ValueError(
+                    f"The peer {name!r} is the student itself: mutual learning needs separate models. Pass another "
+                    "model (e.g. the same architecture built with another seed), or set teacher_ema_decay to teach "
+                    "the student with a moving average of itself."
+                )
+        return peers
 
     def _setup_distillation(
-        self, args: DistillationConfig, teachers: dict[str, torch.nn.Module], caches: dict[str, TeacherCache]
+        self,
+        args: DistillationConfig,
+        teachers: dict[str, torch.nn.Module],
+        caches: dict[str, TeacherCache],
+        peers: dict[str, torch.nn.Module] | None = None,
     ) -> None:
         # compute_loss normalises every term over the whole accumulated batch itself (see get_batch_samples).
         self.loss_is_scaled_for_ga = True
@@ -154,13 +182,15 @@ class DistillationTrainer(Trainer):
             # its compute_loss_func (the task loss) and label-reading terms need them.
             self.label_names = ["labels"]
 
-        self.term_set = TermSet(args.term_specs, tuple(teachers or caches) or ("teacher",))
+        peers = peers or {}
+        self.term_set = TermSet(args.term_specs, tuple(teachers or caches or peers) or ("teacher",))
         # Before any needs(): terms that pick their submodules by name patterns resolve them from these names
         # (the same unwrapped models _capture hooks).
         self.term_set.bind_module_names(
             tuple(name for name, _ in unwrap_peft(self.accelerator.unwrap_model(self.model)).named_modules()),
             {name: tuple(n for n, _ in unwrap_peft(one).named_modules()) for name, one in teachers.items()},
         )
+        self._setup_peers(peers)
         self._terms_wrapped: torch.nn.Module | None = None
         self._hooked: dict[str, dict[str, torch.nn.Module]] = {}  # side -> the submodules the terms read
         if self.term_set.needs().attentions:
@@ -235,6 +265,58 @@ class DistillationTrainer(Trainer):
         self.add_callback(EMAUpdate(ema, lambda: self.accelerator.optimizer_step_was_skipped))
         return ema
 
+    def _setup_peers(self, peers: dict[str, torch.nn.Module]) -> None:
+        """Deep mutual learning (hfkd.peers): each peer trains beside the student, with the response terms against the
+        student and the other peers (its own TermSet, never with state: those terms read only logits)."""
+        self.peers: dict[str, torch.nn.Module] = {}
+        self._peer_terms: dict[str, TermSet] = {}
+        self._peers_wrapped: dict[str, torch.nn.Module] = {}
+        self._peer_loss_kwargs: dict[str, tuple[bool, bool]] = {}  # (accepts loss kwargs, divides by num_items)
+        if not peers:
+            return
+        if not len(self.term_set):
+            raise ValueError(
+                "peer_models are set but no term compares the models (logit_weight=0 and no `terms`): the peers would "
+                "train alone beside the student. Set logit_weight > 0 (the DML paper: 1, with temperature 1)."
+            )
+        features = self.term_set.feature_terms()
+        if features:
+            raise ValueError(
+                f"Peers learn from each other's outputs (deep mutual learning), so every term must read only the "
+                f"logits (such as logit and dkd), but {features} read features; drop them (hidden_weight=0, "
+                "attention_weight=0, no such `terms`), or distil from a frozen teacher instead."
+            )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "peer_models with DeepSpeed or FSDP: each peer would need its own sharded engine; train the peers with "
+                "DDP or on one device."
+            )
+        if self.optimizer is not None:  # `optimizers=` gave one: it must also update every peer
+            owned = {id(p) for group in self.optimizer.param_groups for p in group["params"]}
+            for name, peer in peers.items():
+                if any(p.requires_grad and id(p) not in owned for p in peer.parameters()):
+                    raise ValueError(
+                        f"The optimizer given by `optimizers=` does not update the peer {name!r}, which trains beside "
+                        "the student: build it over the student's and every peer's parameters, or let "
+                        "DistillationTrainer create it."
+                    )
+        adapted = [name for name, peer in peers.items() if hasattr(peer, "peft_config")]
+        if adapted:
+            raise ValueError(
+                f"The peers {adapted} carry peft adapters, which hfkd does not yet save and restore for peers; merge "
+                "them (merge_and_unload()) or pass the plain models."
+            )
+        for name, peer in peers.items():
+            peer.to(self.args.device)
+            peer.train()
+            others = ("student", *(n for n in peers if n != name))
+            terms = TermSet(self.args.term_specs, others)
+            terms.bind_module_names((), {})
+            self.peers[name] = peer
+            self._peer_terms[name] = terms
+            self._peers_wrapped[name] = self.accelerator.prepare_model(peer)  # DDP: its own gradient all-reduce
+            self._peer_loss_kwargs[name] = (_accepts_loss_kwargs(unwrap_peft(peer)), True)
+
     def _add_row_ids(self) -> bool:
         """Training batches carry each row's index in the data (for terms with per-row memory, such as CRD)."""
         import datasets
@@ -272,6 +354,8 @@ class DistillationTrainer(Trainer):
         student = checks.model_limits(self.accelerator.unwrap_model(self.model), "student")
         if self.label_names:  # Trainer's label names (args.label_names or the model's own)
             student = dataclasses.replace(student, label_names=tuple(self.label_names))
+        if self.peers:  # a peer must fit the data and the student's label space as a teacher would
+            return student, {name: checks.model_limits(p, f"peer {name!r}") for name, p in self.peers.items()}
         if not self.teachers:
             return student, {name: cache.teacher_limits() for name, cache in self._caches.items()}
         role = "teacher" if len(self.teachers) == 1 else "teacher {!r}"
@@ -376,6 +460,8 @@ class DistillationTrainer(Trainer):
         s_base, t_base = (candidates[0], candidates[2]) if candidates else (None, None)
         was_training = self.model.training
         self.model.eval()
+        for peer in self.peers.values():
+            peer.eval()
         try:
             with (
                 torch.no_grad(),
@@ -390,13 +476,19 @@ class DistillationTrainer(Trainer):
                 teacher_outs = self._teacher_outputs(batch, teacher_inputs)
         finally:
             self.model.train(was_training)
+            for peer in self.peers.values():
+                peer.train()
         teacher_out = next(iter(teacher_outs.values())) if teacher_outs else None
         s_logits = logits_of(student_out)
         if s_logits is not None:
             # The class guess can be wrong for custom heads; the logits' rank is the truth.
             self._kind.token_level = s_logits.dim() >= 3
         self._setup_terms(student_out, s_modules, teacher_outs, t_modules, batch, first_batch)
-        self._measure_task_normalisation(batch)
+        self._setup_peer_terms(student_out, teacher_outs, batch)
+        self._task_uses_num_items = self._measure_task_normalisation(self.model, batch)
+        for name, peer in self.peers.items():
+            accepts, _ = self._peer_loss_kwargs[name]
+            self._peer_loss_kwargs[name] = (accepts, self._measure_task_normalisation(peer, batch, accepts))
         if candidates:
             s_head, t_head = candidates[1], candidates[3]
             cached = isinstance(teacher_out, CachedTeacherOutput)
@@ -441,6 +533,27 @@ class DistillationTrainer(Trainer):
         if self.term_set.has_state():
             self._terms_wrapped = self.accelerator.prepare_model(self.term_set)
 
+    def _setup_peer_terms(self, student_out, peer_outs: dict | None, batch: dict) -> None:
+        """Each peer's terms see real outputs once (and each peer's logits must have the student's shape)."""
+        if not self.peers:
+            return
+        s_logits = logits_of(student_out)
+        for name, out in peer_outs.items():
+            p_logits = logits_of(out)
+            if s_logits is not None and (p_logits is None or p_logits.shape != s_logits.shape):
+                raise ValueError(
+                    f"The peer {name!r} gives logits of shape {None if p_logits is None else tuple(p_logits.shape)} "
+                    f"where the student's are {tuple(s_logits.shape)}: peers must solve the student's task with "
+                    "the same labels (a model of the same task head and label count or vocabulary)."
+                )
+        sides = {"student": Features(student_out, {}, self._kind)}
+        sides.update({name: Features(out, {}, self._kind) for name, out in peer_outs.items()})
+        term_batch = self._term_batch(batch, training=False)
+        for name, terms in self._peer_terms.items():
+            others = {other: sides[other] for other in terms.teachers}
+            mixed, _ = self._combined_teacher(others, batch, terms)
+            terms.setup(sides[name], others, term_batch, mixed)
+
     def _check_cached_layers(self, student: Features, teacher: Features, teacher_name: str) -> None:
         """Every teacher hidden state a term reads must be in the teacher cache (checked on the probe batch)."""
         stored, s_states = teacher.hidden_states, student.hidden_states
@@ -479,14 +592,20 @@ class DistillationTrainer(Trainer):
         with contextlib.ExitStack() as stack:
             yield {name: stack.enter_context(self._capture("teacher", name)) for name in self.term_set.teachers}
 
-    def _combined_teacher(self, teachers: dict[str, Features], batch: dict):
-        """Several teachers: the combined teacher the response terms read, and the weights `[K]` of the others."""
-        if not self.term_set.multi:
+    def _combined_teacher(self, teachers: dict[str, Features], batch: dict, term_set: TermSet | None = None):
+        """Several teachers: the combined teacher the response terms read, and the weights `[K]` of the others.
+
+        `term_set`: a peer's terms, whose teachers (the student and the other peers) weigh the same."""
+        term_set = term_set if term_set is not None else self.term_set
+        if not term_set.multi:
             return None, None
         logits = [side.logits for side in teachers.values()]
-        weights = self._example_weights(logits, batch)
+        if term_set is self.term_set:
+            weights = self._example_weights(logits, batch)
+        else:
+            weights = torch.full((batch_size(batch), len(logits)), 1.0 / len(logits), device=self.args.device)
         mixed = None
-        if self.term_set.response:
+        if term_set.response:
             if any(z is None for z in logits):
                 raise ValueError("A teacher returned no `logits`, which the response terms of several teachers mix.")
             z = mixed_logits(logits, weights, self.args.temperature, self.args.logit_loss)
@@ -533,17 +652,30 @@ class DistillationTrainer(Trainer):
         )
 
     def _term_values(
-        self, student, teachers, batch: TermBatch, scale, training, skip=None, mixed=None, teacher_weights=None
+        self,
+        student,
+        teachers,
+        batch: TermBatch,
+        scale,
+        training,
+        skip=None,
+        mixed=None,
+        teacher_weights=None,
+        term_set: TermSet | None = None,
     ):
         """Each configured term's value (but `skip`'s), normalised over its unit (see hfkd.terms.base); with several
-        teachers also each teacher's (`<name>/<teacher>`)."""
-        module = self._terms_wrapped if self._terms_wrapped is not None else self.term_set
+        teachers also each teacher's (`<name>/<teacher>`). `term_set`: a peer's terms instead of the student's."""
+        if term_set is None:
+            term_set = self.term_set
+            module = self._terms_wrapped if self._terms_wrapped is not None else term_set
+        else:
+            module = term_set
         raw = module(student, teachers, batch, skip=skip, mixed=mixed, teacher_weights=teacher_weights)
         stream = "encoder" if self._kind.encoder_decoder else "main"
         counts = batch.counts
         values = {}
         for name, value in raw.items():
-            unit = self.term_set.unit_of(name)
+            unit = term_set.unit_of(name)
             if unit == "mixed":  # divided by its counts already; `scale` undoes DDP's mean over processes
                 value = value * scale
             elif unit == "batch":
@@ -557,7 +689,7 @@ class DistillationTrainer(Trainer):
 
     def _chunk_candidates(self):
         """(student base, student head, teacher base, teacher head) if a term can run on the heads by chunks."""
-        if self.term_set.head_term() is None:
+        if self.term_set.head_term() is None or self.peers:
             return None
         kind = self._kind
         if not (kind.shifts_labels and kind.token_level) or kind.encoder_decoder:
@@ -577,32 +709,33 @@ class DistillationTrainer(Trainer):
             return None
         return tuple(parts) if len(parts) == 4 else (*parts, None, None)
 
-    def _measure_task_normalisation(self, batch: dict) -> None:
-        """Finds out whether the student's own loss divides by `num_items_in_batch`.
+    def _measure_task_normalisation(self, model, batch: dict, accepts_loss_kwargs: bool | None = None) -> bool:
+        """Whether `model`'s own loss divides by `num_items_in_batch` (the student's, or a peer's).
 
         Trainer assumes every model that takes `**kwargs` does, and then skips its division by the accumulation
         steps (and multiplies by the number of processes). Many heads (BERT's, T5's) return a per-batch mean
         anyway, which would make the task term `gradient_accumulation_steps` (x processes) times too large next to
         the distillation terms. Two evaluations with different counts settle it.
         """
-        self._task_uses_num_items = True
-        if self.args.task_weight == 0 or not self.model_accepts_loss_kwargs or self.compute_loss_func is not None:
-            return
+        accepts = self.model_accepts_loss_kwargs if accepts_loss_kwargs is None else accepts_loss_kwargs
+        if self.args.task_weight == 0 or not accepts or self.compute_loss_func is not None:
+            return True
         student_inputs, _, _ = self._split_inputs(batch)
         if "labels" not in student_inputs:
-            return
-        was_training = self.model.training
-        self.model.eval()
+            return True
+        was_training = model.training
+        model.eval()
         try:
             with torch.no_grad():
                 losses = [
-                    _get(self.model(**student_inputs, num_items_in_batch=torch.tensor(count)), "loss")
+                    _get(model(**student_inputs, num_items_in_batch=torch.tensor(count)), "loss")
                     for count in (1.0, 2.0)
                 ]
         finally:
-            self.model.train(was_training)
+            model.train(was_training)
         if all(isinstance(loss, torch.Tensor) for loss in losses):
-            self._task_uses_num_items = not torch.allclose(losses[0], losses[1])
+            return not torch.allclose(losses[0], losses[1])
+        return True
 
     # ------------------------------------------------------------------ runs and checkpoints
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
@@ -616,6 +749,11 @@ class DistillationTrainer(Trainer):
 
     def _run_fingerprint(self) -> dict:
         student = model_fingerprint(self.accelerator.unwrap_model(self.model), with_name=False)
+        if self.peers:
+            return {
+                "peers": {n: model_fingerprint(p, with_name=False) for n, p in self.peers.items()},
+                "student": student,
+            }
         if self.term_set.multi:
             teachers = {n: model_fingerprint(self.accelerator.unwrap_model(t)) for n, t in self.teachers.items()}
             for name, cache in self._caches.items():  # a cache stands for a teacher not given
@@ -663,6 +801,14 @@ class DistillationTrainer(Trainer):
         params = [p for p in self._distillation_parameters() if id(p) not in known]
         if params:
             optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
+        for peer in self.peers.values():
+            # The settings Trainer gives the student's parameters (no decay on biases and norms), one group each.
+            decay = set(self.get_decay_parameter_names(peer))
+            named = [(n, p) for n, p in peer.named_parameters() if p.requires_grad and id(p) not in known]
+            for wd, chosen in ((self.args.weight_decay, True), (0.0, False)):
+                group = [p for n, p in named if (n in decay) == chosen]
+                if group:
+                    optimizer.add_param_group({"params": group, "weight_decay": wd})
         return optimizer
 
     def _distillation_parameters(self) -> list[torch.nn.Parameter]:
@@ -682,11 +828,32 @@ class DistillationTrainer(Trainer):
         # The student and the terms' parameters are one trainable system (as timm wraps them): clip their joint norm.
         extra = self._distillation_parameters()
         if not extra or self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            return super()._clip_grad_norm(model)
-        return self.accelerator.clip_grad_norm_([*model.parameters(), *extra], self.args.max_grad_norm)
+            norm = super()._clip_grad_norm(model)
+        else:
+            norm = self.accelerator.clip_grad_norm_([*model.parameters(), *extra], self.args.max_grad_norm)
+        # Each peer on its own, as if it trained alone (hfkd.peers); the student's norm is the one logged. The call
+        # above unscaled every gradient of the optimizer (fp16), which Accelerate allows once per step.
+        for peer in self.peers.values():
+            torch.nn.utils.clip_grad_norm_(peer.parameters(), self.args.max_grad_norm)
+        return norm
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """`Trainer.save_model`, and each peer in `<output_dir>/peers/<name>` (in checkpoints too)."""
+        super().save_model(output_dir, _internal_call)
+        if self.peers and self.args.should_save:
+            folder = output_dir if output_dir is not None else self.args.output_dir
+            for name, peer in self.peers.items():
+                save_peer(peer, peer_folder(folder, name), self.processing_class)
+
+    def _load_best_model(self) -> None:
+        super()._load_best_model()
+        for name, peer in self.peers.items():  # the peers as they were at the student's best checkpoint
+            load_peer(peer, peer_folder(self.state.best_model_checkpoint, name))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, peer in self.peers.items():
+            load_peer(peer, peer_folder(resume_from_checkpoint, name))
         if self._ema is not None:
             self._ema.load(resume_from_checkpoint)
         self.term_set.load(resume_from_checkpoint)
@@ -697,6 +864,8 @@ class DistillationTrainer(Trainer):
         # A new accumulation window starts here. Trainer zeroes only the student's gradients after a step, so the
         # terms' gradients are cleared here, before this window's first backward.
         self.term_set.zero_grad(set_to_none=True)
+        for peer in self.peers.values():
+            peer.zero_grad(set_to_none=True)
         if self._distills and batch_samples:
             self._window_counts = self._count_units(batch_samples, device)
         if batch_samples:
@@ -752,6 +921,8 @@ class DistillationTrainer(Trainer):
     def _teacher_outputs(self, batch: dict, teacher_inputs: dict, **extra) -> dict | None:
         """{teacher name: its outputs}: the cached outputs when the batch carries them, else each teacher's forward;
         None without either."""
+        if self.peers:  # the probe; training runs the peers with gradients (_peer_forwards)
+            return {name: call_model(peer, teacher_inputs) for name, peer in self.peers.items()}
         if self._caches and has_cached_outputs(batch):
             if self._cache is not None:
                 return {"teacher": CachedTeacherOutput(batch, self._cache)}
@@ -798,9 +969,9 @@ class DistillationTrainer(Trainer):
         terms: dict[str, torch.Tensor] = {}
         fused = None  # the head term and the task loss by chunks, already weighted (see _head_loss)
         cached = bool(self._caches) and has_cached_outputs(batch)
-        if training and self._distills and self.teacher_model is None and not cached:
+        if training and self._distills and self.teacher_model is None and not cached and not self.peers:
             raise TeacherCacheError("A training batch came without cached teacher outputs and there is no teacher.")
-        distills = self._distills and (cached or self.teacher_model is not None)
+        distills = self._distills and (cached or self.teacher_model is not None or bool(self.peers))
         chunked = (
             distills
             and self._chunk_heads is not None
@@ -809,7 +980,11 @@ class DistillationTrainer(Trainer):
             and "shift_labels" not in student_inputs
         )
 
-        if distills:
+        peer_loss = None
+        if self.peers and distills:  # deep mutual learning: the peers train too, and teach the student detached
+            peer_outs, peer_tasks = self._peer_forwards(student_inputs, num_items_in_batch, training)
+            teacher_outs = {name: detached(out) for name, out in peer_outs.items()}
+        elif distills:
             # The teachers run first: their forwards then find the allocator and caches as a forward alone would,
             # not behind the student's activations (measured: each teacher forward ~20% slower after the student's).
             online_chunks = chunked and not cached
@@ -823,21 +998,7 @@ class DistillationTrainer(Trainer):
             with capture_last_hidden(self._chunk_heads[0]) as s_last:
                 outputs = model(**plain, **flags, logits_to_keep=1)
         elif args.task_weight > 0:
-            # Trainer's own path, so that task-only training is exactly Trainer's (label smoothing included).
-            task_loss, outputs = super().compute_loss(
-                model, {**student_inputs, **flags}, return_outputs=True, num_items_in_batch=num_items_in_batch
-            )
-            scaled_by_trainer = (
-                self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            ) or self.compute_loss_func is not None
-            if scaled_by_trainer and self.compute_loss_func is None and not self._task_uses_num_items:
-                # A per-batch mean that Trainer took for a sum over the accumulated count: undo its scaling.
-                if self.args.average_tokens_across_devices:
-                    task_loss = task_loss / (self.accelerator.num_processes // self.get_tp_size())
-                scaled_by_trainer = False
-            if training and not scaled_by_trainer:
-                task_loss = task_loss / self._accumulation_steps
-            terms["task"] = task_loss
+            terms["task"], outputs = self._task_loss(model, {**student_inputs, **flags}, num_items_in_batch, training)
         else:
             plain = {k: v for k, v in student_inputs.items() if k != "labels"}
             outputs = model(**plain, **flags)
@@ -868,6 +1029,11 @@ class DistillationTrainer(Trainer):
                     student_side, teacher_sides, term_batch, scale, training, head, mixed, teacher_weights
                 )
             )
+            if self.peers:
+                peer_loss, logged = self._peer_values(
+                    outputs, peer_outs, peer_tasks, batch, term_batch, scale, training
+                )
+                terms.update(logged)
 
         weights = {"task": args.task_weight, **{f"distill/{name}": w for name, w in self.term_set.weights.items()}}
         fused_names = ("task", f"distill/{head}") if fused is not None else ()
@@ -877,6 +1043,8 @@ class DistillationTrainer(Trainer):
                 continue  # inside `fused` already, or one teacher's share, logged only
             weighted = value if weights[name] == 1 else weights[name] * value
             loss = weighted if loss is None else loss + weighted
+        if peer_loss is not None:
+            loss = peer_loss if loss is None else loss + peer_loss
         if loss is None:  # evaluation with neither task loss nor teacher: nothing to report but zero
             loss = torch.zeros((), device=self.args.device)
         if training:
@@ -889,6 +1057,68 @@ class DistillationTrainer(Trainer):
             # Evaluation gathers every tensor output as a prediction; drop the features requested for the loss.
             outputs = type(outputs)(**{k: v for k, v in outputs.items() if k not in _OUTPUT_FEATURE_KEYS})
         return loss, outputs
+
+    def _task_loss(self, model, inputs: dict, num_items_in_batch, training: bool, peer: str | None = None):
+        """A model's own loss on the labels by Trainer's path (so that task-only training is exactly Trainer's, label
+        smoothing and compute_loss_func included), scaled like the terms: over the accumulation window.
+
+        `peer`: a peer's name; Trainer.compute_loss reads `model_accepts_loss_kwargs` for the model it is given, so
+        it is the peer's own during its call."""
+        if peer is None:
+            accepts, uses_num_items = self.model_accepts_loss_kwargs, self._task_uses_num_items
+        else:
+            accepts, uses_num_items = self._peer_loss_kwargs[peer]
+        own = self.model_accepts_loss_kwargs
+        self.model_accepts_loss_kwargs = accepts
+        try:
+            task_loss, outputs = super().compute_loss(
+                model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch
+            )
+        finally:
+            self.model_accepts_loss_kwargs = own
+        scaled_by_trainer = (accepts and num_items_in_batch is not None) or self.compute_loss_func is not None
+        if scaled_by_trainer and self.compute_loss_func is None and not uses_num_items:
+            # A per-batch mean that Trainer took for a sum over the accumulated count: undo its scaling.
+            if self.args.average_tokens_across_devices:
+                task_loss = task_loss / (self.accelerator.num_processes // self.get_tp_size())
+            scaled_by_trainer = False
+        if training and not scaled_by_trainer:
+            task_loss = task_loss / self._accumulation_steps
+        return task_loss, outputs
+
+    def _peer_forwards(self, inputs: dict, num_items_in_batch, training: bool):
+        """Each peer's forward, with gradients: ({name: outputs}, {name: its own task loss, when weighted})."""
+        outs, tasks = {}, {}
+        for name, peer in self._peers_wrapped.items():
+            self.peers[name].train(training)  # Trainer sets the student's mode each step; the peers follow it
+            if self.args.task_weight > 0 and "labels" in inputs:
+                tasks[name], outs[name] = self._task_loss(peer, dict(inputs), num_items_in_batch, training, name)
+            else:
+                outs[name] = call_model(peer, {k: v for k, v in inputs.items() if k != "labels"})
+        return outs, tasks
+
+    def _peer_values(self, student_out, peer_outs: dict, peer_tasks: dict, batch, term_batch, scale, training):
+        """Each peer's loss (task + its terms against the student and the other peers, all detached) summed, and
+        what is logged: `<peer>/task`, `<peer>/distill/<term>` (and per other model with more than one)."""
+        sides = {"student": Features(detached(student_out), {}, self._kind)}
+        sides.update({name: Features(detached(out), {}, self._kind) for name, out in peer_outs.items()})
+        loss, logged = None, {}
+        for name, terms in self._peer_terms.items():
+            others = {other: sides[other] for other in terms.teachers}
+            mixed, teacher_weights = self._combined_teacher(others, batch, terms)
+            own = Features(peer_outs[name], {}, self._kind)
+            values = self._term_values(
+                own, others, term_batch, scale, training, mixed=mixed, teacher_weights=teacher_weights, term_set=terms
+            )
+            if name in peer_tasks:
+                values = {"task": peer_tasks[name], **values}
+            weights = {"task": self.args.task_weight, **{f"distill/{t}": w for t, w in terms.weights.items()}}
+            for key, value in values.items():
+                logged[f"{name}/{key}"] = value
+                if key in weights:  # not one other model's share, logged only
+                    weighted = value if weights[key] == 1 else weights[key] * value
+                    loss = weighted if loss is None else loss + weighted
+        return loss, logged
 
     def _head_loss(self, s_hidden, teacher, labels, mask, counts, scale, num_items_in_batch, training):
         """The head term (`TermSet.head_term`) and, if weighted, the student's own next-token loss, by chunks.
@@ -1027,10 +1257,20 @@ def _describe(fingerprint: dict | None) -> str:
     if not fingerprint:
         return "unknown models"
     teacher, student = fingerprint.get("teacher", {}), fingerprint.get("student", {})
+    if "peers" in fingerprint:
+        return f"peers {sorted(fingerprint['peers'])}, student {student.get('class', '?')}"
     if "teachers" in fingerprint:
         return f"teachers {sorted(fingerprint['teachers'])}, student {student.get('class', '?')}"
     name = teacher.get("name_or_path") or teacher.get("class", "?")
     return f"teacher {name} [{teacher.get('config_sha256', '?')}], student {student.get('class', '?')} [{student.get('config_sha256', '?')}]"
+
+
+def _accepts_loss_kwargs(model: torch.nn.Module) -> bool:
+    """Whether Trainer would pass `num_items_in_batch` to this model's forward (its own rule, for a peer)."""
+    declared = getattr(model, "accepts_loss_kwargs", None)
+    if declared is not None:
+        return bool(declared)
+    return forward_keywords(model)[1]
 
 
 def _get(outputs, key: str):

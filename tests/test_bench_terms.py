@@ -52,6 +52,9 @@ def test_bench_terms_tiny(tmp_path):
     multi = results["multi_teacher"]  # two teachers against a student step plus both teachers' forwards
     assert len(multi["times_s"]["two_teacher_step"]) == 2 and multi["target"] == 1.05
     assert math.isfinite(multi["ratio"]["median_of_round_ratios"]) and "two teachers" in done.stdout
+    mutual = results["mutual"]  # deep mutual learning against each model's own training step
+    assert len(mutual["times_s"]["mutual_step"]) == 2 and mutual["target"] == 1.05
+    assert math.isfinite(mutual["ratio"]["median_of_round_ratios"]) and "mutual learning" in done.stdout
 
 
 def test_host_reads_recorder_names_the_place():

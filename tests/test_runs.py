@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from tiny_models import COMMON, bert, classification_data
+from tiny_models import COMMON, bert, classification_data, tiny_llama
 
 from hfkd import DistillationConfig, DistillationTrainer
 from hfkd.losses import register_logit_loss
@@ -16,6 +16,22 @@ from hfkd.trainer import RUN_FILE, NonFiniteLossError
 HERE = os.path.dirname(__file__)
 SCRIPT = os.path.join(HERE, "scripts", "distill_run.py")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+LAUNCH_TWO = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--num_processes",
+    "2",
+    "--multi_gpu",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
 
 
 def _run(args, launcher=None, check=True):
@@ -40,20 +56,7 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     one = tmp_path / "one.pt"
     two = tmp_path / "two.pt"
     _run(["--output_dir", str(tmp_path / "a"), "--result", str(one), "--max_steps", "3", "--save_steps", "100"])
-    launcher = [
-        sys.executable,
-        "-m",
-        "accelerate.commands.launch",
-        "--num_processes",
-        "2",
-        "--multi_gpu",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-    ]
+    launcher = LAUNCH_TWO
     _run(
         [
             "--output_dir",
@@ -75,6 +78,29 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         for key in ("loss", "task", "distill/logit", "distill/hidden"):
             assert step_a[key] == pytest.approx(step_b[key], rel=1e-5, abs=1e-6), (step_a["step"], key)
     _assert_same(a, b, atol=1e-5)
+
+
+def test_mutual_learning_in_two_processes_matches_one(tmp_path):
+    """Deep mutual learning under DDP: 2 processes x 4 examples equal one process with 8, for the student and both
+    peers (each peer's gradients are all-reduced by its own DDP wrapper)."""
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    common = ["--max_steps", "3", "--save_steps", "100", "--peers", "2"]
+    _run(["--output_dir", str(tmp_path / "a"), "--result", str(one), *common])
+    _run(
+        ["--output_dir", str(tmp_path / "b"), "--result", str(two), *common, "--per_device_train_batch_size", "4"],
+        launcher=LAUNCH_TWO,
+    )
+    a, b = torch.load(one), torch.load(two)
+    assert b["world_size"] == 2 and set(a["peers"]) == {"peer0", "peer1"}
+    for step_a, step_b in zip(a["log"], b["log"], strict=True):
+        for key in ("loss", "task", "distill/logit", "peer0/task", "peer1/distill/logit"):
+            assert step_a[key] == pytest.approx(step_b[key], rel=1e-5, abs=1e-6), (step_a["step"], key)
+    _assert_same(a, b, atol=1e-5)
+    for name, trained in a["peers"].items():
+        start = tiny_llama(16, 2, seed=2 + int(name[-1])).state_dict()  # as distill_run.py builds peer i
+        assert any(not torch.equal(value, start[key]) for key, value in trained.items()), f"{name} did not train"
+        for key, value in trained.items():
+            torch.testing.assert_close(value, b["peers"][name][key], rtol=0, atol=1e-5, msg=f"{name}.{key}")
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path):

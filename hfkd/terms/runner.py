@@ -102,14 +102,26 @@ class TermSet(nn.Module):
                 term.bind_module_names(student, teachers.get(teacher, ()))
         if self.multi:
             for spec in self.specs:
-                needs = self.terms[f"{spec.name}/{self.teachers[0]}"].needs()
-                reads_features = needs.hidden_states or needs.attentions or needs.teacher_modules
-                if needs.logits and not reads_features and not needs.student_modules:
+                if spec.name not in self.feature_terms():
                     self.response.add(spec.name)
                     if spec.name not in self.terms:
                         self.terms[spec.name] = build_term(spec)  # against the combined teacher
                         self.terms[spec.name].bind_module_names(student, ())
         self._needs = None  # a term's needs may follow the names it was given
+
+    def feature_terms(self) -> list[str]:
+        """The configured terms that read more than the models' logits (hidden states, attentions, submodules):
+        the others are response terms. Known once the module names are bound."""
+        names = []
+        for spec in self.specs:
+            needs = self._first(spec.name).needs()
+            reads_features = needs.hidden_states or needs.attentions or needs.teacher_modules or needs.student_modules
+            if reads_features or not needs.logits:
+                names.append(spec.name)
+        return names
+
+    def _first(self, name: str) -> Term:
+        return self.terms[f"{name}/{self.teachers[0]}" if self.multi else name]
 
     def flags(self) -> dict[str, bool]:
         """`output_*` flags both models' forwards need for these terms."""

@@ -56,6 +56,7 @@ def main():
     parser.add_argument("--gradient_accumulation_steps", type=int, default=1)
     parser.add_argument("--kill_at_step", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--peers", type=int, default=0, help="deep mutual learning with this many peers, no teacher")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -71,7 +72,7 @@ def main():
         lr_scheduler_type="linear",
         logging_steps=1,
         save_steps=args.save_steps,
-        hidden_weight=1.0,
+        hidden_weight=0.0 if args.peers else 1.0,
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
@@ -79,8 +80,11 @@ def main():
         dataloader_drop_last=True,
     )
     callbacks = [KillAt(args.kill_at_step)] if args.kill_at_step else []
+    models = {"teacher_model": teacher}
+    if args.peers:
+        models = {"peer_models": [tiny_llama(16, 2, seed=2 + i) for i in range(args.peers)]}
     trainer = DistillationTrainer(
-        model=student, teacher_model=teacher, args=config, train_dataset=lm_dataset(), callbacks=callbacks
+        model=student, args=config, train_dataset=lm_dataset(), callbacks=callbacks, **models
     )
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     if trainer.is_world_process_zero():
@@ -90,6 +94,12 @@ def main():
                 "student": {k: v.detach().clone() for k, v in student.state_dict().items()},
                 "projector": {
                     k: v.detach().clone() for k, v in trainer.term_set.terms["hidden"].projector.state_dict().items()
+                }
+                if not args.peers
+                else {},
+                "peers": {
+                    name: {k: v.detach().clone() for k, v in peer.state_dict().items()}
+                    for name, peer in trainer.peers.items()
                 },
                 "world_size": trainer.args.world_size,
             },

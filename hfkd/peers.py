@@ -1,0 +1,131 @@
+"""Deep mutual learning: peers trained beside the student, each learning from the labels and from the others.
+
+Zhang, Xiang, Hospedales & Lu (CVPR 2018), "Deep Mutual Learning". K models learn together; model k minimises
+
+    L_k = L_C(p_k, y) + 1 / (K - 1) * sum_{l != k} KL(p_l || p_k),
+
+with the other models' predictions p_l held fixed (detached) in model k's loss. No pre-trained teacher is needed.
+The paper uses the plain softmax (temperature 1), equal weights, and (for the same architecture) different random
+initialisations; two peers already help, more help a little more.
+
+In hfkd, `DistillationTrainer(model=student, peer_models=[peer, ...])` (or `peer_model_name_or_path`) trains the
+student and every peer in the same step on the same batch:
+- the student's loss is its task loss plus the configured response terms (those that read only logits: `logit`,
+  `dkd`) against its peers, exactly as against several teachers (hfkd.teachers: for forward KL, the mixture of the
+  peers' distributions gives the gradient of the mean of the per-peer KLs);
+- each peer's loss is the same, against the student and the other peers;
+- all of them are summed into one backward pass. Each model's gradient is that of its own loss alone, since every
+  other model's outputs are detached in it. One optimizer holds every model's parameters with the same settings
+  (an AdamW or SGD update is per parameter, so this is K optimizers in one), and gradients are clipped per model.
+
+Each peer is logged as `<peer>/task` and `<peer>/distill/<term>`, saved with the student in every checkpoint and at
+the end in `output_dir/peers/<name>/` (`save_pretrained`: loadable without hfkd), and restored exactly on resume.
+"""
+
+import json
+import os
+
+import torch
+from safetensors.torch import load_file
+from safetensors.torch import save_model as save_safetensors_model
+
+from .teachers import named_models
+
+PEERS_FOLDER = "peers"
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def peer_folder(output_dir: str, name: str) -> str:
+    """Where peer `name` is saved under a run's (or checkpoint's) folder."""
+    return os.path.join(output_dir, PEERS_FOLDER, name)
+
+
+def named_peers(peers) -> dict[str, object]:
+    """`peer_models` as {name: model or name_or_path}: one model is {"peer": it}; a list gets `peer0`, `peer1`, ...;
+    a dict keeps its names. Refuses an empty list, a bad name and a peer given twice."""
+    return named_models(peers, "peer", "peer_models", "build another model for another peer, e.g. with another seed")
+
+
+def check_peer_settings(args, teacher_given: bool = False) -> None:
+    """Peers are the student's only teachers, weighted equally: refuse the settings of frozen teachers beside them."""
+    clashes = ["teacher_model"] if teacher_given else []
+    clashes += [
+        name
+        for name in ("teacher_model_name_or_path", "teacher_cache_dir", "teacher_ema_decay", "teacher_weights")
+        if getattr(args, name) is not None
+    ]
+    if args.teacher_combine != "weights":
+        clashes.append("teacher_combine")
+    if clashes:
+        raise ValueError(
+            f"Peers (deep mutual learning) teach the student and each other with equal weights, and no frozen teacher "
+            f"runs beside them, but {', '.join(clashes)} {'is' if len(clashes) == 1 else 'are'} set; unset "
+            f"{'it' if len(clashes) == 1 else 'them'}, or drop the peers to distil from a teacher."
+        )
+
+
+def save_peer(model: torch.nn.Module, folder: str, processing_class=None) -> None:
+    """Saves a peer loadable without hfkd: `save_pretrained` (config + safetensors) for a transformers model, else
+    its state dict in model.safetensors (load it into the same class); the tokenizer or processor beside it."""
+    os.makedirs(folder, exist_ok=True)
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(folder)
+    else:
+        save_safetensors_model(model, os.path.join(folder, WEIGHTS_FILE))  # drops tied copies, as save_pretrained
+    if processing_class is not None and hasattr(processing_class, "save_pretrained"):
+        processing_class.save_pretrained(folder)
+
+
+def load_peer(model: torch.nn.Module, folder: str) -> None:
+    """Restores a peer saved by `save_peer` in place, every tensor exactly.
+
+    Only keys the saved file left out because they share storage with a saved one (tied weights) may be missing.
+    """
+    state = _read_weights(folder)
+    mine = model.state_dict()
+    if not state.keys() <= mine.keys():
+        extra = sorted(state.keys() - mine.keys())[:5]
+        raise ValueError(
+            f"The peer weights in {folder} do not fit this peer (unknown keys {extra}); wrong checkpoint?"
+        )
+    loaded = {mine[k].data_ptr() for k in state}
+    untied = [k for k in mine.keys() - state.keys() if mine[k].data_ptr() not in loaded]
+    if untied:
+        raise ValueError(f"The peer weights in {folder} lack {sorted(untied)[:5]}; the checkpoint was cut short?")
+    with torch.no_grad():
+        for key, value in state.items():
+            if tuple(value.shape) != tuple(mine[key].shape):
+                raise ValueError(
+                    f"The peer weights in {folder} give {key} the shape {tuple(value.shape)}, but this peer's is "
+                    f"{tuple(mine[key].shape)}; the checkpoint was made with another peer."
+                )
+            mine[key].copy_(value)
+
+
+def _read_weights(folder: str) -> dict[str, torch.Tensor]:
+    single, index = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, WEIGHTS_INDEX)
+    if os.path.isfile(single):
+        return load_file(single)
+    if os.path.isfile(index):  # save_pretrained shards large models
+        with open(index) as handle:
+            files = sorted(set(json.load(handle)["weight_map"].values()))
+        state = {}
+        for name in files:
+            state.update(load_file(os.path.join(folder, name)))
+        return state
+    raise ValueError(
+        f"{folder} holds no peer weights ({WEIGHTS_FILE}); the checkpoint comes from a run without this peer, or was "
+        "cut short while saving. Resume from another checkpoint."
+    )
+
+
+def detached(outputs):
+    """A model's outputs with every tensor detached (what another model learns from), of the same type."""
+    if isinstance(outputs, torch.Tensor):
+        return outputs.detach()
+    if isinstance(outputs, (tuple, list)):
+        return type(outputs)(detached(v) for v in outputs)
+    if isinstance(outputs, dict):  # ModelOutput is a dict too; its constructor takes its fields by name
+        return type(outputs)(**{k: detached(v) for k, v in outputs.items()})
+    return outputs
