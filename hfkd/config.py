@@ -238,7 +238,7 @@ class DistillationConfig(TrainingArguments):
                 )
         if self.peer_model_name_or_path is not None:
             named_peers(self.peer_model_name_or_path)  # an empty or repeated entry fails here
-            check_peer_settings(self)
+            check_peer_settings(self, teacher_path_allowed=True)
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -47,14 +47,16 @@ def named_peers(peers) -> dict[str, object]:
     return named_models(peers, "peer", "peer_models", "build another model for another peer, e.g. with another seed")
 
 
-def check_peer_settings(args, teacher_given: bool = False) -> None:
-    """Peers are the student's only teachers, weighted equally: refuse the settings of frozen teachers beside them."""
+def check_peer_settings(args, teacher_given: bool = False, teacher_path_allowed: bool = False) -> None:
+    """Peers are the student's only teachers, weighted equally: refuse the settings of frozen teachers beside them.
+
+    `teacher_path_allowed`: the config alone, where `teacher_model_name_or_path` may be a recipe's teacher (loaded,
+    evaluated and described, never given to the trainer); the trainer refuses it."""
     clashes = ["teacher_model"] if teacher_given else []
-    clashes += [
-        name
-        for name in ("teacher_model_name_or_path", "teacher_cache_dir", "teacher_ema_decay", "teacher_weights")
-        if getattr(args, name) is not None
-    ]
+    names = ("teacher_cache_dir", "teacher_ema_decay", "teacher_weights")
+    if not teacher_path_allowed:
+        names = ("teacher_model_name_or_path", *names)
+    clashes += [name for name in names if getattr(args, name) is not None]
     if args.teacher_combine != "weights":
         clashes.append("teacher_combine")
     if clashes:

@@ -41,6 +41,7 @@ from .data import DataArguments
 from .measure import compare_latency, count_parameters
 from .metrics import load_metric
 from .paths import resolve_path
+from .peers import named_peers, peer_folder, save_peer
 from .report import model_card, plot_report, write_metrics
 from .run_folder import (
     CONFIG_FILE,
@@ -54,6 +55,7 @@ from .run_folder import (
 )
 from .student import student_from_teacher, student_layers
 from .terms import TERMS
+from .terms.runner import TermSet
 from .trainer import DistillationTrainer
 
 logger = logging.getLogger(__name__)
@@ -238,6 +240,83 @@ def eval_metric_names(recipe: RecipeArguments, config: DistillationConfig) -> li
     return names
 
 
+def _check_peers(recipe: RecipeArguments, config: DistillationConfig) -> None:
+    """Mutual learning (peer_model_name_or_path) in a recipe: what it cannot take, and peers that cannot be found,
+    refused before the teacher is fine-tuned."""
+    peers = config.peer_model_name_or_path
+    if peers is None:
+        return
+    if recipe.generations > 1:
+        raise ValueError(
+            f"peer_model_name_or_path with generations={recipe.generations}: born-again generations are taught by "
+            "the generation before, and mutual learning trains the student with its peers instead of a teacher; "
+            "set --generations 1, or drop --peer_model_name_or_path."
+        )
+    if config.teacher_cache_dir:
+        raise ValueError(
+            "peer_model_name_or_path with teacher_cache_dir: in mutual learning the student learns from its peers, "
+            "which train beside it, so no teacher outputs are read; unset --teacher_cache_dir, or drop the peers."
+        )
+    features = [spec.name for spec in config.term_specs if _reads_features(spec)]
+    if features:
+        fixes = [
+            f"--{TERMS[n].short_form['weight']} 0" if TERMS[n].short_form else f"drop {n!r} from --terms"
+            for n in features
+        ]
+        raise ValueError(
+            f"peer_model_name_or_path: the peers and the student learn from each other's logits, but the terms "
+            f"{features} read features (hidden states, attentions or submodules); {', '.join(fixes)} (logit and dkd "
+            "remain), or drop the peers."
+        )
+    if not config.term_specs:
+        raise ValueError(
+            "peer_model_name_or_path with logit_weight=0 and no `terms`: nothing would compare the student with its "
+            "peers; set --logit_weight 1 (the DML paper's, with --temperature 1 --task_weight 1), or drop the peers."
+        )
+    for name, source in named_peers(peers).items():
+        _check_peer_source(name, source)
+
+
+def _reads_features(spec) -> bool:
+    """Whether a term reads more than the models' logits (TermSet.feature_terms), known without the models: a term
+    that cannot bind without module names reads submodules."""
+    terms = TermSet([spec])
+    try:
+        terms.bind_module_names((), {})
+    except ValueError:
+        return True
+    return bool(terms.feature_terms())
+
+
+def _check_peer_source(name: str, source) -> None:
+    """A peer is a folder or a Hub id: a missing folder, or a name neither on disk nor reachable, fails now."""
+    if not isinstance(source, str):
+        raise ValueError(
+            f"peer_model_name_or_path: the peer {name!r} is {source!r}; give a folder written by save_pretrained or "
+            "a Hub id."
+        )
+    try:
+        path = resolve_path(source)  # a `pkg:` path whose package or folder is missing fails here
+    except ValueError as err:
+        raise ValueError(f"peer_model_name_or_path: the peer {name!r}: {err}") from err
+    if os.path.isdir(path):
+        return
+    if os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path):
+        raise ValueError(
+            f"peer_model_name_or_path: the peer {name!r} ({source!r}) is no folder"
+            f"{' (it is a file)' if os.path.exists(path) else ': there is no such directory'}. Give a folder written "
+            "by save_pretrained (or a Hub id)."
+        )
+    try:  # not a folder here: a Hub id, whose config is fetched (or read from the cache) now
+        AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"peer_model_name_or_path: the peer {name!r} ({source!r}) is neither a folder nor a model hfkd can reach "
+            f"on the Hub ({reason}). Check the path or id (HF_HUB_OFFLINE=1 allows only local or cached models)."
+        ) from err
+
+
 def check_run_settings(recipe: RecipeArguments, config: DistillationConfig) -> None:
     """Settings that would only fail during training (at the first evaluation, or in a callback): checked now."""
     if config.teacher_ema_decay is not None:
@@ -300,6 +379,7 @@ def check_run_settings(recipe: RecipeArguments, config: DistillationConfig) -> N
             raise ValueError(
                 f"report_to includes {name!r}, which is not installed: {extra}, or drop it from report_to."
             )
+    _check_peers(recipe, config)
 
 
 def _read_teacher_record(folder: str | None) -> dict | None:
@@ -347,6 +427,9 @@ class _Run:
         # What the teacher folder says of its own making (a teacher fine-tuned by an earlier hfkd run).
         self.teacher_record = _read_teacher_record(self.teacher_path)
         self.teacher_finetune: dict | None = None  # this run's teacher fine-tuning, when it has one
+        # Deep mutual learning (peer_model_name_or_path): the peers by name, and each one's source as given.
+        self.peers: dict[str, torch.nn.Module] = {}
+        self.peer_sources: dict[str, str] = {}
 
     # -- data and processors
     def load_data(self):
@@ -608,6 +691,26 @@ class _Run:
         )
         return student, note
 
+    def load_peers(self):
+        """The peers of deep mutual learning, each loaded with the task's Auto class and the run's labels; peer i is
+        seeded with seed + 1 + i, so that heads a checkpoint lacks start differently in each peer and the student."""
+        sources = self.config.peer_model_name_or_path
+        if sources is None:
+            return
+        auto = _AUTO[self.recipe.task]
+        for i, (name, source) in enumerate(named_peers(sources).items()):
+            set_seed(self.config.seed + 1 + i)
+            try:
+                peer = auto.from_pretrained(resolve_path(source), **self._label_kwargs())
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"Could not load the peer {name!r} ({source!r}) with {auto.__name__}: {err}\nA peer must solve the "
+                    "recipe's task with its tokenizer or processor and labels; check peer_model_name_or_path."
+                ) from err
+            if self.recipe.task == "causal-lm" and peer.config.pad_token_id is None:
+                peer.config.pad_token_id = self.processor.pad_token_id
+            self.peers[name], self.peer_sources[name] = peer, source
+
     def _side_run(self, name: str) -> dict:
         """Training arguments of a run beside the distillation (comparison, generations): no checkpoints, no
         evaluation during training, no logging integrations, nothing pushed, a scratch folder under checkpoints/."""
@@ -670,6 +773,7 @@ class _Run:
             push_to_hub=False,  # the recipe pushes the finished folder itself
             teacher_model_name_or_path=None,
             teacher_model_init_kwargs=None,
+            peer_model_name_or_path=None,  # the trainer gets the peers this run loaded
             report_to=c.report_to,
         )
         callbacks = []
@@ -680,7 +784,8 @@ class _Run:
         lm = self.recipe.task == "causal-lm"
         trainer = _RecipeTrainer(
             model=self.student,
-            teacher_model=self.teacher,
+            teacher_model=None if self.peers else self.teacher,
+            peer_models=self.peers or None,
             args=args,
             train_dataset=self.train_ds,
             eval_dataset=self.eval_ds,
@@ -696,11 +801,17 @@ class _Run:
         from_step = f", resuming from {resume}" if isinstance(resume, str) else ""
         if resume is True:
             from_step = f", resuming from {get_last_checkpoint(args.output_dir)}"
-        _heading(
-            self.config,
-            f"stage {2 if self.recipe.finetune_teacher else 1}/{2 if self.recipe.finetune_teacher else 1}: "
-            f"distillation, {_planned_steps(args, len(self.train_ds))} steps{from_step}",
-        )
+        stage = f"stage {2 if self.recipe.finetune_teacher else 1}/{2 if self.recipe.finetune_teacher else 1}"
+        steps = _planned_steps(args, len(self.train_ds))
+        if self.peers:
+            _heading(
+                self.config,
+                f"{stage}: deep mutual learning, the student and {len(self.peers)} peer(s) ({', '.join(self.peers)}) "
+                f"learn from the labels and from each other, {steps} steps{from_step}; the teacher does not teach "
+                "(it is evaluated for comparison)",
+            )
+        else:
+            _heading(self.config, f"{stage}: distillation, {steps} steps{from_step}")
         trainer.train(resume_from_checkpoint=resume)
         self.trainer = trainer
         self.log_history = trainer.state.log_history
@@ -774,6 +885,12 @@ def run_cache(recipe: RecipeArguments, data_args: DataArguments, config: Distill
     The teacher must be final: a recipe that fine-tunes it (finetune_teacher=true) is cached from the fine-tuned
     folder instead (`teacher_model_name_or_path: <output_dir>/teacher`, `finetune_teacher: false`).
     """
+    if config.peer_model_name_or_path is not None:
+        raise ValueError(
+            "peer_model_name_or_path: in deep mutual learning the student learns from its peers, which train beside "
+            "it, so there are no teacher outputs to cache; drop --peer_model_name_or_path, or run hfkd distill with "
+            "the peers (no cache)."
+        )
     if recipe.finetune_teacher:
         raise ValueError(
             "finetune_teacher=true: the cache must hold the fine-tuned teacher's outputs. Fine-tune it first (e.g. "
@@ -845,6 +962,7 @@ def _run_stages(recipe: RecipeArguments, data_args: DataArguments, config: Disti
     run.load_data()
     run.load_teacher()
     run.check_student_plan()
+    run.load_peers()  # before the teacher is fine-tuned: a peer that does not load fails now
     run.times["data"] = time.perf_counter() - tick
     if recipe.finetune_teacher:
         if run.finished_teacher():
@@ -867,9 +985,11 @@ def _run_stages(recipe: RecipeArguments, data_args: DataArguments, config: Disti
         run.times["labels-only comparison"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    _heading(config, f"evaluation of teacher and student on {len(run.eval_ds)} held-out examples, latency")
+    models = "teacher, student and peers" if run.peers else "teacher and student"
+    _heading(config, f"evaluation of {models} on {len(run.eval_ds)} held-out examples, latency")
     teacher_metric = run.evaluate(run.teacher)
     student_metric = run.evaluate(run.student)
+    run.peer_metrics = {name: run.evaluate(peer) for name, peer in run.peers.items()}
     if config.process_index != 0:
         return {}  # under `accelerate launch` the main process measures and writes
     t_latency, s_latency = compare_latency(run.teacher, run.student, run.latency_batch(), recipe.latency_repeats)
@@ -900,6 +1020,8 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
         weights[f"distill/{spec.name}"] = (spec.weight, spec.name + (f" ({options})" if options else ""))
     dataset_hub = data_args.dataset_name if data_args.data_files is None else None
     teacher = run._teacher_lineage()
+    if run.peers:
+        teacher["taught"] = False  # deep mutual learning: the student learnt from its peers; the teacher is compared
     if run.teacher_finetune is not None:
         teacher["finetune"] = run.teacher_finetune
         teacher["data"] = run.data_note()
@@ -929,9 +1051,16 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
         "task": recipe.task,
         "metric": metric,
         "teacher": {**teacher, "params": t_params, "metric": teacher_metric, "latency_ms": t_latency},
-        "student": {"note": run.student_note, "params": s_params, "metric": student_metric, "latency_ms": s_latency},
+        "student": {
+            "note": run.student_note,
+            "params": s_params,
+            "metric": student_metric,
+            "latency_ms": s_latency,
+            "built_from_teacher": not recipe.student_model_name_or_path,
+        },
         **comparison,
         **({"generations": run.generations} if getattr(run, "generations", None) else {}),
+        **({"peers": _peer_metrics(run)} if run.peers else {}),
         "retained": retained,
         "size_ratio": s_params / t_params,
         "speedup": t_latency / s_latency,
@@ -973,11 +1102,27 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
     }
 
 
+def _peer_metrics(run: _Run) -> dict:
+    """Each peer of deep mutual learning: where it came from, its metric on the held-out split, its size, where saved."""
+    return {
+        name: {
+            "source": run.peer_sources[name],
+            "metric": run.peer_metrics[name],
+            "params": count_parameters(peer),
+            "folder": os.path.relpath(peer_folder(run.out, name), run.out),
+        }
+        for name, peer in run.peers.items()
+    }
+
+
 def write_outputs(run: _Run, metrics: dict) -> None:
-    """The student with its processor, metrics.json, report.png, the exact config and the model card."""
+    """The student with its processor, each peer in peers/<name>/ with it, metrics.json, report.png, the exact config
+    and the model card."""
     out = run.out
     run.student.save_pretrained(out)
     run.processor.save_pretrained(out)
+    for name, peer in run.peers.items():
+        save_peer(peer, peer_folder(out, name), run.processor)
     write_metrics(os.path.join(out, "metrics.json"), metrics)
     with open(os.path.join(out, "training_log.json"), "w") as handle:
         json.dump(run.log_history, handle, indent=1)

@@ -17,8 +17,7 @@ _CARD_TEMPLATE = """---
 
 # {{ model_name }}
 
-A student distilled from [{{ teacher_name }}]({{ teacher_link }}) with [hfkd](https://pypi.org/project/hfkd/)
-(knowledge distillation for the Hugging Face stack). It loads with plain transformers:
+{{ intro }}
 
 ```python
 from transformers import {{ auto_class }}
@@ -26,21 +25,17 @@ model = {{ auto_class }}.from_pretrained("{{ repo_id }}")
 ```
 
 ## Lineage
-- Teacher: {{ teacher_line }}
-- Student: {{ student_note }}
-- Data: {{ dataset_note }}
+{{ lineage_rows }}
 
 ## Training
 {{ training_note }}
 
 ## Results (same held-out split, measured by this run)
-| | teacher | student |
-|---|---|---|
 {{ results_rows }}
 
 {{ retained_line }}
 {{ comparison_line }}
-{{ generations_line }}
+{{ generations_line }}{{ peers_line }}
 
 ## Distillation
 | term | weight | loss |
@@ -69,26 +64,42 @@ def _fmt(value, digits=4):
 def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
     """The Hub model card: metadata for the Hub's lineage view, then what was distilled and what it kept."""
     teacher, student, task = metrics["teacher"], metrics["student"], metrics["task"]
+    peers = metrics.get("peers") or {}
     metric_name = metrics["metric"]
     dataset_id = metrics["data"].get("hub_id")
+    # With peers the teacher did not teach: it is the student's base model only when the student is made from it.
+    base_model = teacher.get("hub_id") if not peers or student.get("built_from_teacher", True) else None
     data = ModelCardData(
-        base_model=teacher.get("hub_id") or None,
+        base_model=base_model or None,
         datasets=[dataset_id] if dataset_id else None,
         library_name="transformers",
         pipeline_tag=_PIPELINE_TAGS.get(task),
-        tags=["knowledge-distillation", "hfkd", "distillation", task],
+        tags=["knowledge-distillation", "hfkd", "distillation", *(["deep-mutual-learning"] if peers else []), task],
         metrics=[metric_name],
         model_name=os.path.basename(repo_id),
     )
     results = [
-        (metric_name, _fmt(teacher["metric"]), _fmt(student["metric"])),
-        ("parameters", f"{teacher['params']:,}", f"{student['params']:,}"),
-        ("forward latency (ms/batch)", _fmt(teacher["latency_ms"]), _fmt(student["latency_ms"])),
+        (metric_name, _fmt(teacher["metric"]), _fmt(student["metric"]), *(_fmt(p["metric"]) for p in peers.values())),
+        (
+            "parameters",
+            f"{teacher['params']:,}",
+            f"{student['params']:,}",
+            *(f"{p['params']:,}" for p in peers.values()),
+        ),
+        (
+            "forward latency (ms/batch)",
+            _fmt(teacher["latency_ms"]),
+            _fmt(student["latency_ms"]),
+            *("-" for _ in peers),
+        ),
     ]
     if "labels_only" in metrics:
         results[0] = (
             f"{metric_name} (same student on the labels alone: {_fmt(metrics['labels_only']['metric'])})",
         ) + (results[0][1:])
+    header = ["", "teacher", "student", *(f"peer `{name}`" for name in peers)]
+    results_rows = [f"| {' | '.join(header)} |".replace("|  |", "| |", 1), "|" + "---|" * len(header)]
+    results_rows += [f"| {' | '.join(row)} |" for row in results]
     distill = metrics["distillation"]
     terms = [(name, _fmt(term["weight"]), term.get("loss", "-")) for name, term in distill["terms"].items()]
     retained = metrics["retained"]
@@ -103,22 +114,45 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
         f"(median forward latency on a batch of {metrics['latency_batch_size']}, {metrics['device']})."
     )
     teacher_hub = teacher.get("hub_id")
+    teacher_url = f"https://huggingface.co/{teacher_hub}" if teacher_hub else "#lineage"
+    teacher_link = f"[{teacher_hub or teacher['name']}]({teacher_url})"
+    hfkd_link = "[hfkd](https://pypi.org/project/hfkd/)"
+    if peers:
+        intro = (
+            f"A student trained by deep mutual learning (Zhang et al. 2018) together with {len(peers)} peer "
+            f"model{'s' if len(peers) > 1 else ''}, with {hfkd_link} (knowledge distillation for the Hugging Face "
+            f"stack): no teacher taught it; it is compared below with {teacher_link}. It loads with plain transformers:"
+        )
+    else:
+        intro = (
+            f"A student distilled from {teacher_link} with {hfkd_link}\n(knowledge distillation for the Hugging Face "
+            "stack). It loads with plain transformers:"
+        )
+    lineage = [
+        (f"- Teacher (did not teach: the reference the results compare with): {teacher_line(teacher)}")
+        if peers
+        else f"- Teacher: {teacher_line(teacher)}",
+        f"- Student: {student['note']}",
+        *(
+            f"- Peer `{name}`: `{peer['source']}`, trained here with the student, saved in `{peer['folder']}/`"
+            for name, peer in peers.items()
+        ),
+        f"- Data: {metrics['data']['note']}",
+    ]
     return ModelCard.from_template(
         data,
         template_str=_CARD_TEMPLATE,
         model_name=os.path.basename(repo_id),
         repo_id=repo_id,
         auto_class=auto_class,
-        teacher_name=teacher_hub or teacher["name"],
-        teacher_link=f"https://huggingface.co/{teacher_hub}" if teacher_hub else "#lineage",
-        teacher_line=teacher_line(teacher),
+        intro=intro,
+        lineage_rows="\n".join(lineage),
         training_note=training_note(metrics),
-        student_note=student["note"],
-        dataset_note=metrics["data"]["note"],
-        results_rows="\n".join(f"| {a} | {b} | {c} |" for a, b, c in results),
+        results_rows="\n".join(results_rows),
         retained_line=retained_line,
         comparison_line=" ".join(comparison_lines(metrics)),
         generations_line=generations_line(metrics),
+        peers_line=peers_line(metrics),
         terms_rows="\n".join(f"| {a} | {b} | {c} |" for a, b, c in terms),
         temperature=distill["temperature"],
         layer_maps=json.dumps(distill["layer_maps"]) if distill["layer_maps"] else "none (no feature terms)",
@@ -173,7 +207,8 @@ def training_note(metrics: dict) -> str:
     if not t:
         return "Not recorded."
     lines = [
-        f"- Distillation: {t['steps']} steps ({t['epochs']:g} epochs), learning rate {t['learning_rate']:g} "
+        f"- {'Deep mutual learning (student and peers)' if metrics.get('peers') else 'Distillation'}: "
+        f"{t['steps']} steps ({t['epochs']:g} epochs), learning rate {t['learning_rate']:g} "
         f"({t['lr_scheduler']}), batch size {t['batch_size']} ({t['per_device_batch_size']} per device x "
         f"{t['gradient_accumulation_steps']} accumulation x {t['processes']} process(es)), seed {t['seed']}, "
         f"{t['precision']}" + ("; resumed from a checkpoint" if t.get("resumed") else "") + ".",
@@ -203,8 +238,25 @@ def generations_line(metrics: dict) -> str:
     )
 
 
+def peers_line(metrics: dict) -> str:
+    """Deep mutual learning (peer_model_name_or_path): the method, each peer's metric and folder ("" without peers)."""
+    peers = metrics.get("peers")
+    if not peers:
+        return ""
+    parts = [
+        f"`{name}` (from `{p['source']}`) {_fmt(p['metric'])}, saved in `{p['folder']}/`" for name, p in peers.items()
+    ]
+    return (
+        f"Deep Mutual Learning (Zhang et al. 2018): the student trained together with {len(peers)} peer"
+        f"{'s' if len(peers) > 1 else ''}, each model learning from the labels and from the others' predictions, "
+        f"with no teacher (the teacher above is only compared with). The peers' {metrics['metric']}: "
+        f"{'; '.join(parts)}."
+    )
+
+
 def comparison_lines(metrics: dict) -> list[str]:
-    """Did distillation help? Plain sentences from the labels-only comparison (empty without one)."""
+    """Did distillation (or mutual learning, with peers) help? Plain sentences from the labels-only comparison (empty
+    without one)."""
     if "labels_only" not in metrics:
         return []
     lm = metrics["metric"] == "perplexity"
@@ -212,23 +264,28 @@ def comparison_lines(metrics: dict) -> list[str]:
     plain, gain = metrics["labels_only"]["metric"], metrics["gain"]
     unit = "" if lm else " points"
     scale = 1.0 if lm else 100.0
+    peers = bool(metrics.get("peers"))
+    method = "Mutual learning" if peers else "Distillation"
+    ours = "the student trained with its peers" if peers else "the distilled student"
+    ours_metric = f"the {metrics['metric']} of {ours}" if peers else f"{ours}'s {metrics['metric']}"
+    ours_one = "the one trained with its peers" if peers else "the distilled one"
     if gain > 0:
         lines = [
-            f"Distillation helped: the distilled student's {metrics['metric']} is {gain * scale:.2f}{unit} "
+            f"{method} helped: {ours_metric} is {gain * scale:.2f}{unit} "
             f"{'lower' if lm else 'higher'} than the same student's trained on the labels alone ({_fmt(plain)}), "
             "in one run (no seeds repeated)."
         ]
     elif abs(gain) * scale < 5e-3:
         lines = [
-            f"Distillation made no difference here: the same student trained on the labels alone reached "
-            f"{_fmt(plain)}, as the distilled one did."
+            f"{method} made no difference here: the same student trained on the labels alone reached "
+            f"{_fmt(plain)}, as {ours_one} did."
         ]
     else:
         lines = [
-            f"Distillation did not help here: the same student trained on the labels alone reached {_fmt(plain)} "
-            f"against {_fmt(student)} distilled ({abs(gain) * scale:.2f}{unit} {'lower' if lm else 'better'})."
+            f"{method} did not help here: the same student trained on the labels alone reached {_fmt(plain)} "
+            f"against {_fmt(student)} {'with its peers' if peers else 'distilled'} ({abs(gain) * scale:.2f}{unit} {'lower' if lm else 'better'})."
         ]
-    if (plain <= teacher) if lm else (plain >= teacher):
+    if not peers and ((plain <= teacher) if lm else (plain >= teacher)):  # with peers the teacher does not teach
         lines.append(
             "The student on the labels alone matches or beats the teacher, so the teacher has little to teach: it is "
             "probably undertrained. Fine-tune it longer (teacher_num_train_epochs, teacher_learning_rate) or use a "
@@ -246,7 +303,8 @@ def plot_report(path: str, metrics: dict, log_history: list[dict]) -> None:
 
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     ax = axes[0][0]
-    seen = dict.fromkeys(k for e in log_history for k in e if k == "task" or k.startswith("distill/"))
+    peers = tuple(f"{name}/" for name in metrics.get("peers") or {})  # each peer's own terms (mutual learning)
+    seen = dict.fromkeys(k for e in log_history for k in e if k == "task" or k.startswith(("distill/", *peers)))
     names = [k for k in ("loss", *seen) if any(k in e for e in log_history)]
     for name in names:
         points = [(e["step"], e[name]) for e in log_history if name in e and "step" in e]
@@ -261,7 +319,7 @@ def plot_report(path: str, metrics: dict, log_history: list[dict]) -> None:
     ax.grid(alpha=0.3)
 
     teacher, student = metrics["teacher"], metrics["student"]
-    colors = ["#4C72B0", "#DD8452", "#8C8C8C"]
+    colors = ["#4C72B0", "#DD8452", "#8C8C8C", "#55A868"]
     for ax, key, title in (
         (axes[0][1], "metric", metrics["metric"]),
         (axes[1][0], "params", "parameters"),
@@ -277,6 +335,10 @@ def plot_report(path: str, metrics: dict, log_history: list[dict]) -> None:
         palette = [colors[0]] + [colors[1]] * (len(values) - 1)  # the teacher, then the students
         if key == "metric" and "labels_only" in metrics:
             palette[-1] = colors[2]
+        if key in ("metric", "params") and metrics.get("peers"):
+            names = [*names, *(f"peer {n}" for n in metrics["peers"])]
+            values = [*values, *(p[key] for p in metrics["peers"].values())]
+            palette += [colors[3]] * len(metrics["peers"])
         bars = ax.bar(names, values, color=palette)
         ax.bar_label(bars, labels=[_fmt(v) if isinstance(v, float) else f"{v:,}" for v in values])
         ax.set_title(title)
@@ -306,13 +368,18 @@ def summary(metrics: dict, output_dir: str, push_message: str | None) -> str:
         f" {metrics['metric']}) | size {metrics['size_ratio']:.1%} "
         f"| speed-up {metrics['speedup']:.2f}x",
         f"outputs: {output_dir}  (student + tokenizer/processor, README.md card, metrics.json, report.png, "
-        "hfkd_config.yaml)",
+        f"hfkd_config.yaml{', peers/' if metrics.get('peers') else ''})",
     ]
     if "labels_only" in metrics:
         lines.insert(6, f"{'(labels only)':24}{'':>16}{_fmt(metrics['labels_only']['metric']):>16}")
         lines.extend(comparison_lines(metrics))
     if metrics.get("generations"):
         lines.append(generations_line(metrics))
+    if metrics.get("peers"):
+        at = 7 if "labels_only" in metrics else 6  # below the metric's row(s)
+        rows = [f"{f'(peer {name})':24}{'':>16}{_fmt(p['metric']):>16}" for name, p in metrics["peers"].items()]
+        lines[at:at] = rows
+        lines.append(peers_line(metrics))
     if push_message:
         lines.append(push_message)
     lines.append("=" * 72)

@@ -96,8 +96,9 @@ def _held_out(run):
     return hfkd_data.preprocess_text_classification(held_out, tokenizer, data_args, names)
 
 
-def _accuracy_by_hand(run) -> float:
-    model = BertForSequenceClassification.from_pretrained(run).eval()
+def _accuracy_by_hand(run, model_dir=None) -> float:
+    """The held-out accuracy of the model in `model_dir` (default: the run's student), by plain transformers."""
+    model = BertForSequenceClassification.from_pretrained(model_dir or run).eval()
     right = 0
     rows = _held_out(run)
     for row in rows:
@@ -726,3 +727,151 @@ def test_generations_must_be_a_positive_integer(tmp_path, tiny_text, capsys, val
         assert main(["distill", "--config", str(path), "--generations", value]) == 2
         assert "generations must be an integer >= 1" in _error(capsys)
     assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------- deep mutual learning (peer_model_name_or_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_peer(tiny_text):
+    """A tiny BERT without a classification head (the recipe gives it one, seeded) and the teacher's tokenizer."""
+    from transformers import BertModel
+
+    folder = tiny_text[0].parent / "peer"
+    torch.manual_seed(7)
+    config = BertConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+        max_position_embeddings=64,
+    )
+    BertModel(config).save_pretrained(folder)
+    BertTokenizerFast.from_pretrained(tiny_text[0]).save_pretrained(folder)
+    return folder
+
+
+def _peer_recipe(tmp_path, tiny_text, **extra):
+    """A recipe without teacher fine-tuning or feature terms: what mutual learning takes."""
+    values = dict(finetune_teacher=False, hidden_weight=0.0, max_steps=3, learning_rate=1e-3)
+    return _recipe(tmp_path, *tiny_text, **{**values, **extra})
+
+
+def test_mutual_learning_with_a_peer_from_the_command_line(tmp_path, tiny_text, tiny_peer, capsys):
+    """`--peer_model_name_or_path '["<folder>"]'`: the student learns with the peer instead of the teacher; the peer
+    is evaluated (its metric is its saved folder's accuracy, recomputed by plain transformers), saved beside the
+    student, described in metrics.json, the card and the summary; the teacher is evaluated but does not teach."""
+    from transformers import AutoModelForSequenceClassification
+
+    path = _peer_recipe(tmp_path, tiny_text)
+    assert main(["distill", "--config", str(path), "--peer_model_name_or_path", json.dumps([str(tiny_peer)])]) == 0
+    captured = capsys.readouterr()
+    assert "deep mutual learning, the student and 1 peer(s) (peer0)" in captured.err
+    assert "the teacher does not teach" in captured.err
+    out = tmp_path / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    peer = metrics["peers"]["peer0"]
+    assert peer["source"] == str(tiny_peer) and peer["folder"] == "peers/peer0"
+    assert metrics["teacher"]["taught"] is False
+    # The peer's folder loads with plain transformers, with the run's labels and tokenizer, and its accuracy on the
+    # held-out rows is the one reported.
+    folder = out / "peers" / "peer0"
+    loaded = AutoModelForSequenceClassification.from_pretrained(folder)
+    assert loaded.config.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert peer["params"] == sum(p.numel() for p in loaded.parameters())
+    assert BertTokenizerFast.from_pretrained(folder).vocab == BertTokenizerFast.from_pretrained(out).vocab
+    assert peer["metric"] == pytest.approx(_accuracy_by_hand(out, folder))
+    assert metrics["student"]["metric"] == pytest.approx(_accuracy_by_hand(out))
+    assert AutoModelForSequenceClassification.from_pretrained(out).config.num_hidden_layers == 2
+    # The peer trained: its encoder moved from the weights it was loaded with.
+    start = AutoModelForSequenceClassification.from_pretrained(tiny_peer, num_labels=3)
+    assert not torch.equal(start.bert.embeddings.word_embeddings.weight, loaded.bert.embeddings.word_embeddings.weight)
+    # The training log has the peer's own terms; the card, the summary and report.png tell of the peer.
+    log = json.loads((out / "training_log.json").read_text())
+    assert any("peer0/task" in entry and "peer0/distill/logit" in entry for entry in log)
+    card = (out / "README.md").read_text()
+    assert "deep mutual learning" in card and "no teacher taught it" in card and "deep-mutual-learning" in card
+    assert "Deep Mutual Learning (Zhang et al. 2018)" in card and "`peer0` (from" in card
+    assert "saved in `peers/peer0/`" in card and "| | teacher | student | peer `peer0` |" in card
+    assert "(peer peer0)" in captured.out and "Deep Mutual Learning (Zhang et al. 2018)" in captured.out
+    assert (out / "report.png").stat().st_size > 0
+    # The saved configuration keeps the peers beside the recipe's teacher, and parses again.
+    _, _, config = parse_distill_args(["--config", str(out / "hfkd_config.yaml")])
+    assert config.peer_model_name_or_path == [str(tiny_peer)] and config.teacher_model_name_or_path is not None
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"generations": 2}, "peer_model_name_or_path with generations=2"),
+        ({"teacher_cache_dir": "/tmp/some-cache"}, "teacher_cache_dir is set; unset it, or drop the peers"),
+        ({"hidden_weight": 1.0}, "the terms ['hidden'] read features (hidden states, attentions or submodules); "),
+        ({"terms": '[{"name": "sp"}]'}, "drop 'sp' from --terms"),
+        ({"logit_weight": 0.0}, "nothing would compare the student with its peers"),
+        ({"peer_model_name_or_path": '["/no/such/peer"]'}, "the peer 'peer0' ('/no/such/peer') is no folder"),
+        ({"peer_model_name_or_path": '{"a": "no-such-peer"}'}, "the peer 'a' ('no-such-peer') is neither a folder"),
+        ({"peer_model_name_or_path": "[]"}, "peer_models is an empty list"),
+    ],
+)
+def test_mutual_learning_bad_input_is_refused_before_anything_runs(
+    tmp_path, tiny_text, tiny_peer, capsys, change, expected
+):
+    values = {"peer_model_name_or_path": json.dumps([str(tiny_peer)]), "finetune_teacher": True, **change}
+    path = _peer_recipe(tmp_path, tiny_text, **values)
+    assert main(["distill", "--config", str(path)]) == 2
+    err = _error(capsys)
+    assert expected in err and len(err.strip().splitlines()) == 2, err  # the error, then where the traceback is
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_teacher_cache_is_refused_with_peers(tmp_path, tiny_text, tiny_peer, capsys):
+    argv = ["--peer_model_name_or_path", str(tiny_peer), "--cache_dir", str(tmp_path / "cache")]
+    assert main(["cache", "--config", str(_peer_recipe(tmp_path, tiny_text)), *argv]) == 2
+    assert "no teacher outputs to cache" in _error(capsys)
+    assert not (tmp_path / "cache").exists()
+
+
+def test_mutual_learning_resumes_exactly_from_the_command_line(tmp_path, tiny_text, tiny_peer, monkeypatch, capsys):
+    """Stopped after checkpoint 2 of 4 and resumed with --resume_from_checkpoint true: the student and the peer end
+    bitwise equal to an uninterrupted run's (the trainer restores the peer from the checkpoint's peers/ folder)."""
+    from hfkd.trainer import DistillationTrainer
+
+    peers = ["--peer_model_name_or_path", json.dumps({"buddy": str(tiny_peer)})]
+    extra = dict(max_steps=4, save_strategy="steps", save_steps=2)
+    whole = _peer_recipe(tmp_path, tiny_text, **extra, output_dir=str(tmp_path / "whole"))
+    assert main(["distill", "--config", str(whole), *peers]) == 0
+
+    path = _peer_recipe(tmp_path, tiny_text, **extra)
+    original = DistillationTrainer._save_checkpoint
+
+    def crash_after_step_2(self, model, trial):
+        original(self, model, trial)
+        if self.state.global_step == 2:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(DistillationTrainer, "_save_checkpoint", crash_after_step_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["distill", "--config", str(path), *peers])
+    monkeypatch.setattr(DistillationTrainer, "_save_checkpoint", original)
+    out = tmp_path / "run"
+    assert (out / "checkpoints" / "checkpoint-2" / "peers" / "buddy" / "model.safetensors").is_file()
+    capsys.readouterr()
+    # Other peers are another run: refused, naming the field.
+    other = ["--peer_model_name_or_path", json.dumps({"other": str(tiny_peer)})]
+    assert main(["distill", "--config", str(path), *other, "--resume_from_checkpoint", "true"]) == 2
+    assert "peer_model_name_or_path: {'buddy'" in _error(capsys)
+
+    assert main(["distill", "--config", str(path), *peers, "--resume_from_checkpoint", "true"]) == 0
+    assert "resuming from" in capsys.readouterr().err
+    for name in ("", "peers/buddy"):
+        resumed, reference = _state(out / name), _state(tmp_path / "whole" / name)
+        assert resumed.keys() == reference.keys()
+        for key in reference:
+            assert torch.equal(resumed[key], reference[key]), (name, key)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["training"]["resumed"] is True and metrics["training"]["steps"] == 4
+    assert (
+        metrics["peers"]["buddy"]["metric"]
+        == json.loads((tmp_path / "whole" / "metrics.json").read_text())["peers"]["buddy"]["metric"]
+    )

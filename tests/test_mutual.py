@@ -339,10 +339,14 @@ def test_peer_names_come_from_the_config_and_json(tmp_path):
     assert config.peer_model_name_or_path == ["a", "b"]
     with pytest.raises(ValueError, match="is the same as 'peer0'"):
         DistillationConfig(output_dir=str(tmp_path / "x"), peer_model_name_or_path='["a", "a"]', **COMMON)
-    with pytest.raises(ValueError, match="teacher_model_name_or_path is set"):
+    with pytest.raises(ValueError, match="teacher_cache_dir is set"):
         DistillationConfig(
-            output_dir=str(tmp_path / "x"), peer_model_name_or_path="a", teacher_model_name_or_path="b", **COMMON
+            output_dir=str(tmp_path / "x"), peer_model_name_or_path="a", teacher_cache_dir="c", **COMMON
         )
+    # A recipe's teacher may stand beside peers in the config (it never teaches); the trainer refuses it.
+    config = _config(tmp_path, peer_model_name_or_path=["a"], teacher_model_name_or_path="b")
+    with pytest.raises(ValueError, match="teacher_model_name_or_path is set"):
+        DistillationTrainer(model=bert(seed=1), args=config, train_dataset=classification_data())
     with pytest.raises(ValueError, match="no such folder"):
         DistillationTrainer(
             model=bert(seed=1),
