@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import logging
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
@@ -11,6 +12,8 @@ from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
 from .peers import check_peer_settings, named_peers
 from .teachers import COMBINE_MODES, fixed_weights, named_teachers
 from .terms import TERMS, TermSpec, parse_term_specs
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -181,6 +184,47 @@ class DistillationConfig(TrainingArguments):
         },
     )
 
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "On-policy distillation (GKD, Agarwal et al., ICLR 2024; hfkd.on_policy): the probability in [0, 1] "
+            "that a micro-batch's completions are replaced by ones the student samples from its prompts (labels -100 "
+            "on the prompt) before the step; the terms are then taken on those. 0 = ordinary (off-policy) KD; TRL's "
+            "GKD default is 0.5. Causal LMs only. GKD trains on the divergence alone: set task_weight=0 (and e.g. "
+            "logit_loss='jsd', jsd_beta=0.5)."
+        },
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "Sequence-level KD (Kim & Rush, EMNLP 2016): the micro-batches that are not on-policy get "
+            "completions the teacher samples from their prompts, so the task loss learns the teacher's outputs. "
+            "Causal LMs with one teacher model only."
+        },
+    )
+    max_new_tokens: int = field(
+        default=128,
+        metadata={
+            "help": "lmbda > 0 or seq_kd: the most tokens generated per completion (>= 1; TRL's GKD default 128). "
+            "Generation stops at EOS and at the models' max_position_embeddings."
+        },
+    )
+    generation_temperature: float = field(
+        default=0.9,
+        metadata={
+            "help": "lmbda > 0 or seq_kd: the sampling temperature of the generated completions (> 0; TRL's GKD "
+            "default 0.9). Not the KD `temperature`, which softens both distributions inside the logit term."
+        },
+    )
+    generation_top_p: float = field(
+        default=1.0,
+        metadata={"help": "lmbda > 0 or seq_kd: nucleus sampling of the completions, in (0, 1]; 1 = no cut."},
+    )
+    generation_top_k: int = field(
+        default=0,
+        metadata={"help": "lmbda > 0 or seq_kd: sample among the k most likely tokens only (>= 0; 0 = no cut)."},
+    )
+
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -273,6 +317,7 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"logit_chunk_size must be an integer >= 0 (0 = full logits), got {self.logit_chunk_size!r}."
             )
+        self._check_generation()
         _check_choice("logit_loss", self.logit_loss, LOGIT_LOSSES)
         _check_choice("hidden_loss", self.hidden_loss, HIDDEN_LOSSES)
         _check_choice("attention_loss", self.attention_loss, ATTENTION_LOSSES)
@@ -292,6 +337,55 @@ class DistillationConfig(TrainingArguments):
             key=lambda spec: order.index(TERMS[spec.name].short_form["weight"]),
         )
         self.term_specs = built_in + self.term_specs
+
+    def _check_generation(self) -> None:
+        """The fields of on-policy distillation and sequence-level KD (hfkd.on_policy)."""
+        if not _is_number(self.lmbda) or not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(
+                f"lmbda must lie in [0, 1] (the share of micro-batches the student generates; 0 = off-policy KD, "
+                f"GKD's default 0.5), got {self.lmbda!r}."
+            )
+        if not isinstance(self.seq_kd, bool):
+            raise ValueError(f"seq_kd must be true or false, got {self.seq_kd!r}.")
+        if (
+            not isinstance(self.max_new_tokens, int)
+            or isinstance(self.max_new_tokens, bool)
+            or self.max_new_tokens < 1
+        ):
+            raise ValueError(f"max_new_tokens must be an integer >= 1 (e.g. 128), got {self.max_new_tokens!r}.")
+        value = self.generation_temperature
+        if not _is_number(value) or not 0 < value < float("inf"):
+            raise ValueError(
+                f"generation_temperature must be > 0 (and finite), got {value!r}; 1.0 samples from the model's own "
+                "distribution, lower values come closer to greedy decoding."
+            )
+        if not _is_number(self.generation_top_p) or not 0.0 < self.generation_top_p <= 1.0:
+            raise ValueError(f"generation_top_p must lie in (0, 1] (1 = no cut), got {self.generation_top_p!r}.")
+        top_k = self.generation_top_k
+        if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+            raise ValueError(f"generation_top_k must be an integer >= 0 (0 = no cut), got {top_k!r}.")
+        if not (self.lmbda > 0 or self.seq_kd):
+            return
+        which = "lmbda > 0" if self.lmbda > 0 else "seq_kd"
+        if self.teacher_cache_dir:
+            raise ValueError(
+                f"{which} trains on sequences generated during training, which a teacher cache cannot hold (it stores "
+                "the teacher's outputs on the data set as it is); unset teacher_cache_dir, or set lmbda=0 and "
+                "seq_kd=False."
+            )
+        if self.peer_model_name_or_path is not None:
+            raise ValueError(
+                f"{which} with peers (deep mutual learning) is not supported: the peers would train on the student's "
+                "or no teacher's generations. Unset peer_model_name_or_path, or set lmbda=0 and seq_kd=False."
+            )
+        if self.lmbda > 0 and self.task_weight > 0:
+            logger.warning(
+                "lmbda=%s with task_weight=%s: on on-policy micro-batches the task loss is the student's "
+                "cross-entropy on its own samples, which reinforces them. GKD trains on the divergence alone "
+                "(task_weight=0).",
+                self.lmbda,
+                self.task_weight,
+            )
 
     def _set_short_form(self, spec: TermSpec) -> None:
         """A `terms` entry for a built-in term sets its short-form fields (one source of truth for the cache and the

@@ -267,3 +267,94 @@ def preprocess_causal_lm(dataset, tokenizer, args: DataArguments):
     if len(packed) == 0:
         raise ValueError(f"The text is shorter than one block of max_length={block} tokens; lower max_length.")
     return packed
+
+
+# ---------------------------------------------------------------------------------------------------- prompt + completion
+def tokenize_prompt_completion(example: dict, tokenizer, max_length: int | None = None, add_eos: bool = True) -> dict:
+    """One row of TRL-style data as causal-LM inputs whose labels are -100 on the prompt (`dataset.map(...)`).
+
+    The rows on-policy distillation and sequence-level KD read their prompts from (hfkd.on_policy), and supervised KD
+    on the completions alone. Columns, as TRL names them:
+
+    - `prompt` and `completion` texts: the completion continues the prompt's text as is (give it its leading
+      space); `add_eos` appends the tokenizer's EOS so that the student learns to stop.
+    - `messages`, a conversation (`[{"role": ..., "content": ...}, ...]`) whose last message is the assistant's
+      answer: the prompt is the tokenizer's chat template over the others with the generation prompt (the assistant
+      header), the completion the rest of the whole conversation's template. `prompt` and `completion` may be such
+      message lists too.
+
+    Texts are tokenized whole (prompt + completion) and split where they stop agreeing with the prompt alone, so a
+    token that merges across the boundary belongs to the completion (with a warning). `max_length` cuts rows from the
+    right, the completion first.
+
+    Example:
+        ```python
+        train = train.map(tokenize_prompt_completion, fn_kwargs={"tokenizer": tok}, remove_columns=train.column_names)
+        trainer = DistillationTrainer(..., train_dataset=train, data_collator=completion_collator(tok))
+        ```
+
+    Returns:
+        {"input_ids", "attention_mask", "labels"}, lists of ints.
+    """
+    if "messages" in example:
+        messages = list(example["messages"])
+        if not messages or messages[-1].get("role") != "assistant":
+            roles = [m.get("role") for m in messages]
+            raise ValueError(
+                f"A `messages` row must end with the assistant's answer (the completion), got roles {roles}; drop "
+                "rows without one, or give `prompt` and `completion` columns."
+            )
+        prompt, completion = messages[:-1], messages[-1:]
+    elif "prompt" in example and "completion" in example:
+        prompt, completion = example["prompt"], example["completion"]
+    else:
+        raise ValueError(
+            f"tokenize_prompt_completion needs `prompt` and `completion` columns or a `messages` column, got "
+            f"{sorted(example)}."
+        )
+    if isinstance(prompt, str) != isinstance(completion, str):
+        raise ValueError("`prompt` and `completion` must both be texts or both be lists of messages.")
+    if isinstance(prompt, str):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = list(tokenizer(prompt + completion)["input_ids"])
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if add_eos and eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+    else:  # conversational: the chat template writes the turns, their special tokens and end-of-turn markers
+        prompt_text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
+        whole = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        ids = list(tokenizer(whole, add_special_tokens=False)["input_ids"])
+    shared = 0
+    while shared < min(len(prompt_ids), len(ids)) and prompt_ids[shared] == ids[shared]:
+        shared += 1
+    if shared < len(prompt_ids):
+        logger.warning(
+            "The tokenized prompt is not a prefix of the tokenized prompt + completion (a token merges across the "
+            "boundary, or the chat template renders the prompt otherwise): its last %d tokens count as completion.",
+            len(prompt_ids) - shared,
+        )
+    if max_length is not None:
+        ids = ids[:max_length]
+    labels = [-100] * min(shared, len(ids)) + ids[shared:]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def completion_collator(tokenizer, pad_to_multiple_of: int | None = None):
+    """The collator for `tokenize_prompt_completion` rows: transformers' `DataCollatorForSeq2Seq`, which pads
+    `input_ids` with the pad token, `attention_mask` with 0 and `labels` with -100 on the tokenizer's padding side
+    (and whose output hfkd's data checks can predict from the columns). Training rows must start at position 0, so
+    the tokenizer must pad on the right (generation pads prompts on the left by itself)."""
+    from transformers import DataCollatorForSeq2Seq
+
+    if getattr(tokenizer, "pad_token_id", None) is None:
+        raise ValueError(
+            "The tokenizer has no pad token; set one first, e.g. tokenizer.pad_token = tokenizer.eos_token (padding "
+            "positions are masked)."
+        )
+    if getattr(tokenizer, "padding_side", "right") != "right":
+        raise ValueError(
+            f"The tokenizer pads on the {tokenizer.padding_side}; training rows must start at position 0 (the models "
+            "number positions from there): set tokenizer.padding_side = 'right'."
+        )
+    return DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, pad_to_multiple_of=pad_to_multiple_of)

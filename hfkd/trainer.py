@@ -4,6 +4,7 @@ import contextlib
 import copy
 import dataclasses
 import glob
+import itertools
 import json
 import logging
 import os
@@ -29,6 +30,14 @@ from .ema import EMATeacher, EMAUpdate
 from .features import ModelKind, batch_size, model_kind, unit_counts, unit_masks
 from .fingerprint import model_fingerprint
 from .heads import accepts_logits_to_keep, base_module, capture_last_hidden, head_reproduces_logits, linear_head
+from .on_policy import (
+    SequenceGeneration,
+    check_dataset_prompts,
+    check_prompt_room,
+    generation_settings,
+    is_causal_lm,
+    prompt_positions,
+)
 from .peers import check_peer_settings, detached, load_peer, named_peers, peer_folder, save_peer
 from .teacher import (
     call_model,
@@ -235,6 +244,7 @@ class DistillationTrainer(Trainer):
         self._predicting = False
         self._student_takes: tuple[frozenset[str], bool] | None = None  # the student forward's (_student_flags)
         self._check_data()
+        self._generation = self._setup_generation(args, teachers, peers)
         self._term_row_ids = self._add_row_ids() if self.term_set.needs().row_ids else False
         # Taken before any forward pass: heads fill config fields such as `problem_type` on first use.
         self._fingerprint = self._run_fingerprint()
@@ -316,6 +326,61 @@ class DistillationTrainer(Trainer):
             self._peer_terms[name] = terms
             self._peers_wrapped[name] = self.accelerator.prepare_model(peer)  # DDP: its own gradient all-reduce
             self._peer_loss_kwargs[name] = (_accepts_loss_kwargs(unwrap_peft(peer)), True)
+
+    def _setup_generation(self, args: DistillationConfig, teachers: dict, peers: dict) -> SequenceGeneration | None:
+        """On-policy distillation (`lmbda`) and sequence-level KD (`seq_kd`), hfkd.on_policy: checks, then the scheme
+        `get_batch_samples` runs; None when neither is on."""
+        if args.lmbda == 0 and not args.seq_kd:
+            return None
+        which = "lmbda > 0" if args.lmbda > 0 else "seq_kd"
+        if peers:
+            raise ValueError(
+                f"{which} with peer_models (deep mutual learning) is not supported; drop the peers, or set lmbda=0 "
+                "and seq_kd=False."
+            )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                f"{which} generates with the whole model, which DeepSpeed and FSDP shard; train on one device or with "
+                "DDP, or set lmbda=0 and seq_kd=False."
+            )
+        student = unwrap_peft(self.accelerator.unwrap_model(self.model))
+        if args.lmbda > 0 and not (self._kind.shifts_labels and is_causal_lm(student)):
+            raise ValueError(
+                f"lmbda={args.lmbda} makes the student generate completions, which needs a decoder-only causal "
+                f"language model (a *ForCausalLM); the student is {type(student).__name__}. Set lmbda=0."
+            )
+        models = [unwrap_peft(self.accelerator.unwrap_model(t)) for t in teachers.values()]
+        generators = [student] if args.lmbda > 0 else []
+        if args.seq_kd:
+            if len(self.teachers) != 1:
+                raise ValueError(
+                    "seq_kd trains the student on sequences the teacher generates, so it needs one teacher model "
+                    f"(got {len(self.teachers)}: {list(self.teachers) or 'a teacher cache'}); pass one teacher_model, "
+                    "or set seq_kd=False."
+                )
+            if not (self._kind.shifts_labels and is_causal_lm(models[0])):
+                raise ValueError(
+                    f"seq_kd makes the teacher generate the targets, which needs decoder-only causal language models "
+                    f"(*ForCausalLM); the student is {type(student).__name__}, the teacher "
+                    f"{type(models[0]).__name__}. Set seq_kd=False."
+                )
+            generators.append(models[0])
+        settings = generation_settings(args, generators, [student, *models], self.processing_class)
+        # Every row's prompt before the first step: the stored columns when the collator passes them through, and
+        # the first collated batch (a collator that builds labels, an iterable data set).
+        import datasets
+
+        dataset = self.train_dataset
+        if (
+            isinstance(dataset, datasets.Dataset)
+            and checks._collator_kind(self.data_collator) == "plain"
+            and "labels" in (checks._visible_columns(dataset) or [])
+        ):
+            check_dataset_prompts(dataset, settings.max_positions)
+        if dataset is not None:
+            where = "the first batch of train_dataset"
+            check_prompt_room(prompt_positions(self._probe_batch(), where), settings, where)
+        return SequenceGeneration(args.lmbda, args.seq_kd, settings, args.seed)
 
     def _add_row_ids(self) -> bool:
         """Training batches carry each row's index in the data (for terms with per-row memory, such as CRD)."""
@@ -860,6 +925,21 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ the step
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self._generation is not None:
+            # On-policy / seq-KD (hfkd.on_policy): the window's micro-batches are replaced by generated ones first,
+            # so that Trainer's num_items_in_batch and every term's units count the sequences the models will see.
+            batches = list(itertools.islice(epoch_iterator, num_batches))
+            teacher = self.accelerator.unwrap_model(self.teacher_model) if self.teacher_model is not None else None
+            batches, on_policy = self._generation.replace(
+                batches,
+                self.state.global_step,
+                self.accelerator.unwrap_model(self.model),
+                teacher,
+                self.args.process_index,
+            )
+            if batches and self.args.lmbda > 0:  # the share of on-policy micro-batches, logged as `on_policy`
+                self._record({"on_policy": torch.tensor(on_policy / len(batches), device=device)}, "train")
+            epoch_iterator, num_batches = iter(batches), len(batches)
         batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
         # A new accumulation window starts here. Trainer zeroes only the student's gradients after a step, so the
         # terms' gradients are cleared here, before this window's first backward.
