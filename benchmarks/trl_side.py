@@ -16,6 +16,12 @@ Public API:
     trl_step(trainer, batch) -> float
     trl_reference_loss(student_logits, teacher_logits, labels, beta, temperature) -> torch.Tensor
 
+On-policy (``trl.DistillationTrainer``; used by bench_onpolicy.py):
+    make_trl_onpolicy_trainer(student, teacher, prompts, tokenizer, *, output_dir, beta, temperature,
+                              max_new_tokens, fixed_length, learning_rate, batch_size, seed, ...)
+    trl_onpolicy_step(trainer, prompts) -> (loss, generated tokens)
+    trl_onpolicy_loss(trainer, prompt_ids, prompt_mask, completion_ids, completion_mask) -> torch.Tensor
+
 Run ``python benchmarks/trl_side.py`` for a quick self-check on tiny Llama models (about 10 s on CPU).
 """
 
@@ -37,7 +43,15 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore")  # the experimental namespace warns on import
     from trl.experimental.gkd import GKDConfig, GKDTrainer  # noqa: E402
 
-__all__ = ["make_trl_trainer", "trl_step", "trl_reference_loss", "GKDTrainerLossTemperature"]
+__all__ = [
+    "make_trl_trainer",
+    "trl_step",
+    "trl_reference_loss",
+    "GKDTrainerLossTemperature",
+    "make_trl_onpolicy_trainer",
+    "trl_onpolicy_step",
+    "trl_onpolicy_loss",
+]
 
 
 class GKDTrainerLossTemperature(GKDTrainer):
@@ -219,6 +233,133 @@ def trl_reference_loss(
         temperature=temperature,
     )
     return loss * (temperature**2) if scale_by_t2 else loss
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# On-policy: trl.DistillationTrainer (stable API in TRL 1.16)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def make_trl_onpolicy_trainer(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    prompts: list[str],
+    tokenizer,
+    *,
+    output_dir: str,
+    beta: float,
+    temperature: float,
+    max_new_tokens: int,
+    fixed_length: bool,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    max_steps: int = 1000,
+    **config_overrides: Any,
+):
+    """Build TRL's on-policy distillation trainer, ``trl.DistillationTrainer``, on a ``"prompt"`` column of texts.
+
+    Every training step tokenizes its prompts with ``tokenizer`` (no special tokens are added unless the tokenizer
+    adds them itself), samples one completion per prompt from the student (``do_sample=True`` at ``temperature``,
+    top_p 1, top_k 0, up to ``max_new_tokens`` = ``max_completion_length``, cut after the first EOS of the tokenizer's
+    and the model's EOS ids), and trains on the generalised JSD between the student and the teacher over the
+    completion tokens (``beta``: 0 forward KL, 1 reverse KL, mixture M = beta p_teacher + (1 - beta) p_student;
+    softmax at ``temperature`` and no T^2 factor; divided by the number of completion tokens).
+
+    ``fixed_length``: ``generation_kwargs={"min_new_tokens": max_new_tokens}``, so that EOS is suppressed and every
+    completion is exactly ``max_new_tokens`` long.
+
+    Defaults differing from TRL's, for a like-for-like comparison with a plain ``TrainingArguments`` run (as
+    ``make_trl_trainer``): ``activation_checkpointing=False`` (TRL defaults gradient checkpointing on), ``bf16=False``,
+    ``report_to="none"``, ``save_strategy="no"``, ``shuffle_dataset=False``. Dropout is left as the model has it
+    (TRL's ``disable_dropout`` defaults to False here). The trainer mutates ``student`` (pad token id on its config
+    and generation config, model tags): give it its own copy.
+    """
+    from datasets import Dataset
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl import DistillationConfig, DistillationTrainer
+
+    kwargs: dict[str, Any] = dict(
+        output_dir=output_dir,
+        beta=beta,
+        temperature=temperature,
+        max_completion_length=max_new_tokens,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=learning_rate,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=1,
+        max_steps=max_steps,
+        seed=seed,
+        data_seed=seed,
+        activation_checkpointing=False,
+        bf16=False,
+        fp16=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        shuffle_dataset=False,
+        disable_tqdm=True,
+    )
+    if fixed_length:
+        kwargs["generation_kwargs"] = {"min_new_tokens": max_new_tokens}
+    kwargs.update(config_overrides)
+    args = DistillationConfig(**kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=args,
+            train_dataset=Dataset.from_dict({"prompt": list(prompts)}),
+            processing_class=tokenizer,
+        )
+    return trainer
+
+
+def trl_onpolicy_step(trainer, prompts: list[str]) -> tuple[float, int]:
+    """One on-policy optimisation step as ``Trainer``'s loop takes it (no accumulation): ``get_batch_samples`` on the
+    collated rows (TRL's collator is the identity: a list of ``{"prompt": text}``), ``training_step`` (which runs
+    ``_prepare_inputs``: tokenize, generate, pad; then the chunked JSD loss and backward), ``optimizer.step()``,
+    ``zero_grad()``, and the loss read on the host.
+
+    Returns (loss, number of completion tokens the loss was taken on, EOS included).
+    """
+    if trainer.optimizer is None:
+        trainer.model.train()
+        trainer.create_optimizer_and_scheduler(num_training_steps=trainer.args.max_steps)
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which is not run here
+    rows = trainer.data_collator([{"prompt": p} for p in prompts])
+    samples, num_items = trainer.get_batch_samples(iter([rows]), 1, trainer.args.device)
+    loss = trainer.training_step(trainer.model, samples[0], num_items)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.state.global_step += 1
+    tokens = int(trainer._buffered_inputs[0]["completion_mask"].sum())
+    return float(loss), tokens
+
+
+def trl_onpolicy_loss(
+    trainer,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    completion_ids: torch.Tensor,
+    completion_mask: torch.Tensor,
+) -> torch.Tensor:
+    """TRL's own training loss (``DistillationTrainer.compute_loss``, student in train mode, with gradients) on given
+    sequences laid out as TRL lays out a generated batch: prompts left-padded, completions right-padded, masks 1 on
+    real tokens; ``num_items_in_batch`` = completion tokens, as ``_generate_and_score_completions`` counts them."""
+    trainer.model.train()
+    inputs = {
+        "prompt_ids": prompt_ids,
+        "prompt_mask": prompt_mask,
+        "completion_ids": completion_ids,
+        "completion_mask": completion_mask,
+        "num_items_in_batch": completion_mask.sum(),
+    }
+    return trainer.compute_loss(trainer.model, inputs)
 
 
 # --------------------------------------------------------------------------------------------------------------------
