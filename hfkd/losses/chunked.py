@@ -26,40 +26,32 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         grad_hidden = torch.zeros_like(hidden) if wants[0] else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants[1] else None
         grad_bias = torch.zeros_like(bias, dtype=torch.float32) if wants[2] else None
-        w = weight.detach().requires_grad_(wants[1])
-        b = bias.detach().requires_grad_(wants[2]) if bias is not None else None
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
+            h = hidden[start:end].detach()
+            logits = F.linear(h, weight.detach(), bias.detach() if bias is not None else None)
             if with_gradient:
-                # The loss comes with its gradient with respect to the logits: two matmuls give the rest.
-                h = hidden[start:end].detach()
-                loss, grad_logits = chunk_loss(
-                    F.linear(h, weight.detach(), b.detach() if b is not None else None), start, end
-                )
-                # grad_logits is float32: the weight and bias gradients accumulate in float32 without a round
-                # trip through a half-precision weight dtype; only the hidden-state gradient takes that dtype.
-                if wants[0]:
-                    grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight.detach()
-                if wants[1]:
-                    grad_weight.addmm_(grad_logits.T.float(), h.float())
-                if wants[2]:
-                    grad_bias += grad_logits.sum(0).float()
-                total = total + loss.detach().float()
-                continue
-            h = hidden[start:end].detach().requires_grad_(wants[0])
-            with torch.enable_grad():
-                loss = chunk_loss(F.linear(h, w, b), start, end)
-            inputs = [x for x, want in zip((h, w, b), wants, strict=True) if want]
-            if inputs and loss.requires_grad:
-                grads = iter(torch.autograd.grad(loss, inputs))
-                if wants[0]:
-                    grad_hidden[start:end] = next(grads)
-                if wants[1]:
-                    grad_weight += next(grads)
-                if wants[2]:
-                    grad_bias += next(grads)
+                # The loss comes with its gradient with respect to the logits (closed form).
+                loss, grad_logits = chunk_loss(logits, start, end)
+            else:
+                # Autograd for the chunk's logits only: the two matmuls below then give the rest, so no
+                # [vocab, hidden] gradient is built per chunk beside the one accumulated.
+                logits.requires_grad_(any(wants))
+                with torch.enable_grad():
+                    loss = chunk_loss(logits, start, end)
+                grad_logits = torch.autograd.grad(loss, logits)[0] if loss.requires_grad else None
             total = total + loss.detach().float()
+            if grad_logits is None:
+                continue
+            # The weight and bias gradients accumulate in float32 without a round trip through a half-precision
+            # weight dtype; only the hidden-state gradient takes that dtype.
+            if wants[0]:
+                grad_hidden[start:end] = grad_logits.to(weight.dtype) @ weight.detach()
+            if wants[1]:
+                grad_weight.addmm_(grad_logits.T.float(), h.float())
+            if wants[2]:
+                grad_bias += grad_logits.sum(0).float()
         ctx.save_for_backward(
             grad_hidden,
             grad_weight.to(weight.dtype) if grad_weight is not None else None,
