@@ -255,6 +255,11 @@ def _features(batch: list[dict], with_rows: bool) -> list[dict]:
 
 def _step(trainer, features: list[dict]) -> float:
     """One optimizer step as Trainer takes it (no accumulation), from raw rows to the loss on the host."""
+    return train_step(trainer, features)[0]
+
+
+def train_step(trainer, features: list[dict]) -> tuple[float, dict]:
+    """`_step`, also returning the batch the step trained on (after `get_batch_samples`, which may replace it)."""
     if trainer.optimizer is None:
         trainer.model.train()
         trainer.create_optimizer_and_scheduler(num_training_steps=1000)
@@ -264,7 +269,7 @@ def _step(trainer, features: list[dict]) -> float:
     loss = trainer.training_step(trainer.model, samples[0], num_items)
     trainer.optimizer.step()
     trainer.optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss), samples[0]
 
 
 def _teacher_forward(teacher, collator, rows: list[dict]) -> None:

@@ -98,6 +98,7 @@ from bench_distill import (  # noqa: E402  (sets HF_HUB_OFFLINE etc. before tran
     ratios,
     run_header,
     take_turns,
+    train_step,
 )
 from transformers import default_data_collator  # noqa: E402
 
@@ -278,17 +279,9 @@ def trl_trainer(setup: dict, student, out: str, beta: float, fixed_length: bool)
 def hfkd_onpolicy_step(trainer: DistillationTrainer, rows: list[dict]) -> tuple[float, int]:
     """One optimizer step as Trainer takes it (bench_distill's `_step`), generation included; (loss, completion
     tokens the loss was taken on, EOS included)."""
-    if trainer.optimizer is None:
-        trainer.model.train()
-        trainer.create_optimizer_and_scheduler(num_training_steps=1000)
-        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's loop, which is not run here
-    batch = trainer._prepare_inputs(trainer.data_collator(rows))
-    samples, num_items = trainer.get_batch_samples(iter([batch]), 1, trainer.args.device)
-    loss = trainer.training_step(trainer.model, samples[0], num_items)
-    trainer.optimizer.step()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    loss, batch = train_step(trainer, rows)
     trainer.state.global_step += 1  # as Trainer's loop does; hfkd seeds each step's sampling from it
-    return float(loss), int(samples[0]["labels"].ne(IGNORE).sum())
+    return loss, int(batch["labels"].ne(IGNORE).sum())
 
 
 def _batches(setup: dict) -> list[tuple[list[dict], list[str]]]:
