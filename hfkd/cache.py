@@ -5,7 +5,7 @@ what the configured terms read:
 
 - logits: all of them when there are at most `top_k` classes (classification heads), else the `top_k` most likely
   ids with their log-probabilities at the configured temperature plus the remaining mass as one more bucket
-  (see `hfkd.losses.topk`);
+  (see `hfkd.losses.topk`), in the `topk_encoding` chosen (below);
 - hidden states: the teacher layers the hidden layer map pairs with the student's.
 
 Only real positions are stored (those the attention mask keeps), so any padding at training time lines up. The
@@ -16,6 +16,40 @@ trainer at it; a cache that does not match the run is refused with the reason.
 
 Not cached: attention maps (`[heads, query, key]` per layer is larger than the models' inputs by orders of
 magnitude) and encoder-decoder teachers.
+
+On-disk format, version 2 (`FORMAT_VERSION`; `hfkd_cache.json` holds it as `format_version`)
+---------------------------------------------------------------------------------------------
+A cache in any other version (version 1: hfkd before the compact encoding) is refused when opened, naming the
+version found and the one read; rebuild it with `hfkd cache`. Each shard is one Arrow IPC stream; each of its rows
+is one data row, and every per-row array is a `large_list` column holding that row's values flat, real positions
+in order (`length` of them), so position p of a row with k values per position is `values[p * k : (p + 1) * k]`.
+
+    row             int64            index of the data row (shard s holds rows s * rows_per_shard, ...)
+    length          int32            real positions stored (-1: the row was cached without an attention mask and
+                                     its arrays are not per position)
+    logits          float32/float16  dense mode: every logit, [length, num_classes] (`cache_dtype`)
+    hidden_<t>      float32/float16  teacher hidden_states[t], [length, hidden] or the state's own shape
+    ... top-k logits, topk_encoding 'compact' (the default):
+    topk_ids        uint16 | uint32 | uint8  [length, k] the teacher's k most likely ids, most likely first, in
+                                     `id_bytes` (in hfkd_cache.json) bytes each: uint16 when the vocabulary has at
+                                     most 65,536 classes; 3 little-endian uint8 bytes per id up to 2**24; uint32 above
+    topk_codes      uint8            [length, k] code c_i = round((l_1 - l_i) / step): how far the i-th log-probability
+                                     l_i lies below the position's top one l_1, in steps (0 for the top id; 255 for
+                                     the k-th, so the codes span exactly l_1 - l_k; gaps capped at 100 nats)
+    topk_step       float16          [length] step = (l_1 - l_k) / 255, rounded up to a float16 (0: all k equal)
+    topk_rest       float16          [length] log of the mass outside the k ids, log R (at least float16's lowest;
+                                     log(1 - their mass) when the k hold less than half, which keeps 1 - R precise)
+    ... top-k logits, topk_encoding 'float' (the layout of format version 1):
+    topk_ids        int32            [length, k] the k most likely ids, most likely first
+    topk_logprobs   float32/float16  [length, k + 1] their log-probabilities at T, then log R (`cache_dtype`)
+
+Decoding 'compact' (`decode_topk_logprobs`): the relative log-probabilities -c_i * step are shifted so that the k
+probabilities sum to 1 - R: l_i' = -c_i * step - logsumexp_j(-c_j * step) + log(1 - exp(log R)), and log R is taken
+as stored. The losses then read (ids, [l_1' ... l_k', log R]) exactly as they read the 'float' layout. Error bound:
+every decoded top-k log-probability is within step + 2**-11 of the teacher's (step / 2 from each code's rounding,
+step / 2 at most from the shift, 2**-11 from the float16 tail while the top k hold more than 6e-5 of the mass), and
+log R within 2**-11 * |log R| (float16 rounding). Size: k * (id_bytes + 1) + 4 bytes per position: 148 at k = 48
+with a vocabulary up to 65,536 (the 'float' layout: k * 4 + (k + 1) * 2 = 770 at k = 128 in float16).
 """
 
 import json
@@ -41,7 +75,8 @@ from .teacher import unwrap_peft
 logger = logging.getLogger(__name__)
 
 CACHE_FILE = "hfkd_cache.json"
-FORMAT_VERSION = 1
+# 2: top-k logits in the compact encoding by default ('float' keeps version 1's columns); see the module docstring.
+FORMAT_VERSION = 2
 # Column added to the training data so that each batch knows which cached rows it holds.
 ROW_COLUMN = "hfkd_row"
 # Batch keys that carry cached teacher outputs to the loss (never passed to a model).
@@ -56,9 +91,99 @@ def cached_prefix(teacher: str | None = None) -> str:
 
 _FLOAT_TYPES = {"float32": np.float32, "float16": np.float16}
 
+# How top-k logits are stored (module docstring): 'compact' quantises, 'float' is format version 1's layout.
+TOPK_ENCODINGS = ("compact", "float")
+# top_k when none is given, per encoding: 48 keeps 'compact' at 148 bytes per position (benchmarks/bench_cache.py).
+DEFAULT_TOP_K = {"compact": 48, "float": 128}
+CODE_LEVELS = 255  # uint8 codes 0 ... 255
+MAX_GAP = 100.0  # nats below a position's top log-probability that the codes can reach (e^-100: nothing in float32)
+_HALF_LOWEST = float(np.finfo(np.float16).min)
+
 
 class TeacherCacheError(ValueError):
     """The cache cannot be built from these inputs, or does not belong to this run."""
+
+
+# ---------------------------------------------------------------------------------------------------- encoding
+def check_topk_options(top_k, topk_encoding, error=ValueError) -> None:
+    """Refuses a bad `top_k` or `topk_encoding` by name, with the values that are accepted."""
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0):
+        raise error(
+            f"top_k must be an integer >= 0 (0 keeps all logits) or unset (None: {DEFAULT_TOP_K['compact']} for "
+            f"topk_encoding 'compact', {DEFAULT_TOP_K['float']} for 'float'), got {top_k!r}."
+        )
+    if topk_encoding not in TOPK_ENCODINGS:
+        raise error(
+            f"topk_encoding must be 'compact' (ids in 2-4 bytes and log-probabilities as uint8 steps: 148 bytes per "
+            f"position at top_k 48) or 'float' (format version 1's layout: int32 ids and cache_dtype "
+            f"log-probabilities), got {topk_encoding!r}."
+        )
+
+
+def id_bytes(num_classes: int) -> int:
+    """Bytes per stored id in the compact encoding: the narrowest of 2, 3, 4 that holds ids 0 ... num_classes - 1."""
+    return 2 if num_classes <= 1 << 16 else 3 if num_classes <= 1 << 24 else 4
+
+
+def pack_ids(ids: np.ndarray, width: int) -> np.ndarray:
+    """Flat ids as stored: uint16 (width 2), uint32 (4), or 3 little-endian uint8 bytes per id (3)."""
+    flat = np.asarray(ids).reshape(-1)
+    if width == 2:
+        return flat.astype(np.uint16)
+    as32 = flat.astype("<u4")
+    return as32 if width == 4 else as32.view(np.uint8).reshape(-1, 4)[:, :3].reshape(-1)
+
+
+def unpack_ids(stored: np.ndarray, width: int) -> np.ndarray:
+    """`pack_ids` undone: flat int64 ids."""
+    if width != 3:
+        return stored.astype(np.int64)
+    padded = np.zeros((len(stored) // 3, 4), dtype=np.uint8)
+    padded[:, :3] = stored.reshape(-1, 3)
+    return padded.view("<u4").reshape(-1).astype(np.int64)
+
+
+def encode_topk_logprobs(log_probs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(codes uint8 [..., k], step float16 [...], rest float16 [...]) of top-k log-probabilities `[..., k + 1]`
+    (k of them, most likely first, then the log of the rest of the mass), as the compact encoding stores them."""
+    values = torch.as_tensor(log_probs).detach().to("cpu", torch.float64).numpy()
+    top, rest = values[..., :-1], values[..., -1]
+    if top.shape[-1] == 0:
+        return np.zeros(top.shape, np.uint8), np.zeros(rest.shape, np.float16), _half_rest(rest)
+    # The decoder scales the top k to mass 1 - R: when they hold less than half, R is taken as 1 - their summed mass,
+    # which is as precise as their log-probabilities (a tail summed in float32 is not, relative to 1 - R).
+    mass = np.exp(top).sum(-1)
+    with np.errstate(divide="ignore"):
+        rest = np.where(mass < 0.5, np.log1p(-np.minimum(mass, 0.5)), rest)
+    with np.errstate(invalid="ignore"):
+        gap = np.nan_to_num(np.minimum(top.max(-1, keepdims=True) - top, MAX_GAP), nan=MAX_GAP).clip(0.0, MAX_GAP)
+    span = gap.max(-1)
+    step = (span / CODE_LEVELS).astype(np.float16)
+    # Rounded up: codes of the largest gap then stay within 255.
+    low = step.astype(np.float64) * CODE_LEVELS < span
+    step[low] = np.nextafter(step[low], np.float16(np.inf))
+    wide = step.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = np.where(wide[..., None] > 0, np.rint(gap / wide[..., None]), 0.0)
+    return codes.clip(0, CODE_LEVELS).astype(np.uint8), step, _half_rest(rest)
+
+
+def _half_rest(rest: np.ndarray) -> np.ndarray:
+    """log R in float16; log 0 (the top k hold everything) as float16's lowest finite value, so 0 * log R is 0."""
+    return np.nan_to_num(rest, neginf=_HALF_LOWEST).clip(_HALF_LOWEST, 0.0).astype(np.float16)
+
+
+def decode_topk_logprobs(codes, step, rest, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The k + 1 log-probabilities the top-k losses read, from the compact encoding's codes `[..., k]`, step and
+    rest `[...]`: the codes' relative log-probabilities shifted so that the k probabilities sum to 1 - R."""
+    codes, step, rest = (
+        x if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x)) for x in (codes, step, rest)
+    )
+    relative = -codes.to(dtype) * step.to(dtype).unsqueeze(-1)
+    log_rest = rest.to(dtype)
+    top_mass = torch.log(-torch.expm1(log_rest)).clamp_min(torch.finfo(dtype).min)  # log(1 - R)
+    top = relative - relative.logsumexp(-1, keepdim=True) + top_mass.unsqueeze(-1)
+    return torch.cat([top, log_rest.unsqueeze(-1)], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------- checks
@@ -122,7 +247,8 @@ def build_teacher_cache(
     student: torch.nn.Module | None = None,
     data_collator=None,
     processing_class=None,
-    top_k: int = 128,
+    top_k: int | None = None,
+    topk_encoding: str = "compact",
     batch_size: int = 8,
     rows_per_shard: int = 4096,
     dtype: str = "float32",
@@ -142,10 +268,15 @@ def build_teacher_cache(
         data_collator: the trainer's collator (default: `transformers.default_data_collator`); must be
             deterministic.
         processing_class: the tokenizer or image processor, fingerprinted so the trainer can check it.
-        top_k: keep this many classes per position when the head has more (0: keep all logits).
+        top_k: keep this many classes per position when the head has more (0: keep all logits; None: 48 for the
+            'compact' encoding, 128 for 'float').
+        topk_encoding: how top-k logits are stored: 'compact' (ids in 2, 3 or 4 bytes, log-probabilities as uint8
+            steps below the position's top one; 148 bytes per position at top_k 48) or 'float' (format version 1's
+            layout: int32 ids, log-probabilities in `dtype`). The module docstring gives both layouts.
         batch_size: rows per teacher forward.
         rows_per_shard: rows per Arrow shard.
-        dtype: 'float32' or 'float16' for the stored values (float16 halves the disk, ~1e-3 relative error).
+        dtype: 'float32' or 'float16' for the stored floats: hidden states, dense logits and 'float' top-k
+            log-probabilities (float16 halves the disk, ~1e-3 relative error).
         progress: show a progress bar.
     """
     from transformers import default_data_collator
@@ -153,8 +284,9 @@ def build_teacher_cache(
     collator = data_collator if data_collator is not None else default_data_collator
     if dtype not in _FLOAT_TYPES:
         raise TeacherCacheError(f"dtype must be one of {list(_FLOAT_TYPES)}, got {dtype!r}.")
-    if not isinstance(top_k, int) or top_k < 0:
-        raise TeacherCacheError(f"top_k must be an integer >= 0 (0 keeps all logits), got {top_k!r}.")
+    check_topk_options(top_k, topk_encoding, TeacherCacheError)
+    if top_k is None:
+        top_k = DEFAULT_TOP_K[topk_encoding]
     if args.attention_weight > 0:
         raise TeacherCacheError(
             "attention_weight > 0, but attention maps are not cached ([heads, query, key] per layer per row would "
@@ -196,9 +328,9 @@ def build_teacher_cache(
     partial = output_dir.rstrip("/") + ".partial"
     shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    writer = _ShardWriter(partial, rows_per_shard, _FLOAT_TYPES[dtype])
+    writer = _ShardWriter(partial, rows_per_shard)
     layout = None
-    covered, covered_n = 0.0, 0
+    covered, covered_n, steps = 0.0, 0, []
     try:
         from tqdm.auto import tqdm
 
@@ -211,10 +343,15 @@ def build_teacher_cache(
                 out = teacher(**inputs, **_flags(teacher, bool(hidden_terms)))
             if layout is None:
                 layout = _plan_layout(out, batch, args, hidden_terms, student, collator, rows_view, top_k)
+                if layout["logits"] is not None and layout["logits"]["mode"] == "topk":
+                    layout["logits"]["encoding"] = topk_encoding
+                    if topk_encoding == "compact":
+                        layout["logits"]["id_bytes"] = id_bytes(layout["logits"]["num_classes"])
             for b, row in enumerate(rows):
-                record, mass = _record(out, batch, b, layout, args.temperature)
-                if mass is not None:
-                    covered, covered_n = covered + mass, covered_n + 1
+                record, stats = _record(out, batch, b, layout, args.temperature, _FLOAT_TYPES[dtype])
+                if stats is not None:
+                    covered, covered_n = covered + stats[0], covered_n + 1
+                    steps.append(stats[1])
                 writer.add(row, record)
             bar.update(len(rows))
         bar.close()
@@ -227,6 +364,11 @@ def build_teacher_cache(
 
     if layout["logits"] is not None and layout["logits"]["mode"] == "topk":
         layout["logits"]["mean_top_k_mass"] = covered / max(covered_n, 1)
+        if topk_encoding == "compact":
+            # The quantisation's error bound per position is its step (+ 2**-11): its largest and mean over the data.
+            steps = np.concatenate(steps) if steps else np.zeros(0)
+            layout["logits"]["step_max"] = float(steps.max()) if steps.size else 0.0
+            layout["logits"]["step_mean"] = float(steps.mean()) if steps.size else 0.0
     meta = {
         "format_version": FORMAT_VERSION,
         "hfkd_version": __version__,
@@ -364,9 +506,10 @@ def _plan_layout(out, batch, args, hidden_terms, student, collator, rows_view, t
     return layout
 
 
-def _record(out, batch, b: int, layout: dict, temperature: float) -> tuple[dict[str, np.ndarray], float | None]:
-    """Row b's stored arrays (flat) and, for top-k logits, the teacher probability mass its top-k covers."""
-    record, mass = {}, None
+def _record(out, batch, b: int, layout: dict, temperature: float, float_type) -> tuple[dict[str, np.ndarray], tuple]:
+    """Row b's stored arrays (flat, in their stored dtypes) and, for top-k logits, (the teacher probability mass its
+    top-k cover, averaged over its positions; the compact encoding's steps, one per position) or None."""
+    record, stats = {}, None
     keep = _positions(batch, b)
     record["length"] = int(keep.sum()) if keep is not None else -1
     logits_layout = layout["logits"]
@@ -375,26 +518,35 @@ def _record(out, batch, b: int, layout: dict, temperature: float) -> tuple[dict[
         if logits_layout["token_level"] and keep is not None:
             logits = logits[keep.to(logits.device)]
         if logits_layout["mode"] == "dense":
-            record["logits"] = logits.float().cpu().numpy().reshape(-1)
+            record["logits"] = logits.float().cpu().numpy().reshape(-1).astype(float_type, copy=False)
         else:
             ids, log_probs = fold_teacher(logits, logits_layout["top_k"], temperature)
-            record["topk_ids"] = ids.to(torch.int32).cpu().numpy().reshape(-1)
-            record["topk_logprobs"] = log_probs.cpu().numpy().reshape(-1)
-            mass = float(log_probs[..., :-1].exp().sum(-1).mean()) if log_probs.numel() else None
+            steps = np.zeros(0, np.float16)
+            if logits_layout["encoding"] == "compact":
+                codes, steps, rest = encode_topk_logprobs(log_probs)
+                record["topk_ids"] = pack_ids(ids.cpu().numpy(), logits_layout["id_bytes"])
+                record["topk_codes"] = codes.reshape(-1)
+                record["topk_step"] = steps.reshape(-1)
+                record["topk_rest"] = rest.reshape(-1)
+            else:
+                record["topk_ids"] = ids.to(torch.int32).cpu().numpy().reshape(-1)
+                record["topk_logprobs"] = log_probs.cpu().numpy().reshape(-1).astype(float_type, copy=False)
+            if log_probs.numel():
+                stats = (float(log_probs[..., :-1].exp().sum(-1).mean()), steps.reshape(-1).astype(np.float64))
     if layout["hidden"] is not None:
         for t in layout["hidden"]["layers"]:
             state = out.hidden_states[t][b]
             if layout["hidden"]["positional"][str(t)]:
                 state = state[keep.to(state.device)]
-            record[f"hidden_{t}"] = state.float().cpu().numpy().reshape(-1)
-    return record, mass
+            record[f"hidden_{t}"] = state.float().cpu().numpy().reshape(-1).astype(float_type, copy=False)
+    return record, stats
 
 
 class _ShardWriter:
-    """Buffers rows and writes an Arrow stream file each `rows_per_shard` rows."""
+    """Buffers rows and writes an Arrow stream file each `rows_per_shard` rows; each column keeps its arrays' dtype."""
 
-    def __init__(self, folder: str, rows_per_shard: int, float_type):
-        self.folder, self.rows_per_shard, self.float_type = folder, rows_per_shard, float_type
+    def __init__(self, folder: str, rows_per_shard: int):
+        self.folder, self.rows_per_shard = folder, rows_per_shard
         self.rows: list[int] = []
         self.columns: dict[str, list] = {}
         self.files: list[str] = []
@@ -418,11 +570,10 @@ class _ShardWriter:
             if key == "length":
                 arrays.append(pa.array(values, type=pa.int32()))
             else:
-                kind = pa.int32() if key == "topk_ids" else pa.from_numpy_dtype(self.float_type)
-                flat = np.concatenate([v.astype(kind.to_pandas_dtype(), copy=False) for v in values])
+                flat = np.concatenate(values)
                 offsets = np.zeros(len(values) + 1, dtype=np.int64)
                 np.cumsum([len(v) for v in values], out=offsets[1:])
-                arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat, type=kind)))
+                arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)))
             names.append(key)
         table = pa.Table.from_arrays(arrays, names=names)
         name = f"data-{len(self.files):05d}.arrow"
@@ -448,10 +599,22 @@ class TeacherCache:
             )
         with open(meta_path) as handle:
             self.meta = json.load(handle)
-        if self.meta.get("format_version") != FORMAT_VERSION:
+        found = self.meta.get("format_version")
+        if found != FORMAT_VERSION:
+            version = found if found is not None else "unknown (none recorded)"
+            by = self.meta.get("hfkd_version") or "an unknown version"
             raise TeacherCacheError(
-                f"{path} was written in cache format {self.meta.get('format_version')}, this hfkd reads format "
-                f"{FORMAT_VERSION}; rebuild it with `hfkd cache`."
+                f"{path} is a teacher cache in format version {version} (its {CACHE_FILE}, written by hfkd {by}), "
+                f"but this hfkd ({__version__}) reads format version "
+                f"{FORMAT_VERSION} only (version 2 stores top-k logits in the compact encoding by default). Rebuild "
+                f"it with `hfkd cache` and the flags it was built with, plus --cache_dir {path} --overwrite_cache true "
+                "(Python: build_teacher_cache(..., overwrite=True))."
+            )
+        logits = self.meta.get("logits")
+        if logits and logits.get("mode") == "topk" and logits.get("encoding") not in TOPK_ENCODINGS:
+            raise TeacherCacheError(
+                f"{path} stores top-k logits in the encoding {logits.get('encoding')!r}, which this hfkd "
+                f"({__version__}) cannot decode (it reads {list(TOPK_ENCODINGS)}); rebuild it with `hfkd cache`."
             )
         self.path = path
         self._shards = [_open_shard(os.path.join(path, name)) for name in self.meta["shards"]]
@@ -552,10 +715,20 @@ class TeacherCache:
             if logits["mode"] == "dense":
                 trailing = (logits["num_classes"],)
                 out["logits"] = self._place(located, "logits", trailing, keeps, logits["token_level"])
-            else:
+            elif logits["encoding"] == "float":
                 k = logits["top_k"]
                 out["topk_ids"] = self._place(located, "topk_ids", (k,), keeps, True, torch.long)
                 out["topk_logprobs"] = self._place(located, "topk_logprobs", (k + 1,), keeps, True)
+            else:
+                k, width = logits["top_k"], logits["id_bytes"]
+                ids = [unpack_ids(shard["topk_ids"](i), width).reshape(-1, k) for shard, i in located]
+                out["topk_ids"] = self._put(ids, (k,), keeps, torch.long)
+                codes, steps, rests = (
+                    np.concatenate([shard[name](i) for shard, i in located])
+                    for name in ("topk_codes", "topk_step", "topk_rest")
+                )
+                log_probs = decode_topk_logprobs(codes.reshape(-1, k), steps, rests)
+                out["topk_logprobs"] = self._put(log_probs, (k + 1,), keeps, torch.float32, [len(v) for v in ids])
         hidden = self.meta["hidden"]
         if hidden is not None:
             for t in hidden["layers"]:
@@ -575,16 +748,30 @@ class TeacherCache:
             )
         return keep
 
-    @staticmethod
-    def _place(located, column: str, trailing: tuple, keeps, positional: bool, dtype=torch.float32) -> torch.Tensor:
+    @classmethod
+    def _place(cls, located, column: str, trailing: tuple, keeps, positional: bool, dtype=torch.float32):
         """Stacks rows; per-position arrays go to the kept positions of a zero `[batch, seq, *trailing]`."""
         shape = (-1, *trailing) if positional else trailing
         values = [shard[column](i).reshape(shape) for shard, i in located]
-        if not positional or keeps[0] is None:
+        if not positional:
             return torch.from_numpy(np.stack(values)).to(dtype)
+        return cls._put(values, trailing, keeps, dtype)
+
+    @staticmethod
+    def _put(values, trailing: tuple, keeps, dtype, lengths=None) -> torch.Tensor:
+        """Per-position rows (a list of `[positions, *trailing]` arrays, or their concatenation as a tensor with the
+        rows' `lengths`) at the kept positions of a zero `[batch, seq, *trailing]` (stacked when rows have no mask)."""
+        if isinstance(values, list):
+            lengths = [len(v) for v in values]
+            values = torch.from_numpy(np.concatenate(values))
+        values = values.to(dtype)
+        if keeps[0] is None:
+            if len(set(lengths)) > 1:
+                raise TeacherCacheError(f"Cached rows of {sorted(set(lengths))} positions cannot be stacked unpadded.")
+            return values.reshape(len(lengths), -1, *trailing)
         # Rows hold their real positions in order, so one masked assignment places the whole batch (row-major).
-        out = torch.zeros((len(values), keeps[0].shape[0], *trailing), dtype=dtype)
-        out[torch.stack(keeps)] = torch.from_numpy(np.concatenate(values)).to(dtype)
+        out = torch.zeros((len(lengths), keeps[0].shape[0], *trailing), dtype=dtype)
+        out[torch.stack(keeps)] = values
         return out
 
 
@@ -661,15 +848,32 @@ class CacheArguments:
         default=None,
         metadata={"help": "Folder to write the cache to; then run `hfkd distill --teacher_cache_dir` on it."},
     )
-    top_k: int = field(
-        default=128,
+    top_k: int | None = field(
+        default=None,
         metadata={
             "help": "Per position, keep the teacher's top_k classes and the rest of the probability mass as one bucket "
-            "when its head has more classes (language models); 0 keeps all logits."
+            "when its head has more classes (language models); 0 keeps all logits. Default: 48 with topk_encoding "
+            "compact (148 bytes per token), 128 with float."
+        },
+    )
+    topk_encoding: str = field(
+        default="compact",
+        metadata={
+            "help": "How top-k logits are stored. 'compact': ids in the narrowest unsigned integer that holds the "
+            "vocabulary (uint16 up to 65,536 classes, then 3 or 4 bytes), log-probabilities as uint8 steps below "
+            "the position's top one (error <= step + 2**-11, step = their span / 255), the rest of the mass in "
+            "float16: k * 3 + 4 bytes per token. 'float': format version 1's layout, int32 ids and cache_dtype "
+            "log-probabilities (770 bytes per token at top_k 128 in float16). See hfkd/cache.py's docstring."
         },
     )
     cache_batch_size: int = field(default=8, metadata={"help": "Rows per teacher forward while caching."})
-    cache_dtype: str = field(default="float32", metadata={"help": "'float32' or 'float16' for the stored values."})
+    cache_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "'float32' or 'float16' for the stored floats: hidden states, full logits, and top-k "
+            "log-probabilities with topk_encoding float."
+        },
+    )
     rows_per_shard: int = field(default=4096, metadata={"help": "Rows per Arrow shard file."})
     overwrite_cache: bool = field(
         default=False, metadata={"help": "Replace an existing cache in cache_dir (once the new one is complete)."}
@@ -681,3 +885,6 @@ class CacheArguments:
         for name in ("cache_batch_size", "rows_per_shard"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        check_topk_options(self.top_k, self.topk_encoding)
+        if self.cache_dtype not in _FLOAT_TYPES:
+            raise ValueError(f"cache_dtype must be one of {list(_FLOAT_TYPES)}, got {self.cache_dtype!r}.")

@@ -55,6 +55,28 @@ class DistillationConfig(TrainingArguments):
             '\'{"dtype": "bfloat16", "revision": "main"}\'.'
         },
     )
+    teacher_processing_class: str | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher's own tokenizer (Hub id or local path, loaded with AutoTokenizer), for a teacher and "
+            "student that do not share one (hfkd.two_tokenizers); the trainer's `teacher_processing_class=` argument "
+            "takes a tokenizer instance instead. Rows then stay text (tokenize_text_column, tokenize_text_pair_column; "
+            "or prompt and completion for causal LMs) and each batch carries both tokenizations and the spans between them. "
+            "Causal LMs distil with the span_kd or uld terms; classifiers with logit, hidden (over spans) and the "
+            "relation terms."
+        },
+    )
+    tokenize_text_column: str = field(
+        default="text",
+        metadata={"help": "teacher_processing_class: the column of text rows both tokenizers read."},
+    )
+    tokenize_text_pair_column: str | None = field(
+        default=None, metadata={"help": "teacher_processing_class: the second text column of pair tasks."}
+    )
+    tokenize_max_length: int | None = field(
+        default=None,
+        metadata={"help": "teacher_processing_class: tokens per model at most for text rows (None: no cut)."},
+    )
     teacher_cache_dir: str | None = field(
         default=None,
         metadata={
@@ -279,6 +301,25 @@ class DistillationConfig(TrainingArguments):
                 raise ValueError(
                     "teacher_ema_decay makes the teacher change after every step, so a teacher cache (which stores "
                     "one fixed teacher's outputs) cannot stand for it; unset teacher_cache_dir or teacher_ema_decay."
+                )
+        cut = self.tokenize_max_length
+        if cut is not None and (not isinstance(cut, int) or isinstance(cut, bool) or cut < 2):
+            raise ValueError(f"tokenize_max_length must be an integer >= 2 (or None for no cut), got {cut!r}.")
+        if self.teacher_processing_class is not None:
+            for name, value in (
+                ("teacher_cache_dir", self.teacher_cache_dir),
+                ("peer_model_name_or_path", self.peer_model_name_or_path),
+            ):
+                if value:
+                    raise ValueError(
+                        f"teacher_processing_class (a teacher with its own tokenizer) cannot be combined with {name} "
+                        "yet; unset one of them."
+                    )
+            if self.lmbda > 0 or self.seq_kd:
+                raise ValueError(
+                    "teacher_processing_class (a teacher with its own tokenizer) cannot be combined with on-policy "
+                    "generation (lmbda > 0) or seq_kd yet: generated tokens would need the teacher's tokenization. "
+                    "Set lmbda=0 and seq_kd=False."
                 )
         if self.peer_model_name_or_path is not None:
             named_peers(self.peer_model_name_or_path)  # an empty or repeated entry fails here

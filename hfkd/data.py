@@ -1,5 +1,6 @@
 """Data for the recipes: any `datasets.load_dataset` source, a held-out split, and per-task preprocessing."""
 
+import bisect
 import json
 import logging
 from dataclasses import dataclass, field
@@ -52,7 +53,11 @@ class DataArguments:
     label_column: str = field(default="label", metadata={"help": "Column holding the class label."})
     image_column: str = field(default="image", metadata={"help": "Column holding the image."})
     max_length: int = field(
-        default=128, metadata={"help": "Maximum tokens per example (causal LM: the length of each text block)."}
+        default=128,
+        metadata={
+            "help": "Maximum tokens per example (causal LM: the length of each text block; with a student that has its "
+            "own tokenizer, each piece of text, cut at whitespace, holds at most this many tokens of either model)."
+        },
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many held-out rows."})
@@ -269,6 +274,121 @@ def preprocess_causal_lm(dataset, tokenizer, args: DataArguments):
     return packed
 
 
+# ---------------------------------------------------------------------------------------------------- two tokenizers
+def _special_count(tokenizer) -> int:
+    """Tokens the tokenizer adds to a text on its own (BOS, EOS, CLS, SEP)."""
+    return len(tokenizer("a")["input_ids"]) - len(tokenizer("a", add_special_tokens=False)["input_ids"])
+
+
+def split_text(texts: list[str], tokenizers: list, max_length: int) -> list[str]:
+    """Cuts each text at whitespace into pieces that every tokenizer holds in at most `max_length` tokens.
+
+    The counterpart of packing when a teacher and a student do not share a tokenizer: blocks of one tokenizer's
+    tokens end mid-word for the other, whereas a piece of text is the same text for both. Whitespace at a cut is
+    dropped; a run of text without whitespace longer than the budget is cut where the budget ends. Empty texts give
+    no piece. Each piece is measured in the context of the whole text, so a rare piece tokenized alone may exceed the
+    budget by a token (tokenizing with truncation catches it).
+    """
+    tokenizers = list(tokenizers)
+    budgets = [max(max_length - _special_count(t) - 1, 1) for t in tokenizers]
+    pieces = []
+    for text in texts:
+        if not text or not text.strip():
+            continue
+        ends = []  # per tokenizer, where each of its tokens ends in the text
+        for tokenizer in tokenizers:
+            encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            ends.append([end for start, end in encoded["offset_mapping"] if start < end])
+        start = len(text) - len(text.lstrip())
+        while start < len(text):
+            limit = len(text)
+            for token_ends, budget in zip(ends, budgets, strict=True):
+                first = bisect.bisect_right(token_ends, start)  # the first token that ends past `start`
+                if first + budget - 1 < len(token_ends):
+                    limit = min(limit, token_ends[first + budget - 1])
+            cut = limit
+            if limit < len(text):
+                space = max(text.rfind(c, start + 1, limit + 1) for c in (" ", "\n", "\t", "\r"))
+                cut = space if space > start else limit
+            piece = text[start:cut].strip()
+            if piece:
+                pieces.append(piece)
+            start = cut
+            while start < len(text) and text[start].isspace():
+                start += 1
+    return pieces
+
+
+def preprocess_text_classification_for_both(
+    dataset, student_tokenizer, teacher_tokenizer, args: DataArguments, names: list[str]
+):
+    """Text classification rows tokenized for a student and a teacher with their own tokenizers
+    (hfkd.two_tokenizers.tokenize_for_both, each side cut to max_length tokens), with the spans between them."""
+    from .two_tokenizers import tokenize_for_both
+
+    _require_columns(
+        dataset,
+        {
+            "text_column": args.text_column,
+            "text_pair_column": args.text_pair_column,
+            "label_column": args.label_column,
+        },
+    )
+    dataset = dataset.filter(lambda row: row[args.text_column] is not None and row[args.label_column] is not None)
+    if len(dataset) == 0:
+        raise ValueError(
+            f"No row has both a {args.text_column!r} text (text_column) and a {args.label_column!r} label "
+            "(label_column): the data set is empty once rows missing either are dropped. Check the two columns."
+        )
+    dataset = _label_ids(dataset, args, names)
+    return dataset.map(
+        tokenize_for_both,
+        fn_kwargs={
+            "student_tokenizer": student_tokenizer,
+            "teacher_tokenizer": teacher_tokenizer,
+            "max_length": args.max_length,
+            "text_column": args.text_column,
+            "text_pair_column": args.text_pair_column,
+        },
+        remove_columns=[c for c in dataset.column_names if c != "labels"],
+        desc="Tokenizing for the student and the teacher",
+    )
+
+
+def preprocess_causal_lm_for_both(dataset, student_tokenizer, teacher_tokenizer, args: DataArguments):
+    """Causal-LM rows for a student and a teacher with their own tokenizers: the text is cut at whitespace into
+    pieces both hold in max_length tokens (`split_text`, in place of packing), each piece one row tokenized for both
+    (hfkd.two_tokenizers.tokenize_for_both) and padded in the batch; the labels are the student's ids."""
+    from .two_tokenizers import tokenize_for_both
+
+    _require_columns(dataset, {"text_column": args.text_column})
+    tokenizers = [student_tokenizer, teacher_tokenizer]
+    column = args.text_column
+    pieces = dataset.map(
+        lambda batch: {column: split_text(batch[column], tokenizers, args.max_length)},
+        batched=True,
+        remove_columns=dataset.column_names,
+        desc=f"Cutting the text into pieces of at most {args.max_length} tokens for both tokenizers",
+    )
+    rows = pieces.map(
+        tokenize_for_both,
+        fn_kwargs={
+            "student_tokenizer": student_tokenizer,
+            "teacher_tokenizer": teacher_tokenizer,
+            "max_length": args.max_length,
+            "text_column": column,
+            "causal_lm": True,
+        },
+        remove_columns=[column],
+        desc="Tokenizing for the student and the teacher",
+    )
+    # A row of one token on either side predicts nothing there.
+    rows = rows.filter(lambda row: len(row["input_ids"]) > 1 and len(row["teacher_input_ids"]) > 1)
+    if len(rows) == 0:
+        raise ValueError(f"No text row holds two tokens or more (text_column={column!r}); check the data.")
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------- prompt + completion
 def tokenize_prompt_completion(example: dict, tokenizer, max_length: int | None = None, add_eos: bool = True) -> dict:
     """One row of TRL-style data as causal-LM inputs whose labels are -100 on the prompt (`dataset.map(...)`).
@@ -321,6 +441,12 @@ def tokenize_prompt_completion(example: dict, tokenizer, max_length: int | None 
         if add_eos and eos is not None and (not ids or ids[-1] != eos):
             ids.append(eos)
     else:  # conversational: the chat template writes the turns, their special tokens and end-of-turn markers
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"Conversational rows (messages) need the tokenizer's chat template, but {type(tokenizer).__name__} "
+                "has none (tokenizer.chat_template is unset): use the instruct model's tokenizer, set "
+                "tokenizer.chat_template, or give `prompt` and `completion` texts."
+            )
         prompt_text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
         whole = tokenizer.apply_chat_template(list(prompt) + list(completion), tokenize=False)
         prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]

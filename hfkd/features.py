@@ -9,6 +9,9 @@ from dataclasses import dataclass
 import torch
 from transformers.models.auto import modeling_auto
 
+from .alignment import span_starts
+from .batch import SPANS
+
 # Heads whose logits hold one distribution per position (the others give one per example).
 _TOKEN_LEVEL_CLASSES = frozenset(
     name
@@ -83,6 +86,9 @@ def unit_masks(inputs: dict, kind: ModelKind) -> dict[str, torch.Tensor | None]:
         masks["decoder"] = labels.ne(-100) if labels is not None else decoder
     else:
         masks["main"] = attention
+    spans = inputs.get(SPANS)
+    if isinstance(spans, torch.Tensor):  # a teacher with its own tokenizer: the cross-tokenizer terms count spans
+        masks["spans"] = span_starts(spans)
     return masks
 
 

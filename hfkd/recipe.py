@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import shutil
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
     DataCollatorWithPadding,
     EarlyStoppingCallback,
     Trainer,
@@ -35,10 +37,12 @@ from transformers import (
 from transformers.trainer_utils import get_last_checkpoint
 
 from . import data as hfkd_data
+from .batch import SPANS, TEACHER_PREFIX, TEACHER_SPANS
 from .cache import TeacherCache, build_teacher_cache
 from .config import DistillationConfig
 from .data import DataArguments
-from .measure import compare_latency, count_parameters
+from .lm_eval import bits_per_byte
+from .measure import compare_latency, count_parameters, forward_latency_ms
 from .metrics import load_metric
 from .paths import resolve_path
 from .peers import named_peers, peer_folder, save_peer
@@ -57,6 +61,7 @@ from .student import student_from_teacher, student_layers
 from .terms import TERMS
 from .terms.runner import TermSet
 from .trainer import DistillationTrainer
+from .two_tokenizers import TwoTokenizerCollator
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +119,13 @@ class RecipeArguments:
         metadata={"help": "Comma-separated module names LoRA adapts (default: peft's choice for the architecture)."},
     )
     student_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A ready student (Hub id or path); else one is built from the teacher."}
+        default=None,
+        metadata={
+            "help": "A ready student (Hub id or path); else one is built from the teacher. A student whose tokenizer "
+            "(saved beside it) differs from the teacher's is trained and evaluated with its own, saved with it, and "
+            "distilled on text tokenized for both (hfkd.two_tokenizers): span_kd or uld for causal LMs, whose text is "
+            "then cut into pieces instead of packed blocks and compared in bits per byte."
+        },
     )
     student_num_layers: int | None = field(
         default=None,
@@ -325,6 +336,12 @@ def check_run_settings(recipe: RecipeArguments, config: DistillationConfig) -> N
             "yet: they distil from the recipe's teacher. Unset it, or use it from Python: "
             "DistillationTrainer(model=student, args=DistillationConfig(teacher_ema_decay=0.999, ...))."
         )
+    if config.teacher_processing_class is not None:
+        raise ValueError(
+            "teacher_processing_class: a recipe reads the teacher's tokenizer from teacher_model_name_or_path and the "
+            "student's from student_model_name_or_path, and tokenizes for both when they differ; unset "
+            "teacher_processing_class (it is for DistillationTrainer in Python)."
+        )
     # A recipe has one teacher: settings for several are refused now, not after the teacher is fine-tuned.
     several = [
         name
@@ -430,6 +447,10 @@ class _Run:
         # Deep mutual learning (peer_model_name_or_path): the peers by name, and each one's source as given.
         self.peers: dict[str, torch.nn.Module] = {}
         self.peer_sources: dict[str, str] = {}
+        # A student with its own tokenizer (`across`): its tokenizer, and each model's held-out text evaluation.
+        self.student_processor = None
+        self.across = False
+        self.text_evals: dict[str, dict] = {}
 
     # -- data and processors
     def load_data(self):
@@ -451,7 +472,139 @@ class _Run:
             self.processor = AutoTokenizer.from_pretrained(self.teacher_path, **self._gguf_kwargs())
             if self.processor.pad_token is None:
                 self.processor.pad_token = self.processor.eos_token
-        self.train_ds, self.eval_ds = (self._preprocess(d) for d in (self.train_raw, self.eval_raw))
+        self.student_processor = self._student_tokenizer()
+        self.across = self.student_processor is not self.processor
+        if self.across:
+            self.check_across()
+            self._preprocess_across()
+        else:
+            self.train_ds, self.eval_ds = (self._preprocess(d) for d in (self.train_raw, self.eval_raw))
+            # One tokenization serves every stage.
+            self.student_train_ds, self.student_eval_ds = self.train_ds, self.eval_ds
+            self.distill_train_ds, self.distill_eval_ds = self.train_ds, self.eval_ds
+        if task == "causal-lm":
+            # The texts every model's bits per byte is measured on: the held-out text cut at whitespace into pieces
+            # each tokenizer holds in max_length tokens (the held-out rows of a run across tokenizers).
+            tokenizers = [self.processor] + ([self.student_processor] if self.across else [])
+            texts = [t for t in self.eval_raw[self.data_args.text_column] if t]
+            self.lm_texts = hfkd_data.split_text(texts, tokenizers, self.data_args.max_length)
+
+    def _student_tokenizer(self):
+        """The student's own tokenizer when it has one that differs from the teacher's, else the teacher's."""
+        r = self.recipe
+        if not r.student_model_name_or_path or r.task == "image-classification":
+            return self.processor
+        path = resolve_path(r.student_model_name_or_path)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError, TypeError, KeyError):
+            tokenizer = None
+        if tokenizer is None:
+            # No tokenizer beside the student: it must read the teacher's ids, as students built from the teacher do.
+            try:
+                config = AutoConfig.from_pretrained(path)
+            except (OSError, ValueError) as err:
+                raise ValueError(
+                    f"Could not load the student {r.student_model_name_or_path!r} (student_model_name_or_path): {err}\n"
+                    "Check the id or path (HF_HUB_OFFLINE=1 allows only local or cached models)."
+                ) from err
+            vocab = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
+            if vocab is not None and vocab < len(self.processor):
+                raise ValueError(
+                    f"student_model_name_or_path={r.student_model_name_or_path!r} has no tokenizer, and its vocabulary "
+                    f"({vocab} tokens) is smaller than the teacher's tokenizer ({len(self.processor)}): it cannot read "
+                    "the teacher's ids. Save the student's own tokenizer in its folder (tokenizer.save_pretrained("
+                    "folder)); hfkd then tokenizes the text for both models."
+                )
+            return self.processor
+        if tokenizer.get_vocab() == self.processor.get_vocab():
+            return self.processor  # the teacher's tokenizer: the run is the same as with a student built from it
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"student_model_name_or_path={r.student_model_name_or_path!r}: its tokenizer "
+                f"({type(tokenizer).__name__}) differs from the teacher's and is not a fast tokenizer, but lining up "
+                "two tokenizations needs each token's character offsets. Save a fast tokenizer (tokenizer.json) with "
+                "the student."
+            )
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise ValueError(
+                    f"student_model_name_or_path={r.student_model_name_or_path!r}: its tokenizer has neither a pad "
+                    "nor an EOS token to pad batches with; set tokenizer.pad_token and save it with the student."
+                )
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
+
+    def check_across(self):
+        """What cannot run when the student has its own tokenizer, refused before anything is tokenized or trained."""
+        c, r = self.config, self.recipe
+        own = (
+            f"student_model_name_or_path={r.student_model_name_or_path!r} has its own tokenizer "
+            f"({len(self.student_processor)} tokens; the teacher's has {len(self.processor)})"
+        )
+        if c.teacher_cache_dir:
+            raise ValueError(
+                f"teacher_cache_dir: {own}, but a teacher cache stores outputs over the teacher's tokenization alone, "
+                "without the spans that line it up with the student's. Unset --teacher_cache_dir (the teacher runs "
+                "online), or use a student with the teacher's tokenizer."
+            )
+        if c.peer_model_name_or_path is not None:
+            raise ValueError(
+                f"peer_model_name_or_path: {own}; deep mutual learning needs the peers and the student to share one "
+                "tokenizer. Drop --peer_model_name_or_path, or use a student with the teacher's tokenizer."
+            )
+        if r.generations > 1:
+            raise ValueError(
+                f"generations={r.generations}: {own}; born-again generations are not offered across tokenizers yet. "
+                "Set --generations 1."
+            )
+        lm = r.task == "causal-lm"
+        names = [spec.name for spec in c.term_specs]
+        positional = [n for n in names if not TERMS[n].across_tokenizers or (lm and n in ("logit", "dkd"))]
+        lm_only = [n for n in names if not lm and n in ("span_kd", "uld")]
+        usable = (
+            'span_kd or uld (--terms \'[{"name": "span_kd"}]\') with the task loss'
+            if lm
+            else "logit, hidden (over aligned spans) and the relation terms (rkd, sp, pkt, crd, pkd)"
+        )
+        for refused, why in (
+            (positional, "compare the two models token position by token position or id by id"),
+            (lm_only, "compare next-token distributions of causal LMs, and this task has class logits"),
+        ):
+            if refused:
+                fixes = [
+                    f"--{TERMS[n].short_form['weight']} 0" if TERMS[n].short_form else f"drop {n!r} from --terms"
+                    for n in refused
+                ]
+                raise ValueError(
+                    f"{own}, and the terms {refused} {why}; {', '.join(fixes)}. Across tokenizers use {usable}."
+                )
+
+    def _preprocess_across(self):
+        """Teacher stages keep the teacher's tokenization; distillation reads both (the student's view is its part)."""
+        task, args = self.recipe.task, self.data_args
+        student_tok, teacher_tok = self.student_processor, self.processor
+        if task == "text-classification":
+            both = [
+                hfkd_data.preprocess_text_classification_for_both(d, student_tok, teacher_tok, args, self.labels)
+                for d in (self.train_raw, self.eval_raw)
+            ]
+            self.eval_ds = self._preprocess(self.eval_raw)  # the teacher's evaluation
+        else:
+            both = [
+                hfkd_data.preprocess_causal_lm_for_both(d, student_tok, teacher_tok, args)
+                for d in (self.train_raw, self.eval_raw)
+            ]
+            self.eval_ds = None  # every causal LM is evaluated on the same held-out text, in bits per byte
+        # The teacher's own tokenization of the training data serves its fine-tuning only.
+        self.train_ds = self._preprocess(self.train_raw) if self.recipe.finetune_teacher else None
+        self.distill_train_ds, self.distill_eval_ds = both
+        self.student_train_ds, self.student_eval_ds = (
+            d.remove_columns(
+                [c for c in d.column_names if c.startswith(TEACHER_PREFIX) or c in (SPANS, TEACHER_SPANS)]
+            )
+            for d in both
+        )
 
     def _teacher_label_order(self, labels: list[str]) -> list[str]:
         """A teacher that is not fine-tuned here keeps its own label ids; the data must be encoded the same way."""
@@ -486,11 +639,25 @@ class _Run:
             return hfkd_data.preprocess_image_classification(dataset, self.processor, args, self.labels)
         return hfkd_data.preprocess_causal_lm(dataset, self.processor, args)
 
-    def collator(self):
-        if self.recipe.task == "text-classification":
-            return DataCollatorWithPadding(self.processor)
-        if self.recipe.task == "causal-lm":
-            return DataCollatorForLanguageModeling(self.processor, mlm=False)
+    def collator(self, role: str = "student"):
+        """Batches for `role`: 'teacher' (its own tokenization), 'student', or 'distill' (both, when they differ)."""
+        task = self.recipe.task
+        if role == "distill" and self.across:
+            return TwoTokenizerCollator(
+                self.student_processor,
+                self.processor,
+                max_length=self.data_args.max_length,
+                text_column=self.data_args.text_column,
+                text_pair_column=self.data_args.text_pair_column,
+                causal_lm=task == "causal-lm",
+            )
+        tokenizer = self.processor if role == "teacher" else self.student_processor
+        if task == "text-classification":
+            return DataCollatorWithPadding(tokenizer)
+        if task == "causal-lm":
+            if self.across and role != "teacher":  # rows of text pieces, their labels already made
+                return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+            return DataCollatorForLanguageModeling(tokenizer, mlm=False)
         return default_data_collator
 
     # -- models
@@ -612,7 +779,7 @@ class _Run:
             model=teacher,
             args=args,
             train_dataset=self.train_ds,
-            data_collator=self.collator(),
+            data_collator=self.collator("teacher"),
             processing_class=self.processor,
         )
         trainer.train()
@@ -661,7 +828,12 @@ class _Run:
             f"`{data_args.dataset_name}`"
             + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
             + (f" from {data_args.data_files}" if data_args.data_files else "")
-            + f"; {len(self.train_ds)} training and {len(self.eval_ds)} held-out examples"
+            + f"; {len(self.distill_train_ds)} training and {len(self.student_eval_ds)} held-out examples"
+            + (
+                f" (pieces of text of at most {data_args.max_length} tokens for both tokenizers, not packed)"
+                if self.across and self.recipe.task == "causal-lm"
+                else ""
+            )
             + (
                 ""
                 if data_args.eval_split
@@ -679,7 +851,17 @@ class _Run:
         if r.student_model_name_or_path:
             path = resolve_path(r.student_model_name_or_path)
             set_seed(self.config.seed)  # a head the checkpoint lacks starts the same way each time
-            return _AUTO[r.task].from_pretrained(path, **self._label_kwargs()), f"`{r.student_model_name_or_path}`"
+            student = _AUTO[r.task].from_pretrained(path, **self._label_kwargs())
+            note = f"`{r.student_model_name_or_path}`"
+            if self.across:
+                if student.config.pad_token_id is None:
+                    student.config.pad_token_id = self.student_processor.pad_token_id
+                note += (
+                    f", with its own tokenizer ({len(self.student_processor):,} tokens; the teacher's has "
+                    f"{len(self.processor):,}), saved with it: distillation read the text tokenized for both and "
+                    "lined up by character spans (hfkd.two_tokenizers)"
+                )
+            return student, note
         layers = r.layer_list()
         student = student_from_teacher(
             self.teacher, num_layers=None if layers else r.student_num_layers, layers=layers
@@ -730,9 +912,9 @@ class _Run:
         trainer = trainer_cls(
             model=student,
             args=args,
-            train_dataset=self.train_ds,
-            data_collator=self.collator(),
-            processing_class=self.processor,
+            train_dataset=self.student_train_ds,
+            data_collator=self.collator("student"),
+            processing_class=self.student_processor,
             **kwargs,
         )
         trainer.train()
@@ -748,10 +930,12 @@ class _Run:
         args = TrainingArguments(**kwargs)
         _heading(
             c,
-            f"comparison: the same student on the labels alone, {_planned_steps(args, len(self.train_ds))} steps",
+            f"comparison: the same student on the labels alone, {_planned_steps(args, len(self.student_train_ds))} "
+            "steps",
         )
         trainer = self._train_beside(Trainer, student, args)
-        self.labels_only = {"steps": trainer.state.global_step, "metric": self.evaluate(student)}
+        metric, text = self.evaluate_all(student)
+        self.labels_only = {"steps": trainer.state.global_step, "metric": metric, **_text_fields(text)}
 
     @staticmethod
     def _num_layers(model) -> int | str:
@@ -774,6 +958,7 @@ class _Run:
             teacher_model_name_or_path=None,
             teacher_model_init_kwargs=None,
             peer_model_name_or_path=None,  # the trainer gets the peers this run loaded
+            teacher_processing_class=None,  # given below as a tokenizer when the student has its own
             report_to=c.report_to,
         )
         callbacks = []
@@ -787,10 +972,11 @@ class _Run:
             teacher_model=None if self.peers else self.teacher,
             peer_models=self.peers or None,
             args=args,
-            train_dataset=self.train_ds,
-            eval_dataset=self.eval_ds,
-            data_collator=self.collator(),
-            processing_class=self.processor,
+            train_dataset=self.distill_train_ds,
+            eval_dataset=self.distill_eval_ds,
+            data_collator=self.collator("distill"),
+            processing_class=self.student_processor,
+            teacher_processing_class=self.processor if self.across else None,
             compute_metrics=None if lm else _accuracy,
             callbacks=callbacks,
         )
@@ -802,7 +988,7 @@ class _Run:
         if resume is True:
             from_step = f", resuming from {get_last_checkpoint(args.output_dir)}"
         stage = f"stage {2 if self.recipe.finetune_teacher else 1}/{2 if self.recipe.finetune_teacher else 1}"
-        steps = _planned_steps(args, len(self.train_ds))
+        steps = _planned_steps(args, len(self.distill_train_ds))
         if self.peers:
             _heading(
                 self.config,
@@ -811,7 +997,8 @@ class _Run:
                 "(it is evaluated for comparison)",
             )
         else:
-            _heading(self.config, f"{stage}: distillation, {steps} steps{from_step}")
+            tokenized = ", text tokenized for both tokenizers" if self.across else ""
+            _heading(self.config, f"{stage}: distillation, {steps} steps{from_step}{tokenized}")
         trainer.train(resume_from_checkpoint=resume)
         self.trainer = trainer
         self.log_history = trainer.state.log_history
@@ -848,7 +1035,7 @@ class _Run:
             _heading(
                 c,
                 f"born-again generation {generation}/{self.recipe.generations}: the same student, taught by "
-                f"generation {generation - 1}, {_planned_steps(args, len(self.train_ds))} steps",
+                f"generation {generation - 1}, {_planned_steps(args, len(self.student_train_ds))} steps",
             )
             trainer = self._train_beside(DistillationTrainer, student, args, teacher_model=teacher)
             self.student = student
@@ -862,21 +1049,65 @@ class _Run:
             )
 
     def evaluate(self, model) -> float:
+        """The recipe's metric on the held-out split, each model reading its own tokenization (the teacher its
+        tokenizer's, every other model the student's): accuracy; for causal LMs perplexity over the packed blocks, or
+        bits per byte when the student has its own tokenizer."""
+        if self.recipe.task == "causal-lm" and self.across:
+            return self.text_eval(model)["bits_per_byte"]
         args = self._stage_args(os.path.join(self.out, "checkpoints", "_eval"))
-        trainer = Trainer(model=model, args=args, data_collator=self.collator(), processing_class=self.processor)
+        teacher = model is self.teacher
+        role = "teacher" if teacher else "student"
+        tokenizer = self.processor if teacher else self.student_processor
+        trainer = Trainer(model=model, args=args, data_collator=self.collator(role), processing_class=tokenizer)
+        eval_ds = self.eval_ds if teacher else self.student_eval_ds
         if self.recipe.task == "causal-lm":
-            loss = trainer.evaluate(self.eval_ds)["eval_loss"]
+            loss = trainer.evaluate(eval_ds)["eval_loss"]
             return math.exp(min(loss, 50.0))
-        prediction = trainer.predict(self.eval_ds)
+        prediction = trainer.predict(eval_ds)
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         metric = load_metric("accuracy")
         return metric.compute(predictions=np.argmax(logits, -1).tolist(), references=prediction.label_ids.tolist())[
             "accuracy"
         ]
 
-    def latency_batch(self) -> dict:
-        rows = [self.eval_ds[i] for i in range(min(self.recipe.latency_batch_size, len(self.eval_ds)))]
-        return self.collator()(rows)
+    def text_eval(self, model) -> dict:
+        """Bits per byte and perplexity per own token on the held-out text pieces (hfkd.lm_eval), the same text for
+        every model whatever its tokenizer."""
+        tokenizer = self.processor if model is self.teacher else self.student_processor
+        return bits_per_byte(
+            model,
+            tokenizer,
+            self.lm_texts,
+            max_length=self.data_args.max_length,
+            batch_size=self.config.per_device_eval_batch_size,
+        )
+
+    def evaluate_all(self, model) -> tuple[float, dict | None]:
+        """The recipe's metric, and for causal LMs the held-out text's bits per byte (None for classifiers)."""
+        if self.recipe.task != "causal-lm":
+            return self.evaluate(model), None
+        text = self.text_eval(model)
+        return (text["bits_per_byte"] if self.across else self.evaluate(model)), text
+
+    def latency(self) -> tuple[float, float]:
+        """Median forward latencies of teacher and student on one batch of held-out rows, each model reading its own
+        tokenization of the same examples (hfkd.measure.compare_latency when they share one)."""
+        n = min(self.recipe.latency_batch_size, len(self.student_eval_ds))
+        repeats = self.recipe.latency_repeats
+        if not self.across:
+            return compare_latency(
+                self.teacher, self.student, self.collator("teacher")([self.eval_ds[i] for i in range(n)]), repeats
+            )
+        batch = self.collator("distill")([self.distill_eval_ds[i] for i in range(n)])
+        teacher_batch = {k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
+        student_batch = {
+            k: v for k, v in batch.items() if not k.startswith(TEACHER_PREFIX) and k not in (SPANS, TEACHER_SPANS)
+        }
+        teacher_times, student_times = [], []
+        for _ in range(max(1, repeats // 2)):  # alternating rounds, as compare_latency: drift hits both alike
+            teacher_times.append(forward_latency_ms(self.teacher, teacher_batch, repeats=2, warmup=1))
+            student_times.append(forward_latency_ms(self.student, student_batch, repeats=2, warmup=1))
+        return statistics.median(teacher_times), statistics.median(student_times)
 
 
 def run_cache(recipe: RecipeArguments, data_args: DataArguments, config: DistillationConfig, cache_args) -> dict:
@@ -900,6 +1131,12 @@ def run_cache(recipe: RecipeArguments, data_args: DataArguments, config: Distill
     set_seed(config.seed)
     run = _Run(recipe, data_args, config)
     run.load_data()
+    if run.across:
+        raise ValueError(
+            f"student_model_name_or_path={recipe.student_model_name_or_path!r} has its own tokenizer: a teacher cache "
+            "stores outputs over the teacher's tokenization alone, which cannot teach it. Distil without a cache "
+            "(hfkd distill runs the teacher online), or use a student with the teacher's tokenizer."
+        )
     run.load_teacher()
     if config.hidden_weight > 0:
         run.build_student()  # its depth resolves the hidden layer map
@@ -909,9 +1146,10 @@ def run_cache(recipe: RecipeArguments, data_args: DataArguments, config: Distill
         cache_args.cache_dir,
         args=config,
         student=getattr(run, "student", None),
-        data_collator=run.collator(),
+        data_collator=run.collator("teacher"),
         processing_class=run.processor,
         top_k=cache_args.top_k,
+        topk_encoding=cache_args.topk_encoding,
         batch_size=cache_args.cache_batch_size,
         rows_per_shard=cache_args.rows_per_shard,
         dtype=cache_args.cache_dtype,
@@ -986,13 +1224,13 @@ def _run_stages(recipe: RecipeArguments, data_args: DataArguments, config: Disti
 
     tick = time.perf_counter()
     models = "teacher, student and peers" if run.peers else "teacher and student"
-    _heading(config, f"evaluation of {models} on {len(run.eval_ds)} held-out examples, latency")
-    teacher_metric = run.evaluate(run.teacher)
-    student_metric = run.evaluate(run.student)
+    _heading(config, f"evaluation of {models} on {len(run.student_eval_ds)} held-out examples, latency")
+    teacher_metric, run.text_evals["teacher"] = run.evaluate_all(run.teacher)
+    student_metric, run.text_evals["student"] = run.evaluate_all(run.student)
     run.peer_metrics = {name: run.evaluate(peer) for name, peer in run.peers.items()}
     if config.process_index != 0:
         return {}  # under `accelerate launch` the main process measures and writes
-    t_latency, s_latency = compare_latency(run.teacher, run.student, run.latency_batch(), recipe.latency_repeats)
+    t_latency, s_latency = run.latency()
     run.times["evaluation"] = time.perf_counter() - tick
 
     metrics = _metrics(run, teacher_metric, student_metric, t_latency, s_latency)
@@ -1004,8 +1242,10 @@ def _run_stages(recipe: RecipeArguments, data_args: DataArguments, config: Disti
 def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) -> dict:
     recipe, config, data_args = run.recipe, run.config, run.data_args
     lm = recipe.task == "causal-lm"
-    metric = "perplexity" if lm else "accuracy"
-    # Lower is better for perplexity: retained = teacher / student there, student / teacher otherwise.
+    # Across tokenizers perplexities are per different tokens: bits per byte of the same text ranks the models.
+    metric = ("bits_per_byte" if run.across else "perplexity") if lm else "accuracy"
+    # Lower is better for perplexity and bits per byte: retained = teacher / student there, student / teacher
+    # otherwise.
     retained = teacher_metric / student_metric if lm else student_metric / max(teacher_metric, 1e-12)
     t_params, s_params = count_parameters(run.teacher), count_parameters(run.student)
     last = {}
@@ -1044,33 +1284,46 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
                 **run.labels_only,
                 "note": "the same student, data, steps, learning rate and batches, on the labels alone",
             },
-            # Positive when distillation helped: accuracy points gained, or perplexity lowered.
+            # Positive when distillation helped: accuracy points gained, or perplexity (bits per byte) lowered.
             "gain": (plain - student_metric) if lm else (student_metric - plain),
         }
     return {
         "task": recipe.task,
         "metric": metric,
-        "teacher": {**teacher, "params": t_params, "metric": teacher_metric, "latency_ms": t_latency},
+        "teacher": {
+            **teacher,
+            "params": t_params,
+            "metric": teacher_metric,
+            "latency_ms": t_latency,
+            **_text_fields(run.text_evals.get("teacher")),
+        },
         "student": {
             "note": run.student_note,
             "params": s_params,
             "metric": student_metric,
             "latency_ms": s_latency,
             "built_from_teacher": not recipe.student_model_name_or_path,
+            **_text_fields(run.text_evals.get("student")),
+            **(
+                {"own_tokenizer": {"vocab": len(run.student_processor), "teacher_vocab": len(run.processor)}}
+                if run.across
+                else {}
+            ),
         },
+        **({"text_eval": _text_eval_note(run)} if lm else {}),
         **comparison,
         **({"generations": run.generations} if getattr(run, "generations", None) else {}),
         **({"peers": _peer_metrics(run)} if run.peers else {}),
         "retained": retained,
         "size_ratio": s_params / t_params,
         "speedup": t_latency / s_latency,
-        "latency_batch_size": min(recipe.latency_batch_size, len(run.eval_ds)),
+        "latency_batch_size": min(recipe.latency_batch_size, len(run.student_eval_ds)),
         "device": f"{config.device.type}, {torch.get_num_threads()} threads",
         "data": {
             "hub_id": dataset_hub,
             "note": run.data_note(),
-            "train_examples": len(run.train_ds),
-            "eval_examples": len(run.eval_ds),
+            "train_examples": len(run.distill_train_ds),
+            "eval_examples": len(run.student_eval_ds),
         },
         "training": {
             "steps": state.global_step,
@@ -1102,6 +1355,32 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
     }
 
 
+def _text_fields(text: dict | None) -> dict:
+    """A model's held-out text evaluation (hfkd.lm_eval.bits_per_byte) as metrics.json holds it ({} without one)."""
+    if text is None:
+        return {}
+    return {
+        "bits_per_byte": text["bits_per_byte"],
+        "own_token_perplexity": text["perplexity"],
+        "eval_tokens": text["tokens"],
+        "eval_bytes": text["bytes"],
+    }
+
+
+def _text_eval_note(run: _Run) -> dict:
+    """How the causal LMs' bits per byte were measured."""
+    return {
+        "texts": len(run.lm_texts),
+        "max_length": run.data_args.max_length,
+        "note": (
+            "every model on the same held-out text, cut at whitespace into pieces of at most max_length tokens of "
+            "each tokenizer; bits per byte = the summed negative log2-likelihood of the predicted tokens over the "
+            "UTF-8 bytes they spell (a piece's first token is not predicted, so each model's byte count differs "
+            "slightly); own_token_perplexity is per the model's own tokens and does not compare across tokenizers"
+        ),
+    }
+
+
 def _peer_metrics(run: _Run) -> dict:
     """Each peer of deep mutual learning: where it came from, its metric on the held-out split, its size, where saved."""
     return {
@@ -1120,7 +1399,7 @@ def write_outputs(run: _Run, metrics: dict) -> None:
     and the model card."""
     out = run.out
     run.student.save_pretrained(out)
-    run.processor.save_pretrained(out)
+    run.student_processor.save_pretrained(out)  # the student's own tokenizer when it has one, never the teacher's
     for name, peer in run.peers.items():
         save_peer(peer, peer_folder(out, name), run.processor)
     write_metrics(os.path.join(out, "metrics.json"), metrics)

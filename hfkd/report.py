@@ -55,6 +55,31 @@ def write_metrics(path: str, metrics: dict) -> None:
         handle.write("\n")
 
 
+# Metrics where lower is better (language models): perplexity per token, and bits per byte across tokenizers.
+LOWER_IS_BETTER = ("perplexity", "bits_per_byte")
+
+
+def _readable(metric: str) -> str:
+    return metric.replace("_", " ")
+
+
+def _text_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    """Causal LMs: the held-out text evaluation beside the headline metric, as (row name, teacher, student)."""
+    teacher, student = metrics["teacher"], metrics["student"]
+    if "bits_per_byte" not in teacher or "bits_per_byte" not in student:
+        return []
+    plain = metrics.get("labels_only") or {}
+
+    def name(text: str, key: str) -> str:
+        return f"{text} (same student on the labels alone: {_fmt(plain[key])})" if key in plain else text
+
+    if metrics["metric"] == "bits_per_byte":  # across tokenizers: perplexity is per each model's own tokens
+        key, text = "own_token_perplexity", "perplexity per own token (not comparable across tokenizers)"
+    else:
+        key, text = "bits_per_byte", "bits per byte (held-out text)"
+    return [(name(text, key), _fmt(teacher[key]), _fmt(student[key]))]
+
+
 def _fmt(value, digits=4):
     if isinstance(value, float):
         return f"{value:.{digits}g}"
@@ -79,7 +104,12 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
         model_name=os.path.basename(repo_id),
     )
     results = [
-        (metric_name, _fmt(teacher["metric"]), _fmt(student["metric"]), *(_fmt(p["metric"]) for p in peers.values())),
+        (
+            _readable(metric_name),
+            _fmt(teacher["metric"]),
+            _fmt(student["metric"]),
+            *(_fmt(p["metric"]) for p in peers.values()),
+        ),
         (
             "parameters",
             f"{teacher['params']:,}",
@@ -95,8 +125,10 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
     ]
     if "labels_only" in metrics:
         results[0] = (
-            f"{metric_name} (same student on the labels alone: {_fmt(metrics['labels_only']['metric'])})",
+            f"{_readable(metric_name)} (same student on the labels alone: {_fmt(metrics['labels_only']['metric'])})",
         ) + (results[0][1:])
+    for row in _text_rows(metrics):
+        results.insert(1, (*row, *("-" for _ in peers)))
     header = ["", "teacher", "student", *(f"peer `{name}`" for name in peers)]
     results_rows = [f"| {' | '.join(header)} |".replace("|  |", "| |", 1), "|" + "---|" * len(header)]
     results_rows += [f"| {' | '.join(row)} |" for row in results]
@@ -104,8 +136,9 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
     terms = [(name, _fmt(term["weight"]), term.get("loss", "-")) for name, term in distill["terms"].items()]
     retained = metrics["retained"]
     kept = (
-        f"has **{student['metric'] / teacher['metric']:.2f}x** the teacher's perplexity (teacher/student {retained:.1%})"
-        if metric_name == "perplexity"
+        f"has **{student['metric'] / teacher['metric']:.2f}x** the teacher's {_readable(metric_name)} "
+        f"(teacher/student {retained:.1%})"
+        if metric_name in LOWER_IS_BETTER
         else f"keeps **{retained:.1%}** of the teacher's {metric_name}"
     )
     retained_line = (
@@ -259,19 +292,22 @@ def comparison_lines(metrics: dict) -> list[str]:
     without one)."""
     if "labels_only" not in metrics:
         return []
-    lm = metrics["metric"] == "perplexity"
+    lm = metrics["metric"] in LOWER_IS_BETTER
     teacher, student = metrics["teacher"]["metric"], metrics["student"]["metric"]
     plain, gain = metrics["labels_only"]["metric"], metrics["gain"]
-    unit = "" if lm else " points"
+    bpb = metrics["metric"] == "bits_per_byte"
+    unit = " bits per byte" if bpb else "" if lm else " points"
     scale = 1.0 if lm else 100.0
+    digits = 3 if bpb else 2
     peers = bool(metrics.get("peers"))
     method = "Mutual learning" if peers else "Distillation"
     ours = "the student trained with its peers" if peers else "the distilled student"
-    ours_metric = f"the {metrics['metric']} of {ours}" if peers else f"{ours}'s {metrics['metric']}"
+    name = _readable(metrics["metric"])
+    ours_metric = f"the {name} of {ours}" if peers else f"{ours}'s {name}"
     ours_one = "the one trained with its peers" if peers else "the distilled one"
     if gain > 0:
         lines = [
-            f"{method} helped: {ours_metric} is {gain * scale:.2f}{unit} "
+            f"{method} helped: {ours_metric} is {gain * scale:.{digits}f}{unit} "
             f"{'lower' if lm else 'higher'} than the same student's trained on the labels alone ({_fmt(plain)}), "
             "in one run (no seeds repeated)."
         ]
@@ -283,7 +319,8 @@ def comparison_lines(metrics: dict) -> list[str]:
     else:
         lines = [
             f"{method} did not help here: the same student trained on the labels alone reached {_fmt(plain)} "
-            f"against {_fmt(student)} {'with its peers' if peers else 'distilled'} ({abs(gain) * scale:.2f}{unit} {'lower' if lm else 'better'})."
+            f"against {_fmt(student)} {'with its peers' if peers else 'distilled'} "
+            f"({abs(gain) * scale:.{digits}f}{unit} {'lower' if lm else 'better'})."
         ]
     if not peers and ((plain <= teacher) if lm else (plain >= teacher)):  # with peers the teacher does not teach
         lines.append(
@@ -360,16 +397,25 @@ def summary(metrics: dict, output_dir: str, push_message: str | None) -> str:
         f"hfkd distill: {metrics['task']} done in {metrics['wall_time_s']['total']:.0f} s",
         "=" * 72,
         f"{'':24}{'teacher':>16}{'student':>16}",
-        f"{metrics['metric']:24}{_fmt(t['metric']):>16}{_fmt(s['metric']):>16}",
+        f"{_readable(metrics['metric']):24}{_fmt(t['metric']):>16}{_fmt(s['metric']):>16}",
         f"{'parameters':24}{t['params']:>16,}{s['params']:>16,}",
         f"{'latency (ms/batch)':24}{_fmt(t['latency_ms']):>16}{_fmt(s['latency_ms']):>16}",
         "",
-        f"retained {metrics['retained']:.1%} ({'teacher/student' if metrics['metric'] == 'perplexity' else 'student/teacher'}"
+        f"retained {metrics['retained']:.1%} "
+        f"({'teacher/student' if metrics['metric'] in LOWER_IS_BETTER else 'student/teacher'}"
         f" {metrics['metric']}) | size {metrics['size_ratio']:.1%} "
         f"| speed-up {metrics['speedup']:.2f}x",
         f"outputs: {output_dir}  (student + tokenizer/processor, README.md card, metrics.json, report.png, "
         f"hfkd_config.yaml{', peers/' if metrics.get('peers') else ''})",
     ]
+    text_rows = []
+    for _, teacher_value, student_value in _text_rows(metrics):
+        key = "own_token_perplexity" if metrics["metric"] == "bits_per_byte" else "bits_per_byte"
+        short = "ppl per own token" if key == "own_token_perplexity" else "bits per byte"
+        text_rows.append(f"{short:24}{teacher_value:>16}{student_value:>16}")
+        if key in metrics.get("labels_only", {}):
+            text_rows.append(f"{'(labels only)':24}{'':>16}{_fmt(metrics['labels_only'][key]):>16}")
+    lines[6:6] = text_rows
     if "labels_only" in metrics:
         lines.insert(6, f"{'(labels only)':24}{'':>16}{_fmt(metrics['labels_only']['metric']):>16}")
         lines.extend(comparison_lines(metrics))

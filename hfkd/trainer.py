@@ -15,7 +15,8 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from . import checks
-from .batch import TEACHER_ID, TEACHER_PREFIX, student_inputs, teacher_inputs, teacher_key
+from .alignment import match_vocabularies
+from .batch import SPANS, TEACHER_ID, TEACHER_PREFIX, TEACHER_SPANS, student_inputs, teacher_inputs, teacher_key
 from .cache import (
     ROW_COLUMN,
     CachedTeacherCollator,
@@ -55,8 +56,14 @@ from .teachers import (
     named_teachers,
     routed_weights,
 )
-from .terms.base import Features, TermBatch, logits_of
+from .terms.base import Features, TermBatch, TokenAlignment, logits_of
 from .terms.runner import ROW_IDS_KEY, RowIdCollator, TermSet, capture_modules, resolve_modules
+from .two_tokenizers import (
+    TwoTokenizerCollator,
+    check_teacher_tokenizer,
+    check_terms_across_tokenizers,
+    load_teacher_tokenizer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +106,16 @@ class DistillationTrainer(Trainer):
         ```
     """
 
-    def __init__(self, model=None, args=None, *trainer_args, teacher_model=None, peer_models=None, **trainer_kwargs):
+    def __init__(
+        self,
+        model=None,
+        args=None,
+        *trainer_args,
+        teacher_model=None,
+        peer_models=None,
+        teacher_processing_class=None,
+        **trainer_kwargs,
+    ):
         if args is None:
             args = DistillationConfig(output_dir="trainer_output")
         elif not isinstance(args, DistillationConfig):
@@ -148,12 +164,54 @@ class DistillationTrainer(Trainer):
                 )
         # Checked before Trainer creates output_dir.
         weights = fixed_weights(args.teacher_weights, list(teachers or caches or peers)) if count > 1 else None
+        teacher_tokenizer = self._teacher_tokenizer_setup(
+            model, args, teacher_processing_class, teachers, caches, peers, trainer_args, trainer_kwargs
+        )
 
         # Trainer creates output_dir; every check below runs before the first step, and a failing one removes it.
         with checks.removing_new_output_dir(args.output_dir if args.should_save else None):
             super().__init__(model, args, *trainer_args, **trainer_kwargs)
             self._teacher_weights = weights
+            self.teacher_processing_class = teacher_tokenizer
             self._setup_distillation(args, teachers, caches, peers)
+
+    @staticmethod
+    def _teacher_tokenizer_setup(model, args, given, teachers, caches, peers, trainer_args, trainer_kwargs):
+        """A teacher with its own tokenizer (hfkd.two_tokenizers): loads and checks it, and collates with
+        TwoTokenizerCollator unless a collator is given. Returns the tokenizer, or None."""
+        value = given if given is not None else args.teacher_processing_class
+        if value is None:
+            return None
+        for name, present in (
+            ("a teacher cache (teacher_cache_dir)", caches),
+            ("peer_models", peers),
+            ("teacher_ema_decay", args.teacher_ema_decay is not None),
+            ("lmbda > 0 or seq_kd", args.lmbda > 0 or args.seq_kd),
+        ):
+            if present:
+                raise ValueError(
+                    f"teacher_processing_class (a teacher with its own tokenizer) cannot be combined with {name} yet; "
+                    "drop one of them."
+                )
+        tokenizer = load_teacher_tokenizer(value)
+        for teacher in teachers.values():
+            check_teacher_tokenizer(tokenizer, teacher)
+        if len(trainer_args) == 0 and trainer_kwargs.get("data_collator") is None:
+            student_tokenizer = trainer_kwargs.get("processing_class")
+            if student_tokenizer is None:
+                raise ValueError(
+                    "teacher_processing_class is set: pass the student's tokenizer as processing_class too, so that "
+                    "hfkd tokenizes each text row for both models."
+                )
+            trainer_kwargs["data_collator"] = TwoTokenizerCollator(
+                student_tokenizer,
+                tokenizer,
+                max_length=args.tokenize_max_length,
+                text_column=args.tokenize_text_column,
+                text_pair_column=args.tokenize_text_pair_column,
+                causal_lm=model is not None and is_causal_lm(unwrap_peft(model)),
+            )
+        return tokenizer
 
     @staticmethod
     def _named_peers(model, args: DistillationConfig, peer_models, teacher_model) -> dict[str, torch.nn.Module]:
@@ -200,6 +258,13 @@ class DistillationTrainer(Trainer):
             {name: tuple(n for n, _ in unwrap_peft(one).named_modules()) for name, one in teachers.items()},
         )
         self._setup_peers(peers)
+        self._matched_vocab = None
+        if self.teacher_processing_class is not None:
+            check_terms_across_tokenizers(dict(self.term_set.terms))
+            if self.processing_class is not None and hasattr(self.processing_class, "get_vocab"):
+                self._matched_vocab = match_vocabularies(
+                    self.processing_class.get_vocab(), self.teacher_processing_class.get_vocab()
+                )
         self._terms_wrapped: torch.nn.Module | None = None
         self._hooked: dict[str, dict[str, torch.nn.Module]] = {}  # side -> the submodules the terms read
         if self.term_set.needs().attentions:
@@ -434,7 +499,12 @@ class DistillationTrainer(Trainer):
         student, teachers = self._limits()
         task_loss = self.args.task_weight > 0
         for teacher in teachers.values():
-            checks.check_logit_heads(student, teacher, self.term_set.needs().logits)
+            # A teacher with its own tokenizer has its own vocabulary: only a shared label space must match.
+            own_vocabulary = self.teacher_processing_class is not None and student.label_kind == "vocabulary"
+            by_class = any(
+                term.needs().logits and not type(term).across_vocabularies for term in self.term_set.terms.values()
+            )
+            checks.check_logit_heads(student, teacher, by_class and not own_vocabulary)
             for name, dataset in (("train_dataset", self.train_dataset), ("eval_dataset", self.eval_dataset)):
                 # Evaluation without labels is legitimate (no loss, predictions only); training without them is not.
                 checks.check_dataset(
@@ -470,7 +540,9 @@ class DistillationTrainer(Trainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         extra = [teacher_key(c) for c in self._signature_columns if not c.startswith(TEACHER_PREFIX)]
-        extra += [ROW_COLUMN, TEACHER_ID]
+        extra += [ROW_COLUMN, TEACHER_ID, SPANS, TEACHER_SPANS]
+        if isinstance(self.data_collator, TwoTokenizerCollator):  # it tokenizes the text columns itself
+            extra += sorted(self.data_collator.text_columns())
         self._signature_columns += [c for c in extra if c not in self._signature_columns]
 
     def _probe_batch(self) -> dict | None:
@@ -704,7 +776,21 @@ class DistillationTrainer(Trainer):
         stream = "encoder" if self._kind.encoder_decoder else "main"
         labels = batch.get("labels")
         rows = batch.get(ROW_IDS_KEY)
+        alignment = None
+        if isinstance(batch.get(SPANS), torch.Tensor):  # a teacher with its own tokenizer (hfkd.two_tokenizers)
+            matched = self._matched_vocab or (None, None)
+            alignment = TokenAlignment(
+                student=batch[SPANS],
+                teacher=batch[TEACHER_SPANS],
+                student_ids=batch["input_ids"],
+                teacher_ids=batch[teacher_key("input_ids")],
+                matched_student=matched[0],
+                matched_teacher=matched[1],
+            )
+        teacher_mask = batch.get(teacher_key("attention_mask")) if alignment is not None else None
         return TermBatch(
+            teacher_mask=teacher_mask.bool() if isinstance(teacher_mask, torch.Tensor) else None,
+            alignment=alignment,
             labels=labels if isinstance(labels, torch.Tensor) else None,
             mask=masks.get(stream),
             num_examples=batch_size(batch),

@@ -1,8 +1,10 @@
 """Teacher-output caching: cached training equals online training, top-k folding, fingerprints and refusals."""
 
 import copy
+import json
 import math
 import os
+import re
 
 import datasets
 import numpy as np
@@ -12,7 +14,17 @@ from tiny_models import COMMON, dataset_for, llama, lm_data, parameters_of, proj
 from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast
 
 from hfkd import DistillationConfig, DistillationTrainer, TeacherCache, build_teacher_cache
-from hfkd.cache import CACHE_FILE, TeacherCacheError
+from hfkd.cache import (
+    CACHE_FILE,
+    FORMAT_VERSION,
+    CacheArguments,
+    TeacherCacheError,
+    decode_topk_logprobs,
+    encode_topk_logprobs,
+    id_bytes,
+    pack_ids,
+    unpack_ids,
+)
 from hfkd.losses import LOGIT_LOSSES
 from hfkd.losses.topk import fold_teacher, topk_logit_loss
 
@@ -110,7 +122,8 @@ def test_cached_classification_and_vision_equal_online_without_any_teacher(tmp_p
 
 def test_topk_cache_stores_the_teachers_own_log_probabilities_at_the_configured_temperature(tmp_path):
     """Each stored value against a float64 forward of the teacher: log softmax(logits / T) at the k stored ids, which
-    are the k most likely, and log(1 - their mass) in the last column. Every row, real positions only."""
+    are the k most likely, and log(1 - their mass) in the last column. Every row, real positions only. (The 'float'
+    encoding, format version 1's columns; the compact one is checked against the same reference below.)"""
     data, teacher = lm_data(), llama(hidden=32, layers=4, seed=2)
     temperature, k = 2.0, 8
     cache = build_teacher_cache(
@@ -119,6 +132,7 @@ def test_topk_cache_stores_the_teachers_own_log_probabilities_at_the_configured_
         str(tmp_path / "cache"),
         args=_config(tmp_path, temperature=temperature),
         top_k=k,
+        topk_encoding="float",
         progress=False,
     )
     assert cache.logits["temperature"] == temperature
@@ -388,3 +402,274 @@ def test_relation_and_pkd_terms_read_the_hidden_states_the_cache_stored_for_them
             student=student,
             progress=False,
         )
+
+
+# ---------------------------------------------------------------------------------------------------- compact encoding
+def _reference_topk(logits: np.ndarray, k: int, temperature: float):
+    """float64, written out: (ids of the k largest logits, most likely first; their log softmax(logits / T); the log
+    of the mass of all other classes)."""
+    scaled = np.asarray(logits, dtype=np.float64) / temperature
+    top = scaled.max(-1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        log_norm = top + np.log(np.exp(scaled - top).sum(-1, keepdims=True))
+    log_p = scaled - log_norm
+    ids = np.argsort(-log_p, axis=-1, kind="stable")[..., :k]
+    chosen = np.take_along_axis(log_p, ids, -1)
+    others = np.ones(log_p.shape, dtype=bool)
+    np.put_along_axis(others, ids, False, -1)
+    with np.errstate(divide="ignore"):  # a head whose classes outside the k all have probability 0: log 0
+        rest = np.log(np.where(others, np.exp(log_p), 0.0).sum(-1))
+    return ids, chosen, rest
+
+
+# The documented bound: each decoded top-k log-probability within step + 2**-11 (the float16 tail) of the teacher's;
+# 1e-5 more for float32 arithmetic (the teacher's log-probabilities and the decoding are float32).
+def _bound(step):
+    return np.asarray(step, dtype=np.float64)[..., None] + 2.0**-11 + 1e-5
+
+
+def test_compact_encoding_round_trips_within_its_documented_bound():
+    g = torch.Generator().manual_seed(0)
+    # Flat and peaked rows, at two temperatures, k from 1 to the whole head but one.
+    logits = torch.randn(40, 300, generator=g, dtype=torch.float64) * torch.linspace(0.1, 12, 40).unsqueeze(-1)
+    logits[0] = 0.5  # all classes equal: step 0
+    for temperature in (1.0, 2.0):
+        for k in (1, 8, 48, 299):
+            ids_ref, top_ref, rest_ref = _reference_topk(logits.numpy(), k, temperature)
+            ids, log_probs = fold_teacher(logits.float(), k, temperature)  # float32, as the cache computes them
+            codes, step, rest = encode_topk_logprobs(log_probs)
+            assert codes.dtype == np.uint8 and step.dtype == rest.dtype == np.float16
+            assert codes.shape == (40, k) and step.shape == rest.shape == (40,)
+            if k > 1:  # the top id codes 0, the k-th 255 (its gap is the span): the whole uint8 range is used
+                spread = step > 0
+                assert (codes[:, 0] == 0).all() and (codes[spread, -1] == 255).all()
+            decoded = decode_topk_logprobs(codes, step, rest).double().numpy()
+            assert decoded.shape == (40, k + 1)
+            tied = np.isclose(top_ref[:, :1], top_ref[:, -1:], rtol=0, atol=1e-9)[:, 0]
+            same = (ids.numpy() == ids_ref)[~tied]  # ties may be ordered otherwise, values are the same
+            assert same.all()
+            error = np.abs(decoded[:, :k] - top_ref)
+            assert (error <= _bound(step)).all(), (temperature, k, float((error - _bound(step)).max()))
+            # ... and that bound is small: the step is the span of the k log-probabilities / 255.
+            span = top_ref[:, 0] - top_ref[:, -1]
+            assert (step.astype(np.float64) <= span / 255 * (1 + 2**-10) + 1e-7).all()
+            np.testing.assert_allclose(decoded[:, k], rest_ref, rtol=2.0**-11 + 1e-6, atol=1e-6)
+            # The decoded k + 1 probabilities sum to 1, as the losses expect.
+            np.testing.assert_allclose(np.exp(decoded).sum(-1), 1.0, rtol=0, atol=1e-5)
+
+    # A head with masked classes (logit -inf) among the k: their probability stays 0, the others keep the bound.
+    masked = torch.randn(3, 10, generator=g)
+    masked[:, 4:] = float("-inf")
+    ids, log_probs = fold_teacher(masked, 8, 1.0)
+    codes, step, rest = encode_topk_logprobs(log_probs)
+    decoded = decode_topk_logprobs(codes, step, rest).double().numpy()
+    _, top_ref, _ = _reference_topk(masked.double().numpy(), 8, 1.0)
+    assert np.isfinite(decoded).all() and (np.exp(decoded[:, 4:]) < 1e-40).all()
+    assert (np.abs(decoded[:, :4] - top_ref[:, :4]) <= _bound(step)).all()
+
+
+@pytest.mark.parametrize("num_classes, width", [(64, 2), (65_536, 2), (65_537, 3), (1 << 24, 3), ((1 << 24) + 1, 4)])
+def test_ids_take_the_narrowest_width_that_holds_the_vocabulary(num_classes, width):
+    assert id_bytes(num_classes) == width
+    ids = np.array([0, 1, 255, 256, 65_535, num_classes - 2, num_classes - 1]).clip(0, num_classes - 1)
+    stored = pack_ids(ids, width)
+    assert stored.nbytes == width * len(ids)
+    assert stored.dtype == {2: np.uint16, 3: np.uint8, 4: np.uint32}[width]
+    np.testing.assert_array_equal(unpack_ids(stored, width), ids)
+
+
+@pytest.mark.parametrize("vocab", [64, 70_000])
+def test_compact_cache_stores_the_teachers_top_k_within_the_bound_in_k_times_3_plus_4_bytes(tmp_path, vocab):
+    """The compact cache's columns, read with datasets, decode to the float64 teacher's top-k log-probabilities
+    within the documented bound; ids are uint16 (or 3 bytes past 65,536 classes); the trainer's reader (gather)
+    returns the same decoded values at each row's real positions."""
+    data, teacher = lm_data(vocab=vocab), llama(hidden=16, layers=2, vocab=vocab, seed=2)
+    temperature, k = 2.0, 8
+    cache = build_teacher_cache(
+        teacher,
+        data,
+        str(tmp_path / "cache"),
+        args=_config(tmp_path, temperature=temperature),
+        top_k=k,
+        progress=False,
+    )
+    width = 2 if vocab <= 65_536 else 3
+    assert cache.meta["format_version"] == FORMAT_VERSION == 2
+    assert cache.logits["encoding"] == "compact" and cache.logits["id_bytes"] == width
+    stored = datasets.concatenate_datasets(
+        [datasets.Dataset.from_file(str(tmp_path / "cache" / name)) for name in cache.meta["shards"]]
+    )
+    columns = {c: str(stored.features[c].feature.dtype) for c in stored.column_names if c.startswith("topk_")}
+    assert columns == {
+        "topk_ids": "uint16" if width == 2 else "uint8",
+        "topk_codes": "uint8",
+        "topk_step": "float16",
+        "topk_rest": "float16",
+    }
+    # k ids and k codes per position, one step and one rest: k * (width + 1) + 4 bytes of values.
+    table = stored.data.table
+    positions = sum(sum(m) for m in data["attention_mask"])
+    value_bytes = sum(table.column(c).combine_chunks().values.nbytes for c in columns)
+    assert value_bytes == positions * (k * (width + 1) + 4)
+
+    reference_teacher = copy.deepcopy(teacher).double().eval()
+    steps = []
+    batch = {key: torch.tensor(data[key]) for key in ("input_ids", "attention_mask")}
+    gathered = cache.gather(range(len(data)), batch)
+    for row in range(len(data)):
+        length = sum(data[row]["attention_mask"])
+        if length == 0:
+            continue
+        with torch.no_grad():
+            logits = reference_teacher(input_ids=torch.tensor([data[row]["input_ids"][:length]])).logits[0]
+        ids_ref, top_ref, rest_ref = _reference_topk(logits.numpy(), k, temperature)
+        ids = unpack_ids(np.asarray(stored[row]["topk_ids"], dtype=np.uint16 if width == 2 else np.uint8), width)
+        codes = np.asarray(stored[row]["topk_codes"], dtype=np.uint8).reshape(length, k)
+        step = np.asarray(stored[row]["topk_step"], dtype=np.float16)
+        rest = np.asarray(stored[row]["topk_rest"], dtype=np.float16)
+        np.testing.assert_array_equal(ids.reshape(length, k), ids_ref)
+        decoded = decode_topk_logprobs(codes, step, rest).double().numpy()
+        assert (np.abs(decoded[:, :k] - top_ref) <= _bound(step)).all()
+        np.testing.assert_allclose(decoded[:, k], rest_ref, rtol=2.0**-11 + 1e-6, atol=1e-6)
+        # What training reads: the same values, at the row's real positions of the batch.
+        np.testing.assert_array_equal(gathered["hfkd_cached_topk_ids"][row, :length].numpy(), ids_ref)
+        torch.testing.assert_close(gathered["hfkd_cached_topk_logprobs"][row, :length].double(), torch.tensor(decoded))
+        steps.append(step.astype(np.float64))
+    steps = np.concatenate(steps)
+    assert cache.logits["step_max"] == pytest.approx(steps.max()) and 0 < steps.max() < 0.05
+
+
+def _with_decoded_log_probs(float_path: str, compact_path: str) -> None:
+    """Rewrites a 'float' cache's top-k log-probabilities with the compact cache's decoded ones (same rows, same ids)."""
+    import pyarrow as pa
+
+    meta = json.loads(open(os.path.join(compact_path, CACHE_FILE)).read())
+    k = meta["logits"]["top_k"]
+    for name in meta["shards"]:
+        read = lambda path: pa.ipc.open_stream(pa.memory_map(path, "r")).read_all()  # noqa: E731
+        floats, compact = read(os.path.join(float_path, name)), read(os.path.join(compact_path, name))
+        rows = []
+        for i in range(compact.num_rows):
+            codes, step, rest = (
+                np.asarray(compact.column(c)[i].values, dtype=dtype)
+                for c, dtype in (("topk_codes", np.uint8), ("topk_step", np.float16), ("topk_rest", np.float16))
+            )
+            rows.append(decode_topk_logprobs(codes.reshape(-1, k), step, rest).numpy().reshape(-1))
+        column = pa.array([list(r) for r in rows], type=pa.large_list(pa.float32()))
+        table = floats.set_column(floats.column_names.index("topk_logprobs"), "topk_logprobs", column)
+        with pa.OSFile(os.path.join(float_path, name + ".new"), "wb") as sink:
+            with pa.ipc.new_stream(sink, table.schema) as out:
+                out.write_table(table)
+        del floats, compact, table
+        os.replace(os.path.join(float_path, name + ".new"), os.path.join(float_path, name))
+
+
+def test_training_from_a_compact_cache_equals_training_from_the_float_cache_within_the_quantisation_bound(tmp_path):
+    """The same teacher, data and k in both encodings. What training reads from them differs only in the top-k
+    log-probabilities, by at most the documented bound; given the decoded values, training from the 'float' layout
+    equals training from the compact cache (losses and student), and with the exact values it differs by what that
+    bound moves a KL."""
+    data, teacher = lm_data(), llama(hidden=32, layers=4, seed=2)
+    terms = dict(temperature=2.0, task_weight=0.0)
+    paths = {}
+    for encoding in ("float", "compact", "decoded"):
+        paths[encoding] = str(tmp_path / encoding)
+        build_teacher_cache(
+            teacher,
+            data,
+            paths[encoding],
+            args=_config(tmp_path, **terms),
+            top_k=8,
+            topk_encoding="compact" if encoding == "compact" else "float",
+            progress=False,
+        )
+    _with_decoded_log_probs(paths["decoded"], paths["compact"])
+    caches = {e: TeacherCache(p) for e, p in paths.items()}
+    batch = {key: torch.tensor(data[key]) for key in ("input_ids", "attention_mask")}
+    got = {e: c.gather(range(len(data)), batch) for e, c in caches.items()}
+    for encoding in ("compact", "decoded"):
+        torch.testing.assert_close(got[encoding]["hfkd_cached_topk_ids"], got["float"]["hfkd_cached_topk_ids"])
+    torch.testing.assert_close(
+        got["decoded"]["hfkd_cached_topk_logprobs"], got["compact"]["hfkd_cached_topk_logprobs"], rtol=0, atol=0
+    )
+    bound = caches["compact"].logits["step_max"] + 2.0**-11 + 1e-5
+    error = (got["compact"]["hfkd_cached_topk_logprobs"] - got["float"]["hfkd_cached_topk_logprobs"]).abs()
+    assert 0 < float(error.max()) <= bound
+
+    runs = {}
+    for encoding, path in paths.items():
+        config = _config(tmp_path, encoding + "-run", teacher_cache_dir=path, **terms)
+        runs[encoding] = _train(config, llama(hidden=16, layers=2, seed=1), None, data)
+    for a, b in zip(runs["decoded"][1], runs["compact"][1], strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6) and b["distill/logit"] > 0
+    for name, value in runs["decoded"][2].items():
+        torch.testing.assert_close(runs["compact"][2][name], value, rtol=1e-6, atol=1e-8, msg=name)
+    # Against the exact values: teacher log-probabilities off by at most e change a KL by e * sum_j t_j |log t_j -
+    # log s_j| to first order, and these near-uniform tiny models keep that sum below 1: at most T^2 * e.
+    for a, b in zip(runs["float"][1], runs["compact"][1], strict=True):
+        assert abs(b["distill/logit"] - a["distill/logit"]) <= terms["temperature"] ** 2 * bound
+        assert b["distill/logit"] != a["distill/logit"]
+
+
+def test_a_cache_in_another_format_version_is_refused_naming_both_versions_and_the_fix(tmp_path, lm_cache):
+    data, _, path = lm_cache
+    meta_path = os.path.join(path, CACHE_FILE)
+    meta = json.loads(open(meta_path).read())
+    for found in (1, 3, None):
+        # Version 1's hfkd_cache.json had no top-k encoding (its columns were the 'float' layout's).
+        logits = {k: v for k, v in meta["logits"].items() if found != 1 or k not in ("encoding", "id_bytes")}
+        written = {k: v for k, v in meta.items() if k != "format_version"}
+        written.update(logits=logits, **({"format_version": found} if found is not None else {}))
+        with open(meta_path, "w") as handle:
+            json.dump(written, handle)
+        version = found if found is not None else r"unknown \(none recorded\)"
+        fix = re.escape(f"Rebuild it with `hfkd cache` and the flags it was built with, plus --cache_dir {path} ")
+        expected = rf"in format version {version} .*reads format version 2 only .*{fix}--overwrite_cache true"
+        with pytest.raises(TeacherCacheError, match=expected):
+            TeacherCache(path)
+        config = _config(tmp_path, "run", teacher_cache_dir=path, temperature=2.0)
+        with pytest.raises(TeacherCacheError, match=expected):
+            DistillationTrainer(model=llama(hidden=16, layers=2, seed=1), args=config, train_dataset=data)
+        assert not (tmp_path / "run").exists()
+    with open(meta_path, "w") as handle:
+        json.dump(dict(meta, logits=dict(meta["logits"], encoding="int4")), handle)
+    with pytest.raises(TeacherCacheError, match="encoding 'int4', which this hfkd"):
+        TeacherCache(path)
+
+
+def test_bad_topk_options_are_refused_before_anything_runs(tmp_path):
+    from transformers import HfArgumentParser
+
+    data, teacher = lm_data(), llama(hidden=32, layers=4, seed=2)
+    calls = _Counter(teacher)
+    for options, message in (
+        (dict(topk_encoding="int4"), r"topk_encoding must be 'compact' .* or 'float' .*got 'int4'"),
+        (dict(top_k=-1), r"top_k must be an integer >= 0 .*got -1"),
+        (dict(top_k="8"), r"top_k must be an integer >= 0 .*got '8'"),
+        (dict(top_k=True), r"top_k must be an integer >= 0 .*got True"),
+    ):
+        with pytest.raises(TeacherCacheError, match=message):
+            build_teacher_cache(teacher, data, str(tmp_path / "c"), args=_config(tmp_path), progress=False, **options)
+        with pytest.raises(ValueError, match=message):
+            CacheArguments(cache_dir=str(tmp_path / "c"), **options)
+    with pytest.raises(ValueError, match="cache_dtype must be one of"):
+        CacheArguments(cache_dir=str(tmp_path / "c"), cache_dtype="bfloat16")
+    assert calls.calls == 0 and not (tmp_path / "c").exists() and not (tmp_path / "c.partial").exists()
+    # From the command line: the defaults, and the format version 1 layout on request.
+    (parsed,) = HfArgumentParser(CacheArguments).parse_args_into_dataclasses(["--cache_dir", "c"])
+    assert parsed.top_k is None and parsed.topk_encoding == "compact"
+    argv = ["--cache_dir", "c", "--topk_encoding", "float", "--top_k", "128"]
+    (parsed,) = HfArgumentParser(CacheArguments).parse_args_into_dataclasses(argv)
+    assert parsed.top_k == 128 and parsed.topk_encoding == "float"
+    with pytest.raises(ValueError, match="topk_encoding must be"):
+        HfArgumentParser(CacheArguments).parse_args_into_dataclasses(["--cache_dir", "c", "--topk_encoding", "x"])
+
+
+def test_top_k_defaults_to_48_compact_and_128_float(tmp_path):
+    data = lm_data(vocab=200)
+    teacher = llama(hidden=16, layers=2, vocab=200, seed=2)
+    for encoding, k in (("compact", 48), ("float", 128)):
+        cache = build_teacher_cache(
+            teacher, data, str(tmp_path / encoding), args=_config(tmp_path), topk_encoding=encoding, progress=False
+        )
+        assert cache.logits["top_k"] == k and cache.logits["encoding"] == encoding

@@ -342,6 +342,9 @@ def test_prompt_completion_and_messages_rows_mask_the_prompt():
     tok.padding_side = "left"
     with pytest.raises(ValueError, match="padding_side = 'right'"):
         completion_collator(tok)
+    tok.chat_template = None  # chat data needs the template that writes the turns
+    with pytest.raises(ValueError, match="need the tokenizer's chat template"):
+        tokenize_prompt_completion({"messages": messages}, tok)
 
 
 # ---------------------------------------------------------------------------------------------------- early errors

@@ -1,4 +1,5 @@
-"""Forward KL to the teacher plus the student's cross-entropy, with their gradient in closed form.
+"""Forward KL (or reverse KL, or GKD's generalised JSD) to the teacher plus the student's cross-entropy, with their
+gradient in closed form.
 
 At a large vocabulary a distillation step spends as much time in element-wise passes over `[rows, vocabulary]`
 tensors as in matmuls (profiled on SmolLM2: log-softmax, clamps, products and their autograd backward). For the
@@ -12,10 +13,19 @@ the teacher's k ids K:
 
     d/ds_j [T^2 KL(fold p || fold q)] = T (q_j - p_j [j in K] - (p_r / r) q_j [j not in K])
 
+Reverse KL and the generalised JSD of GKD (M = beta p + (1 - beta) q, JSD = beta KL(p || M) + (1 - beta) KL(q || M))
+have one form: with R = p (reverse KL, c = 1) or R = M (JSD, c = 1 - beta) and d = log q - log R,
+
+    d/ds [T^2 loss] = T c q (d - sum_j q_j d_j)
+
+(for the JSD, the teacher's part of d/dq cancels against the mixture's: d/dq_i JSD = (1 - beta) log(q_i / M_i)).
+
 `kl_ce_with_grad` computes the loss values and this gradient with few passes and in-place updates, for
 `hfkd.losses.chunked.chunked_head_loss(with_gradient=True)`. Tests compare it with autograd on the registered
 `kl` loss.
 """
+
+import math
 
 import torch
 
@@ -33,8 +43,13 @@ def kl_ce_with_grad(
     targets: torch.Tensor | None = None,
     ce_scale: torch.Tensor | float = 0.0,
     targets_all_valid: bool = False,
+    loss: str = "kl",
+    beta: float = 0.5,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(sum over rows of T^2 KL, sum of CE over targets != -100 or None, gradient of the scaled sum).
+
+    `loss` is 'kl', 'reverse_kl' or 'jsd' (with `beta`; 0 and 1 mean forward and reverse KL, as GKD and the
+    registered `jsd` loss take them); the top-k cached teacher takes 'kl' only.
 
     The gradient is that of `kl_scale * KL_sum + ce_scale * CE_sum` with respect to `student_logits` `[rows, V]`.
     The teacher is given as logits `[rows, V]` (already divided by T if `teacher_scaled`: the caller can scale the
@@ -64,7 +79,29 @@ def kl_ce_with_grad(
             grad.mul_(valid.unsqueeze(-1))
         grad.mul_(ce_scale)
 
-    if topk is None:
+    if beta <= 0.0 and loss == "jsd":
+        loss = "kl"
+    elif beta >= 1.0 and loss == "jsd":
+        loss = "reverse_kl"
+    if loss not in ("kl", "reverse_kl", "jsd") or (topk is not None and loss != "kl"):
+        raise ValueError(f"kl_ce_with_grad: no closed form for loss={loss!r} with this teacher.")
+    if loss != "kl":
+        t = teacher_logits.to(dtype)
+        log_p = torch.log_softmax(t if teacher_scaled or T == 1.0 else t * (1.0 / T), dim=-1)
+        if not teacher_scaled:
+            log_p.clamp_min_(torch.finfo(dtype).min)
+        if loss == "jsd":
+            log_r = torch.logaddexp(log_p + math.log(beta), log_q + math.log(1.0 - beta))  # log M
+            teacher_part = torch.linalg.vecdot(log_p.exp(), log_p.sub_(log_r))  # KL(p || M); log_p is read no more
+            c = 1.0 - beta
+        else:
+            log_r, c = log_p, 1.0
+        d = log_q - log_r
+        q = log_q.exp_()
+        kl_qr = torch.linalg.vecdot(q, d)  # KL(q || R)
+        kl_rows = beta * teacher_part + c * kl_qr if loss == "jsd" else kl_qr
+        kl_grad = d.sub_(kl_qr.unsqueeze(-1)).mul_(q).mul_(c)
+    elif topk is None:
         t = teacher_logits.to(dtype)
         log_p = torch.log_softmax(t if teacher_scaled or T == 1.0 else t * (1.0 / T), dim=-1)
         if not teacher_scaled:

@@ -104,6 +104,25 @@ class Features:
 
 
 @dataclass
+class TokenAlignment:
+    """A teacher and a student with different tokenizers (hfkd.two_tokenizers): how their tokens line up.
+
+    Attributes:
+        student / teacher: `[batch, positions]` span id of each token on that side (-1: in no span; see
+            hfkd.alignment.align_spans). Span ids are shared: span k of an example covers the same text on both sides.
+        student_ids / teacher_ids: each side's `input_ids`.
+        matched_student / matched_teacher: ids of the token strings both vocabularies hold, pairwise.
+    """
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    student_ids: torch.Tensor
+    teacher_ids: torch.Tensor
+    matched_student: torch.Tensor | None = None
+    matched_teacher: torch.Tensor | None = None
+
+
+@dataclass
 class TermBatch:
     """The batch as terms see it.
 
@@ -119,7 +138,10 @@ class TermBatch:
         masks: the positions that count per stream (`main`, or `encoder` and `decoder`) and for the logits
             (`logit`); None where each example is one unit.
         counts: units behind each of `masks` (and `examples`) over the whole accumulation window and all processes
-            (>= 1), for `unit = "mixed"` terms; in evaluation, over this batch.
+            (>= 1), for `unit = "mixed"` terms; in evaluation, over this batch. With two tokenizers, `spans` counts
+            the spans.
+        teacher_mask: the teacher's attention mask when it has its own tokenization (else None: `mask` fits both).
+        alignment: the spans between the two tokenizations, or None when both models read the same tokens.
     """
 
     labels: torch.Tensor | None
@@ -131,6 +153,8 @@ class TermBatch:
     num_rows: int | None = None
     masks: dict[str, torch.Tensor | None] = field(default_factory=dict)
     counts: dict[str, torch.Tensor] = field(default_factory=dict)
+    teacher_mask: torch.Tensor | None = None
+    alignment: TokenAlignment | None = None
 
 
 class Term(nn.Module):
@@ -146,6 +170,11 @@ class Term(nn.Module):
     Options: ClassVar[type] = None
     # Built-in terms keep `DistillationConfig` fields as their short form: option (and "weight") -> field name.
     short_form: ClassVar[dict[str, str]] = {}
+    # Whether the term works when the teacher has its own tokenizer (TermBatch.alignment): terms that compare
+    # whole examples, or spans; not those that compare token positions one to one.
+    across_tokenizers: ClassVar[bool] = False
+    # Whether it compares logits over two different vocabularies (span_kd, uld) rather than class by class.
+    across_vocabularies: ClassVar[bool] = False
 
     def __init__(self, options=None):
         super().__init__()

@@ -216,6 +216,7 @@ class ContrastiveRepresentationDistillation(Term):
     """L_S + L_T of the micro-batch (see the module docstring); heads built and banks allocated in setup()."""
 
     unit = "batch"
+    across_tokenizers = True
     Options = CRDOptions
 
     def __init__(self, options=None):

@@ -113,6 +113,7 @@ class DecoupledKD(Term):
     """alpha * TCKD + beta * NCKD per example (see the module docstring), summed over the micro-batch."""
 
     unit = "logits"
+    across_tokenizers = True
     Options = DKDOptions
 
     def __init__(self, options=None):
@@ -168,6 +169,11 @@ class DecoupledKD(Term):
         return s, t, labels
 
     def setup(self, student: Features, teacher: Features, batch: TermBatch) -> None:
+        if batch.alignment is not None and student.kind.token_level:
+            raise ValueError(
+                "dkd compares logits class by class, but the teacher has its own tokenizer (teacher_processing_class) "
+                "and its token-level logits do not line up with the student's; use span_kd or uld instead."
+            )
         s, _, labels = self._inputs(student, teacher, batch)
         bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= s.shape[-1]))
         if bool(bad.any()):

@@ -10,12 +10,17 @@ the projections are this term's state: trained with the student, saved in each c
 Short form: `hidden_weight`, `hidden_loss`, `hidden_layer_map`. Each matched pair is averaged over the positions the
 attention mask keeps (over examples for images and conv maps, which have no padding), counted over the whole
 accumulation window; the term is the mean over pairs (unit "mixed").
+
+A teacher with its own tokenizer (hfkd.two_tokenizers) has other positions: each model's features are then averaged
+over the tokens of each span the two tokenizations share (hfkd.alignment), and the pairs compare span by span,
+counted over the spans.
 """
 
 from dataclasses import dataclass
 
 import torch
 
+from ..alignment import span_mean
 from ..features import as_positions, hidden_streams, masked_sum
 from ..layer_map import LayerMapSpec, resolve_layer_map
 from ..losses import HIDDEN_LOSSES
@@ -39,6 +44,7 @@ class HiddenOptions:
 @register_term("hidden")
 class HiddenTerm(Term):
     unit = "mixed"
+    across_tokenizers = True
     Options = HiddenOptions
     short_form = {"weight": "hidden_weight", "loss": "hidden_loss", "layer_map": "hidden_layer_map"}
 
@@ -88,7 +94,7 @@ class HiddenTerm(Term):
                         "features [batch, tokens, width] onto token features and conv maps [batch, channels, h, w] "
                         "onto conv maps; pick a teacher and student of the same kind, or set hidden_weight=0."
                     )
-                if s.dim() == 3 and s.shape[1] != t.shape[1]:
+                if s.dim() == 3 and s.shape[1] != t.shape[1] and batch.alignment is None:
                     raise ValueError(
                         f"The hidden term compares positions one to one, but the sequence lengths differ ({where}); "
                         "use the same tokenizer (or patch size) for both models, or set hidden_weight=0."
@@ -112,8 +118,15 @@ class HiddenTerm(Term):
             selected = self.projector(selected)
         loss_fn = HIDDEN_LOSSES[self.options.loss]
         total, n = 0.0, 0
+        spans = batch.alignment
         for stream, pairs in self.pairs.items():
             for s_idx, t_idx in pairs:
+                if spans is not None:  # own tokenizers: each model's tokens averaged over the spans they share
+                    s = span_mean(selected[f"{stream}.{s_idx}"], spans.student)
+                    t = span_mean(t_streams[stream][t_idx], spans.teacher).to(s.dtype)
+                    total = total + loss_fn(s, t).sum() / batch.counts["spans"]
+                    n += 1
+                    continue
                 s, t = as_positions(selected[f"{stream}.{s_idx}"], t_streams[stream][t_idx])
                 mask = batch.masks.get(stream)
                 if mask is None or mask.shape != s.shape[:2]:

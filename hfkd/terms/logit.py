@@ -13,7 +13,8 @@ for classification heads), so the trainer divides it by their count over the who
 For causal LMs with plain linear heads the trainer asks `head_loss` instead of `forward`: the divergence (and the
 student's own next-token loss, which needs the same logits) is computed from both models' final hidden states a
 chunk of positions at a time, so the `[batch, sequence, vocabulary]` logits are never held. Loss and gradients equal
-the full computation (tested), and forward KL without standardisation uses its closed-form gradient.
+the full computation (tested), and forward KL, reverse KL and JSD without standardisation use their closed-form
+gradients (hfkd.losses.fused).
 """
 
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ def _cached_topk(outputs):
 @register_term("logit")
 class LogitTerm(Term):
     unit = "logits"
+    across_tokenizers = True
     Options = LogitOptions
     short_form = {
         "weight": "logit_weight",
@@ -81,6 +83,12 @@ class LogitTerm(Term):
 
     def setup(self, student: Features, teacher: Features, batch: TermBatch) -> None:
         s_logits, t_logits = student.logits, teacher.logits
+        if batch.alignment is not None and student.kind.token_level:
+            raise ValueError(
+                "The teacher has its own tokenizer (teacher_processing_class), so the two models' token-level logits "
+                "do not line up position by position nor id by id: use the cross-tokenizer terms instead, "
+                "terms=[{'name': 'span_kd'}] or [{'name': 'uld'}], and set logit_weight=0."
+            )
         topk = _cached_topk(teacher.outputs)
         what = "vocabulary" if student.kind.token_level else "number of labels"
         if topk is not None:
@@ -183,20 +191,17 @@ class LogitTerm(Term):
             with torch.no_grad():
                 return t_head(t_rows[start:end]) if t_head is not None else t_rows[start:end]
 
+        # Forward KL, reverse KL and JSD (and cross-entropy) have known gradients: no autograd over [rows, vocab].
+        closed = options.loss in ("kl", "reverse_kl", "jsd") and not options.standardize
+        closed = closed and (topk is None or options.loss == "kl")
         # Online, the teacher's hidden states are divided by T before its head: logits / T at 1/V of the cost.
         scaled_teacher = (
-            options.loss == "kl"
-            and not options.standardize
-            and topk is None
-            and t_head is not None
-            and t_head.bias is None
-            and options.temperature != 1.0
+            closed and topk is None and t_head is not None and t_head.bias is None and options.temperature != 1.0
         )
         if scaled_teacher:
             t_rows = t_rows / options.temperature
 
         def closed_form(s_logits, start, end):
-            # Forward KL (the default) and cross-entropy have known gradients: no autograd over [rows, vocab].
             distill, task, grad = kl_ce_with_grad(
                 s_logits,
                 temperature=options.temperature,
@@ -207,6 +212,8 @@ class LogitTerm(Term):
                 targets=targets[start:end] if with_task else None,
                 ce_scale=task_scale if with_task else 0.0,
                 targets_all_valid=mask is not None,  # rows were selected by labels != -100
+                loss=options.loss,
+                beta=options.jsd_beta,
             )
             sums["term"] += distill
             total = distill * coef
@@ -240,7 +247,7 @@ class LogitTerm(Term):
                 total = total + task * task_scale
             return total
 
-        if options.loss == "kl" and not options.standardize:
+        if closed:
             fused = chunked_head_loss(
                 s_rows, s_head.weight, s_head.bias, closed_form, options.chunk_size, with_gradient=True
             )

@@ -154,6 +154,7 @@ def pkd_pairs(spec, student_layers, num_student: int, num_teacher: int) -> list[
 @register_term("pkd")
 class PatientKD(Term):
     unit = "examples"
+    across_tokenizers = True
     Options = PKDOptions
 
     def __init__(self, options=None):
@@ -188,7 +189,7 @@ class PatientKD(Term):
         widths = []
         for s, t in self._pairs_for(s_states, t_states):
             d_s = pool(s_states[s], batch.mask, self.options.pooling).shape[-1]
-            d_t = pool(t_states[t], batch.mask, self.options.pooling).shape[-1]
+            d_t = pool(t_states[t], _teacher_mask(batch), self.options.pooling).shape[-1]
             widths.append((d_s, d_t))
         if any(d_s != d_t for d_s, d_t in widths):
             self.projections = nn.ModuleList(
@@ -203,7 +204,7 @@ class PatientKD(Term):
         with torch.autocast(device_type=s_states[0].device.type, enabled=False):  # float32 at least
             for j, (s, t) in enumerate(pairs):
                 h_s = pool(s_states[s], batch.mask, options.pooling)
-                h_t = pool(t_states[t].detach(), batch.mask, options.pooling)
+                h_t = pool(t_states[t].detach(), _teacher_mask(batch), options.pooling)
                 if self.projections is not None:
                     projection = self.projections[j]
                     if isinstance(projection, nn.Linear):
@@ -223,3 +224,8 @@ class PatientKD(Term):
         if options.reduction == "mean":
             total = total / len(pairs)
         return total.sum()
+
+
+def _teacher_mask(batch: TermBatch):
+    # A teacher with its own tokenizer has its own padding.
+    return batch.teacher_mask if batch.teacher_mask is not None else batch.mask

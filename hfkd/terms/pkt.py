@@ -89,6 +89,7 @@ def pkt_loss(student: torch.Tensor, teacher: torch.Tensor, eps: float = 1e-7) ->
 @register_term("pkt")
 class ProbabilisticKT(Term):
     unit = "batch"
+    across_tokenizers = True
     Options = PKTOptions
 
     def needs(self) -> Needs:

@@ -99,4 +99,6 @@ def pooled(side: Features, batch: TermBatch, options: PooledFeatureOptions, whic
                 f"(valid: {-len(states)}..{len(states) - 1}); set {which}_layer or layer."
             )
         value = states[layer]
-    return pool(value, batch.mask, options.pooling)
+    # A teacher with its own tokenizer has its own padding (TermBatch.teacher_mask).
+    mask = batch.teacher_mask if which == "teacher" and batch.teacher_mask is not None else batch.mask
+    return pool(value, mask, options.pooling)

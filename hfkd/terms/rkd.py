@@ -142,6 +142,7 @@ def rkd_loss(
 @register_term("rkd")
 class RelationalKD(Term):
     unit = "batch"
+    across_tokenizers = True
     Options = RKDOptions
 
     def needs(self) -> Needs:

@@ -38,6 +38,7 @@ def similarity_preserving_loss(student: torch.Tensor, teacher: torch.Tensor) -> 
 @register_term("sp")
 class SimilarityPreserving(Term):
     unit = "batch"
+    across_tokenizers = True
     Options = SPOptions
 
     def needs(self) -> Needs:

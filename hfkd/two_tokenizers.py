@@ -1,0 +1,259 @@
+"""Batches for a teacher and a student that do not share a tokenizer: both tokenizations of the same text.
+
+`DistillationTrainer(..., teacher_processing_class=teacher_tokenizer)` (or `DistillationConfig
+.teacher_processing_class`) collates with `TwoTokenizerCollator` unless given another collator, so the rows of the
+data set stay text: a `text` column (`DistillationConfig.tokenize_text_column` names another, and
+`tokenize_text_pair_column` a second text for pair tasks), or `prompt` and `completion` texts for causal LMs. Rows may also come tokenized
+already by `tokenize_for_both` through `datasets.Dataset.map` (what the recipes do), which is faster over epochs.
+
+Each batch holds the student's tokenization as usual (`input_ids`, `attention_mask`, ... and `labels`), the
+teacher's under the `teacher_` prefix (`teacher_input_ids`, `teacher_attention_mask`: hfkd.batch gives the teacher
+those in place of the student's), and the spans that line the two up (`hfkd_spans`, `hfkd_teacher_spans`, from
+`hfkd.alignment.align_spans` on the character offsets) which the cross-tokenizer terms read: `uld` and `span_kd`
+for causal LMs' logits, and `hidden` on span-averaged features.
+
+Causal LMs: `labels` are the student's `input_ids` (-100 on padding and on the prompt); a span counts when a logit
+predicts every token of it on both sides (position >= 1) and it lies in the completion.
+"""
+
+import logging
+from collections.abc import Sequence
+
+import torch
+
+from .alignment import align_spans
+from .batch import SPANS, TEACHER_PREFIX, TEACHER_SPANS
+
+logger = logging.getLogger(__name__)
+
+# Columns tokenize_for_both writes besides the tokenizers' own outputs.
+_PADDED = {SPANS: -1, TEACHER_SPANS: -1, "labels": -100}
+
+
+def _fast(tokenizer, role: str) -> None:
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"The {role} tokenizer ({type(tokenizer).__name__}) is not a fast tokenizer: lining up two tokenizations "
+            "needs each token's character offsets. Load it with AutoTokenizer.from_pretrained(..., use_fast=True)."
+        )
+
+
+def _encode(tokenizer, text: str, pair: str | None, max_length: int | None) -> dict:
+    out = tokenizer(
+        text,
+        pair,
+        truncation=max_length is not None,
+        max_length=max_length,
+        return_offsets_mapping=True,
+    )
+    offsets = [tuple(o) for o in out.pop("offset_mapping")]
+    if pair is not None:
+        # The pair's offsets count from its own start: place it after the first text so that spans never mix them.
+        which = out.sequence_ids()
+        shift = len(text) + 1
+        offsets = [(s + shift, e + shift) if w == 1 else (s, e) for (s, e), w in zip(offsets, which, strict=True)]
+    return {**{k: list(v) for k, v in out.items()}, "offsets": offsets}
+
+
+def tokenize_for_both(
+    row: dict,
+    student_tokenizer,
+    teacher_tokenizer,
+    max_length: int | None = None,
+    text_column: str = "text",
+    text_pair_column: str | None = None,
+    causal_lm: bool = False,
+) -> dict:
+    """One row's text in both tokenizations, with the spans between them (for `Dataset.map`, unbatched).
+
+    Args:
+        row: a `text_column` text (and `text_pair_column`), or for causal LMs `prompt` and `completion` texts (the
+            completion continues the prompt's text as is). Other columns are left to `map` (e.g. labels).
+        max_length: tokens per side at most (each side truncated on its own; text that only one side covers is in
+            no span).
+        causal_lm: add `labels` (the student's ids, -100 on the prompt) and count only spans a logit predicts.
+    Returns:
+        the student tokenizer's outputs, the teacher's with the `teacher_` prefix, `hfkd_spans`,
+        `hfkd_teacher_spans` (span id per token, -1 outside), and `labels` for causal LMs.
+    """
+    _fast(student_tokenizer, "student")
+    _fast(teacher_tokenizer, "teacher")
+    prompt_chars = 0
+    pair = None
+    if "messages" in row and causal_lm:
+        raise ValueError(
+            "Across tokenizers, rows must be plain text (a text column, or prompt and completion texts): each model's "
+            "chat template writes a conversation differently. Render `messages` to text first."
+        )
+    if causal_lm and "prompt" in row and "completion" in row:
+        if not isinstance(row["prompt"], str) or not isinstance(row["completion"], str):
+            raise ValueError("Across tokenizers, `prompt` and `completion` must be texts (not lists of messages).")
+        text = row["prompt"] + row["completion"]
+        prompt_chars = len(row["prompt"])
+    else:
+        if text_column not in row:
+            raise ValueError(
+                f"Rows need a {text_column!r} text (text_column) to tokenize for both models, got columns "
+                f"{sorted(row)}; set text_column (or give causal LMs `prompt` and `completion` texts)."
+            )
+        text = row[text_column]
+        pair = row[text_pair_column] if text_pair_column else None
+    student = _encode(student_tokenizer, text, pair, max_length)
+    teacher = _encode(teacher_tokenizer, text, pair, max_length)
+    s_off, t_off = student.pop("offsets"), teacher.pop("offsets")
+    s_keep = t_keep = None
+    if causal_lm:
+        # A span counts when a logit predicts each of its tokens (not position 0) and it lies in the completion.
+        s_keep = [i > 0 and end > prompt_chars for i, (_, end) in enumerate(s_off)]
+        t_keep = [j > 0 and end > prompt_chars for j, (_, end) in enumerate(t_off)]
+    s_spans, t_spans = align_spans(s_off, t_off, s_keep, t_keep)
+    out = {**student, **{TEACHER_PREFIX + k: v for k, v in teacher.items()}, SPANS: s_spans, TEACHER_SPANS: t_spans}
+    if causal_lm:
+        # The prompt's tokens are never a target (a token ending past the prompt's text belongs to the completion).
+        out["labels"] = [
+            tok if end > prompt_chars else -100 for tok, (_, end) in zip(student["input_ids"], s_off, strict=True)
+        ]
+    return out
+
+
+class TwoTokenizerCollator:
+    """Pads rows of `tokenize_for_both` (or tokenizes text rows first) into batches for both models.
+
+    Args:
+        student_tokenizer / teacher_tokenizer: fast tokenizers (character offsets); each pads its own side on the
+            right, with its own pad token.
+        max_length, text_column, text_pair_column, causal_lm: as in `tokenize_for_both`, for text rows.
+        pad_to_multiple_of: passed to both tokenizers' `pad`.
+    """
+
+    def __init__(
+        self,
+        student_tokenizer,
+        teacher_tokenizer,
+        max_length: int | None = None,
+        text_column: str = "text",
+        text_pair_column: str | None = None,
+        causal_lm: bool = False,
+        pad_to_multiple_of: int | None = None,
+    ):
+        for role, tok in (("student", student_tokenizer), ("teacher", teacher_tokenizer)):
+            _fast(tok, role)
+            if tok.pad_token_id is None:
+                raise ValueError(
+                    f"The {role} tokenizer has no pad token; set one first, e.g. tokenizer.pad_token = "
+                    "tokenizer.eos_token (padding positions are masked)."
+                )
+        self.student_tokenizer = student_tokenizer
+        self.teacher_tokenizer = teacher_tokenizer
+        self.max_length = max_length
+        self.text_column = text_column
+        self.text_pair_column = text_pair_column
+        self.causal_lm = causal_lm
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self._text_columns = {text_column, text_pair_column, "prompt", "completion"} - {None}
+        if causal_lm:  # read only to refuse them clearly (tokenize_for_both)
+            self._text_columns.add("messages")
+
+    def text_columns(self) -> set[str]:
+        """The columns this collator reads text from (Trainer must not drop them as unused)."""
+        return set(self._text_columns)
+
+    def __call__(self, features: Sequence[dict]) -> dict:
+        rows = []
+        for feature in features:
+            feature = dict(feature)
+            if SPANS not in feature:
+                encoded = tokenize_for_both(
+                    feature,
+                    self.student_tokenizer,
+                    self.teacher_tokenizer,
+                    self.max_length,
+                    self.text_column,
+                    self.text_pair_column,
+                    self.causal_lm,
+                )
+                feature = {k: v for k, v in feature.items() if k not in self._text_columns and k != "messages"}
+                feature.update(encoded)
+            rows.append(feature)
+        student_keys = [k for k in rows[0] if k not in _PADDED and not k.startswith(TEACHER_PREFIX)]
+        token_keys = [k for k in student_keys if isinstance(rows[0][k], (list, tuple))]
+        teacher_keys = [k for k in rows[0] if k.startswith(TEACHER_PREFIX)]
+        batch = dict(
+            self.student_tokenizer.pad(
+                [{k: r[k] for k in token_keys} for r in rows],
+                padding=True,
+                pad_to_multiple_of=self.pad_to_multiple_of,
+                padding_side="right",  # rows start at position 0, as the spans and labels assume
+                return_tensors="pt",
+            )
+        )
+        teacher = self.teacher_tokenizer.pad(
+            [{k[len(TEACHER_PREFIX) :]: r[k] for k in teacher_keys} for r in rows],
+            padding=True,
+            pad_to_multiple_of=self.pad_to_multiple_of,
+            padding_side="right",
+            return_tensors="pt",
+        )
+        batch.update({TEACHER_PREFIX + k: v for k, v in teacher.items()})
+        widths = {SPANS: batch["input_ids"].shape[1], TEACHER_SPANS: batch[TEACHER_PREFIX + "input_ids"].shape[1]}
+        widths["labels"] = widths[SPANS]
+        for key, fill in _PADDED.items():
+            if key not in rows[0]:
+                continue
+            value = rows[0][key]
+            if isinstance(value, (list, tuple)):
+                batch[key] = torch.full((len(rows), widths[key]), fill, dtype=torch.long)
+                for i, r in enumerate(rows):
+                    batch[key][i, : len(r[key])] = torch.tensor(r[key], dtype=torch.long)
+            else:  # class labels
+                batch[key] = torch.tensor([r[key] for r in rows])
+        for key in student_keys:
+            if key not in token_keys:  # per-row values: class labels, row ids, teacher ids
+                batch[key] = torch.tensor([r[key] for r in rows])
+        if "label" in batch and "labels" not in batch:
+            batch["labels"] = batch.pop("label")
+        return batch
+
+
+def load_teacher_tokenizer(value):
+    """`teacher_processing_class` as given: a tokenizer, or a Hub id / local path ('pkg:' paths too) to load."""
+    if not isinstance(value, str):
+        return value
+    from transformers import AutoTokenizer
+
+    from .paths import resolve_path
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_path(value))
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"Could not load teacher_processing_class={value!r} with AutoTokenizer: {err}\nGive the teacher's "
+            "tokenizer as a Hub id or a local folder."
+        ) from err
+
+
+def check_teacher_tokenizer(tokenizer, teacher) -> None:
+    """The teacher's tokenizer must produce ids its embedding holds: a mismatch would index out of range (or, worse,
+    read the wrong rows) at the first step."""
+    embeddings = teacher.get_input_embeddings() if hasattr(teacher, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if rows is None:
+        rows = getattr(getattr(teacher, "config", None), "vocab_size", None)
+    size = len(tokenizer)
+    if rows is not None and size > rows:
+        raise ValueError(
+            f"teacher_processing_class has {size} tokens but the teacher's embedding holds {rows}: it is not the "
+            "teacher's tokenizer. Pass the tokenizer the teacher was trained with (usually the one saved beside it)."
+        )
+
+
+def check_terms_across_tokenizers(terms: dict) -> None:
+    """Refuses terms that compare positions one to one when the teacher has its own tokenizer."""
+    refused = [name for name, term in terms.items() if not type(term).across_tokenizers]
+    if refused:
+        raise ValueError(
+            f"The terms {refused} compare the two models token position by token position, which a teacher with its "
+            "own tokenizer (teacher_processing_class) does not share with the student. Across tokenizers use logit "
+            "(classifiers), span_kd or uld (causal LMs), hidden (over spans) and the relation terms (rkd, sp, pkt, "
+            "crd, pkd); drop the others (e.g. attention_weight=0)."
+        )
