@@ -107,18 +107,19 @@ def span_log_probs(
         input_ids: `[batch, positions]`, the tokens the logits were computed on.
         spans: `[batch, positions]` long, from `align_spans` (each span's first position >= 1).
     """
-    # float32 at least (half-precision logits), float64 kept.
-    logits = logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32))
-    log_probs = torch.log_softmax(logits / temperature, dim=-1)  # row k - 1 predicts token k
-    targets = spans[:, 1:]
+    targets = spans[:, 1:]  # row k - 1 of the logits predicts token k
     flat, valid, count = _span_index(targets)
-    first = span_starts(targets)
-    rows = log_probs[first]  # [count, V], in (example, position) order = (example, span id) order
+    first = span_starts(targets)[valid]
+    # Only the rows that predict a span token are normalised (not the prompt's, nor padding): [M, V], in (example,
+    # position) order, so the first tokens' rows come in (example, span id) order.
+    rows = logits[:, :-1][valid]
+    rows = rows.to(torch.promote_types(rows.dtype, torch.float32))  # float32 at least; float64 kept
+    log_probs = torch.log_softmax(rows / temperature, dim=-1)
     # The other tokens' log-probabilities of the actual token, summed per span.
-    actual = log_probs.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    rest = (valid & ~first).to(actual.dtype) * actual
-    extra = torch.zeros(count, dtype=actual.dtype, device=actual.device).index_add(0, flat[valid], rest[valid])
-    return rows + extra[:, None]
+    actual = log_probs.gather(-1, input_ids[:, 1:][valid].unsqueeze(-1)).squeeze(-1)
+    rest = ~first
+    extra = torch.zeros(count, dtype=actual.dtype, device=actual.device).index_add(0, flat[valid][rest], actual[rest])
+    return log_probs[first] + extra[:, None]
 
 
 def span_mean(features: torch.Tensor, spans: torch.Tensor) -> torch.Tensor:

@@ -195,7 +195,8 @@ def _label_ids(dataset: datasets.Dataset, args: DataArguments, names: list[str])
     )
 
 
-def preprocess_text_classification(dataset, tokenizer, args: DataArguments, names: list[str]):
+def _labelled_text_rows(dataset, args: DataArguments, names: list[str]):
+    """The rows that hold both a text and a label, with the labels as class ids."""
     _require_columns(
         dataset,
         {
@@ -211,6 +212,11 @@ def preprocess_text_classification(dataset, tokenizer, args: DataArguments, name
             "(label_column): the data set is empty once rows missing either are dropped. Check the two columns."
         )
     dataset = _label_ids(dataset, args, names)
+    return dataset
+
+
+def preprocess_text_classification(dataset, tokenizer, args: DataArguments, names: list[str]):
+    dataset = _labelled_text_rows(dataset, args, names)
 
     def tokenize(batch):
         pair = batch[args.text_pair_column] if args.text_pair_column else None
@@ -326,21 +332,7 @@ def preprocess_text_classification_for_both(
     (hfkd.two_tokenizers.tokenize_for_both, each side cut to max_length tokens), with the spans between them."""
     from .two_tokenizers import tokenize_for_both
 
-    _require_columns(
-        dataset,
-        {
-            "text_column": args.text_column,
-            "text_pair_column": args.text_pair_column,
-            "label_column": args.label_column,
-        },
-    )
-    dataset = dataset.filter(lambda row: row[args.text_column] is not None and row[args.label_column] is not None)
-    if len(dataset) == 0:
-        raise ValueError(
-            f"No row has both a {args.text_column!r} text (text_column) and a {args.label_column!r} label "
-            "(label_column): the data set is empty once rows missing either are dropped. Check the two columns."
-        )
-    dataset = _label_ids(dataset, args, names)
+    dataset = _labelled_text_rows(dataset, args, names)
     return dataset.map(
         tokenize_for_both,
         fn_kwargs={
