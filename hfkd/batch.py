@@ -45,3 +45,31 @@ def _is_teacher_key(key) -> bool:
 
 def _is_internal(key) -> bool:
     return isinstance(key, str) and key.startswith(INTERNAL_PREFIX)
+
+
+# The probe (DistillationTrainer._probe) checks shapes, vocabularies and heads, none of which depends on the length:
+# on long rows it reads the first PROBE_POSITIONS tokens, so that building a trainer for 4k-token rows and a 256k
+# vocabulary does not hold both models' full logits for two whole rows (16 GiB at 4096 x 256,000 in float32).
+PROBE_POSITIONS = 128
+_TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "labels", "token_type_ids", "position_ids"})
+
+
+def probe_window(batch: dict, positions: int = PROBE_POSITIONS) -> dict:
+    """The batch cut to its first `positions` tokens where that is safe, else the batch itself.
+
+    Cut only plain token batches: every tensor of two or more dimensions is one of the usual per-token inputs and
+    as long as `input_ids` (not an encoder-decoder's labels), no teacher-only or hfkd key (a teacher cache's rows or
+    spans are stored at full length), and every row keeps a token to attend to.
+    """
+    ids = batch.get("input_ids")
+    if not hasattr(ids, "dim") or ids.dim() != 2 or ids.shape[1] <= positions:
+        return batch
+    if any(k != TEACHER_ID and (_is_teacher_key(k) or _is_internal(k)) for k in batch):
+        return batch
+    long = {k for k, v in batch.items() if hasattr(v, "dim") and v.dim() >= 2}
+    if long - _TOKEN_KEYS or any(batch[k].shape[1] != ids.shape[1] for k in long):
+        return batch
+    mask = batch.get("attention_mask")
+    if mask is not None and bool((mask[:, :positions].sum(dim=1) == 0).any()):
+        return batch  # left padding longer than the window
+    return {k: v[:, :positions] if k in long else v for k, v in batch.items()}

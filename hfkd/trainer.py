@@ -16,7 +16,16 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from . import checks
 from .alignment import match_vocabularies
-from .batch import SPANS, TEACHER_ID, TEACHER_PREFIX, TEACHER_SPANS, student_inputs, teacher_inputs, teacher_key
+from .batch import (
+    SPANS,
+    TEACHER_ID,
+    TEACHER_PREFIX,
+    TEACHER_SPANS,
+    probe_window,
+    student_inputs,
+    teacher_inputs,
+    teacher_key,
+)
 from .cache import (
     ROW_COLUMN,
     CachedTeacherCollator,
@@ -593,6 +602,7 @@ class DistillationTrainer(Trainer):
                 task_loss=self.args.task_weight > 0,
                 require_labels=self.train_dataset is not None,  # the probe batch may come from eval_dataset
             )
+        full, batch = batch, probe_window(batch)  # the checks above read every token; the forwards a window
         candidates = self._chunk_candidates()
         s_base, t_base = (candidates[0], candidates[2]) if candidates else (None, None)
         was_training = self.model.training
@@ -622,6 +632,10 @@ class DistillationTrainer(Trainer):
             self._kind.token_level = s_logits.dim() >= 3
         self._setup_terms(student_out, s_modules, teacher_outs, t_modules, batch, first_batch)
         self._setup_peer_terms(student_out, teacher_outs, batch)
+        # Two losses are compared there: the window only if it holds a label (a long prompt masks its first tokens).
+        labels = batch.get("labels")
+        if labels is not None and hasattr(labels, "ne") and not bool(labels.ne(-100).any()):
+            batch = full
         self._task_uses_num_items = self._measure_task_normalisation(self.model, batch)
         for name, peer in self.peers.items():
             accepts, _ = self._peer_loss_kwargs[name]

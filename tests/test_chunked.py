@@ -5,10 +5,13 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 from tiny_models import COMMON, dataset_for, llama, lm_data, parameters_of, tiny_gpt2
 from transformers import LlamaForCausalLM
 
+import hfkd.trainer as trainer_module
 from hfkd import DistillationConfig, DistillationTrainer
+from hfkd.batch import PROBE_POSITIONS, probe_window
 from hfkd.losses import LOGIT_LOSSES
 from hfkd.losses.chunked import chunked_head_loss
 from hfkd.losses.fused import kl_ce_with_grad
@@ -238,3 +241,93 @@ def test_closed_form_jsd_and_reverse_kl_gradient_equals_autograd(temperature, lo
     torch.testing.assert_close(grad, expected_grad, rtol=1e-8, atol=1e-10)
     with pytest.raises(ValueError, match="no closed form"):
         kl_ce_with_grad(student.detach(), temperature=1.0, kl_scale=1.0, teacher_logits=teacher, loss="mse")
+
+
+def _long_rows(n: int, length: int, prompt: int, vocab: int = 64):
+    """Rows longer than the probe's window, the first `prompt` labels masked (a prompt)."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, vocab, (n, length), generator=g)
+    labels = ids.clone()
+    labels[:, :prompt] = -100
+    return Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist(), "labels": labels.tolist()}
+    )
+
+
+def test_probe_window_cuts_plain_token_batches_only():
+    ids = torch.arange(2 * 200).view(2, 200)
+    plain = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids,
+        "teacher_id": torch.tensor([0, 1]),
+    }
+    cut = probe_window(plain)
+    assert {k: tuple(v.shape) for k, v in cut.items()} == {
+        "input_ids": (2, PROBE_POSITIONS),
+        "attention_mask": (2, PROBE_POSITIONS),
+        "labels": (2, PROBE_POSITIONS),
+        "teacher_id": (2,),
+    }
+    torch.testing.assert_close(cut["input_ids"], ids[:, :PROBE_POSITIONS])
+    left_padded = dict(plain, attention_mask=torch.ones_like(ids).index_fill(1, torch.arange(150), 0))
+    for kept in (
+        {"input_ids": ids[:, :PROBE_POSITIONS]},  # short rows
+        dict(plain, teacher_input_ids=ids),  # the teacher's own tokens
+        dict(plain, hfkd_row=torch.tensor([0, 1])),  # a cache's rows are stored at full length
+        dict(plain, labels=ids[:, :7]),  # an encoder-decoder's labels
+        dict(plain, pixel_values=torch.zeros(2, 3, 8, 8)),  # anything else of two or more dimensions
+        left_padded,  # a row with nothing to attend to in the window
+    ):
+        assert probe_window(kept) is kept
+
+
+@pytest.mark.parametrize("prompt", [0, 150])
+def test_probe_reads_a_window_of_long_rows_and_changes_nothing(tmp_path, prompt, monkeypatch):
+    """Building a trainer runs both models on PROBE_POSITIONS tokens of long rows, not on the whole rows; the task
+    normalisation is measured on whole rows when the window holds no label. Training is as with a whole-row probe."""
+    runs = {}
+    for whole in (False, True):
+        if whole:
+            monkeypatch.setattr(trainer_module, "probe_window", lambda batch: batch)
+        student, teacher = llama(hidden=16, layers=2, seed=1), llama(hidden=32, layers=4, seed=2)
+        lengths = []
+        hooks = [
+            model.register_forward_pre_hook(
+                lambda module, args, kwargs, name=name, lengths=lengths: lengths.append(
+                    (name, kwargs["input_ids"].shape[1])
+                ),
+                with_kwargs=True,
+            )
+            for name, model in (("student", student), ("teacher", teacher))
+        ]
+        args = DistillationConfig(
+            output_dir=str(tmp_path / f"w{whole}"),
+            max_steps=2,
+            per_device_train_batch_size=2,
+            optim="sgd",
+            learning_rate=0.5,
+            logging_steps=1,
+            logit_chunk_size=16,
+            task_weight=0.5,
+            hidden_weight=1.0,
+            **COMMON,
+        )
+        trainer = DistillationTrainer(
+            model=student, teacher_model=teacher, args=args, train_dataset=_long_rows(4, 200, prompt)
+        )
+        for hook in hooks:
+            hook.remove()
+        assert trainer._chunk_heads is not None
+        assert trainer._task_uses_num_items  # Llama's loss divides by num_items_in_batch
+        if not whole:
+            measured = PROBE_POSITIONS if prompt < PROBE_POSITIONS else 200
+            assert (
+                lengths == [("student", PROBE_POSITIONS), ("teacher", PROBE_POSITIONS)] + [("student", measured)] * 2
+            )
+        trainer.train()
+        runs[whole] = [e for e in trainer.state.log_history if "loss" in e], parameters_of(student)
+    (logs, params), (logs_whole, params_whole) = runs[False], runs[True]
+    assert logs == logs_whole
+    for name in params:
+        torch.testing.assert_close(params[name], params_whole[name], rtol=0, atol=0, msg=name)
