@@ -29,11 +29,12 @@ to the head). Tables give the mean over batches and the smallest. The targets (t
 bytes per token at a gradient cosine >= 0.98; judged on the default format, on the logit gradient, on the smallest
 cosine over batches, at each temperature.
 
-**Tail.** A top-k cache keeps one bucket for every class outside the k; the folded loss lets the student spread that
-bucket as it likes (it takes the teacher's tail to have the student's shape). The last table shows, for the same
-cached top-k, the logit-gradient cosine if the tail were instead spread uniformly over the classes outside the k
-(a KL against that reconstructed full distribution). Training does not compute this; it is here because the tail
-decides how close a top-k cache can get at T=2.
+**Tail.** A top-k cache keeps one bucket for every class outside the k. Training reads it as `cache_tail` says
+(`hfkd.losses.topk`): 'folded' (the default) lets the student spread that bucket as it likes (it takes the teacher's
+tail to have the student's shape); 'uniform' spreads it evenly over the classes outside the k. The last table gives
+both tails' cosines, computed by `topk_logit_loss(tail=...)` as training does, for students at two distances from
+the teacher (`--student-layers`: students built from 6 and from 24 of the teacher's 30 layers, before any
+training; the first is the pair the target is judged on).
 """
 
 import argparse
@@ -80,15 +81,17 @@ FORMATS = {
 
 
 # ---------------------------------------------------------------------------------------------------- setup
-def load(tiny: bool, batches: int, batch: int, length: int):
-    """(teacher, student, rows): rows are dicts of input_ids / attention_mask, `batches * batch` of them."""
+def load(tiny: bool, batches: int, batch: int, length: int, student_layers: list[int]):
+    """(teacher, {layers: student}, rows): rows are dicts of input_ids / attention_mask, `batches * batch` of them.
+    Tiny: the tiny pair's 2-layer student and one of 3 of the teacher's 4 layers, whatever `student_layers` says."""
     if tiny:
         teacher, student, rows, *_ = _tiny_pair("smollm2")
-        return teacher, student, [{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows]
+        students = {2: student, 3: student_from_teacher(teacher, num_layers=3)}
+        return teacher, students, [{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows]
     teacher, tokenizer = _smollm2_teacher()
-    student = student_from_teacher(teacher, num_layers=6)
+    students = {n: student_from_teacher(teacher, num_layers=n) for n in student_layers}
     rows = _fortune_blocks(tokenizer, batches * batch, length)
-    return teacher, student, [{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows]
+    return teacher, students, [{k: r[k] for k in ("input_ids", "attention_mask")} for r in rows]
 
 
 def _config(work: str, temperature: float) -> DistillationConfig:
@@ -111,14 +114,14 @@ def layout_bytes(logits: dict, dtype: str) -> int:
     return k * 4 + (k + 1) * (2 if dtype == "float16" else 4)
 
 
-def build_caches(teacher, rows, work: str) -> dict:
+def build_caches(teacher, rows, work: str, formats: dict) -> dict:
     """{format: {temperature: TeacherCache}} and the size of each format's T=2 cache."""
     import datasets
 
     dataset = datasets.Dataset.from_list(rows)
     tokens = sum(sum(r["attention_mask"]) for r in rows)
     caches, sizes = {}, {}
-    for name, (encoding, k, dtype) in FORMATS.items():
+    for name, (encoding, k, dtype) in formats.items():
         caches[name] = {}
         for temperature in TEMPERATURES:
             path = os.path.join(work, f"{name.replace(' ', '_')}-T{temperature:g}")
@@ -164,25 +167,13 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0))
 
 
-def uniform_tail_gradient(student_logits, ids, log_probs, temperature: float) -> torch.Tensor:
-    """d/ds of T^2 KL(p || q_T) where p keeps the cached top-k and spreads the rest evenly over the other classes
-    (up to the positive factor of the mean over positions, which a cosine ignores)."""
-    q = torch.softmax(student_logits / temperature, -1)
-    vocab, k = student_logits.shape[-1], ids.shape[-1]
-    p = (log_probs[..., -1:].exp() / (vocab - k)).expand_as(q).clone()
-    p.scatter_(-1, ids, log_probs[..., :-1].exp())
-    return q - p
-
-
 def gradients(teacher, student, rows, caches: dict, batch: int, label: str) -> dict:
     """Per format and temperature, per batch: the cosines of the cached KD gradient with the full-logits one."""
     teacher.eval()
     student.eval()
     params = [p for p in student.parameters() if p.requires_grad]
-    out = {
-        name: {str(t): {"logits": [], "params": [], "uniform_tail_logits": []} for t in TEMPERATURES}
-        for name in caches
-    }
+    keys = ("logits", "params", "uniform_tail_logits", "uniform_tail_params")
+    out = {name: {str(t): {key: [] for key in keys} for t in TEMPERATURES} for name in caches}
     for b in range(len(rows) // batch):
         chosen = list(range(b * batch, (b + 1) * batch))
         inputs = {k: torch.tensor([rows[i][k] for i in chosen]) for k in ("input_ids", "attention_mask")}
@@ -204,13 +195,12 @@ def gradients(teacher, student, rows, caches: dict, batch: int, label: str) -> d
             for name, by_temperature in caches.items():
                 got = by_temperature[temperature].gather(chosen, inputs)
                 ids, log_probs = got["hfkd_cached_topk_ids"][:, :-1], got["hfkd_cached_topk_logprobs"][:, :-1]
-                loss = topk_logit_loss("kl", s, ids, log_probs, temperature=temperature)[mask].mean()
-                (grad,) = torch.autograd.grad(loss, s)
                 record = out[name][str(temperature)]
-                record["logits"].append(_cosine(grad, full_grad))
-                record["params"].append(_cosine(param_grad(grad), full_params))
-                uniform = uniform_tail_gradient(s_logits, ids, log_probs, temperature) * mask.unsqueeze(-1)
-                record["uniform_tail_logits"].append(_cosine(uniform, full_grad))
+                for tail, prefix in (("folded", ""), ("uniform", "uniform_tail_")):
+                    loss = topk_logit_loss("kl", s, ids, log_probs, temperature=temperature, tail=tail)[mask].mean()
+                    (grad,) = torch.autograd.grad(loss, s)
+                    record[prefix + "logits"].append(_cosine(grad, full_grad))
+                    record[prefix + "params"].append(_cosine(param_grad(grad), full_params))
             print(f"[{label} batch {b} T={temperature:g} done]", file=sys.stderr, flush=True)
         del graph, param_grad
     for by_temperature in out.values():
@@ -223,13 +213,15 @@ def gradients(teacher, student, rows, caches: dict, batch: int, label: str) -> d
 
 # ---------------------------------------------------------------------------------------------------- report
 def verdicts(results: dict) -> dict:
+    """The target on the default format and the first student, for each tail (cosine_T2: folded, the default)."""
     size = results["sizes"][DEFAULT]
     out = {"format": DEFAULT, "bytes_per_token": size["bytes_per_token"]}
     out["bytes_met"] = size["bytes_per_token"] <= TARGETS["bytes_per_token"]
     for t in TEMPERATURES:
-        cosine = results["gradients"][DEFAULT][str(t)]["logits_min"]
-        out[f"cosine_T{t:g}"] = cosine
-        out[f"met_T{t:g}"] = out["bytes_met"] and cosine >= TARGETS["grad_cosine"]
+        for tail, prefix in (("", ""), ("uniform_", "uniform_tail_")):
+            cosine = results["gradients"][DEFAULT][str(t)][prefix + "logits_min"]
+            out[f"{tail}cosine_T{t:g}"] = cosine
+            out[f"{tail}met_T{t:g}"] = out["bytes_met"] and cosine >= TARGETS["grad_cosine"]
     return out
 
 
@@ -244,7 +236,7 @@ def tables(results: dict) -> str:
         "cosine, logits, T=2 | params, T=2 | logits, T=1 | params, T=1 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in FORMATS:
+    for name in results["sizes"]:
         z, g = results["sizes"][name], results["gradients"][name]
         mass = z["mean_top_k_mass"]
         cells = [
@@ -267,23 +259,26 @@ def tables(results: dict) -> str:
         + ("met" if v["bytes_met"] else "NOT met")
         + "); "
         + "; ".join(
-            f"T={t:g}: cosine {v[f'cosine_T{t:g}']:.4f}, " + ("met" if v[f"met_T{t:g}"] else "NOT met")
+            f"T={t:g}: cosine {v[f'{tail}cosine_T{t:g}']:.4f} with cache_tail={name!r}, "
+            + ("met" if v[f"{tail}met_T{t:g}"] else "NOT met")
             for t in TEMPERATURES
+            for tail, name in (("", "folded"), ("uniform_", "uniform"))
         ),
         "",
-        "If the tail were spread uniformly over the classes outside the k (not what training computes): logit "
-        "gradient cosine, mean (smallest)",
+        "The two tails (cache_tail), for students at two distances from the teacher: gradient cosine with the full "
+        "logits' one, w.r.t. the logits and w.r.t. the parameters, mean (smallest)",
         "",
-        "| format | folded (trained), T=2 | uniform tail, T=2 | folded, T=1 | uniform tail, T=1 |",
-        "|---|---|---|---|---|",
+        "| student | format | T=2 folded: logits | params | T=2 uniform: logits | params | T=1 folded: logits "
+        "| params | T=1 uniform: logits | params |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in FORMATS:
-        g = results["gradients"][name]
-        cells = [name]
-        for t in ("2.0", "1.0"):
-            for key in ("logits", "uniform_tail_logits"):
-                cells.append(f"{g[t][key + '_mean']:.4f} ({g[t][key + '_min']:.4f})")
-        lines.append("| " + " | ".join(cells) + " |")
+    for layers, by_format in results["students"].items():
+        for name, g in by_format.items():
+            cells = [f"{layers} layers", name]
+            for t in ("2.0", "1.0"):
+                for key in ("logits", "params", "uniform_tail_logits", "uniform_tail_params"):
+                    cells.append(f"{g[t][key + '_mean']:.4f} ({g[t][key + '_min']:.4f})")
+            lines.append("| " + " | ".join(cells) + " |")
     quant = results["sizes"][DEFAULT].get("step_max", {})
     if quant:
         lines += [
@@ -304,31 +299,54 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=8, help="rows per batch")
     parser.add_argument("--length", type=int, default=128, help="tokens per row")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--student-layers",
+        type=lambda text: [int(x) for x in text.split(",") if x],
+        default=[6, 24],
+        help="students built from this many of the teacher's layers, comma-separated; the first is judged (not --tiny)",
+    )
+    parser.add_argument(
+        "--formats",
+        type=lambda text: [x.strip() for x in text.split(",") if x.strip()],
+        default=list(FORMATS),
+        help=f"formats to measure, comma-separated, among {list(FORMATS)}; the default {DEFAULT!r} always",
+    )
     parser.add_argument("--json", default=None, help="write the results here")
     options = parser.parse_args(argv)
     if options.threads:
         torch.set_num_threads(options.threads)
     start = machine()
     results = run_header("benchmarks/bench_cache.py", argv, TARGETS, start)
-    teacher, student, rows = load(options.tiny, options.batches, options.batch, options.length)
+    unknown = set(options.formats) - set(FORMATS)
+    if unknown:
+        raise SystemExit(f"unknown formats {sorted(unknown)}; choose among {list(FORMATS)}")
+    formats = {name: FORMATS[name] for name in FORMATS if name in options.formats or name == DEFAULT}
+    teacher, students, rows = load(
+        options.tiny, options.batches, options.batch, options.length, options.student_layers
+    )
     batch = 4 if options.tiny else options.batch  # the tiny pair has 8 rows of 32 tokens
     results["setup"] = {
-        "pair": "tiny Llama" if options.tiny else "SmolLM2-135M-Instruct -> 6 of its layers",
+        "pair": "tiny Llama" if options.tiny else f"SmolLM2-135M-Instruct -> {next(iter(students))} of its layers",
         "batches": len(rows) // batch,
         "batch": batch,
         "length": len(rows[0]["input_ids"]),
         "tokens": sum(sum(r["attention_mask"]) for r in rows),
         "vocab": teacher.config.vocab_size,
         "temperatures": list(TEMPERATURES),
-        "formats": {name: list(spec) for name, spec in FORMATS.items()},
+        "formats": {name: list(spec) for name, spec in formats.items()},
+        "students": {str(n): f"{n} of the teacher's {teacher.config.num_hidden_layers} layers" for n in students},
         "default": DEFAULT,
         "loss": "T^2 KL(teacher_T || student_T), mean over positions; cached: topk_logit_loss('kl') on gather()",
         "gradient": "cosine w.r.t. the student's logits and w.r.t. all its trainable parameters, per batch",
     }
     with tempfile.TemporaryDirectory() as work:
-        caches, results["sizes"] = build_caches(teacher, rows, work)
+        caches, results["sizes"] = build_caches(teacher, rows, work, formats)
         print("[caches built]", file=sys.stderr, flush=True)
-        results["gradients"] = gradients(teacher, student, rows, caches, batch, "tiny" if options.tiny else "smollm2")
+        results["students"] = {
+            str(n): gradients(teacher, student, rows, caches, batch, f"{n}-layer student")
+            for n, student in students.items()
+        }
+        results["gradients"] = next(iter(results["students"].values()))  # the pair the target is judged on
     results["verdict"] = verdicts(results)
     finish_run(results, start)
     print(tables(results))

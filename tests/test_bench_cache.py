@@ -24,6 +24,12 @@ def test_bench_cache_tiny(tmp_path):
     results = json.loads(out.read_text())
     assert results["targets"] == {"bytes_per_token": 150, "grad_cosine": 0.98}
     setup, sizes, gradients = results["setup"], results["sizes"], results["gradients"]
+    # Two students, each measured on every format with both tails; the first is the one the target is judged on.
+    assert list(results["students"]) == ["2", "3"] and gradients == results["students"]["2"]
+    assert results["students"]["3"].keys() == sizes.keys()
+    verdict = results["verdict"]
+    assert verdict["cosine_T2"] == gradients["compact k=48"]["2.0"]["logits_min"]
+    assert verdict["uniform_cosine_T2"] == gradients["compact k=48"]["2.0"]["uniform_tail_logits_min"]
     assert setup["tokens"] == setup["batches"] * setup["batch"] * setup["length"] > 0
     assert setup["default"] == "compact k=48" and "float k=128 float16" in sizes
     # The layouts: k * (2 + 1) + 4 bytes compact (uint16 ids for 512 classes), k * 4 + (k + 1) * 2 in float16.
@@ -38,7 +44,7 @@ def test_bench_cache_tiny(tmp_path):
         assert 0 < size["mean_top_k_mass"]["2.0"] < size["mean_top_k_mass"]["1.0"] < 1, name
         for t in ("2.0", "1.0"):
             record = gradients[name][t]
-            for key in ("logits", "params", "uniform_tail_logits"):
+            for key in ("logits", "params", "uniform_tail_logits", "uniform_tail_params"):
                 assert len(record[key]) == setup["batches"]
                 assert all(0 < c <= 1 + 1e-9 for c in record[key]), (name, t, key)
                 assert record[key + "_min"] <= record[key + "_mean"]
