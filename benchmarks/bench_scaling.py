@@ -22,10 +22,10 @@ the loss read on the host (TRL: ``trl_step``). Batch 1 at every length, so a ste
 
 **Building hfkd's trainer** (``hfkd-build``): ``DistillationTrainer`` probes both models on the first two rows of
 its training data when it is built (full logits of both, to check the terms and that the chunked path reproduces
-the heads), so at long lengths and large vocabularies building the trainer can take more memory than its steps.
-That is measured on its own, as a user builds it (two rows of the cell's length). The step cells build hfkd's
-trainers on two rows cut to 64 tokens (the probe's checks do not depend on the length; the steps are given their
-full-length rows), so that they measure the step; hfkd's peak as shipped is the larger of the two.
+the heads), on at most their first 128 tokens (``hfkd.batch.PROBE_POSITIONS``; before that window, building the
+trainer for 4,096 tokens and a 256k vocabulary held over 16 GiB). That is measured on its own, as a user builds it
+(two rows of the cell's length). The step cells build hfkd's trainers on two rows cut to 64 tokens (the steps are
+given their full-length rows), so that they measure the step; hfkd's peak as shipped is the larger of the two.
 
 **Measurement.** Every (pair, variant, length) runs in its own fresh process: load the pair, build the trainer, one
 warm-up step, then ``--steps`` timed steps (``--long-steps`` at 1024 tokens and more), each on its own row. The

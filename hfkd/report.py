@@ -1,6 +1,7 @@
 """What a recipe run leaves beside the student: metrics.json, report.png, the model card and the summary."""
 
 import json
+import math
 import os
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -287,6 +288,23 @@ def peers_line(metrics: dict) -> str:
     )
 
 
+def noise_band(metrics: dict) -> tuple[float, str]:
+    """(the smallest gain over the labels-only student that one run can call a difference, why), in metric units.
+
+    Accuracy: two standard errors of the difference of two accuracies on the n held-out examples (each binomial),
+    which is the evaluation's own sampling error before any seed noise. Perplexity and bits per byte: 1% of the
+    labels-only value, for want of a per-example spread.
+    """
+    plain, student = metrics["labels_only"]["metric"], metrics["student"]["metric"]
+    if metrics["metric"] in LOWER_IS_BETTER:
+        return 0.01 * abs(plain), "1% of the labels-only value, which one run cannot tell from seed noise"
+    n = metrics.get("data", {}).get("eval_examples")
+    if not n:
+        return 0.005, "half a point"
+    band = 2.0 * math.sqrt((plain * (1 - plain) + student * (1 - student)) / n)
+    return band, f"two standard errors of a difference of accuracies on {n} held-out examples"
+
+
 def comparison_lines(metrics: dict) -> list[str]:
     """Did distillation (or mutual learning, with peers) help? Plain sentences from the labels-only comparison (empty
     without one)."""
@@ -305,16 +323,23 @@ def comparison_lines(metrics: dict) -> list[str]:
     name = _readable(metrics["metric"])
     ours_metric = f"the {name} of {ours}" if peers else f"{ours}'s {name}"
     ours_one = "the one trained with its peers" if peers else "the distilled one"
-    if gain > 0:
-        lines = [
-            f"{method} helped: {ours_metric} is {gain * scale:.{digits}f}{unit} "
-            f"{'lower' if lm else 'higher'} than the same student's trained on the labels alone ({_fmt(plain)}), "
-            "in one run (no seeds repeated)."
-        ]
-    elif abs(gain) * scale < 5e-3:
+    band, why = noise_band(metrics)
+    if abs(gain) * scale < 5e-3:
         lines = [
             f"{method} made no difference here: the same student trained on the labels alone reached "
             f"{_fmt(plain)}, as {ours_one} did."
+        ]
+    elif abs(gain) <= band:
+        lines = [
+            f"{method} made no measurable difference here: the same student trained on the labels alone reached "
+            f"{_fmt(plain)} against {_fmt(student)} {'with its peers' if peers else 'distilled'}, a gap of "
+            f"{abs(gain) * scale:.{digits}f}{unit}, within {band * scale:.{digits}f}{unit} ({why})."
+        ]
+    elif gain > 0:
+        lines = [
+            f"{method} helped: {ours_metric} is {gain * scale:.{digits}f}{unit} "
+            f"{'lower' if lm else 'higher'} than the same student's trained on the labels alone ({_fmt(plain)}), "
+            f"in one run (no seeds repeated), beyond {band * scale:.{digits}f}{unit} ({why})."
         ]
     else:
         lines = [

@@ -11,7 +11,9 @@ import sys
 
 
 def _metric(value: float, name: str) -> str:
-    return f"{value:.1f}" if name == "perplexity" else f"{value:.1%}"
+    if name == "perplexity":
+        return f"{value:.1f}"
+    return f"{value:.3f}" if name == "bits_per_byte" else f"{value:.1%}"
 
 
 def row(folder: str) -> str:
