@@ -29,12 +29,12 @@ to the head). Tables give the mean over batches and the smallest. The targets (t
 bytes per token at a gradient cosine >= 0.98; judged on the default format, on the logit gradient, on the smallest
 cosine over batches, at each temperature.
 
-**Tail.** A top-k cache keeps one bucket for every class outside the k. Training reads it as `cache_tail` says
-(`hfkd.losses.topk`): 'folded' (the default) lets the student spread that bucket as it likes (it takes the teacher's
-tail to have the student's shape); 'uniform' spreads it evenly over the classes outside the k. The last table gives
-both tails' cosines, computed by `topk_logit_loss(tail=...)` as training does, for students at two distances from
-the teacher (`--student-layers`: students built from 6 and from 24 of the teacher's 30 layers, before any
-training; the first is the pair the target is judged on).
+**Tail.** A top-k cache keeps one bucket for every class outside the k. Training folds the student the same way,
+which lets the student spread that bucket as it likes (it takes the teacher's tail to have the student's shape);
+`topk_logit_loss(tail='uniform')` instead spreads it evenly over the classes outside the k (not used in training).
+The last table gives both tails' cosines, computed by `topk_logit_loss(tail=...)`, for students at two distances
+from the teacher (`--student-layers`: students built from 6 and from 24 of the teacher's 30 layers, before any
+training; the first is the pair the target is judged on), with respect to the logits and to the parameters.
 """
 
 import argparse
@@ -259,13 +259,14 @@ def tables(results: dict) -> str:
         + ("met" if v["bytes_met"] else "NOT met")
         + "); "
         + "; ".join(
-            f"T={t:g}: cosine {v[f'{tail}cosine_T{t:g}']:.4f} with cache_tail={name!r}, "
+            f"T={t:g}: cosine {v[f'{tail}cosine_T{t:g}']:.4f} with the {name} tail, "
             + ("met" if v[f"{tail}met_T{t:g}"] else "NOT met")
             for t in TEMPERATURES
             for tail, name in (("", "folded"), ("uniform_", "uniform"))
         ),
         "",
-        "The two tails (cache_tail), for students at two distances from the teacher: gradient cosine with the full "
+        "The two tails (topk_logit_loss(tail=...); training folds), for students at two distances from the teacher: "
+        "gradient cosine with the full "
         "logits' one, w.r.t. the logits and w.r.t. the parameters, mean (smallest)",
         "",
         "| student | format | T=2 folded: logits | params | T=2 uniform: logits | params | T=1 folded: logits "

@@ -9,7 +9,6 @@ from transformers import TrainingArguments
 
 from .layer_map import parse_layer_map_spec
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
-from .losses.topk import TAILS
 from .peers import check_peer_settings, named_peers
 from .teachers import COMBINE_MODES, fixed_weights, named_teachers
 from .terms import TERMS, TermSpec, parse_term_specs
@@ -127,17 +126,6 @@ class DistillationConfig(TrainingArguments):
             "help": "Z-score both models' logits over the classes before the temperature (Sun et al., CVPR 2024, "
             "'Logit Standardization in KD'; the paper uses temperature 2 on CIFAR-100 and a larger logit weight, e.g. "
             "9 with task weight 0.1). Needs the teacher's full logits (a top-k cache cannot serve it)."
-        },
-    )
-    cache_tail: str = field(
-        default="folded",
-        metadata={
-            "help": "A top-k teacher cache lost the teacher's distribution outside its k classes. 'folded': the logit "
-            "term compares the k classes and the rest as one bucket, so the student keeps its own shape there (a "
-            "student equal to its teacher is the optimum). 'uniform': the rest is spread evenly over the other "
-            "classes, which pushes down the student's mass on wrong tail classes as full logits do, closer to the "
-            "full gradient for a student far from its teacher (benchmarks/README.md, the teacher cache section), but "
-            "pulls a student towards a flat tail. Top-k caches only."
         },
     )
     eval_with_teacher: bool = field(
@@ -372,11 +360,6 @@ class DistillationConfig(TrainingArguments):
             )
         self._check_generation()
         _check_choice("logit_loss", self.logit_loss, LOGIT_LOSSES)
-        if self.cache_tail not in TAILS:
-            raise ValueError(
-                f"cache_tail must be one of {list(TAILS)} (how a top-k teacher cache's missing classes are read), "
-                f"got {self.cache_tail!r}."
-            )
         _check_choice("hidden_loss", self.hidden_loss, HIDDEN_LOSSES)
         _check_choice("attention_loss", self.attention_loss, ATTENTION_LOSSES)
         if self.attention_heads not in ("auto", "match", "mean"):

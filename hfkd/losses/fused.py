@@ -13,10 +13,6 @@ the teacher's k ids K:
 
     d/ds_j [T^2 KL(fold p || fold q)] = T (q_j - p_j [j in K] - (p_r / r) q_j [j not in K])
 
-or, with the tail spread evenly (`topk_tail='uniform'`: u = p_r / (V - k) on every class outside K),
-
-    d/ds_j [T^2 KL(p~ || q)] = T (q_j - p~_j),   KL = sum_K p_j (log p_j - log q_j) + p_r log u - u sum_{not K} log q_j
-
 Reverse KL and the generalised JSD of GKD (M = beta p + (1 - beta) q, JSD = beta KL(p || M) + (1 - beta) KL(q || M))
 have one form: with R = p (reverse KL, c = 1) or R = M (JSD, c = 1 - beta) and d = log q - log R,
 
@@ -49,7 +45,6 @@ def kl_ce_with_grad(
     targets_all_valid: bool = False,
     loss: str = "kl",
     beta: float = 0.5,
-    topk_tail: str = "folded",
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(sum over rows of T^2 KL, sum of CE over targets != -100 or None, gradient of the scaled sum).
 
@@ -59,8 +54,7 @@ def kl_ce_with_grad(
     The gradient is that of `kl_scale * KL_sum + ce_scale * CE_sum` with respect to `student_logits` `[rows, V]`.
     The teacher is given as logits `[rows, V]` (already divided by T if `teacher_scaled`: the caller can scale the
     hidden states before the head, a V / hidden times smaller division) or as `topk = (ids [rows, k], log_probs
-    [rows, k + 1])` at temperature T (last column: the rest of the mass), its tail folded or spread evenly
-    (`topk_tail`, as `hfkd.losses.topk.topk_logit_loss` takes it). `targets_all_valid` skips masking rows
+    [rows, k + 1])` at temperature T (last column: the rest of the mass). `targets_all_valid` skips masking rows
     whose target is -100 (the trainer selects rows by their labels already).
     """
     # float32 at least (also under bf16/fp16 autocast); float64 inputs stay float64 (tests).
@@ -117,18 +111,6 @@ def kl_ce_with_grad(
         p = log_p.exp()
         kl_rows = torch.linalg.vecdot(p, log_p.sub_(log_q))
         kl_grad = log_q.exp_().sub_(p)  # q - p
-    elif topk_tail == "uniform" and s.shape[-1] > topk[0].shape[-1]:
-        ids, t_log_probs = topk[0].long(), topk[1].to(dtype)
-        spread = s.shape[-1] - ids.shape[-1]
-        p_top, p_rest = t_log_probs[:, :-1].exp(), t_log_probs[:, -1:].exp()
-        log_u = t_log_probs[:, -1:] - math.log(spread)
-        u = log_u.exp()
-        log_q_top = log_q.gather(-1, ids)
-        tail_log_q = log_q.sum(-1, keepdim=True) - log_q_top.sum(-1, keepdim=True)  # before log_q becomes q
-        tail = torch.where(p_rest > 0, p_rest * log_u, 0.0) - u * tail_log_q  # sum outside K of u (log u - log q)
-        kl_rows = (p_top * (t_log_probs[:, :-1] - log_q_top)).sum(-1) + tail.squeeze(-1)
-        kl_grad = log_q.exp_().sub_(u)  # q - u everywhere, then q - p on the k ids
-        kl_grad.scatter_add_(-1, ids, u.expand_as(p_top) - p_top)
     else:
         ids, t_log_probs = topk[0].long(), topk[1].to(dtype)
         p_top, p_rest = t_log_probs[:, :-1].exp(), t_log_probs[:, -1:].exp()

@@ -6,8 +6,7 @@ common for language models). Other losses: reverse KL, the generalised Jensen-Sh
 (Agarwal et al., 2024) with `jsd_beta`, or MSE of the raw logits (see `hfkd.losses`). `standardize` z-scores both
 models' logits over the classes first (Sun et al., CVPR 2024).
 
-Short form: `logit_weight`, `logit_loss`, `temperature`, `jsd_beta`, `logit_chunk_size`, `logit_standardize`,
-`cache_tail`.
+Short form: `logit_weight`, `logit_loss`, `temperature`, `jsd_beta`, `logit_chunk_size`, `logit_standardize`.
 The value is a sum over the positions the logits count (labels != -100, shifted for causal LMs; one per example
 for classification heads), so the trainer divides it by their count over the whole accumulated batch.
 
@@ -43,8 +42,6 @@ class LogitOptions:
         jsd_beta: 'jsd' interpolation in [0, 1] (`jsd_beta`).
         chunk_size: causal LMs: positions per chunk of the head-fused path; 0 = full logits (`logit_chunk_size`).
         standardize: z-score both models' logits before the temperature (`logit_standardize`).
-        cache_tail: a top-k teacher cache's missing classes, 'folded' or 'uniform' (`cache_tail`; see
-            hfkd.losses.topk).
     """
 
     loss: str = "kl"
@@ -52,7 +49,6 @@ class LogitOptions:
     jsd_beta: float = 0.5
     chunk_size: int = 128
     standardize: bool = False
-    cache_tail: str = "folded"
 
 
 def _cached_topk(outputs):
@@ -72,7 +68,6 @@ class LogitTerm(Term):
         "jsd_beta": "jsd_beta",
         "chunk_size": "logit_chunk_size",
         "standardize": "logit_standardize",
-        "cache_tail": "cache_tail",
     }
 
     def needs(self) -> Needs:
@@ -135,7 +130,6 @@ class LogitTerm(Term):
                 log_probs,
                 temperature=options.temperature,
                 beta=options.jsd_beta,
-                tail=options.cache_tail,
             )
             return masked_sum(per_position, batch.logit_mask)
         if shift:
@@ -220,7 +214,6 @@ class LogitTerm(Term):
                 targets_all_valid=mask is not None,  # rows were selected by labels != -100
                 loss=options.loss,
                 beta=options.jsd_beta,
-                topk_tail=options.cache_tail,
             )
             sums["term"] += distill
             total = distill * coef
@@ -238,7 +231,6 @@ class LogitTerm(Term):
                     t_log_probs[start:end],
                     temperature=options.temperature,
                     beta=options.jsd_beta,
-                    tail=options.cache_tail,
                 ).sum()
             else:
                 s_view, t_logits = s_logits, teacher_logits(start, end)
