@@ -456,14 +456,16 @@ class _Run:
     def load_data(self):
         self.train_raw, self.eval_raw = hfkd_data.load_splits(self.data_args, self.config.seed)
         task = self.recipe.task
-        self.dropped_rows = None
+        self.dropped_rows = self.unseen_eval_rows = None
         if task != "causal-lm":
             self.train_raw, self.eval_raw, self.dropped_rows = hfkd_data.drop_unlabelled(
                 self.train_raw, self.eval_raw, self.data_args
             )
-            self.labels = self._teacher_label_order(
-                hfkd_data.label_names(self.train_raw, self.eval_raw, self.data_args)
+            names = hfkd_data.label_names(self.train_raw, self.eval_raw, self.data_args)
+            self.eval_raw, self.unseen_eval_rows = hfkd_data.drop_unseen_eval_labels(
+                self.eval_raw, names, self.data_args
             )
+            self.labels = self._teacher_label_order(names)
         if task == "image-classification":
             self.processor = self._image_processor()
         else:
@@ -840,6 +842,7 @@ class _Run:
                 else f" (held-out {data_args.eval_fraction:.0%} carved from train, seed {self.config.seed})"
             )
             + (f"; {self.dropped_rows}" if getattr(self, "dropped_rows", None) else "")
+            + (f"; {self.unseen_eval_rows}" if getattr(self, "unseen_eval_rows", None) else "")
         )
 
     def build_student(self):
