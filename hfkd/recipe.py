@@ -58,6 +58,7 @@ from .run_folder import (
     write_config,
 )
 from .student import student_from_teacher, student_layers
+from .teacher import check_teacher_head
 from .terms import TERMS
 from .terms.runner import TermSet
 from .trainer import DistillationTrainer
@@ -297,6 +298,17 @@ def _reads_features(spec) -> bool:
     except ValueError:
         return True
     return bool(terms.feature_terms())
+
+
+def _reads_logits(spec) -> bool:
+    """Whether a term reads the teacher's logits, known without the models (a term that cannot bind without module
+    names reads submodules)."""
+    terms = TermSet([spec])
+    try:
+        terms.bind_module_names((), {})
+    except ValueError:
+        return False
+    return terms.needs().logits
 
 
 def _check_peer_source(name: str, source) -> None:
@@ -687,12 +699,17 @@ class _Run:
             if self.recipe.finetune_teacher and self.recipe.task != "causal-lm":
                 kwargs["ignore_mismatched_sizes"] = True  # a new head for these labels, trained in stage 1
             try:
-                teacher = auto.from_pretrained(self.teacher_path, **kwargs)
+                teacher, info = auto.from_pretrained(self.teacher_path, output_loading_info=True, **kwargs)
             except (OSError, ValueError) as err:
                 raise ValueError(
                     f"Could not load the teacher {self.config.teacher_model_name_or_path!r}: {err}\nCheck the id or "
                     "path and your network (HF_HUB_OFFLINE=1 allows only local or cached models)."
                 ) from err
+            if not self.recipe.finetune_teacher:
+                # Distilled from as loaded: a head transformers initialised at random would teach noise (and be
+                # evaluated as the teacher). A teacher fine-tuned in stage 1 trains its new head first.
+                readers = [spec.name for spec in self.config.term_specs if _reads_logits(spec)]
+                check_teacher_head(teacher, info, self.config.teacher_model_name_or_path, readers)
         else:
             raise ValueError("No teacher: set teacher_model_name_or_path or teacher_config.")
         # A GGUF checkpoint is dequantised on load into dense weights, but the model keeps its quantizer, which

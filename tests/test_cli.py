@@ -449,6 +449,25 @@ def test_a_label_only_in_the_held_out_split_can_be_dropped_and_the_card_says_so(
     assert "unseen_eval_labels=drop" in (out / "README.md").read_text()
 
 
+def test_a_teacher_whose_head_was_never_trained_is_refused_unless_fine_tuned_first(tmp_path, tiny_text):
+    from transformers import BertModel
+
+    teacher_dir, data = tiny_text
+    base = tmp_path / "base_teacher"  # the encoder alone, its config naming the data's labels: no classifier
+    BertModel(BertConfig.from_pretrained(teacher_dir)).save_pretrained(base)
+    BertTokenizerFast.from_pretrained(teacher_dir).save_pretrained(base)
+    path = _recipe(tmp_path, base, data, finetune_teacher=False)
+    result = _hfkd_distill(path)
+    assert result.returncode == 2, result.stderr
+    line = _error_line(result)
+    assert "initialised at random on loading (classifier.bias, classifier.weight" in line, line
+    assert "--finetune_teacher true" in line
+    assert not (tmp_path / "run").exists()
+    # Stage 1 trains the new head before anything distils from it: no refusal then.
+    path = _recipe(tmp_path, base, data, finetune_teacher=True)
+    assert main(["distill", "--config", str(path)]) == 0
+
+
 def test_a_single_class_is_refused_not_regression(tmp_path, tiny_text, capsys):
     teacher_dir, _ = tiny_text
     data = _csv(tmp_path, [f"good movie number {i},positive" for i in range(20)])
