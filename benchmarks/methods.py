@@ -285,6 +285,7 @@ def tweets_pair(args, workdir: str) -> Pair:
     train_raw, test_raw = hfkd_data.load_splits(data_args, seed=42)  # recipe 1's seed: its very split
     train_raw, test_raw, _ = hfkd_data.drop_unlabelled(train_raw, test_raw, data_args)
     labels = hfkd_data.label_names(train_raw, test_raw, data_args)
+    test_raw, _ = hfkd_data.drop_unseen_eval_labels(test_raw, labels, data_args)  # refused, as in the recipe
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_path)
     train = hfkd_data.preprocess_text_classification(train_raw, tokenizer, data_args, labels)
     test = hfkd_data.preprocess_text_classification(test_raw, tokenizer, data_args, labels)

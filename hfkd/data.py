@@ -12,6 +12,7 @@ from .paths import resolve_path
 logger = logging.getLogger(__name__)
 
 TASKS = ("text-classification", "image-classification", "causal-lm")
+UNSEEN_EVAL_LABELS = ("error", "drop")
 
 
 @dataclass
@@ -61,6 +62,15 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many held-out rows."})
+    unseen_eval_labels: str = field(
+        default="error",
+        metadata={
+            "help": "Held-out rows whose label never occurs in the training split (classes come from training "
+            "alone: no model can learn a class without a training row): 'error' refuses the data, naming each such "
+            "label and its count; 'drop' drops those rows with a warning, and the card's data note says how many.",
+            "choices": list(UNSEEN_EVAL_LABELS),
+        },
+    )
 
     def __post_init__(self):
         if self.dataset_name is None:
@@ -69,6 +79,10 @@ class DataArguments:
             raise ValueError(f"eval_fraction must lie in (0, 1), got {self.eval_fraction}.")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
+        if self.unseen_eval_labels not in UNSEEN_EVAL_LABELS:
+            raise ValueError(
+                f"unseen_eval_labels must be one of {list(UNSEEN_EVAL_LABELS)}, got {self.unseen_eval_labels!r}."
+            )
         for name in ("max_train_samples", "max_eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -166,14 +180,17 @@ def drop_unlabelled(
 
 
 def label_names(train: datasets.Dataset, held_out: datasets.Dataset, args: DataArguments) -> list[str]:
-    """Class names: from a ClassLabel feature, else the sorted distinct values seen in both splits (at least 2)."""
+    """Class names: from a ClassLabel feature, else the sorted distinct values of the training split (at least 2).
+
+    Only the training split makes classes: a label seen only in the held-out split would add a class that no
+    training row teaches, whose rows are always wrong (see `drop_unseen_eval_labels`)."""
     _require_columns(train, {"label_column": args.label_column})
     _require_columns(held_out, {"label_column": args.label_column})
     feature = train.features[args.label_column]
     if isinstance(feature, datasets.ClassLabel):
         names = list(feature.names)
     else:
-        values = sorted(set(train.unique(args.label_column)) | set(held_out.unique(args.label_column)), key=str)
+        values = sorted(set(train.unique(args.label_column)), key=str)
         names = list(dict.fromkeys(_label_key(v) for v in values))
     if len(names) < 2:
         # One label would give num_labels=1, which transformers treats as regression: a meaningless "accuracy".
@@ -182,6 +199,48 @@ def label_names(train: datasets.Dataset, held_out: datasets.Dataset, args: DataA
             "least 2. Check label_column, or the data files and max_train_samples."
         )
     return names
+
+
+def drop_unseen_eval_labels(
+    held_out: datasets.Dataset, names: list[str], args: DataArguments
+) -> tuple[datasets.Dataset, str | None]:
+    """Held-out rows whose label is not among the training split's classes (`names`): refused, or dropped with a
+    warning when `unseen_eval_labels='drop'`. Returns the held-out split and a note for the card (None: none)."""
+    column = args.label_column
+    if isinstance(held_out.features[column], datasets.ClassLabel):
+        return held_out, None  # ids into the declared classes, which `names` lists whole
+    known = set(names)
+    if all(_label_key(v) in known for v in held_out.unique(column)):
+        return held_out, None
+    counts: dict[str, int] = {}
+    for value in held_out[column]:
+        key = _label_key(value)
+        if key not in known:
+            counts[key] = counts.get(key, 0) + 1
+    split = (
+        f"the held-out split (eval_split={args.eval_split!r})"
+        if args.eval_split
+        else f"the held-out {args.eval_fraction:.0%} carved from train_split={args.train_split!r}"
+    )
+    listed = ", ".join(f"{label!r} ({count} row{'s' if count > 1 else ''})" for label, count in counts.items())
+    if args.unseen_eval_labels == "error":
+        raise ValueError(
+            f"The {column!r} column (label_column) of {split} holds labels the training split "
+            f"(train_split={args.train_split!r}) never has: {listed}. The classes come from the training rows, so "
+            f"no model can predict these and each such row counts as wrong. Fix the data (or max_train_samples), or "
+            "pass --unseen_eval_labels drop to leave those rows out of the evaluation (the card says how many)."
+        )
+    kept = held_out.filter(
+        lambda batch: [_label_key(v) in known for v in batch[column]], batched=True, desc="Dropping unseen labels"
+    )
+    note = (
+        f"{sum(counts.values())} held-out rows whose {column!r} label never occurs in training ({listed}) were "
+        "dropped (unseen_eval_labels=drop)"
+    )
+    logger.warning("%s.", note)
+    if len(kept) == 0:
+        raise ValueError(f"{note}, which leaves no held-out row. Check eval_split and label_column.")
+    return kept, note
 
 
 def _label_ids(dataset: datasets.Dataset, args: DataArguments, names: list[str]) -> datasets.Dataset:

@@ -58,6 +58,7 @@ from .run_folder import (
     write_config,
 )
 from .student import student_from_teacher, student_layers
+from .teacher import check_teacher_head
 from .terms import TERMS
 from .terms.runner import TermSet
 from .trainer import DistillationTrainer
@@ -299,6 +300,17 @@ def _reads_features(spec) -> bool:
     return bool(terms.feature_terms())
 
 
+def _reads_logits(spec) -> bool:
+    """Whether a term reads the teacher's logits, known without the models (a term that cannot bind without module
+    names reads submodules)."""
+    terms = TermSet([spec])
+    try:
+        terms.bind_module_names((), {})
+    except ValueError:
+        return False
+    return terms.needs().logits
+
+
 def _check_peer_source(name: str, source) -> None:
     """A peer is a folder or a Hub id: a missing folder, or a name neither on disk nor reachable, fails now."""
     if not isinstance(source, str):
@@ -456,14 +468,16 @@ class _Run:
     def load_data(self):
         self.train_raw, self.eval_raw = hfkd_data.load_splits(self.data_args, self.config.seed)
         task = self.recipe.task
-        self.dropped_rows = None
+        self.dropped_rows = self.unseen_eval_rows = None
         if task != "causal-lm":
             self.train_raw, self.eval_raw, self.dropped_rows = hfkd_data.drop_unlabelled(
                 self.train_raw, self.eval_raw, self.data_args
             )
-            self.labels = self._teacher_label_order(
-                hfkd_data.label_names(self.train_raw, self.eval_raw, self.data_args)
+            names = hfkd_data.label_names(self.train_raw, self.eval_raw, self.data_args)
+            self.eval_raw, self.unseen_eval_rows = hfkd_data.drop_unseen_eval_labels(
+                self.eval_raw, names, self.data_args
             )
+            self.labels = self._teacher_label_order(names)
         if task == "image-classification":
             self.processor = self._image_processor()
         else:
@@ -685,12 +699,17 @@ class _Run:
             if self.recipe.finetune_teacher and self.recipe.task != "causal-lm":
                 kwargs["ignore_mismatched_sizes"] = True  # a new head for these labels, trained in stage 1
             try:
-                teacher = auto.from_pretrained(self.teacher_path, **kwargs)
+                teacher, info = auto.from_pretrained(self.teacher_path, output_loading_info=True, **kwargs)
             except (OSError, ValueError) as err:
                 raise ValueError(
                     f"Could not load the teacher {self.config.teacher_model_name_or_path!r}: {err}\nCheck the id or "
                     "path and your network (HF_HUB_OFFLINE=1 allows only local or cached models)."
                 ) from err
+            if not self.recipe.finetune_teacher:
+                # Distilled from as loaded: a head transformers initialised at random would teach noise (and be
+                # evaluated as the teacher). A teacher fine-tuned in stage 1 trains its new head first.
+                readers = [spec.name for spec in self.config.term_specs if _reads_logits(spec)]
+                check_teacher_head(teacher, info, self.config.teacher_model_name_or_path, readers)
         else:
             raise ValueError("No teacher: set teacher_model_name_or_path or teacher_config.")
         # A GGUF checkpoint is dequantised on load into dense weights, but the model keeps its quantizer, which
@@ -840,6 +859,7 @@ class _Run:
                 else f" (held-out {data_args.eval_fraction:.0%} carved from train, seed {self.config.seed})"
             )
             + (f"; {self.dropped_rows}" if getattr(self, "dropped_rows", None) else "")
+            + (f"; {self.unseen_eval_rows}" if getattr(self, "unseen_eval_rows", None) else "")
         )
 
     def build_student(self):

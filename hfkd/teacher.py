@@ -46,12 +46,21 @@ def load_teacher(
 ) -> PreTrainedModel:
     """Loads the teacher (or a peer: `role`) from the Hub or a local folder with the Auto class of the student's
     task."""
+    return load_teacher_with_info(name_or_path, student, init_kwargs, role)[0]
+
+
+def load_teacher_with_info(
+    name_or_path: str, student: torch.nn.Module | None, init_kwargs: dict | None, role: str = "teacher"
+) -> tuple[PreTrainedModel, dict]:
+    """`load_teacher`, and transformers' loading info (`missing_keys`, `mismatched_keys`, ...: the weights it
+    initialised instead of loading, see `newly_initialised`)."""
     if student is None:
         raise ValueError(
             "teacher_model_name_or_path needs the student to pick the teacher's Auto class; pass `model=` or give "
             "`teacher_model=` as a model instance."
         )
     kwargs = dict(init_kwargs or {})
+    kwargs.pop("output_loading_info", None)  # asked for below
     dtype = kwargs.get("dtype", kwargs.pop("torch_dtype", None))
     if isinstance(dtype, str) and dtype != "auto":
         if not isinstance(getattr(torch, dtype, None), torch.dtype):
@@ -61,12 +70,53 @@ def load_teacher(
         kwargs["dtype"] = dtype
     auto_cls = auto_class_for(student)
     try:
-        return auto_cls.from_pretrained(name_or_path, **kwargs)
-    except (OSError, ValueError) as err:
+        return auto_cls.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as err:
+        # RuntimeError: a head of another size without ignore_mismatched_sizes=True.
         raise ValueError(
             f"Could not load the {role} {name_or_path!r} with {auto_cls.__name__}: {err}\nCheck the Hub id or "
             "path, your network (HF_HUB_OFFLINE=1 allows only cached models) and `teacher_model_init_kwargs`."
         ) from err
+
+
+def newly_initialised(model: torch.nn.Module, loading_info: dict | None) -> tuple[list[str], list[str]]:
+    """The weights `from_pretrained` initialised at random instead of loading (missing from the checkpoint, or of
+    another shape there with `ignore_mismatched_sizes=True`), as (head keys, other keys): head keys lie outside the
+    base model (`classifier.*`, `score.*`, `lm_head.*`: what the logits come from). A model that is its own base
+    model has no head keys."""
+    info = loading_info or {}
+    keys = set(info.get("missing_keys") or ())
+    keys.update(entry[0] if isinstance(entry, (tuple, list)) else entry for entry in info.get("mismatched_keys") or ())
+    base = unwrap_peft(model)
+    prefix = getattr(base, "base_model_prefix", "") or ""
+    has_head = bool(prefix) and isinstance(getattr(base, prefix, None), torch.nn.Module)
+    head = sorted(k for k in keys if has_head and not k.startswith(prefix + "."))
+    return head, sorted(k for k in keys if k not in head)
+
+
+def check_teacher_head(
+    model: torch.nn.Module, loading_info: dict | None, source: str, readers: list[str], role: str = "teacher"
+) -> None:
+    """Refuses a teacher whose output head was initialised at random on loading when terms (`readers`) read its
+    logits: they would teach noise. Weights initialised elsewhere in the model get a warning."""
+    head, other = newly_initialised(model, loading_info)
+    if other:
+        logger.warning(
+            "The %s %r was loaded with %d weights initialised at random, not from the checkpoint (e.g. %s): the "
+            "features they compute are noise until trained.",
+            role,
+            source,
+            len(other),
+            ", ".join(other[:3]),
+        )
+    if head and readers:
+        raise ValueError(
+            f"The {role} {source!r} ({type(unwrap_peft(model)).__name__}) has an output head that transformers "
+            f"initialised at random on loading ({', '.join(head)}: missing from the checkpoint, or of another size, "
+            f"e.g. through num_labels), and the terms {readers} read its logits: they would teach noise. Fine-tune "
+            "the teacher on the task first (with `hfkd distill`: --finetune_teacher true) and distil from that "
+            "checkpoint, or pass one whose head is trained for these labels."
+        )
 
 
 def ensure_eager_attention(model: torch.nn.Module, role: str) -> None:

@@ -51,9 +51,11 @@ from .on_policy import (
 from .peers import check_peer_settings, detached, load_peer, named_peers, peer_folder, save_peer
 from .teacher import (
     call_model,
+    check_teacher_head,
     ensure_eager_attention,
     forward_keywords,
     load_teacher,
+    load_teacher_with_info,
     prepare_teacher,
     unwrap_peft,
 )
@@ -69,6 +71,7 @@ from .terms.base import Features, TermBatch, TokenAlignment, logits_of
 from .terms.runner import ROW_IDS_KEY, RowIdCollator, TermSet, capture_modules, resolve_modules
 from .two_tokenizers import (
     TwoTokenizerCollator,
+    check_same_tokenizer,
     check_teacher_tokenizer,
     check_terms_across_tokenizers,
     load_teacher_tokenizer,
@@ -162,10 +165,13 @@ class DistillationTrainer(Trainer):
         caches = {name: TeacherCache(path) for name, path in caches.items()}
         for cache in caches.values():
             cache.check_config(args)
+        loaded = {}  # teachers loaded here by name: (name or path, transformers' loading info)
         for name, one in teachers.items():
             checks.check_teacher_argument(one)
             if isinstance(one, str):
-                teachers[name] = one = load_teacher(one, model, args.teacher_model_init_kwargs)
+                source = one
+                one, info = load_teacher_with_info(source, model, args.teacher_model_init_kwargs)
+                teachers[name], loaded[name] = one, (source, info)
             if one is model:
                 raise ValueError(
                     "teacher_model is the student itself; for self-distillation pass a frozen copy, or set "
@@ -182,7 +188,7 @@ class DistillationTrainer(Trainer):
             super().__init__(model, args, *trainer_args, **trainer_kwargs)
             self._teacher_weights = weights
             self.teacher_processing_class = teacher_tokenizer
-            self._setup_distillation(args, teachers, caches, peers)
+            self._setup_distillation(args, teachers, caches, peers, loaded)
 
     @staticmethod
     def _teacher_tokenizer_setup(model, args, given, teachers, caches, peers, trainer_args, trainer_kwargs):
@@ -190,6 +196,13 @@ class DistillationTrainer(Trainer):
         TwoTokenizerCollator unless a collator is given. Returns the tokenizer, or None."""
         value = given if given is not None else args.teacher_processing_class
         if value is None:
+            if args.teacher_ema_decay is None:  # a mean teacher is a copy of the student: its ids are the student's
+                student_tokenizer = trainer_kwargs.get("processing_class")
+                if student_tokenizer is None and len(trainer_args) > 3:  # Trainer's 6th positional argument
+                    student_tokenizer = trainer_args[3]
+                for name, teacher in teachers.items():
+                    role = "teacher" if len(teachers) == 1 else f"teacher {name!r}"
+                    check_same_tokenizer(student_tokenizer, model, teacher, role)
             return None
         for name, present in (
             ("a teacher cache (teacher_cache_dir)", caches),
@@ -250,6 +263,7 @@ class DistillationTrainer(Trainer):
         teachers: dict[str, torch.nn.Module],
         caches: dict[str, TeacherCache],
         peers: dict[str, torch.nn.Module] | None = None,
+        loaded: dict[str, tuple[str, dict]] | None = None,
     ) -> None:
         # compute_loss normalises every term over the whole accumulated batch itself (see get_batch_samples).
         self.loss_is_scaled_for_ga = True
@@ -266,6 +280,17 @@ class DistillationTrainer(Trainer):
             tuple(name for name, _ in unwrap_peft(self.accelerator.unwrap_model(self.model)).named_modules()),
             {name: tuple(n for n, _ in unwrap_peft(one).named_modules()) for name, one in teachers.items()},
         )
+        # A teacher loaded here by name whose head transformers initialised at random teaches noise through the
+        # terms that read its logits. (A teacher passed as a model carries no such record: it may have been trained
+        # since it was loaded.)
+        for name, (source, info) in (loaded or {}).items():
+            readers = [
+                spec.name
+                for spec, term in zip(self.term_set.specs, self.term_set.instances_of(name), strict=True)
+                if term.needs().logits
+            ]
+            role = "teacher" if len(teachers) == 1 else f"teacher {name!r}"
+            check_teacher_head(teachers[name], info, source, readers, role)
         self._setup_peers(peers)
         self._matched_vocab = None
         if self.teacher_processing_class is not None:

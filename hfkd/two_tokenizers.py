@@ -17,6 +17,7 @@ predicts every token of it on both sides (position >= 1) and it lies in the comp
 """
 
 import logging
+import os
 from collections.abc import Sequence
 
 import torch
@@ -245,6 +246,126 @@ def check_teacher_tokenizer(tokenizer, teacher) -> None:
             f"teacher_processing_class has {size} tokens but the teacher's embedding holds {rows}: it is not the "
             "teacher's tokenizer. Pass the tokenizer the teacher was trained with (usually the one saved beside it)."
         )
+
+
+# A text that exercises case, punctuation, digits, accents, other scripts and emoji: two tokenizers that agree on it
+# give the same ids on ordinary text.
+PROBE_TEXT = "Hello, World! The quick brown fox jumps over 13 lazy dogs; naïve café, Straße, 東京 🙂."
+# Files one of which a saved tokenizer always has. (AutoTokenizer on a folder with only config.json builds an empty
+# tokenizer of the model's type instead of failing, so the files are looked for first.)
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "tokenizer.model",
+    "sentencepiece.bpe.model",
+)
+
+
+def _source(model) -> str | None:
+    """Where a model was loaded from (`name_or_path`: a folder or a Hub id), or None for one built from a config."""
+    from .teacher import unwrap_peft
+
+    base = unwrap_peft(model) if model is not None else None
+    name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
+    return str(name) if name else None
+
+
+def _same_files(a: str | None, b: str | None) -> bool:
+    if not a or not b:
+        return False
+    if os.path.isdir(a) and os.path.isdir(b):
+        return os.path.realpath(a) == os.path.realpath(b)
+    return a == b
+
+
+def _has_tokenizer_files(source: str) -> bool:
+    if os.path.isdir(source):
+        return any(os.path.isfile(os.path.join(source, name)) for name in _TOKENIZER_FILES)
+    try:  # a Hub id: only what is cached counts (a model loaded from the Hub left its files there)
+        from huggingface_hub import try_to_load_from_cache
+
+        return any(isinstance(try_to_load_from_cache(source, name), str) for name in _TOKENIZER_FILES)
+    except Exception:  # noqa: BLE001 - not a valid repo id, or no cache: no tokenizer to be found
+        return False
+
+
+def own_tokenizer(model):
+    """The tokenizer saved beside a model (in its folder, or in the Hub cache for a Hub id), loaded without the
+    network; None when it has none to be found."""
+    source = _source(model)
+    if source is None or not _has_tokenizer_files(source):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except Exception:  # noqa: BLE001 - any failure to load it means there is no tokenizer to compare with
+        return None
+
+
+def _text_tokenizer(processing_class):
+    """The text tokenizer in `processing_class` (a tokenizer, or a processor holding one), else None."""
+    from transformers import PreTrainedTokenizerBase
+
+    if isinstance(processing_class, PreTrainedTokenizerBase):
+        return processing_class
+    inner = getattr(processing_class, "tokenizer", None)
+    return inner if isinstance(inner, PreTrainedTokenizerBase) else None
+
+
+def _describe_tokenizer(tokenizer) -> str:
+    name = getattr(tokenizer, "name_or_path", "") or "built in memory"
+    return f"{type(tokenizer).__name__} {name!r}, {len(tokenizer):,} tokens"
+
+
+def check_same_tokenizer(processing_class, student, teacher, role: str = "teacher") -> None:
+    """A teacher without `teacher_processing_class` reads the student's token ids: refused when the tokenizer saved
+    beside it tokenizes a probe text otherwise than the student's (`processing_class`, else the one saved beside the
+    student). A teacher with no tokenizer of its own to be found gets one warning line; image models, and a teacher
+    loaded from the same place as the student's tokenizer, pass without a look."""
+    if getattr(teacher, "main_input_name", "input_ids") != "input_ids":
+        return  # pixels, audio: no token ids
+    student_tokenizer = _text_tokenizer(processing_class)
+    if student_tokenizer is None:
+        if processing_class is not None:
+            return  # an image processor or feature extractor: the student does not read token ids
+        student_tokenizer = own_tokenizer(student)
+        if student_tokenizer is None:
+            return  # nothing tells what the data was tokenized with
+    teacher_source = _source(teacher)
+    if _same_files(teacher_source, getattr(student_tokenizer, "name_or_path", None)):
+        return  # the teacher's own folder or Hub id: the same files
+    teacher_tokenizer = own_tokenizer(teacher)
+    if teacher_tokenizer is None:
+        logger.warning(
+            "The %s (%s%s) has no tokenizer of its own that hfkd can find, so it reads the student's token ids "
+            "(%s); if it was trained with another tokenizer, pass teacher_processing_class.",
+            role,
+            type(teacher).__name__,
+            f", from {teacher_source!r}" if teacher_source else ", built from a config",
+            _describe_tokenizer(student_tokenizer),
+        )
+        return
+    try:
+        ids = list(student_tokenizer(PROBE_TEXT)["input_ids"])
+        teacher_ids = list(teacher_tokenizer(PROBE_TEXT)["input_ids"])
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot read the probe text: nothing to compare
+        return
+    if ids == teacher_ids:
+        return
+    raise ValueError(
+        f"The {role} ({type(teacher).__name__}, from {teacher_source!r}) has its own tokenizer "
+        f"({_describe_tokenizer(teacher_tokenizer)}), which tokenizes text otherwise than the student's "
+        f"({_describe_tokenizer(student_tokenizer)}): {PROBE_TEXT!r} is {teacher_ids[:8]}... for the {role}, "
+        f"{ids[:8]}... for the student. Without teacher_processing_class the {role} would read the student's "
+        f"token ids as its own. Pass teacher_processing_class=<the {role}'s tokenizer or its folder> to "
+        "DistillationTrainer (or DistillationConfig.teacher_processing_class): hfkd then tokenizes each text row for "
+        "both models and lines them up. With `hfkd distill`, the teacher's tokenizer comes from "
+        "teacher_model_name_or_path and a student with its own saves it beside student_model_name_or_path."
+    )
 
 
 def check_terms_across_tokenizers(terms: dict) -> None:

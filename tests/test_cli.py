@@ -398,6 +398,76 @@ def test_rows_without_a_label_are_dropped_and_counted_never_a_class(tmp_path, ti
     assert "rows without a 'sentiment' label" in metrics["data"]["note"]
 
 
+def _hfkd_distill(recipe_path, *argv) -> subprocess.CompletedProcess:
+    """`hfkd distill` in its own process, as a user runs it (python -m hfkd: the worktree's code on PYTHONPATH)."""
+    command = [sys.executable, "-m", "hfkd", "distill", "--config", str(recipe_path), *argv]
+    return subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def _error_line(result: subprocess.CompletedProcess) -> str:
+    """The first line of the error hfkd prints (log lines come before it on stderr), with no traceback."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hfkd: error: ")]
+    assert lines, result.stderr
+    return lines[0]
+
+
+def _split_files(tmp_path, rows, test_rows) -> str:
+    """A train and a test CSV, as the recipe's data_files JSON for eval_split='test'."""
+    train, test = _csv(tmp_path, rows, "train.csv"), _csv(tmp_path, test_rows, "test.csv")
+    return json.dumps({"train": str(train), "test": str(test)})
+
+
+def test_a_label_only_in_the_held_out_split_is_refused_naming_it(tmp_path, tiny_text):
+    teacher_dir, data = tiny_text
+    rows = data.read_text().splitlines()[1:]
+    sarcastic = [f"{row.rsplit(',', 1)[0]},sarcastic" for row in rows[:5]]
+    files = _split_files(tmp_path, rows[:60], rows[60:] + sarcastic)
+    path = _recipe(tmp_path, teacher_dir, data, data_files=files, eval_split="test")
+    result = _hfkd_distill(path)
+    assert result.returncode == 2, result.stderr
+    line = _error_line(result)
+    assert "'sarcastic' (5 rows)" in line and "eval_split='test'" in line and "--unseen_eval_labels drop" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_label_only_in_the_held_out_split_can_be_dropped_and_the_card_says_so(tmp_path, tiny_text, caplog):
+    teacher_dir, data = tiny_text
+    rows = data.read_text().splitlines()[1:]
+    sarcastic = [f"{row.rsplit(',', 1)[0]},sarcastic" for row in rows[:5]]
+    files = _split_files(tmp_path, rows[:60], rows[60:] + sarcastic)
+    path = _recipe(tmp_path, teacher_dir, data, data_files=files, eval_split="test", unseen_eval_labels="drop")
+    with caplog.at_level("WARNING"):
+        assert main(["distill", "--config", str(path)]) == 0
+    out = tmp_path / "run"
+    config = json.loads((out / "config.json").read_text())
+    assert sorted(config["id2label"].values()) == ["negative", "neutral", "positive"]  # no class without training
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["data"]["eval_examples"] == len(rows) - 60
+    assert any("5 held-out rows" in r.getMessage() and "'sarcastic'" in r.getMessage() for r in caplog.records)
+    assert "5 held-out rows whose 'sentiment' label never occurs in training" in metrics["data"]["note"]
+    assert "unseen_eval_labels=drop" in (out / "README.md").read_text()
+
+
+def test_a_teacher_whose_head_was_never_trained_is_refused_unless_fine_tuned_first(tmp_path, tiny_text):
+    from transformers import BertModel
+
+    teacher_dir, data = tiny_text
+    base = tmp_path / "base_teacher"  # the encoder alone, its config naming the data's labels: no classifier
+    BertModel(BertConfig.from_pretrained(teacher_dir)).save_pretrained(base)
+    BertTokenizerFast.from_pretrained(teacher_dir).save_pretrained(base)
+    path = _recipe(tmp_path, base, data, finetune_teacher=False)
+    result = _hfkd_distill(path)
+    assert result.returncode == 2, result.stderr
+    line = _error_line(result)
+    assert "initialised at random on loading (classifier.bias, classifier.weight" in line, line
+    assert "--finetune_teacher true" in line
+    assert not (tmp_path / "run").exists()
+    # Stage 1 trains the new head before anything distils from it: no refusal then.
+    path = _recipe(tmp_path, base, data, finetune_teacher=True)
+    assert main(["distill", "--config", str(path)]) == 0
+
+
 def test_a_single_class_is_refused_not_regression(tmp_path, tiny_text, capsys):
     teacher_dir, _ = tiny_text
     data = _csv(tmp_path, [f"good movie number {i},positive" for i in range(20)])

@@ -225,3 +225,153 @@ def test_predict_and_student_only_evaluation_never_run_the_teacher(tmp_path):
     plain = Trainer(model=student, args=TrainingArguments(output_dir=str(tmp_path / "plain"), **COMMON))
     assert alone["eval_loss"] == pytest.approx(plain.evaluate(data)["eval_loss"], rel=1e-6)
     assert alone["eval_task"] == pytest.approx(alone["eval_loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- whose token ids
+WORDS = "hello world the quick brown fox jumps over lazy dogs naïve café straße 13 , ! ; .".split()
+
+
+def _word_tokenizer(words):
+    """A fast word-level tokenizer over `words` (ids in that order after 5 specials), built here with `tokenizers`."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    vocab = {token: i for i, token in enumerate(specials + list(words))}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
+@pytest.fixture
+def two_tokenizers(tmp_path):
+    """A teacher folder holding its weights and its own tokenizer, and a student tokenizer in another folder whose
+    ids differ (the same words, in reverse order)."""
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student_tokenizer"
+    bert().save_pretrained(teacher_dir)
+    _word_tokenizer(WORDS).save_pretrained(teacher_dir)
+    _word_tokenizer(WORDS[::-1]).save_pretrained(student_dir)
+    return teacher_dir, student_dir
+
+
+def test_a_teacher_with_another_tokenizer_is_refused_not_fed_the_students_ids(tmp_path, two_tokenizers):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    teacher_dir, student_dir = two_tokenizers
+    student_tokenizer = AutoTokenizer.from_pretrained(student_dir)
+    out = tmp_path / "out"
+    # The teacher by path, and the same teacher loaded first: both know where their tokenizer lives.
+    for teacher in (str(teacher_dir), AutoModelForSequenceClassification.from_pretrained(teacher_dir)):
+        with pytest.raises(ValueError, match="has its own tokenizer") as caught:
+            DistillationTrainer(
+                model=bert(seed=1, layers=2),
+                teacher_model=teacher,
+                args=_config(tmp_path),
+                train_dataset=classification_data(),
+                processing_class=student_tokenizer,
+            )
+        message = str(caught.value)
+        assert str(teacher_dir) in message and str(student_dir) in message
+        assert "teacher_processing_class=" in message and "student_model_name_or_path" in message
+        assert not out.exists()
+    # Told the teacher's tokenizer, hfkd tokenizes for both: no refusal.
+    DistillationTrainer(
+        model=bert(seed=1, layers=2),
+        teacher_model=str(teacher_dir),
+        args=_config(tmp_path),
+        processing_class=student_tokenizer,
+        teacher_processing_class=str(teacher_dir),
+    )
+
+
+def test_a_teacher_with_the_students_tokenizer_passes(tmp_path, two_tokenizers, caplog):
+    from transformers import AutoTokenizer
+
+    teacher_dir, _ = two_tokenizers
+    copy_dir = tmp_path / "a_copy"
+    AutoTokenizer.from_pretrained(teacher_dir).save_pretrained(copy_dir)
+    for tokenizer_dir in (teacher_dir, copy_dir):  # the very files, and the same tokenizer saved elsewhere
+        with caplog.at_level("WARNING"):
+            DistillationTrainer(
+                model=bert(seed=1, layers=2),
+                teacher_model=str(teacher_dir),
+                args=_config(tmp_path),
+                train_dataset=classification_data(),
+                processing_class=AutoTokenizer.from_pretrained(tokenizer_dir),
+            )
+        assert not [r for r in caplog.records if "tokenizer" in r.getMessage()]
+
+
+def test_a_teacher_without_a_tokenizer_of_its_own_gets_one_warning_line(tmp_path, two_tokenizers, caplog):
+    from transformers import AutoTokenizer
+
+    _, student_dir = two_tokenizers
+    bare = tmp_path / "bare_teacher"
+    bert().save_pretrained(bare)  # weights and config only
+    with caplog.at_level("WARNING"):
+        DistillationTrainer(
+            model=bert(seed=1, layers=2),
+            teacher_model=str(bare),
+            args=_config(tmp_path),
+            train_dataset=classification_data(),
+            processing_class=AutoTokenizer.from_pretrained(student_dir),
+        )
+    lines = [r.getMessage() for r in caplog.records if "no tokenizer of its own" in r.getMessage()]
+    assert len(lines) == 1 and "\n" not in lines[0] and "teacher_processing_class" in lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------- untrained heads
+def test_a_teacher_whose_head_was_just_initialised_is_refused(tmp_path, caplog):
+    from transformers import BertConfig, BertModel
+
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=99, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64
+    )
+    BertModel(config).save_pretrained(base)  # a base checkpoint: no classifier
+    two_labels = tmp_path / "two_labels"
+    bert(labels=2).save_pretrained(two_labels)
+    out = tmp_path / "out"
+    for source, init_kwargs in (
+        (base, {"num_labels": 3}),
+        (two_labels, {"num_labels": 3, "ignore_mismatched_sizes": True}),
+    ):
+        with pytest.raises(ValueError, match="initialised at random on loading") as caught:
+            DistillationTrainer(
+                model=bert(seed=1, layers=2),
+                teacher_model=str(source),
+                args=_config(tmp_path, teacher_model_init_kwargs=init_kwargs),
+                train_dataset=classification_data(),
+            )
+        message = str(caught.value)
+        assert "classifier.weight" in message and "['logit']" in message and "--finetune_teacher true" in message
+        assert not out.exists()
+    # A head of another size without ignore_mismatched_sizes is a clear error too, not transformers' RuntimeError.
+    with pytest.raises(ValueError, match="Could not load the teacher"):
+        DistillationTrainer(
+            model=bert(seed=1, layers=2),
+            teacher_model=str(two_labels),
+            args=_config(tmp_path, teacher_model_init_kwargs={"num_labels": 3}),
+            train_dataset=classification_data(),
+        )
+    # Terms that read only features do not use the head: the teacher is taken.
+    DistillationTrainer(
+        model=bert(seed=1, layers=2),
+        teacher_model=str(base),
+        args=_config(tmp_path, logit_weight=0.0, hidden_weight=1.0, teacher_model_init_kwargs={"num_labels": 3}),
+        train_dataset=classification_data(),
+    )
+    # A checkpoint whose head loads whole is taken with the logit term.
+    DistillationTrainer(
+        model=bert(seed=1, layers=2, labels=2),
+        teacher_model=str(two_labels),
+        args=_config(tmp_path),
+        train_dataset=classification_data(labels=2),
+    )
