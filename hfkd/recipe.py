@@ -1058,12 +1058,16 @@ class _Run:
         teacher = model is self.teacher
         role = "teacher" if teacher else "student"
         tokenizer = self.processor if teacher else self.student_processor
-        trainer = Trainer(model=model, args=args, data_collator=self.collator(role), processing_class=tokenizer)
         eval_ds = self.eval_ds if teacher else self.student_eval_ds
-        if self.recipe.task == "causal-lm":
-            loss = trainer.evaluate(eval_ds)["eval_loss"]
-            return math.exp(min(loss, 50.0))
-        prediction = trainer.predict(eval_ds)
+        try:
+            trainer = Trainer(model=model, args=args, data_collator=self.collator(role), processing_class=tokenizer)
+            if self.recipe.task == "causal-lm":
+                return math.exp(min(trainer.evaluate(eval_ds)["eval_loss"], 50.0))
+            prediction = trainer.predict(eval_ds)
+        finally:
+            # Trainer makes its output_dir, which evaluation never writes into: a scratch folder, not left behind.
+            if self.config.process_index == 0:
+                shutil.rmtree(args.output_dir, ignore_errors=True)
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         metric = load_metric("accuracy")
         return metric.compute(predictions=np.argmax(logits, -1).tolist(), references=prediction.label_ids.tolist())[

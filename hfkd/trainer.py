@@ -147,7 +147,9 @@ class DistillationTrainer(Trainer):
         if teacher is None and not args.teacher_cache_dir and not peers:
             raise ValueError(
                 "DistillationTrainer needs a teacher: pass `teacher_model=` (a model, Hub id or path), set "
-                "`teacher_model_name_or_path` in DistillationConfig, or give a teacher cache (`teacher_cache_dir`)."
+                "`teacher_model_name_or_path` in DistillationConfig, give a teacher cache (`teacher_cache_dir`), set "
+                "`teacher_ema_decay` for a mean teacher made from the student, or pass `peer_models=` (or "
+                "`peer_model_name_or_path`) for deep mutual learning with peers instead of a teacher."
             )
         teachers = named_teachers(teacher) if teacher is not None else {}
         caches = _named_caches(args.teacher_cache_dir, list(teachers)) if args.teacher_cache_dir else {}
@@ -212,13 +214,16 @@ class DistillationTrainer(Trainer):
                     "teacher_processing_class is set: pass the student's tokenizer as processing_class too, so that "
                     "hfkd tokenizes each text row for both models."
                 )
+            causal_lm = model is not None and is_causal_lm(unwrap_peft(model))
+            for which in ("train_dataset", "eval_dataset"):
+                _check_text_column(trainer_kwargs.get(which), which, args, causal_lm)
             trainer_kwargs["data_collator"] = TwoTokenizerCollator(
                 student_tokenizer,
                 tokenizer,
                 max_length=args.tokenize_max_length,
                 text_column=args.tokenize_text_column,
                 text_pair_column=args.tokenize_text_pair_column,
-                causal_lm=model is not None and is_causal_lm(unwrap_peft(model)),
+                causal_lm=causal_lm,
             )
         return tokenizer
 
@@ -1418,6 +1423,29 @@ def _warn_attention_dropout(model: torch.nn.Module) -> None:
                 name,
             )
             return
+
+
+def _check_text_column(dataset, which: str, args: DistillationConfig, causal_lm: bool) -> None:
+    """Text rows that TwoTokenizerCollator will tokenize for both models need their text column; checked against the
+    dataset's own columns before Trainer drops the ones the student's forward does not take."""
+    if isinstance(dataset, dict):
+        for name, one in dataset.items():
+            _check_text_column(one, f"{which}[{name!r}]", args, causal_lm)
+        return
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(columns, list) or TEACHER_PREFIX + "input_ids" in columns:
+        return  # not a datasets.Dataset, or rows already tokenized for both (tokenize_for_both)
+    if causal_lm and (("prompt" in columns and "completion" in columns) or "messages" in columns):
+        return  # prompt-completion rows; conversations are refused by the collator, with what to do
+    wanted = [c for c in (args.tokenize_text_column, args.tokenize_text_pair_column) if c and c not in columns]
+    if wanted:
+        field_names = ["tokenize_text_column"] if args.tokenize_text_column in wanted else []
+        field_names += ["tokenize_text_pair_column"] if args.tokenize_text_pair_column in wanted else []
+        raise ValueError(
+            f"{which} has no {' or '.join(map(repr, wanted))} column to tokenize for both models (teacher_processing_"
+            f"class); its columns are {columns}. Set {' and '.join(field_names)} to the column that holds the text"
+            + (", or give `prompt` and `completion` texts." if causal_lm else ".")
+        )
 
 
 def _read_run_file(directory: str) -> dict | None:
