@@ -35,6 +35,7 @@ from .cache import (
     cached_prefix,
     has_cached_outputs,
 )
+from .checkpoints import RUN_FILE, check_complete, describe_skipped, last_complete_checkpoint
 from .config import DistillationConfig
 from .ema import EMATeacher, EMAUpdate
 from .features import ModelKind, batch_size, model_kind, unit_counts, unit_masks
@@ -78,7 +79,6 @@ logger = logging.getLogger(__name__)
 
 
 # Written in output_dir and in each checkpoint: which teacher and student the checkpoints belong to.
-RUN_FILE = "hfkd_run.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -909,6 +909,7 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ runs and checkpoints
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        resume_from_checkpoint = self._resume_target(resume_from_checkpoint)
         self._check_output_dir(resume_from_checkpoint)
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
@@ -934,6 +935,28 @@ class DistillationTrainer(Trainer):
         else:  # the cache stands for the teacher
             teacher = {k: v for k, v in self._cache.teacher.items() if k != "weights_sha256"}
         return {"teacher": teacher, "student": student}
+
+    def _resume_target(self, resume_from_checkpoint):
+        """`True` becomes the newest complete checkpoint, passing over any the run was killed while saving (Trainer
+        would take the newest folder and fail on its missing trainer_state.json); an incomplete one given by path is
+        refused (hfkd.checkpoints)."""
+        if resume_from_checkpoint is True:
+            path, skipped = last_complete_checkpoint(self.args.output_dir)
+            if skipped:
+                if path is None:
+                    raise ValueError(
+                        f"resume_from_checkpoint=True: {self.args.output_dir} holds no complete checkpoint, only "
+                        f"{describe_skipped(skipped)}, cut short while saving. Start without resume_from_checkpoint."
+                    )
+                logger.warning(
+                    "Resuming from %s, the newest complete checkpoint; skipped %s: the run stopped while saving it.",
+                    path,
+                    describe_skipped(skipped),
+                )
+            return path if path is not None else True  # none at all: Trainer says so
+        if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
+            check_complete(resume_from_checkpoint)
+        return resume_from_checkpoint
 
     def _check_output_dir(self, resume_from_checkpoint) -> None:
         """Refuses to mix this run's checkpoints with another run's, before anything is written."""
@@ -989,10 +1012,11 @@ class DistillationTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save and os.path.isdir(folder):
-            _write_run_file(folder, self._fingerprint)
             self.term_set.save(folder)
             if self._ema is not None:
                 self._ema.save(folder)
+            # Last: its presence says the checkpoint is whole (hfkd.checkpoints); a kill before leaves none.
+            _write_run_file(folder, self._fingerprint)
 
     def _clip_grad_norm(self, model):
         # The student and the terms' parameters are one trainable system (as timm wraps them): clip their joint norm.
@@ -1351,7 +1375,7 @@ class DistillationTrainer(Trainer):
         bad = [
             name for name, value in zip(terms, values.tolist(), strict=True) if not torch.isfinite(torch.tensor(value))
         ]
-        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        last, _ = last_complete_checkpoint(self.args.output_dir)
         raise NonFiniteLossError(
             f"Non-finite loss at step {self.state.global_step + 1}: {', '.join(bad)} went bad ({shown}). Training "
             f"stopped before this update; the last good checkpoint is {last or 'none (none saved yet)'}. Lower "
@@ -1457,8 +1481,10 @@ def _read_run_file(directory: str) -> dict | None:
 
 
 def _write_run_file(directory: str, fingerprint: dict) -> None:
-    with open(os.path.join(directory, RUN_FILE), "w") as handle:
+    path = os.path.join(directory, RUN_FILE)
+    with open(path + ".tmp", "w") as handle:  # renamed into place: the file is there whole or not at all
         json.dump(fingerprint, handle, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _describe(fingerprint: dict | None) -> str:
