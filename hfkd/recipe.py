@@ -41,6 +41,7 @@ from .cache import TeacherCache, build_teacher_cache
 from .checkpoints import describe_skipped, last_complete_checkpoint
 from .config import DistillationConfig
 from .data import DataArguments
+from .layer_map import resolve_layer_map
 from .lm_eval import bits_per_byte
 from .measure import compare_latency, count_parameters, forward_latency_ms
 from .metrics import load_metric
@@ -793,7 +794,35 @@ class _Run:
         r = self.recipe
         if not r.student_model_name_or_path:
             layers = r.layer_list()
-            student_layers(self.teacher, num_layers=None if layers else r.student_num_layers, layers=layers)
+            kept = student_layers(self.teacher, num_layers=None if layers else r.student_num_layers, layers=layers)
+            if len(kept) == 1:  # one stack of layers (not an encoder-decoder's two)
+                self._check_layer_maps(len(kept[0]))
+
+    def _check_layer_maps(self, student_depth: int) -> None:
+        """Explicit hidden/attention layer maps against both depths (a student built from the teacher's layers, of
+        a model with one stack of layers), which the trainer would check only after stage 1."""
+        teacher_depth = getattr(self.teacher.config, "num_hidden_layers", None)
+        if not isinstance(teacher_depth, int) or getattr(self.teacher.config, "is_encoder_decoder", False):
+            return
+        for spec in self.config.term_specs:
+            layer_map = spec.options.get("layer_map")
+            if spec.name not in ("hidden", "attention") or isinstance(layer_map, str) or layer_map is None:
+                continue
+            field_name = f"{spec.name}_layer_map"
+            # hidden_states hold the embeddings' output first: one entry more than layers.
+            extra = 1 if spec.name == "hidden" else 0
+            try:
+                resolve_layer_map(
+                    layer_map,
+                    student_depth + extra,
+                    teacher_depth + extra,
+                    field_name=f"--{field_name}",
+                    has_embeddings=bool(extra),
+                )
+            except ValueError as err:
+                raise ValueError(
+                    f"{err} (the student keeps {student_depth} of the teacher's {teacher_depth} layers)"
+                ) from None
 
     def finished_teacher(self) -> bool:
         """On resume, a teacher this run already fine-tuned and saved whole is loaded instead of trained again."""

@@ -962,6 +962,8 @@ def test_a_mistyped_flag_or_field_gets_the_nearest_one(tmp_path, tiny_text):
         (["--seq_kd", "true"], "hfkd: error: --seq_kd: on-policy distillation (lmbda)"),
         (["--terms", '[{"name": "span_kd"}]'], "hfkd: error: --terms ['span_kd']: these compare next-token"),
         (["--tokenize_text_column", "sentence"], "hfkd: error: --tokenize_text_column: these are for"),
+        (["--hidden_layer_map", "0,2,9"], "hfkd: error: --hidden_layer_map refers to teacher index 9"),
+        (["--attention_weight", "1", "--attention_layer_map", "1"], "hfkd: error: --attention_layer_map has 1"),
     ],
 )
 def test_refused_before_the_teacher_is_fine_tuned(tmp_path, tiny_text, flags, first_line):
