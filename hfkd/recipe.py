@@ -821,7 +821,8 @@ class _Run:
                 )
             except ValueError as err:
                 raise ValueError(
-                    f"{err} (the student keeps {student_depth} of the teacher's {teacher_depth} layers)"
+                    f"{str(err).rstrip('.')} (the student keeps {student_depth} of the teacher's {teacher_depth} "
+                    "layers)."
                 ) from None
 
     def finished_teacher(self) -> bool:

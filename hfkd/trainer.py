@@ -78,7 +78,8 @@ from .two_tokenizers import (
 logger = logging.getLogger(__name__)
 
 
-# Written in output_dir and in each checkpoint: which teacher and student the checkpoints belong to.
+# RUN_FILE (hfkd.checkpoints) is written in output_dir and in each checkpoint, last: which teacher and student the
+# checkpoints belong to, and in a checkpoint that it was saved whole.
 
 
 class NonFiniteLossError(RuntimeError):
