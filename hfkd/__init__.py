@@ -4,26 +4,42 @@
 `DistillationConfig` is its `TrainingArguments`; `student_from_teacher` builds a smaller student from a teacher's
 own layers; `build_teacher_cache` runs a teacher once and stores its outputs for cached training;
 `TwoTokenizerCollator` / `tokenize_for_both` give a teacher with its own tokenizer its tokens;
-`bits_per_byte` compares language models whose tokenizers differ.
+`bits_per_byte` compares language models whose tokenizers differ. `register_term` adds a distillation term of
+your own (a subclass of `Term` that declares its `Needs` and reads `Features` from a `TermBatch`).
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .cache import TeacherCache, build_teacher_cache  # noqa: E402
-from .config import DistillationConfig  # noqa: E402
-from .lm_eval import bits_per_byte  # noqa: E402
-from .student import student_from_teacher  # noqa: E402
-from .trainer import DistillationTrainer  # noqa: E402
-from .two_tokenizers import TwoTokenizerCollator, tokenize_for_both  # noqa: E402
+# Each public name and the module that defines it. They load on first use (PEP 562), so that `import hfkd.cli`
+# (the `hfkd` command, its --help) does not import torch and transformers before a command runs.
+_EXPORTS = {
+    "DistillationConfig": ".config",
+    "DistillationTrainer": ".trainer",
+    "Features": ".terms",
+    "Needs": ".terms",
+    "TeacherCache": ".cache",
+    "Term": ".terms",
+    "TermBatch": ".terms",
+    "TwoTokenizerCollator": ".two_tokenizers",
+    "bits_per_byte": ".lm_eval",
+    "build_teacher_cache": ".cache",
+    "register_term": ".terms",
+    "student_from_teacher": ".student",
+    "tokenize_for_both": ".two_tokenizers",
+}
 
-__all__ = [
-    "DistillationConfig",
-    "DistillationTrainer",
-    "TeacherCache",
-    "TwoTokenizerCollator",
-    "bits_per_byte",
-    "build_teacher_cache",
-    "student_from_teacher",
-    "tokenize_for_both",
-    "__version__",
-]
+__all__ = [*sorted(_EXPORTS), "__version__"]
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'hfkd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    globals()[name] = value  # loaded once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

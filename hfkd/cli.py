@@ -9,18 +9,13 @@ Anything else (a bug) keeps its traceback.
 
 import argparse
 import dataclasses
+import difflib
 import logging
 import os
+import shlex
 import sys
 
-import yaml
-from transformers import HfArgumentParser
-
-from .cache import CacheArguments
-from .config import DistillationConfig
-from .data import DataArguments
-from .recipe import RecipeArguments, push_folder, run_cache, run_recipe
-from .report import summary
+# torch, transformers and the recipe load inside the commands: `hfkd --help` and a mistyped command answer at once.
 
 USAGE = """usage: hfkd <command> [--config FILE.yaml] [--field value ...]
 
@@ -66,7 +61,15 @@ _RECIPE_HELP = {
 }
 
 
-def distill_parser(command: str = "distill") -> HfArgumentParser:
+def distill_parser(command: str = "distill"):
+    """The `hfkd <command>` parser (a transformers.HfArgumentParser) over the recipe's dataclasses."""
+    from transformers import HfArgumentParser
+
+    from .cache import CacheArguments
+    from .config import DistillationConfig
+    from .data import DataArguments
+    from .recipe import RecipeArguments
+
     classes = (RecipeArguments, DataArguments, DistillationConfig)
     if command == "cache":
         classes += (CacheArguments,)
@@ -82,6 +85,8 @@ def distill_parser(command: str = "distill") -> HfArgumentParser:
 def _group_help(parser: argparse.ArgumentParser, classes: tuple) -> None:
     """`--help` lists --config, then the recipe, data, distillation (and cache) fields, then TrainingArguments'."""
     from transformers import TrainingArguments
+
+    from .config import DistillationConfig
 
     by_dest = {action.dest: action for action in parser._actions}
     for name, text in _RECIPE_HELP.items():
@@ -122,6 +127,8 @@ def _group_help(parser: argparse.ArgumentParser, classes: tuple) -> None:
 
 def parse_distill_args(argv: list[str], command: str = "distill"):
     """Parses YAML plus overrides into (RecipeArguments, DataArguments, DistillationConfig[, CacheArguments])."""
+    import yaml
+
     parser = distill_parser(command)
     known, _ = parser.parse_known_args(argv) if "--config" in argv else (None, None)
     config_path = getattr(known, "config", None)
@@ -134,15 +141,33 @@ def parse_distill_args(argv: list[str], command: str = "distill"):
         unknown = sorted(set(values) - valid)
         if unknown:
             raise ValueError(
-                f"{config_path}: unknown field(s) {unknown}; `hfkd {command} --help` lists the valid ones."
+                f"{config_path}: unknown field(s) {unknown}{_did_you_mean(unknown, valid)}; `hfkd {command} --help` "
+                "lists the valid ones."
             )
         # Defaults from the file, so that flags given on the command line win.
         parser.set_defaults(**values)
     outputs = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     extra = outputs[-1]
     if extra:
-        raise ValueError(f"Unknown arguments {extra}; `hfkd {command} --help` lists the valid ones.")
+        flags = [item.split("=", 1)[0][2:] for item in extra if item.startswith("--")]
+        valid = {action.dest for action in parser._actions}
+        raise ValueError(
+            f"Unknown arguments {extra}{_did_you_mean(flags, valid, prefix='--')}; `hfkd {command} --help` lists the "
+            "valid ones."
+        )
     return tuple(outputs[: len(parser.dataclass_types)])  # the rest: the --config namespace and the leftovers
+
+
+def _did_you_mean(names: list[str], valid, prefix: str = "") -> str:
+    """' (did you mean --max_steps?)' for the names that are near a valid field; '' when none is."""
+    hints = []
+    for name in names:
+        close = difflib.get_close_matches(name, sorted(valid), n=1, cutoff=0.75)
+        if close:
+            hints.append(f"{prefix}{name} -> {prefix}{close[0]}" if len(names) > 1 else f"{prefix}{close[0]}")
+    if not hints:
+        return ""
+    return f" (did you mean {', '.join(hints)}?)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +193,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _distill(argv: list[str]) -> int:
+    from .recipe import push_folder, run_recipe
+    from .report import summary
+
     recipe, data_args, config = parse_distill_args(argv)
     metrics = run_recipe(recipe, data_args, config)
     push_message, status = None, 0
@@ -179,8 +207,7 @@ def _distill(argv: list[str]) -> int:
         except Exception as err:  # noqa: BLE001 - any failure: keep the folder, say what happened
             push_message = (
                 f"push to the Hub as {repo_id!r} FAILED ({type(err).__name__}: {err}). The local folder is complete; "
-                f"push it later with: huggingface-cli upload {repo_id} {config.output_dir} --exclude 'teacher/*' "
-                "'checkpoints/*'"
+                f"push it later with: {push_command(repo_id, config.output_dir, config.hub_private_repo)}"
             )
             status = 1
     if config.process_index == 0:
@@ -188,7 +215,20 @@ def _distill(argv: list[str]) -> int:
     return status
 
 
+def push_command(repo_id: str, output_dir: str, private: bool | None = None) -> str:
+    """The `hf upload` command (huggingface_hub's CLI) that pushes a finished run as `push_folder` does: without the
+    teacher and checkpoints. `hf upload` takes one pattern per --exclude."""
+    from .run_folder import WORK_DIRS
+
+    parts = ["hf", "upload", repo_id, output_dir, ".", *(f"--exclude={d}/*" for d in WORK_DIRS)]
+    if private:
+        parts.append("--private")
+    return shlex.join(parts)
+
+
 def _cache(argv: list[str]) -> int:
+    from .recipe import run_cache
+
     recipe, data_args, config, cache_args = parse_distill_args(argv, "cache")
     result = run_cache(recipe, data_args, config, cache_args)
     logits = result["logits"]

@@ -16,6 +16,17 @@ from .terms import TERMS, TermSpec, parse_term_specs
 logger = logging.getLogger(__name__)
 
 
+def _has_accelerator() -> bool:
+    """Whether torch sees a GPU or other accelerator (CUDA, XPU, MPS, ... or an XLA device)."""
+    import torch
+    from transformers.utils import is_torch_xla_available
+
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        return True
+    return torch.cuda.is_available() or is_torch_xla_available()
+
+
 @dataclass
 class DistillationConfig(TrainingArguments):
     """Training arguments for [`DistillationTrainer`].
@@ -256,6 +267,12 @@ class DistillationConfig(TrainingArguments):
     )
 
     def __post_init__(self):
+        if (self.bf16 or self.bf16_full_eval) and not self.use_cpu and not _has_accelerator():
+            # TrainingArguments refuses bf16 without an accelerator unless use_cpu is set, though torch runs bf16
+            # autocast on the CPU. With no accelerator the run is on the CPU anyway, so use_cpu changes nothing else;
+            # a GPU without bf16 support still gets transformers' own refusal.
+            logger.info("bf16 on a machine without an accelerator: use_cpu=True, bf16 autocast on the CPU.")
+            self.use_cpu = True
         super().__post_init__()
         if isinstance(self.teacher_model_init_kwargs, str):
             try:

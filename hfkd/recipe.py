@@ -34,13 +34,14 @@ from transformers import (
     default_data_collator,
     set_seed,
 )
-from transformers.trainer_utils import get_last_checkpoint
 
 from . import data as hfkd_data
 from .batch import SPANS, TEACHER_PREFIX, TEACHER_SPANS
 from .cache import TeacherCache, build_teacher_cache
+from .checkpoints import describe_skipped, last_complete_checkpoint
 from .config import DistillationConfig
 from .data import DataArguments
+from .layer_map import resolve_layer_map
 from .lm_eval import bits_per_byte
 from .measure import compare_latency, count_parameters, forward_latency_ms
 from .metrics import load_metric
@@ -399,6 +400,7 @@ def check_run_settings(recipe: RecipeArguments, config: DistillationConfig) -> N
                 f"early_stopping_patience={recipe.early_stopping_patience} needs {', '.join(missing)}: early "
                 "stopping watches the metric at each evaluation."
             )
+    _check_task_fields(recipe, config)
     from transformers import integrations
 
     for name in config.report_to or []:
@@ -409,6 +411,50 @@ def check_run_settings(recipe: RecipeArguments, config: DistillationConfig) -> N
                 f"report_to includes {name!r}, which is not installed: {extra}, or drop it from report_to."
             )
     _check_peers(recipe, config)
+
+
+def _term_fix(name: str) -> str:
+    """The command-line change that turns a term off."""
+    short = TERMS[name].short_form
+    return f"--{short['weight']} 0" if short else f"drop {name!r} from --terms"
+
+
+def _check_task_fields(recipe: RecipeArguments, config: DistillationConfig) -> None:
+    """Fields the recipe's task cannot use, which DistillationTrainer would refuse only after the teacher is
+    fine-tuned (stage 1): refused now, with the command-line fix."""
+    lm = recipe.task == "causal-lm"
+    if not lm:
+        generation = [f for f, on in (("--lmbda", config.lmbda > 0), ("--seq_kd", config.seq_kd)) if on]
+        if generation:
+            raise ValueError(
+                f"{' and '.join(generation)}: on-policy distillation (lmbda) and sequence-level KD (seq_kd) make a "
+                f"model generate text, which needs task=causal-lm; this recipe's task is {recipe.task}. Unset "
+                f"{' and '.join(f'{f} 0' if f == '--lmbda' else f'{f} false' for f in generation)}."
+            )
+        lm_terms = [spec.name for spec in config.term_specs if spec.name in ("span_kd", "uld")]
+        if lm_terms:
+            raise ValueError(
+                f"--terms {lm_terms}: these compare next-token distributions of causal LMs (task=causal-lm), and "
+                f"this recipe's task is {recipe.task}; {', '.join(_term_fix(n) for n in lm_terms)}. A classifier "
+                "distils with logit (--logit_weight), hidden (--hidden_weight) and the relation terms, also across "
+                "tokenizers."
+            )
+    # DistillationTrainer's fields for tokenizing text rows in Python: a recipe tokenizes its own data.
+    ignored = [
+        (name, flag)
+        for name, flag in (
+            ("tokenize_text_column", "--text_column"),
+            ("tokenize_text_pair_column", "--text_pair_column"),
+            ("tokenize_max_length", "--max_length"),
+        )
+        if getattr(config, name) != DistillationConfig.__dataclass_fields__[name].default
+    ]
+    if ignored:
+        raise ValueError(
+            f"{', '.join('--' + n for n, _ in ignored)}: these are for DistillationTrainer with "
+            "teacher_processing_class in Python; a recipe tokenizes its data itself, for both models when the "
+            f"student has its own tokenizer. Unset them, and use {', '.join(f for _, f in ignored)}."
+        )
 
 
 def _read_teacher_record(folder: str | None) -> dict | None:
@@ -492,6 +538,7 @@ class _Run:
             self.check_across()
             self._preprocess_across()
         else:
+            self.check_one_tokenizer()
             self.train_ds, self.eval_ds = (self._preprocess(d) for d in (self.train_raw, self.eval_raw))
             # One tokenization serves every stage.
             self.student_train_ds, self.student_eval_ds = self.train_ds, self.eval_ds
@@ -572,6 +619,12 @@ class _Run:
                 f"generations={r.generations}: {own}; born-again generations are not offered across tokenizers yet. "
                 "Set --generations 1."
             )
+        if c.lmbda > 0 or c.seq_kd:
+            raise ValueError(
+                f"{'--lmbda' if c.lmbda > 0 else '--seq_kd'}: {own}; on-policy distillation and sequence-level KD "
+                "are not offered across tokenizers yet. Set --lmbda 0 --seq_kd false, or use a student with the "
+                "teacher's tokenizer."
+            )
         lm = r.task == "causal-lm"
         names = [spec.name for spec in c.term_specs]
         positional = [n for n in names if not TERMS[n].across_tokenizers or (lm and n in ("logit", "dkd"))]
@@ -593,6 +646,17 @@ class _Run:
                 raise ValueError(
                     f"{own}, and the terms {refused} {why}; {', '.join(fixes)}. Across tokenizers use {usable}."
                 )
+
+    def check_one_tokenizer(self):
+        """The cross-tokenizer terms, when the student reads the teacher's tokens: refused before stage 1."""
+        names = [spec.name for spec in self.config.term_specs if spec.name in ("span_kd", "uld")]
+        if names:
+            raise ValueError(
+                f"--terms {names}: these line up two different tokenizations, but the student reads the teacher's "
+                f"tokens (it is built from the teacher, or its tokenizer is the teacher's); "
+                f"{', '.join(_term_fix(n) for n in names)} and distil with --logit_weight, or give "
+                "--student_model_name_or_path a student with its own tokenizer."
+            )
 
     def _preprocess_across(self):
         """Teacher stages keep the teacher's tokenization; distillation reads both (the student's view is its part)."""
@@ -749,7 +813,36 @@ class _Run:
         r = self.recipe
         if not r.student_model_name_or_path:
             layers = r.layer_list()
-            student_layers(self.teacher, num_layers=None if layers else r.student_num_layers, layers=layers)
+            kept = student_layers(self.teacher, num_layers=None if layers else r.student_num_layers, layers=layers)
+            if len(kept) == 1:  # one stack of layers (not an encoder-decoder's two)
+                self._check_layer_maps(len(kept[0]))
+
+    def _check_layer_maps(self, student_depth: int) -> None:
+        """Explicit hidden/attention layer maps against both depths (a student built from the teacher's layers, of
+        a model with one stack of layers), which the trainer would check only after stage 1."""
+        teacher_depth = getattr(self.teacher.config, "num_hidden_layers", None)
+        if not isinstance(teacher_depth, int) or getattr(self.teacher.config, "is_encoder_decoder", False):
+            return
+        for spec in self.config.term_specs:
+            layer_map = spec.options.get("layer_map")
+            if spec.name not in ("hidden", "attention") or isinstance(layer_map, str) or layer_map is None:
+                continue
+            field_name = f"{spec.name}_layer_map"
+            # hidden_states hold the embeddings' output first: one entry more than layers.
+            extra = 1 if spec.name == "hidden" else 0
+            try:
+                resolve_layer_map(
+                    layer_map,
+                    student_depth + extra,
+                    teacher_depth + extra,
+                    field_name=f"--{field_name}",
+                    has_embeddings=bool(extra),
+                )
+            except ValueError as err:
+                raise ValueError(
+                    f"{str(err).rstrip('.')} (the student keeps {student_depth} of the teacher's {teacher_depth} "
+                    "layers)."
+                ) from None
 
     def finished_teacher(self) -> bool:
         """On resume, a teacher this run already fine-tuned and saved whole is loaded instead of trained again."""
@@ -1002,11 +1095,21 @@ class _Run:
         )
         trainer.report_perplexity = lm
         resume = self.resume
-        if resume is True and get_last_checkpoint(args.output_dir) is None:
-            resume = None  # the run stopped before its first distillation checkpoint: distillation starts again
-        from_step = f", resuming from {resume}" if isinstance(resume, str) else ""
+        skipped_note = ""
         if resume is True:
-            from_step = f", resuming from {get_last_checkpoint(args.output_dir)}"
+            # The newest complete checkpoint: one the run was killed while saving is passed over, and said so.
+            resume, skipped = last_complete_checkpoint(args.output_dir)
+            if skipped:
+                skipped_note = f" (skipped {describe_skipped(skipped)}: the run stopped while saving it)"
+                logger.warning(
+                    "resume_from_checkpoint=true: skipped %s, cut short while saving; %s.",
+                    describe_skipped(skipped),
+                    f"resuming from {resume}, the newest complete checkpoint"
+                    if resume
+                    else "no distillation checkpoint is complete, so distillation starts again",
+                )
+            # None: the run stopped before its first complete distillation checkpoint; distillation starts again.
+        from_step = f", resuming from {resume}{skipped_note}" if isinstance(resume, str) else skipped_note
         stage = f"stage {2 if self.recipe.finetune_teacher else 1}/{2 if self.recipe.finetune_teacher else 1}"
         steps = _planned_steps(args, len(self.distill_train_ds))
         if self.peers:
@@ -1078,12 +1181,16 @@ class _Run:
         teacher = model is self.teacher
         role = "teacher" if teacher else "student"
         tokenizer = self.processor if teacher else self.student_processor
-        trainer = Trainer(model=model, args=args, data_collator=self.collator(role), processing_class=tokenizer)
         eval_ds = self.eval_ds if teacher else self.student_eval_ds
-        if self.recipe.task == "causal-lm":
-            loss = trainer.evaluate(eval_ds)["eval_loss"]
-            return math.exp(min(loss, 50.0))
-        prediction = trainer.predict(eval_ds)
+        try:
+            trainer = Trainer(model=model, args=args, data_collator=self.collator(role), processing_class=tokenizer)
+            if self.recipe.task == "causal-lm":
+                return math.exp(min(trainer.evaluate(eval_ds)["eval_loss"], 50.0))
+            prediction = trainer.predict(eval_ds)
+        finally:
+            # Trainer makes its output_dir, which evaluation never writes into: a scratch folder, not left behind.
+            if self.config.process_index == 0:
+                shutil.rmtree(args.output_dir, ignore_errors=True)
         logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
         metric = load_metric("accuracy")
         return metric.compute(predictions=np.argmax(logits, -1).tolist(), references=prediction.label_ids.tolist())[

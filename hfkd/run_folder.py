@@ -15,6 +15,8 @@ import sys
 
 import yaml
 
+from .checkpoints import check_complete
+
 CONFIG_FILE = "hfkd_config.yaml"  # written when a run starts: it also marks the folder as an hfkd run
 WORK_DIRS = ("teacher", "checkpoints")  # kept locally, never pushed
 RUN_MARKERS = ("metrics.json", CONFIG_FILE, *WORK_DIRS)
@@ -99,12 +101,14 @@ def check_output_dir(output_dir: str, overwrite: bool, resume: bool | str | None
 
 
 def _check_resume(output_dir: str, resume: bool | str, values: dict | None) -> None:
-    if isinstance(resume, str) and not os.path.isfile(os.path.join(resume, "trainer_state.json")):
-        what = "does not exist" if not os.path.exists(resume) else "is not a checkpoint (no trainer_state.json)"
+    if isinstance(resume, str) and not os.path.isdir(resume):
+        what = "does not exist" if not os.path.exists(resume) else "is not a checkpoint folder"
         raise ValueError(
             f"resume_from_checkpoint={resume!r} {what}. Give a checkpoint-<step> folder of this run (they are in "
             f"{os.path.join(output_dir, 'checkpoints')}), or --resume_from_checkpoint true for its last one."
         )
+    if isinstance(resume, str):
+        check_complete(resume)  # one cut short while saving is refused, naming the newest complete one
     stored_path = os.path.join(output_dir, CONFIG_FILE)
     if not os.path.isfile(stored_path):
         raise ValueError(

@@ -35,6 +35,7 @@ from .cache import (
     cached_prefix,
     has_cached_outputs,
 )
+from .checkpoints import RUN_FILE, check_complete, describe_skipped, last_complete_checkpoint
 from .config import DistillationConfig
 from .ema import EMATeacher, EMAUpdate
 from .features import ModelKind, batch_size, model_kind, unit_counts, unit_masks
@@ -80,8 +81,8 @@ from .two_tokenizers import (
 logger = logging.getLogger(__name__)
 
 
-# Written in output_dir and in each checkpoint: which teacher and student the checkpoints belong to.
-RUN_FILE = "hfkd_run.json"
+# RUN_FILE (hfkd.checkpoints) is written in output_dir and in each checkpoint, last: which teacher and student the
+# checkpoints belong to, and in a checkpoint that it was saved whole.
 
 
 class NonFiniteLossError(RuntimeError):
@@ -150,7 +151,9 @@ class DistillationTrainer(Trainer):
         if teacher is None and not args.teacher_cache_dir and not peers:
             raise ValueError(
                 "DistillationTrainer needs a teacher: pass `teacher_model=` (a model, Hub id or path), set "
-                "`teacher_model_name_or_path` in DistillationConfig, or give a teacher cache (`teacher_cache_dir`)."
+                "`teacher_model_name_or_path` in DistillationConfig, give a teacher cache (`teacher_cache_dir`), set "
+                "`teacher_ema_decay` for a mean teacher made from the student, or pass `peer_models=` (or "
+                "`peer_model_name_or_path`) for deep mutual learning with peers instead of a teacher."
             )
         teachers = named_teachers(teacher) if teacher is not None else {}
         caches = _named_caches(args.teacher_cache_dir, list(teachers)) if args.teacher_cache_dir else {}
@@ -225,13 +228,16 @@ class DistillationTrainer(Trainer):
                     "teacher_processing_class is set: pass the student's tokenizer as processing_class too, so that "
                     "hfkd tokenizes each text row for both models."
                 )
+            causal_lm = model is not None and is_causal_lm(unwrap_peft(model))
+            for which in ("train_dataset", "eval_dataset"):
+                _check_text_column(trainer_kwargs.get(which), which, args, causal_lm)
             trainer_kwargs["data_collator"] = TwoTokenizerCollator(
                 student_tokenizer,
                 tokenizer,
                 max_length=args.tokenize_max_length,
                 text_column=args.tokenize_text_column,
                 text_pair_column=args.tokenize_text_pair_column,
-                causal_lm=model is not None and is_causal_lm(unwrap_peft(model)),
+                causal_lm=causal_lm,
             )
         return tokenizer
 
@@ -929,6 +935,7 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ runs and checkpoints
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        resume_from_checkpoint = self._resume_target(resume_from_checkpoint)
         self._check_output_dir(resume_from_checkpoint)
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
@@ -954,6 +961,28 @@ class DistillationTrainer(Trainer):
         else:  # the cache stands for the teacher
             teacher = {k: v for k, v in self._cache.teacher.items() if k != "weights_sha256"}
         return {"teacher": teacher, "student": student}
+
+    def _resume_target(self, resume_from_checkpoint):
+        """`True` becomes the newest complete checkpoint, passing over any the run was killed while saving (Trainer
+        would take the newest folder and fail on its missing trainer_state.json); an incomplete one given by path is
+        refused (hfkd.checkpoints)."""
+        if resume_from_checkpoint is True:
+            path, skipped = last_complete_checkpoint(self.args.output_dir)
+            if skipped:
+                if path is None:
+                    raise ValueError(
+                        f"resume_from_checkpoint=True: {self.args.output_dir} holds no complete checkpoint, only "
+                        f"{describe_skipped(skipped)}, cut short while saving. Start without resume_from_checkpoint."
+                    )
+                logger.warning(
+                    "Resuming from %s, the newest complete checkpoint; skipped %s: the run stopped while saving it.",
+                    path,
+                    describe_skipped(skipped),
+                )
+            return path if path is not None else True  # none at all: Trainer says so
+        if isinstance(resume_from_checkpoint, str) and os.path.isdir(resume_from_checkpoint):
+            check_complete(resume_from_checkpoint)
+        return resume_from_checkpoint
 
     def _check_output_dir(self, resume_from_checkpoint) -> None:
         """Refuses to mix this run's checkpoints with another run's, before anything is written."""
@@ -1009,10 +1038,11 @@ class DistillationTrainer(Trainer):
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
         if self.args.should_save and os.path.isdir(folder):
-            _write_run_file(folder, self._fingerprint)
             self.term_set.save(folder)
             if self._ema is not None:
                 self._ema.save(folder)
+            # Last: its presence says the checkpoint is whole (hfkd.checkpoints); a kill before leaves none.
+            _write_run_file(folder, self._fingerprint)
 
     def _clip_grad_norm(self, model):
         # The student and the terms' parameters are one trainable system (as timm wraps them): clip their joint norm.
@@ -1371,7 +1401,7 @@ class DistillationTrainer(Trainer):
         bad = [
             name for name, value in zip(terms, values.tolist(), strict=True) if not torch.isfinite(torch.tensor(value))
         ]
-        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        last, _ = last_complete_checkpoint(self.args.output_dir)
         raise NonFiniteLossError(
             f"Non-finite loss at step {self.state.global_step + 1}: {', '.join(bad)} went bad ({shown}). Training "
             f"stopped before this update; the last good checkpoint is {last or 'none (none saved yet)'}. Lower "
@@ -1445,6 +1475,29 @@ def _warn_attention_dropout(model: torch.nn.Module) -> None:
             return
 
 
+def _check_text_column(dataset, which: str, args: DistillationConfig, causal_lm: bool) -> None:
+    """Text rows that TwoTokenizerCollator will tokenize for both models need their text column; checked against the
+    dataset's own columns before Trainer drops the ones the student's forward does not take."""
+    if isinstance(dataset, dict):
+        for name, one in dataset.items():
+            _check_text_column(one, f"{which}[{name!r}]", args, causal_lm)
+        return
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(columns, list) or TEACHER_PREFIX + "input_ids" in columns:
+        return  # not a datasets.Dataset, or rows already tokenized for both (tokenize_for_both)
+    if causal_lm and (("prompt" in columns and "completion" in columns) or "messages" in columns):
+        return  # prompt-completion rows; conversations are refused by the collator, with what to do
+    wanted = [c for c in (args.tokenize_text_column, args.tokenize_text_pair_column) if c and c not in columns]
+    if wanted:
+        field_names = ["tokenize_text_column"] if args.tokenize_text_column in wanted else []
+        field_names += ["tokenize_text_pair_column"] if args.tokenize_text_pair_column in wanted else []
+        raise ValueError(
+            f"{which} has no {' or '.join(map(repr, wanted))} column to tokenize for both models (teacher_processing_"
+            f"class); its columns are {columns}. Set {' and '.join(field_names)} to the column that holds the text"
+            + (", or give `prompt` and `completion` texts." if causal_lm else ".")
+        )
+
+
 def _read_run_file(directory: str) -> dict | None:
     path = os.path.join(directory, RUN_FILE)
     if not os.path.isfile(path):
@@ -1454,8 +1507,10 @@ def _read_run_file(directory: str) -> dict | None:
 
 
 def _write_run_file(directory: str, fingerprint: dict) -> None:
-    with open(os.path.join(directory, RUN_FILE), "w") as handle:
+    path = os.path.join(directory, RUN_FILE)
+    with open(path + ".tmp", "w") as handle:  # renamed into place: the file is there whole or not at all
         json.dump(fingerprint, handle, indent=1)
+    os.replace(path + ".tmp", path)
 
 
 def _describe(fingerprint: dict | None) -> str:

@@ -94,8 +94,9 @@ def tokenize_for_both(
     else:
         if text_column not in row:
             raise ValueError(
-                f"Rows need a {text_column!r} text (text_column) to tokenize for both models, got columns "
-                f"{sorted(row)}; set text_column (or give causal LMs `prompt` and `completion` texts)."
+                f"Rows need a {text_column!r} text to tokenize for both models, got columns {sorted(row)}; name the "
+                "column that holds the text (DistillationConfig.tokenize_text_column, or text_column= of "
+                "TwoTokenizerCollator / tokenize_for_both), or give causal LMs `prompt` and `completion` texts."
             )
         text = row[text_column]
         pair = row[text_pair_column] if text_pair_column else None

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 
@@ -168,6 +169,7 @@ def test_recipe_end_to_end_writes_every_output(tmp_path, tiny_text):
         "teacher/model.safetensors",
     ):
         assert (out / name).is_file(), name
+    assert not (out / "checkpoints" / "_eval").exists()  # evaluation's scratch folder goes
     metrics = json.loads((out / "metrics.json").read_text())
     # The reported accuracy is the saved student's on the held-out rows, recomputed here row by row.
     assert metrics["metric"] == "accuracy" and metrics["student"]["metric"] == pytest.approx(_accuracy_by_hand(out))
@@ -216,6 +218,16 @@ def test_push_to_unreachable_hub_fails_clearly_and_keeps_the_folder(tmp_path, ti
     assert main(["distill", "--config", str(path)]) == 1
     out = capsys.readouterr().out
     assert "FAILED" in out and "someone/tiny-student" in out
+    # The advice runs: huggingface_hub's own `hf` command line parses it (without running it) as the push it redoes.
+    import click
+    from huggingface_hub.cli.hf import app
+
+    command = shlex.split(out.split("push it later with: ")[1].splitlines()[0])
+    assert command[:2] == ["hf", "upload"]
+    name, upload, rest = app.resolve_command(click.Context(app), command[1:])
+    params = upload.make_context(name, rest).params
+    assert params["repo_id"] == "someone/tiny-student" and params["local_path"] == str(tmp_path / "run")
+    assert params["path_in_repo"] == "." and set(params["exclude"]) == {"teacher/*", "checkpoints/*"}
     for name in ("model.safetensors", "README.md", "metrics.json", "report.png"):
         assert (tmp_path / "run" / name).is_file()
 
@@ -960,3 +972,138 @@ def test_mutual_learning_resumes_exactly_from_the_command_line(tmp_path, tiny_te
         metrics["peers"]["buddy"]["metric"]
         == json.loads((tmp_path / "whole" / "metrics.json").read_text())["peers"]["buddy"]["metric"]
     )
+
+
+# ---------------------------------------------------------------- advice that works, refusals that come first
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _hfkd(*args):
+    """`hfkd ...` in a subprocess, with this checkout's hfkd: (exit status, stderr)."""
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "hfkd", *map(str, args)], capture_output=True, text=True, env=env, timeout=600
+    )
+    return result.returncode, result.stderr
+
+
+def _hfkd_lines(err: str) -> list[str]:
+    """What hfkd itself wrote to stderr (its stage headings and errors), without libraries' logs and progress bars."""
+    return [line for line in err.splitlines() if line.startswith(("hfkd: ", "== hfkd: "))]
+
+
+def test_help_imports_neither_torch_nor_transformers():
+    """`hfkd --help` answers without loading the training stack; `from hfkd import ...` still gives every name."""
+    code = (
+        "import sys, contextlib, io; from hfkd.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()): main(['--help'])\n"
+        "print(sorted({'torch', 'transformers', 'hfkd.recipe'} & set(sys.modules)))\n"
+        "from hfkd import DistillationTrainer, register_term\n"
+        "print(DistillationTrainer.__module__, 'torch' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["[]", "hfkd.trainer True"]
+
+
+def test_a_mistyped_flag_or_field_gets_the_nearest_one(tmp_path, tiny_text):
+    path = _recipe(tmp_path, *tiny_text)
+    status, err = _hfkd("distill", "--config", path, "--max_stpes", "5")
+    assert status == 2
+    assert err.splitlines()[0] == (
+        "hfkd: error: Unknown arguments ['--max_stpes', '5'] (did you mean --max_steps?); `hfkd distill --help` "
+        "lists the valid ones."
+    )
+    assert not (tmp_path / "run").exists()
+    path = _recipe(tmp_path, *tiny_text, temprature=3, zzz=1)
+    status, err = _hfkd("distill", "--config", path)
+    assert (
+        status == 2
+        and "unknown field(s) ['temprature', 'zzz'] (did you mean temprature -> temperature?)" in err.splitlines()[0]
+    )
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "first_line"),
+    [
+        (["--lmbda", "0.5", "--task_weight", "0"], "hfkd: error: --lmbda: on-policy distillation (lmbda)"),
+        (["--seq_kd", "true"], "hfkd: error: --seq_kd: on-policy distillation (lmbda)"),
+        (["--terms", '[{"name": "span_kd"}]'], "hfkd: error: --terms ['span_kd']: these compare next-token"),
+        (["--tokenize_text_column", "sentence"], "hfkd: error: --tokenize_text_column: these are for"),
+        (["--hidden_layer_map", "0,2,9"], "hfkd: error: --hidden_layer_map refers to teacher index 9"),
+        (["--attention_weight", "1", "--attention_layer_map", "1"], "hfkd: error: --attention_layer_map has 1"),
+    ],
+)
+def test_refused_before_the_teacher_is_fine_tuned(tmp_path, tiny_text, flags, first_line):
+    """Settings the task cannot use fail before stage 1 (minutes to hours on real models), leaving nothing."""
+    status, err = _hfkd("distill", "--config", _recipe(tmp_path, *tiny_text), *flags)
+    assert status == 2
+    # hfkd's first word is the error (the layer maps are checked once the teacher is loaded, after its progress bar).
+    assert _hfkd_lines(err)[0].startswith(first_line), err[-3000:]
+    assert "stage 1" not in err and not (tmp_path / "run").exists()
+
+
+def test_cross_tokenizer_terms_need_two_tokenizers_and_are_refused_first(tmp_path, tiny_text):
+    """span_kd on a causal LM whose student reads the teacher's tokens: refused after the data, before stage 1."""
+    status, err = _hfkd(
+        "distill", "--config", _lm_recipe(tmp_path, tiny_text, finetune_teacher=True), "--terms", '[{"name": "uld"}]'
+    )
+    assert status == 2
+    assert _hfkd_lines(err)[0].startswith("hfkd: error: --terms ['uld']: these line up two different tokenizations")
+    assert "stage 1" not in err and not (tmp_path / "run").exists()
+
+
+def _cut_short(checkpoint):
+    """A checkpoint as a SIGKILL during its save leaves it: transformers writes trainer_state.json last (and hfkd its
+    run file after that), so both are missing, and the optimizer state is written only in part."""
+    (checkpoint / "trainer_state.json").unlink()
+    (checkpoint / "hfkd_run.json").unlink()
+    optimizer = checkpoint / "optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[: optimizer.stat().st_size // 8])
+
+
+def test_resume_passes_over_a_checkpoint_cut_short_by_a_kill(tmp_path, tiny_text, monkeypatch, capsys):
+    from hfkd.trainer import DistillationTrainer
+
+    extra = dict(max_steps=6, save_strategy="steps", save_steps=2, teacher_max_steps=1, hidden_weight=0.0)
+    path = _recipe(tmp_path, *tiny_text, **extra)
+    original = DistillationTrainer._save_checkpoint
+
+    def crash_after_step_4(self, model, trial):
+        original(self, model, trial)
+        if self.state.global_step == 4:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(DistillationTrainer, "_save_checkpoint", crash_after_step_4)
+    with pytest.raises(RuntimeError, match="killed"):
+        main(["distill", "--config", str(path)])
+    monkeypatch.undo()
+    capsys.readouterr()
+    checkpoints = tmp_path / "run" / "checkpoints"
+    _cut_short(checkpoints / "checkpoint-4")
+    before = _files(tmp_path / "run")
+
+    # Named explicitly, it is refused, naming the newest complete one; nothing changes.
+    status, err = _hfkd("distill", "--config", path, "--resume_from_checkpoint", checkpoints / "checkpoint-4")
+    assert status == 2
+    assert err.splitlines()[0] == (
+        f"hfkd: error: resume_from_checkpoint={str(checkpoints / 'checkpoint-4')!r} is incomplete (no "
+        "trainer_state.json): the run stopped while saving it (transformers writes trainer_state.json last). Resume "
+        f"from the newest complete one, {checkpoints / 'checkpoint-2'} (resume_from_checkpoint=true takes it)."
+    )
+    assert _files(tmp_path / "run") == before
+    # `true` takes checkpoint-2 and says which one it skipped.
+    status, err = _hfkd("distill", "--config", path, "--resume_from_checkpoint", "true")
+    assert status == 0, err[-3000:]
+    assert "skipped checkpoint-4 (no trainer_state.json)" in err
+    assert f"resuming from {checkpoints / 'checkpoint-2'}" in err
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["training"]["steps"] == 6 and metrics["training"]["resumed"] is True
+    assert (checkpoints / "checkpoint-4" / "trainer_state.json").is_file()  # saved whole this time

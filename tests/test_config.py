@@ -4,6 +4,12 @@ from transformers import HfArgumentParser
 from hfkd import DistillationConfig
 
 
+def torch_has_accelerator() -> bool:
+    from hfkd.config import _has_accelerator
+
+    return _has_accelerator()
+
+
 def _config(tmp_path, **kwargs):
     return DistillationConfig(output_dir=str(tmp_path), report_to=[], **kwargs)
 
@@ -85,3 +91,41 @@ def test_config_round_trips_through_to_dict(tmp_path):
     c = _config(tmp_path, hidden_layer_map="0,3")
     d = c.to_dict()
     assert d["hidden_layer_map"] == [0, 3] and d["temperature"] == 2.0
+
+
+def test_the_term_contract_is_importable_from_hfkd(tmp_path):
+    """The names the docs give (`hfkd.register_term`) exist; a term registered through them is usable by name."""
+    import torch
+
+    from hfkd import Features, Needs, Term, TermBatch, register_term
+    from hfkd.terms import TERMS
+
+    @register_term("test_mean_gap")
+    class MeanGap(Term):
+        unit = "batch"
+
+        def needs(self) -> Needs:
+            return Needs(logits=True)
+
+        def forward(self, student: Features, teacher: Features, batch: TermBatch) -> torch.Tensor:
+            return (student.logits - teacher.logits).abs().mean()
+
+    try:
+        config = _config(tmp_path, terms=[{"name": "test_mean_gap", "weight": 2.0}])
+        assert [(s.name, s.weight) for s in config.term_specs if s.name == "test_mean_gap"] == [("test_mean_gap", 2.0)]
+    finally:
+        TERMS.pop("test_mean_gap")
+
+
+@pytest.mark.skipif(torch_has_accelerator(), reason="checks a machine without an accelerator")
+def test_bf16_on_a_machine_without_an_accelerator(tmp_path):
+    """transformers asks for use_cpu with bf16 and no GPU; the README's `--bf16 true` works as given (autocast on
+    the CPU), in Python and on the command line."""
+    from hfkd.cli import parse_distill_args
+
+    config = _config(tmp_path, bf16=True)
+    assert config.bf16 and config.use_cpu and config.device.type == "cpu"
+    _, _, config = parse_distill_args(
+        ["--student_num_layers", "1", "--dataset_name", "csv", "--output_dir", str(tmp_path), "--bf16", "true"]
+    )
+    assert config.bf16 and config.use_cpu

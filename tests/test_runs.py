@@ -186,3 +186,37 @@ def test_another_runs_checkpoints_are_not_mixed_in(tmp_path):
             train_dataset=classification_data(n=8),
         ).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
     shutil.rmtree(tmp_path)
+
+
+def test_resume_true_passes_over_a_checkpoint_cut_short_while_saving(tmp_path, caplog):
+    """A kill while checkpoint-2 was written leaves it without trainer_state.json (transformers writes it last) and
+    without hfkd's run file (written after it): `True` resumes from checkpoint-1 and says so; checkpoint-2 by name is
+    refused, naming checkpoint-1."""
+
+    def trainer(max_steps, save):
+        args = DistillationConfig(
+            output_dir=str(tmp_path),
+            max_steps=max_steps,
+            per_device_train_batch_size=4,
+            **{**COMMON, "save_strategy": "steps" if save else "no"},
+            save_steps=1,
+        )
+        return DistillationTrainer(
+            model=bert(hidden=16, layers=2),
+            teacher_model=bert(seed=1),
+            args=args,
+            train_dataset=classification_data(n=8),
+        )
+
+    trainer(2, save=True).train()
+    cut = tmp_path / "checkpoint-2"
+    (cut / "trainer_state.json").unlink()
+    (cut / RUN_FILE).unlink()
+    (cut / "optimizer.pt").write_bytes((cut / "optimizer.pt").read_bytes()[:100])
+
+    with pytest.raises(ValueError, match=r"checkpoint-2' is incomplete \(no trainer_state.json\).*checkpoint-1"):
+        trainer(3, save=False).train(resume_from_checkpoint=str(cut))
+    with caplog.at_level("WARNING", logger="hfkd.trainer"):
+        result = trainer(3, save=False).train(resume_from_checkpoint=True)
+    assert result.global_step == 3
+    assert any("checkpoint-1" in r.getMessage() and "skipped checkpoint-2" in r.getMessage() for r in caplog.records)

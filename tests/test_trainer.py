@@ -234,7 +234,7 @@ def _trainer(output_dir, student, teacher, data, **config):
 def test_errors_before_the_first_step(tmp_path):
     data = classification_data(n=4)
     out = tmp_path / "out"  # does not exist yet: a trainer that fails must not leave it behind
-    with pytest.raises(ValueError, match="needs a teacher"):
+    with pytest.raises(ValueError, match="needs a teacher.*teacher_ema_decay.*peer_models"):
         DistillationTrainer(model=bert(), args=DistillationConfig(output_dir=str(out), **COMMON), train_dataset=data)
     with pytest.raises(ValueError, match="number of labels: the student has 2 outputs, the teacher 3"):
         _trainer(out, bert(labels=2), bert(), data)

@@ -358,6 +358,33 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, tokenizers, case, 
     assert not os.path.exists(out)
 
 
+def test_a_missing_text_column_names_the_field_and_the_datasets_own_columns(tmp_path, tokenizers):
+    """Checked against the data as given, not after Trainer dropped the columns the student's forward ignores."""
+    s_tok, t_tok = tokenizers["wordpiece"], tokenizers["bpe_large"]
+    data = Dataset.from_dict({"sentence": TEXTS, "labels": [i % 2 for i in range(len(TEXTS))]})
+    with pytest.raises(
+        ValueError, match=r"no 'text' column .* columns are \['sentence', 'labels'\]\. Set tokenize_text_col"
+    ):
+        DistillationTrainer(
+            model=bert_classifier(len(s_tok), 0),
+            args=config(tmp_path, "out"),
+            teacher_model=llama_classifier(len(t_tok), 1),
+            train_dataset=data,
+            processing_class=s_tok,
+            teacher_processing_class=t_tok,
+        )
+    assert not os.path.exists(tmp_path / "out")
+    trainer = DistillationTrainer(  # the field it names is the fix
+        model=bert_classifier(len(s_tok), 0),
+        args=config(tmp_path, "out", tokenize_text_column="sentence"),
+        teacher_model=llama_classifier(len(t_tok), 1),
+        train_dataset=data,
+        processing_class=s_tok,
+        teacher_processing_class=t_tok,
+    )
+    assert trainer.train().global_step == 1
+
+
 # ---------------------------------------------------------------------------------------------------- bits per byte
 class Uniform(torch.nn.Module):
     """Every next token equally likely among `vocab`: each predicted token costs log2(vocab) bits."""

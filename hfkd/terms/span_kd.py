@@ -50,17 +50,18 @@ class SpanKDOptions:
 
 
 def check_alignment(name: str, student: Features, batch: TermBatch) -> None:
-    """The cross-tokenizer terms need the spans of two tokenizations and causal-LM logits."""
+    """The cross-tokenizer terms need causal-LM logits and the spans of two tokenizations (checked in that order:
+    a classifier is refused for what it is, whatever its batches carry)."""
+    if not (student.kind.token_level and student.kind.shifts_labels) or student.kind.encoder_decoder:
+        raise ValueError(
+            f"The {name} term compares next-token distributions of decoder-only causal LMs; for classifiers (also "
+            "across tokenizers) use the logit term (the label space is shared)."
+        )
     if batch.alignment is None:
         raise ValueError(
             f"The {name} term compares a teacher and a student that tokenize differently, but the batch carries no "
             "spans between two tokenizations: pass teacher_processing_class (the teacher's tokenizer) to "
             "DistillationTrainer or set it in DistillationConfig (and let hfkd collate the text rows)."
-        )
-    if not (student.kind.token_level and student.kind.shifts_labels) or student.kind.encoder_decoder:
-        raise ValueError(
-            f"The {name} term compares next-token distributions of decoder-only causal LMs; for classifiers across "
-            "tokenizers use the logit term (the label space is shared)."
         )
     if student.logits is None:
         raise ValueError(f"The {name} term reads the student's logits, but it returned none.")
