@@ -273,6 +273,8 @@ class DistillationConfig(TrainingArguments):
             # a GPU without bf16 support still gets transformers' own refusal.
             logger.info("bf16 on a machine without an accelerator: use_cpu=True, bf16 autocast on the CPU.")
             self.use_cpu = True
+            # Not a choice of the user's: a run's saved configuration leaves it out, so that it uses a GPU elsewhere.
+            self._use_cpu_for_bf16 = True
         super().__post_init__()
         if isinstance(self.teacher_model_init_kwargs, str):
             try:

@@ -141,6 +141,8 @@ def run_values(recipe, data_args, config) -> dict:
     for name, value in config.to_dict().items():
         if not name.startswith("_") and name not in SECRET_FIELDS:
             values[name] = value
+    if getattr(config, "_use_cpu_for_bf16", False):
+        values["use_cpu"] = False  # set for bf16 on this machine without an accelerator, not by the user
     # Running the file again must ask before it overwrites anything, and start rather than resume.
     values["overwrite_output_dir"] = False
     values["resume_from_checkpoint"] = None

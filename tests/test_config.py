@@ -129,3 +129,11 @@ def test_bf16_on_a_machine_without_an_accelerator(tmp_path):
         ["--student_num_layers", "1", "--dataset_name", "csv", "--output_dir", str(tmp_path), "--bf16", "true"]
     )
     assert config.bf16 and config.use_cpu
+    # The saved run configuration does not pin the CPU: the same file uses a GPU on a machine that has one.
+    from hfkd.data import DataArguments
+    from hfkd.recipe import RecipeArguments
+    from hfkd.run_folder import run_values
+
+    recipe = RecipeArguments(student_num_layers=1)
+    values = run_values(recipe, DataArguments(dataset_name="csv"), config)
+    assert values["bf16"] is True and values["use_cpu"] is False
