@@ -254,11 +254,24 @@ def _lm_recipe(tmp_path, tiny_text, **extra):
 
 
 def test_causal_lm_recipe_reports_perplexity(tmp_path, tiny_text):
-    path = _lm_recipe(tmp_path, tiny_text, hidden_weight=0.0)
+    path = _lm_recipe(tmp_path, tiny_text, hidden_weight=0.0, compare_without_distillation=True)
     assert main(["distill", "--config", str(path)]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["metric"] == "perplexity"
     assert metrics["student"]["metric"] == pytest.approx(_perplexity_by_hand(tmp_path / "run"), rel=1e-4)
+    # The comparison pairs the two students block by block; each one's pooled blocks give its reported perplexity.
+    rows = json.loads((tmp_path / "run" / "eval_rows.json").read_text())
+    blocks = len(_held_out(tmp_path / "run"))
+    for side, key in (("student", "student"), ("labels_only", "labels_only")):
+        loss, count = rows[side]["loss"], rows[side]["count"]
+        assert len(loss) == len(count) == blocks and set(count) == {15.0}  # 16-token blocks, 15 predicted
+        assert metrics[key]["metric"] == pytest.approx(math.exp(sum(loss) / sum(count)), rel=1e-6)
+    paired = metrics["paired"]
+    assert paired["blocks"] == blocks and paired["gain"] == pytest.approx(metrics["gain"], rel=1e-6)
+    expected = paired_blocks(
+        *(rows[s][k] for s in ("student", "labels_only") for k in ("loss", "count")), "perplexity"
+    )
+    assert paired == expected
     assert "pipeline_tag: text-generation" in (tmp_path / "run" / "README.md").read_text()
 
 
