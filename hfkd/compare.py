@@ -323,3 +323,25 @@ def gain_text(result: dict, scale: float = 100.0, digits: int = 2, unit: str = "
         f"{result['gain'] * scale:+.{digits}f}{unit} [{low * scale:+.{digits}f}, {high * scale:+.{digits}f}] "
         f"({result['confidence']:.0%}), {result['verdict']}"
     )
+
+
+def compare_seeds(
+    gains: Sequence[float],
+    ours: Sequence[Sequence[bool]] | None = None,
+    theirs: Sequence[Sequence[bool]] | None = None,
+    confidence: float = CONFIDENCE,
+) -> dict | None:
+    """The gain over the labels-only baseline from whatever a table has, one seed or several (None with nothing).
+
+    gains: per seed, the paired accuracy difference (same seed, same held-out rows). ours / theirs: per seed, the
+    per-row correctness behind it, where kept. Several seeds with rows: `hierarchical_interval` (seeds and rows);
+    several seeds without rows: `seeds_interval` (seeds only, on this held-out set); one seed with rows:
+    `paired_accuracy` (rows only); one seed without rows: None (nothing to judge the gain by). The result's "covers"
+    says which.
+    """
+    rows = ours is not None and theirs is not None and len(ours) == len(theirs) == len(gains) and len(gains) > 0
+    if len(gains) >= 2:
+        return hierarchical_interval(ours, theirs, confidence) if rows else seeds_interval(gains, confidence)
+    if len(gains) == 1 and rows:
+        return paired_accuracy(ours[0], theirs[0], confidence)
+    return None
