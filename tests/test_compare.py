@@ -176,3 +176,33 @@ def test_hierarchical_interval_covers_seeds_and_rows():
 def test_gain_text():
     result = {"gain": 0.006, "interval": [-0.011, 0.023], "confidence": 0.95, "verdict": NO_DIFFERENCE}
     assert gain_text(result) == "+0.60 pt [-1.10, +2.30] (95%), no measurable difference"
+
+
+def test_the_recipe_table_prints_the_runs_paired_gain(tmp_path):
+    """recipes/results_table.py reads the paired comparison a run wrote and prints it with gain_text, as the method
+    table does (one function for "gain" everywhere)."""
+    import importlib.util
+    import json
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "recipes", "results_table.py")
+    spec = importlib.util.spec_from_file_location("results_table", path)
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    paired = paired_accuracy(*_rows(40, 10, 700, 250))
+    metrics = {
+        "metric": "accuracy",
+        "teacher": {"name": "t", "params": 2e6, "metric": 0.8},
+        "student": {"params": 1e6, "metric": 0.74},
+        "data": {"train_examples": 10, "eval_examples": 1000},
+        "retained": 0.925,
+        "speedup": 2.0,
+        "wall_time_s": {"total": 60.0},
+        "paired": paired,
+    }
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps(metrics))
+    line = table.row(str(tmp_path / "run"))
+    assert f"| {gain_text(paired)} |" in line and "+3.00 pt" in line and line.count("|") == 12
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({**metrics, "paired": None}))
+    assert "| n/a |" in table.row(str(tmp_path / "run"))
