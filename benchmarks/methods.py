@@ -85,6 +85,7 @@ from transformers import logging as hf_logging  # noqa: E402
 
 from hfkd import DistillationConfig, DistillationTrainer, student_from_teacher  # noqa: E402
 from hfkd import data as hfkd_data  # noqa: E402
+from hfkd.compare import HELPED, HURT, NO_DIFFERENCE, compare_seeds  # noqa: E402
 from hfkd.paths import resolve_path  # noqa: E402
 from hfkd.terms import TERMS  # noqa: E402
 
@@ -189,8 +190,8 @@ def _plain_args(output_dir: str, **kwargs) -> TrainingArguments:
     return TrainingArguments(output_dir=output_dir, **{**defaults, **kwargs})
 
 
-def accuracy(model: torch.nn.Module, dataset: Dataset, collator, batch_size: int, workdir: str) -> float:
-    """Held-out accuracy of `model` alone (no teacher)."""
+def correct_rows(model: torch.nn.Module, dataset: Dataset, collator, batch_size: int, workdir: str) -> np.ndarray:
+    """Per held-out row, whether `model` alone (no teacher) predicts its label."""
     trainer = Trainer(
         model=model,
         args=_plain_args(os.path.join(workdir, "_eval"), per_device_eval_batch_size=batch_size),
@@ -198,7 +199,21 @@ def accuracy(model: torch.nn.Module, dataset: Dataset, collator, batch_size: int
     )
     prediction = trainer.predict(dataset)
     logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-    return float((np.argmax(logits, -1) == prediction.label_ids).mean())
+    return np.argmax(logits, -1) == prediction.label_ids
+
+
+def accuracy(model: torch.nn.Module, dataset: Dataset, collator, batch_size: int, workdir: str) -> float:
+    """Held-out accuracy of `model` alone (no teacher)."""
+    return float(correct_rows(model, dataset, collator, batch_size, workdir).mean())
+
+
+def _row_string(correct: np.ndarray) -> str:
+    """Per-row correctness as one string of 0/1 (compact in methods.json; the paired comparison reads it)."""
+    return "".join("1" if c else "0" for c in correct)
+
+
+def _row_bits(text: str) -> list[bool]:
+    return [c == "1" for c in text]
 
 
 def _saved_record(folder: str) -> dict | None:
@@ -770,21 +785,25 @@ def run_one(pair: Pair, method: Method, seed: int, workdir: str) -> dict:
             generation_accuracy.append(accuracy(student, pair.test, pair.collator, 256, workdir))
         teacher = student
     trained = _cpu_snapshot()
-    acc = accuracy(student, pair.test, pair.collator, 256, workdir)
+    correct = correct_rows(student, pair.test, pair.collator, 256, workdir)
+    acc = float(correct.mean())
     after = _cpu_snapshot()
     peer_results = {}
     if method.peers:
         # Each peer, and the same peer (same start, data order and budget) trained alone on the labels, untimed.
-        peer_results["peer_accuracy"] = [accuracy(p, pair.test, pair.collator, 256, workdir) for p in peers]
-        alone = []
+        peer_rows = [correct_rows(p, pair.test, pair.collator, 256, workdir) for p in peers]
+        alone_rows = []
         for _ in peers:
             set_seed(seed)
             peer = pair.make_peer(seed)
             labels_only = _row_config(pair, _LABELS_ONLY, seed, output_dir + "-alone")
             set_seed(seed)
             _train(pair, peer, labels_only, pair.teacher, None, [])
-            alone.append(accuracy(peer, pair.test, pair.collator, 256, workdir))
-        peer_results["peer_alone_accuracy"] = alone
+            alone_rows.append(correct_rows(peer, pair.test, pair.collator, 256, workdir))
+        peer_results["peer_accuracy"] = [float(r.mean()) for r in peer_rows]
+        peer_results["peer_alone_accuracy"] = [float(r.mean()) for r in alone_rows]
+        peer_results["peer_correct"] = [_row_string(r) for r in peer_rows]
+        peer_results["peer_alone_correct"] = [_row_string(r) for r in alone_rows]
         shutil.rmtree(output_dir + "-alone", ignore_errors=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     shutil.rmtree(output_dir, ignore_errors=True)
@@ -792,6 +811,7 @@ def run_one(pair: Pair, method: Method, seed: int, workdir: str) -> dict:
     return {
         "seed": seed,
         "accuracy": acc,
+        "correct": _row_string(correct),  # per held-out row, for the paired comparison with the labels row
         "steps": trainer.state.global_step,
         "median_step_s": statistics.median(steps) if steps else float("nan"),
         "train_s": round(trained["wall"] - before["wall"], 2),
@@ -845,10 +865,22 @@ def _std(values: list[float]) -> float | None:
     return statistics.stdev(values) if len(values) > 1 else None
 
 
+def _gain(gains: list[float], ours: list[str | None], theirs: list[str | None]) -> dict | None:
+    """The gain over the labels-only baseline of the same seeds, by hfkd.compare.compare_seeds (the recipes' function):
+    a hierarchical bootstrap over seeds and rows where every run kept its per-row correctness (methods.json from
+    before that has none), else a t-interval over the per-seed gains (seeds only), or for one seed the paired row
+    bootstrap."""
+    if gains and all(o is not None for o in ours) and all(t is not None for t in theirs):
+        return compare_seeds(gains, [_row_bits(o) for o in ours], [_row_bits(t) for t in theirs])
+    return compare_seeds(gains)
+
+
 def summarise(pair_result: dict) -> None:
-    """Per row: accuracy mean ± std, the per-seed gain over labels only (mean ± std), the step time over KD's."""
+    """Per row: accuracy mean ± std, the per-seed gain over labels only (mean ± std, and its interval by
+    hfkd.compare), the step time over KD's."""
     rows = pair_result["rows"]
-    labels = {r["seed"]: r["accuracy"] for r in rows.get("labels", {}).get("runs", [])}
+    label_runs = {r["seed"]: r for r in rows.get("labels", {}).get("runs", [])}
+    labels = {seed: r["accuracy"] for seed, r in label_runs.items()}
     kd_steps = [r["median_step_s"] for r in rows.get("kd", {}).get("runs", [])]
     kd_step = statistics.median(kd_steps) if kd_steps else None
     kd_cpus = [r["cpu_per_step_s"] for r in rows.get("kd", {}).get("runs", []) if "cpu_per_step_s" in r]
@@ -862,6 +894,12 @@ def summarise(pair_result: dict) -> None:
         row["gain_mean"] = statistics.fmean(gains) if gains and row["row"] != "labels" else None
         row["gain_std"] = _std(gains) if row["row"] != "labels" else None
         row["gain_seeds"] = len(gains)
+        paired = [(r, label_runs[r["seed"]]) for r in runs if r["seed"] in label_runs]
+        row["gain_interval"] = (
+            _gain(gains, [r.get("correct") for r, _ in paired], [b.get("correct") for _, b in paired])
+            if row["row"] != "labels"
+            else None
+        )
         step = statistics.median([r["median_step_s"] for r in runs]) if runs else None
         row["median_step_s"] = step
         row["step_vs_kd"] = step / kd_step if step and kd_step else None
@@ -876,6 +914,8 @@ def summarise(pair_result: dict) -> None:
         if peered:  # mutual learning: the peer against the same peer trained alone, per seed
             peer = [r["peer_accuracy"][0] for r in peered]
             gain = [r["peer_accuracy"][0] - r["peer_alone_accuracy"][0] for r in peered]
+            ours = [(r.get("peer_correct") or [None])[0] for r in peered]
+            theirs = [(r.get("peer_alone_correct") or [None])[0] for r in peered]
             row["peer"] = {
                 "accuracy_mean": statistics.fmean(peer),
                 "accuracy_std": _std(peer),
@@ -883,19 +923,15 @@ def summarise(pair_result: dict) -> None:
                 "row": "peer",
                 "gain_mean": statistics.fmean(gain),
                 "gain_std": _std(gain),
+                "gain_interval": _gain(gain, ours, theirs),
             }
 
 
 def verdict(row: dict) -> str:
-    """'helped', 'no gain' (|gain| within its spread over seeds) or 'worse'."""
-    mean, spread = row.get("gain_mean"), row.get("gain_std")
-    if mean is None or spread is None:
-        return ""  # one seed: no spread to judge the gain against
-    if mean > spread:
-        return "helped"
-    if mean < -spread:
-        return "worse"
-    return "no gain"
+    """The verdict of the row's gain interval (hfkd.compare.verdict): 'helped', 'no measurable difference' or 'hurt';
+    '' without an interval (one seed and no per-row correctness)."""
+    interval = row.get("gain_interval")
+    return interval["verdict"] if interval else ""
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -912,8 +948,29 @@ def _gain_text(row: dict) -> str:
         return "n/a"
     spread = f" ± {100 * row['gain_std']:.2f}" if row.get("gain_std") is not None else " (one seed)"
     text = f"{_pct(row['gain_mean'], signed=True)}{spread}"
+    interval = row.get("gain_interval")
+    if interval:
+        low, high = interval["interval"]
+        text += f" [{100 * low:+.2f}, {100 * high:+.2f}]"
     v = verdict(row)
-    return {"no gain": f"no gain ({text})", "helped": f"**{text}**", "worse": f"{text} (worse)"}.get(v, text)
+    return {NO_DIFFERENCE: f"no measurable difference ({text})", HELPED: f"**{text}**", HURT: f"{text} (hurt)"}.get(
+        v, text
+    )
+
+
+def _interval_kind(results: dict) -> str:
+    """Which variance the table's gain intervals cover, from what methods.json holds."""
+    runs = [r for pair in results["pairs"] for row in pair["rows"].values() for r in row["runs"]]
+    if runs and all("correct" in r for r in runs):
+        return (
+            "a hierarchical paired bootstrap, seeds then held-out rows, which covers both the seed-to-seed spread "
+            "(initial weights, data order) and the sampling of the held-out rows (one seed: the row bootstrap alone)."
+        )
+    return (
+        "methods.json holds no per-row predictions (runs from before they were recorded; the next run records them), "
+        "so it is a t-interval over the per-seed gains, which covers the seed-to-seed spread (initial weights, data "
+        "order) on this fixed held-out set, not the sampling of the held-out rows; with one seed there is none."
+    )
 
 
 def _trained_text(record: dict) -> str:
@@ -945,8 +1002,11 @@ def markdown(results: dict) -> str:
         "",
         "How to read the tables: accuracy is held-out accuracy in %, mean ± sample standard deviation over the seeds. "
         "Gain is the per-seed difference to the labels-only row of the same seed (same data order, same student "
-        "start), in percentage points, mean ± std; **bold** where the mean gain is larger than its spread, "
-        '"no gain" where it is not, "worse" where the loss is larger than the spread. Step time is the median '
+        "start, same held-out rows), in percentage points, mean ± std over the seeds, then in brackets its 95% "
+        "interval by hfkd.compare.compare_seeds, the function the recipes' comparison uses: "
+        f"{_interval_kind(results)} "
+        '**Bold** where the interval lies above 0 (helped), "hurt" where it lies below, "no measurable '
+        'difference" where it contains 0. Step time is the median '
         "wall time of a training step (own timing, between the trainer's step callbacks), the median over the "
         "row's runs, relative to the KD row's; CPU per step is the training process's CPU time over its steps "
         "(median over the runs that recorded it), relative to KD's. Every row that learns from a teacher learns from "
@@ -986,10 +1046,10 @@ def markdown(results: dict) -> str:
                 f"| {others} | {len(row['runs'])} |"
             )
         lines.append("")
-        helped = [r for r in pair["rows"].values() if verdict(r) == "helped"]
-        flat = [r for r in pair["rows"].values() if verdict(r) == "no gain"]
-        worse = [r for r in pair["rows"].values() if verdict(r) == "worse"]
-        for label, group in (("Helped", helped), ("No gain", flat), ("Worse", worse)):
+        helped = [r for r in pair["rows"].values() if verdict(r) == HELPED]
+        flat = [r for r in pair["rows"].values() if verdict(r) == NO_DIFFERENCE]
+        worse = [r for r in pair["rows"].values() if verdict(r) == HURT]
+        for label, group in (("Helped", helped), ("No measurable difference", flat), ("Hurt", worse)):
             if group:
                 group = sorted(group, key=lambda r: -r["gain_mean"])
                 items = ", ".join(f"{r['title']} ({_pct(r['gain_mean'], signed=True)} pt)" for r in group)

@@ -8,7 +8,8 @@ bytes of the text the predicted tokens spell, which does not depend on how the t
 
 A token at position 0 has no prediction, so the covered text starts after it (or at the text's start when position 0
 is a special token such as BOS); special tokens (no characters: EOS, padding) count in neither sum. Perplexity per
-own token is reported beside it, over the same tokens.
+own token is reported beside it, over the same tokens. Each text's own sums are kept too (`text_bits`,
+`text_bytes`), so two models read by the same tokenizer can be compared text by text (hfkd.compare.paired_blocks).
 """
 
 import math
@@ -32,7 +33,8 @@ def bits_per_byte(
         texts: the held-out texts; empty ones are skipped.
 
     Returns:
-        {"bits_per_byte", "perplexity", "tokens", "bytes"}.
+        {"bits_per_byte", "perplexity", "tokens", "bytes", "text_bits", "text_bytes"}: the last two per non-empty
+        text, in order (0 and 0 for a text with no predicted token).
     """
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError(
@@ -44,6 +46,7 @@ def bits_per_byte(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     device = next(model.parameters()).device
     nll, tokens, nbytes = 0.0, 0, 0
+    text_nll, text_bytes = [], []
     was_training = model.training
     model.eval()
     try:
@@ -57,6 +60,7 @@ def bits_per_byte(
             ids = torch.full((len(chunk), width), pad, dtype=torch.long)
             mask = torch.zeros((len(chunk), width), dtype=torch.long)
             counted = torch.zeros((len(chunk), width), dtype=torch.bool)
+            chunk_bytes = [0] * len(chunk)
             for row, (text, e) in enumerate(zip(chunk, encoded, strict=True)):
                 n = len(e["input_ids"])
                 ids[row, :n] = torch.tensor(e["input_ids"])
@@ -69,7 +73,9 @@ def bits_per_byte(
                 counted[row, predicted] = True
                 # The covered text starts where the last unpredicted text token ends (position 0, if it spells text).
                 begin = spans[0][1] if spans[0][0] < spans[0][1] else 0
-                nbytes += len(text[begin : spans[predicted[-1]][1]].encode("utf-8"))
+                chunk_bytes[row] = len(text[begin : spans[predicted[-1]][1]].encode("utf-8"))
+            nbytes += sum(chunk_bytes)
+            text_bytes += chunk_bytes
             with torch.no_grad():
                 logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
             log_probs = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -77,6 +83,7 @@ def bits_per_byte(
             token_nll = -log_probs.gather(-1, target[..., None]).squeeze(-1)
             keep = counted[:, 1:].to(device)
             nll += float(token_nll[keep].sum())
+            text_nll += torch.where(keep, token_nll.double(), 0.0).sum(-1).tolist()
             tokens += int(keep.sum())
     finally:
         model.train(was_training)
@@ -87,4 +94,6 @@ def bits_per_byte(
         "perplexity": math.exp(min(nll / tokens, 50.0)),
         "tokens": tokens,
         "bytes": nbytes,
+        "text_bits": [v / math.log(2) for v in text_nll],
+        "text_bytes": text_bytes,
     }

@@ -39,6 +39,7 @@ from . import data as hfkd_data
 from .batch import SPANS, TEACHER_PREFIX, TEACHER_SPANS
 from .cache import TeacherCache, build_teacher_cache
 from .checkpoints import describe_skipped, last_complete_checkpoint
+from .compare import paired_accuracy, paired_blocks
 from .config import DistillationConfig
 from .data import DataArguments
 from .layer_map import resolve_layer_map
@@ -72,6 +73,9 @@ _AUTO = {
     "image-classification": AutoModelForImageClassification,
     "causal-lm": AutoModelForCausalLM,
 }
+
+# Beside metrics.json with compare_without_distillation: both students' per-row scores on the same held-out rows.
+EVAL_ROWS_FILE = "eval_rows.json"
 
 
 @dataclass
@@ -147,8 +151,9 @@ class RecipeArguments:
         default=False,
         metadata={
             "help": "Also train the same student (same initial weights, data, steps, learning rate and batches) on "
-            "the labels alone, and report it beside the distilled one: did distillation help? Doubles the "
-            "distillation stage's time."
+            "the labels alone, and report it beside the distilled one: did distillation help? A paired test on "
+            "the same held-out rows decides (hfkd.compare; both students' per-row scores in eval_rows.json). "
+            "Doubles the distillation stage's time."
         },
     )
     generations: int = field(
@@ -1047,7 +1052,7 @@ class _Run:
             "steps",
         )
         trainer = self._train_beside(Trainer, student, args)
-        metric, text = self.evaluate_all(student)
+        metric, text, self.labels_only_rows = self.evaluate_all(student)
         self.labels_only = {"steps": trainer.state.global_step, "metric": metric, **_text_fields(text)}
 
     @staticmethod
@@ -1175,27 +1180,43 @@ class _Run:
         """The recipe's metric on the held-out split, each model reading its own tokenization (the teacher its
         tokenizer's, every other model the student's): accuracy; for causal LMs perplexity over the packed blocks, or
         bits per byte when the student has its own tokenizer."""
+        return self.score(model)[0]
+
+    def score(self, model) -> tuple[float, dict]:
+        """`evaluate`'s metric and the per-row scores behind it, which a paired comparison of two models on the same
+        rows needs (hfkd.compare): {"correct": [...]} per row for classifiers; {"loss": [...], "count": [...]} per
+        packed block for causal LMs (summed negative log-likelihood in nats, predicted tokens), or per held-out text
+        piece across tokenizers (bits, bytes)."""
         if self.recipe.task == "causal-lm" and self.across:
-            return self.text_eval(model)["bits_per_byte"]
+            return _text_score(self.text_eval(model))
         args = self._stage_args(os.path.join(self.out, "checkpoints", "_eval"))
         teacher = model is self.teacher
         role = "teacher" if teacher else "student"
         tokenizer = self.processor if teacher else self.student_processor
+        lm = self.recipe.task == "causal-lm"
         eval_ds = self.eval_ds if teacher else self.student_eval_ds
         try:
-            trainer = Trainer(model=model, args=args, data_collator=self.collator(role), processing_class=tokenizer)
-            if self.recipe.task == "causal-lm":
-                return math.exp(min(trainer.evaluate(eval_ds)["eval_loss"], 50.0))
+            trainer = Trainer(
+                model=model,
+                args=args,
+                data_collator=self.collator(role),
+                processing_class=tokenizer,
+                preprocess_logits_for_metrics=_block_nll if lm else None,
+            )
             prediction = trainer.predict(eval_ds)
         finally:
             # Trainer makes its output_dir, which evaluation never writes into: a scratch folder, not left behind.
             if self.config.process_index == 0:
                 shutil.rmtree(args.output_dir, ignore_errors=True)
-        logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        outputs = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        if lm:
+            loss, count = np.asarray(outputs[:, 0], np.float64), np.asarray(outputs[:, 1], np.float64)
+            perplexity = math.exp(min(loss.sum() / max(count.sum(), 1.0), 50.0))
+            return perplexity, {"loss": loss.tolist(), "count": count.tolist()}
+        predicted = np.argmax(outputs, -1)
         metric = load_metric("accuracy")
-        return metric.compute(predictions=np.argmax(logits, -1).tolist(), references=prediction.label_ids.tolist())[
-            "accuracy"
-        ]
+        accuracy = metric.compute(predictions=predicted.tolist(), references=prediction.label_ids.tolist())["accuracy"]
+        return accuracy, {"correct": (predicted == prediction.label_ids).astype(int).tolist()}
 
     def text_eval(self, model) -> dict:
         """Bits per byte and perplexity per own token on the held-out text pieces (hfkd.lm_eval), the same text for
@@ -1209,12 +1230,15 @@ class _Run:
             batch_size=self.config.per_device_eval_batch_size,
         )
 
-    def evaluate_all(self, model) -> tuple[float, dict | None]:
-        """The recipe's metric, and for causal LMs the held-out text's bits per byte (None for classifiers)."""
+    def evaluate_all(self, model) -> tuple[float, dict | None, dict]:
+        """The recipe's metric, for causal LMs the held-out text's bits per byte (None for classifiers), and the
+        metric's per-row scores (`score`)."""
         if self.recipe.task != "causal-lm":
-            return self.evaluate(model), None
+            metric, rows = self.score(model)
+            return metric, None, rows
         text = self.text_eval(model)
-        return (text["bits_per_byte"] if self.across else self.evaluate(model)), text
+        metric, rows = _text_score(text) if self.across else self.score(model)
+        return metric, text, rows
 
     def latency(self) -> tuple[float, float]:
         """Median forward latencies of teacher and student on one batch of held-out rows, each model reading its own
@@ -1352,8 +1376,8 @@ def _run_stages(recipe: RecipeArguments, data_args: DataArguments, config: Disti
     tick = time.perf_counter()
     models = "teacher, student and peers" if run.peers else "teacher and student"
     _heading(config, f"evaluation of {models} on {len(run.student_eval_ds)} held-out examples, latency")
-    teacher_metric, run.text_evals["teacher"] = run.evaluate_all(run.teacher)
-    student_metric, run.text_evals["student"] = run.evaluate_all(run.student)
+    teacher_metric, run.text_evals["teacher"], _ = run.evaluate_all(run.teacher)
+    student_metric, run.text_evals["student"], run.student_rows = run.evaluate_all(run.student)
     run.peer_metrics = {name: run.evaluate(peer) for name, peer in run.peers.items()}
     if config.process_index != 0:
         return {}  # under `accelerate launch` the main process measures and writes
@@ -1413,6 +1437,8 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
             },
             # Positive when distillation helped: accuracy points gained, or perplexity (bits per byte) lowered.
             "gain": (plain - student_metric) if lm else (student_metric - plain),
+            # The same rows scored for both students: the verdict follows this paired interval of the gain.
+            "paired": paired_comparison(metric, run.student_rows, run.labels_only_rows),
         }
     return {
         "task": recipe.task,
@@ -1482,6 +1508,36 @@ def _metrics(run: _Run, teacher_metric, student_metric, t_latency, s_latency) ->
     }
 
 
+def _block_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per packed block: [summed next-token negative log-likelihood in nats, predicted tokens] (the causal LM's
+    loss before its mean), so that blocks can be paired across models (hfkd.compare.paired_blocks)."""
+    logits = logits[0] if isinstance(logits, tuple) else logits
+    target = labels[:, 1:]
+    keep = target != -100
+    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -log_probs.gather(-1, target.clamp(min=0)[..., None]).squeeze(-1)
+    return torch.stack([torch.where(keep, nll.double(), 0.0).sum(-1), keep.sum(-1).double()], dim=-1)
+
+
+def _text_score(text: dict) -> tuple[float, dict]:
+    """Across tokenizers: the bits per byte of hfkd.lm_eval.bits_per_byte and its per-piece sums (bits, bytes)."""
+    return text["bits_per_byte"], {"loss": text["text_bits"], "count": text["text_bytes"]}
+
+
+def paired_comparison(metric: str, ours: dict, theirs: dict) -> dict:
+    """The distilled student against the labels-only one on the same held-out rows (hfkd.compare): McNemar's exact
+    test and a paired bootstrap interval of the accuracy gain, or a paired bootstrap over blocks (text pieces) of the
+    perplexity (bits per byte) gain."""
+    if metric == "accuracy":
+        return paired_accuracy(ours["correct"], theirs["correct"])
+    # A piece that no token of a model predicts counts for neither model (both students share one tokenizer, so
+    # such pieces are the same for both).
+    keep = [i for i, (a, b) in enumerate(zip(ours["count"], theirs["count"], strict=True)) if a > 0 and b > 0]
+    return paired_blocks(
+        *([side[key][i] for i in keep] for side in (ours, theirs) for key in ("loss", "count")), metric=metric
+    )
+
+
 def _text_fields(text: dict | None) -> dict:
     """A model's held-out text evaluation (hfkd.lm_eval.bits_per_byte) as metrics.json holds it ({} without one)."""
     if text is None:
@@ -1530,6 +1586,9 @@ def write_outputs(run: _Run, metrics: dict) -> None:
     for name, peer in run.peers.items():
         save_peer(peer, peer_folder(out, name), run.processor)
     write_metrics(os.path.join(out, "metrics.json"), metrics)
+    if "paired" in metrics:  # the per-row scores behind the paired comparison, to check or recombine it
+        rows = {"metric": metrics["metric"], "student": run.student_rows, "labels_only": run.labels_only_rows}
+        write_metrics(os.path.join(out, EVAL_ROWS_FILE), rows)
     with open(os.path.join(out, "training_log.json"), "w") as handle:
         json.dump(run.log_history, handle, indent=1)
     plot_report(os.path.join(out, "report.png"), metrics, run.log_history)

@@ -1,7 +1,6 @@
 """What a recipe run leaves beside the student: metrics.json, report.png, the model card and the summary."""
 
 import json
-import math
 import os
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -288,26 +287,35 @@ def peers_line(metrics: dict) -> str:
     )
 
 
-def noise_band(metrics: dict) -> tuple[float, str]:
-    """(the smallest gain over the labels-only student that one run can call a difference, why), in metric units.
-
-    Accuracy: two standard errors of the difference of two accuracies on the n held-out examples (each binomial),
-    which is the evaluation's own sampling error before any seed noise. Perplexity and bits per byte: 1% of the
-    labels-only value, for want of a per-example spread.
-    """
-    plain, student = metrics["labels_only"]["metric"], metrics["student"]["metric"]
-    if metrics["metric"] in LOWER_IS_BETTER:
-        return 0.01 * abs(plain), "1% of the labels-only value, which one run cannot tell from seed noise"
-    n = metrics.get("data", {}).get("eval_examples")
-    if not n:
-        return 0.005, "half a point"
-    band = 2.0 * math.sqrt((plain * (1 - plain) + student * (1 - student)) / n)
-    return band, f"two standard errors of a difference of accuracies on {n} held-out examples"
+def _paired_text(metrics: dict, scale: float, digits: int, unit: str) -> str:
+    """The paired comparison's interval, counts and p-value (hfkd.compare), as one parenthesis."""
+    paired = metrics["paired"]
+    low, high = paired["interval"]
+    peers = bool(metrics.get("peers"))
+    ours = "the student trained with its peers" if peers else "the distilled student"
+    if "rows" in paired:
+        where = f"the {paired['rows']} held-out rows"
+        counts = (
+            f"{paired['only_ours']} rows only {ours} got right, {paired['only_theirs']} only the labels-only one, "
+            f"{paired['both']} both, {paired['neither']} neither; McNemar's exact p = {paired['p_value']:.3g}"
+        )
+    else:
+        where = f"the {paired['blocks']} held-out blocks"
+        counts = (
+            f"{paired['only_ours']} blocks lower for {ours}, {paired['only_theirs']} for the labels-only one; "
+            f"sign test p = {paired['p_value']:.3g}"
+        )
+    return (
+        f"{paired['confidence']:.0%} interval of the gain {low * scale:+.{digits}f} to "
+        f"{high * scale:+.{digits}f}{unit} "
+        f"(paired bootstrap over {where}, both students scored on the same ones: {counts}; it covers the held-out "
+        "sample, not the spread between training seeds)"
+    )
 
 
 def comparison_lines(metrics: dict) -> list[str]:
     """Did distillation (or mutual learning, with peers) help? Plain sentences from the labels-only comparison (empty
-    without one)."""
+    without one). The verdict follows the paired interval of the gain in `metrics["paired"]` (hfkd.compare)."""
     if "labels_only" not in metrics:
         return []
     lm = metrics["metric"] in LOWER_IS_BETTER
@@ -322,30 +330,29 @@ def comparison_lines(metrics: dict) -> list[str]:
     ours = "the student trained with its peers" if peers else "the distilled student"
     name = _readable(metrics["metric"])
     ours_metric = f"the {name} of {ours}" if peers else f"{ours}'s {name}"
-    ours_one = "the one trained with its peers" if peers else "the distilled one"
-    band, why = noise_band(metrics)
-    if abs(gain) * scale < 5e-3:
-        lines = [
-            f"{method} made no difference here: the same student trained on the labels alone reached "
-            f"{_fmt(plain)}, as {ours_one} did."
+    how = "with its peers" if peers else "distilled"
+    gap = f"{abs(gain) * scale:.{digits}f}{unit}"
+    if "paired" not in metrics:  # a metrics.json from before per-row scores were kept: no test to judge the gap by
+        return [
+            f"{method}: the same student trained on the labels alone reached {_fmt(plain)} against {_fmt(student)} "
+            f"{how}, a gap of {gap}, untested (no per-row scores were kept)."
         ]
-    elif abs(gain) <= band:
+    verdict = metrics["paired"]["verdict"]
+    paired = _paired_text(metrics, scale, digits, unit)
+    if verdict == "helped":
         lines = [
-            f"{method} made no measurable difference here: the same student trained on the labels alone reached "
-            f"{_fmt(plain)} against {_fmt(student)} {'with its peers' if peers else 'distilled'}, a gap of "
-            f"{abs(gain) * scale:.{digits}f}{unit}, within {band * scale:.{digits}f}{unit} ({why})."
+            f"{method} helped: {ours_metric} is {gap} {'lower' if lm else 'higher'} than the same student's trained "
+            f"on the labels alone ({_fmt(plain)}); {paired}."
         ]
-    elif gain > 0:
+    elif verdict == "hurt":
         lines = [
-            f"{method} helped: {ours_metric} is {gain * scale:.{digits}f}{unit} "
-            f"{'lower' if lm else 'higher'} than the same student's trained on the labels alone ({_fmt(plain)}), "
-            f"in one run (no seeds repeated), beyond {band * scale:.{digits}f}{unit} ({why})."
+            f"{method} hurt here: the same student trained on the labels alone reached {_fmt(plain)} against "
+            f"{_fmt(student)} {how} ({gap} {'lower' if lm else 'better'}); {paired}."
         ]
     else:
         lines = [
-            f"{method} did not help here: the same student trained on the labels alone reached {_fmt(plain)} "
-            f"against {_fmt(student)} {'with its peers' if peers else 'distilled'} "
-            f"({abs(gain) * scale:.{digits}f}{unit} {'lower' if lm else 'better'})."
+            f"{method} made no measurable difference here: the same student trained on the labels alone reached "
+            f"{_fmt(plain)} against {_fmt(student)} {how}, a gap of {gap}; {paired}, which contains 0."
         ]
     if not peers and ((plain <= teacher) if lm else (plain >= teacher)):  # with peers the teacher does not teach
         lines.append(

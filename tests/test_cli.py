@@ -14,7 +14,7 @@ import yaml
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
 
 from hfkd.cli import main, parse_distill_args
-from hfkd.report import noise_band
+from hfkd.compare import paired_accuracy, paired_blocks
 
 WORDS = "good bad fine great awful okay love hate the a movie film was is very not".split()
 
@@ -266,11 +266,24 @@ def _lm_recipe(tmp_path, tiny_text, **extra):
 
 
 def test_causal_lm_recipe_reports_perplexity(tmp_path, tiny_text):
-    path = _lm_recipe(tmp_path, tiny_text, hidden_weight=0.0)
+    path = _lm_recipe(tmp_path, tiny_text, hidden_weight=0.0, compare_without_distillation=True)
     assert main(["distill", "--config", str(path)]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["metric"] == "perplexity"
     assert metrics["student"]["metric"] == pytest.approx(_perplexity_by_hand(tmp_path / "run"), rel=1e-4)
+    # The comparison pairs the two students block by block; each one's pooled blocks give its reported perplexity.
+    rows = json.loads((tmp_path / "run" / "eval_rows.json").read_text())
+    blocks = len(_held_out(tmp_path / "run"))
+    for side, key in (("student", "student"), ("labels_only", "labels_only")):
+        loss, count = rows[side]["loss"], rows[side]["count"]
+        assert len(loss) == len(count) == blocks and set(count) == {15.0}  # 16-token blocks, 15 predicted
+        assert metrics[key]["metric"] == pytest.approx(math.exp(sum(loss) / sum(count)), rel=1e-6)
+    paired = metrics["paired"]
+    assert paired["blocks"] == blocks and paired["gain"] == pytest.approx(metrics["gain"], rel=1e-6)
+    expected = paired_blocks(
+        *(rows[s][k] for s in ("student", "labels_only") for k in ("loss", "count")), "perplexity"
+    )
+    assert paired == expected
     assert "pipeline_tag: text-generation" in (tmp_path / "run" / "README.md").read_text()
 
 
@@ -743,10 +756,27 @@ def test_terms_from_the_command_line_and_the_labels_only_comparison(tmp_path, ti
     labels_only = metrics["labels_only"]
     assert labels_only["steps"] == 2 and 0 <= labels_only["metric"] <= 1
     assert metrics["gain"] == pytest.approx(metrics["student"]["metric"] - labels_only["metric"])
-    band, _ = noise_band(metrics)  # a gap within the evaluation's sampling error is no difference
-    gain = metrics["gain"]
-    verdict = "Distillation made no" if abs(gain) <= band else "Distillation helped" if gain > 0 else "did not help"
-    assert verdict in captured.out and verdict in (out / "README.md").read_text()
+    # Both students scored on the same held-out rows: the paired test decides, from the per-row scores kept beside.
+    rows = json.loads((out / "eval_rows.json").read_text())
+    ours, theirs = rows["student"]["correct"], rows["labels_only"]["correct"]
+    assert len(ours) == len(theirs) == metrics["data"]["eval_examples"]
+    assert sum(ours) / len(ours) == pytest.approx(metrics["student"]["metric"])
+    assert sum(theirs) / len(theirs) == pytest.approx(labels_only["metric"])
+    paired = metrics["paired"]
+    assert paired == paired_accuracy(ours, theirs) and paired["gain"] == pytest.approx(metrics["gain"])
+    b = sum(1 for x, y in zip(ours, theirs) if x and not y)
+    c = sum(1 for x, y in zip(ours, theirs) if y and not x)
+    assert (paired["only_ours"], paired["only_theirs"]) == (b, c)
+    verdict = {
+        "helped": "Distillation helped",
+        "no measurable difference": "Distillation made no measurable difference",
+        "hurt": "Distillation hurt",
+    }[paired["verdict"]]
+    card = (out / "README.md").read_text()
+    assert verdict in captured.out and verdict in card
+    for text in (captured.out, card):
+        assert f"{b} rows only the distilled student got right, {c} only the labels-only one" in text
+        assert f"McNemar's exact p = {paired['p_value']:.3g}" in text
     assert "(labels only)" in captured.out
     # The saved configuration keeps the terms, and runs again.
     saved = yaml.safe_load((out / "hfkd_config.yaml").read_text())
@@ -755,36 +785,87 @@ def test_terms_from_the_command_line_and_the_labels_only_comparison(tmp_path, ti
     assert "no term named 'spp'" in _error(capsys)
 
 
+def _rows(n: int, b: int, c: int, both: int) -> tuple[list[int], list[int]]:
+    """Per-row correctness of two models on n rows: b right only for the first, c only for the second, `both` for
+    both, the rest for neither."""
+    ours = [1] * b + [0] * c + [1] * both + [0] * (n - b - c - both)
+    theirs = [0] * b + [1] * c + [1] * both + [0] * (n - b - c - both)
+    return ours, theirs
+
+
+def _accuracy_metrics(teacher: float, ours: list[int], theirs: list[int]) -> dict:
+    student, plain = sum(ours) / len(ours), sum(theirs) / len(theirs)
+    return {
+        "metric": "accuracy",
+        "teacher": {"metric": teacher},
+        "student": {"metric": student},
+        "labels_only": {"metric": plain},
+        "gain": student - plain,
+        "paired": paired_accuracy(ours, theirs),
+        "data": {"eval_examples": len(ours)},
+    }
+
+
 def test_the_comparison_says_plainly_what_helped():
     from hfkd.report import comparison_lines
 
-    def lines(metric, teacher, student, plain):
-        gain = (plain - student) if metric == "perplexity" else (student - plain)
-        metrics = {"metric": metric, "teacher": {"metric": teacher}, "student": {"metric": student}}
-        return " ".join(comparison_lines({**metrics, "labels_only": {"metric": plain}, "gain": gain}))
+    def lines(metrics):
+        return " ".join(comparison_lines(metrics))
 
-    assert "Distillation helped" in lines("accuracy", 0.81, 0.84, 0.80) and "undertrained" not in lines(
-        "accuracy", 0.81, 0.84, 0.80
+    # 1,000 rows: 40 only the distilled student got right, 10 only the labels-only one (84.0 against 81.0).
+    text = lines(_accuracy_metrics(0.82, *_rows(1000, 40, 10, 800)))
+    assert text.startswith("Distillation helped") and "3.00 points higher" in text and "undertrained" not in text
+    assert "40 rows only the distilled student got right, 10 only the labels-only one, 800 both, 150 neither" in text
+    assert "McNemar's exact p = " in text and "paired bootstrap over the 1000 held-out rows" in text
+    text = lines(_accuracy_metrics(0.810, *_rows(1000, 5, 25, 800)))  # the labels alone beat both
+    assert (
+        text.startswith("Distillation hurt here") and "2.00 points better" in text and "probably undertrained" in text
     )
-    text = lines("accuracy", 0.810, 0.825, 0.835)  # the issue's 20-class case: labels alone beat both
-    assert "did not help here" in text and "1.00 points better" in text and "probably undertrained" in text
-    assert "4.00 lower" in lines("perplexity", 20.0, 30.0, 34.0)
-    assert "did not help" in lines("perplexity", 20.0, 30.0, 28.0)
-    assert lines("accuracy", 0.9, 0.8, 0.8).startswith("Distillation made no difference here")
+    same = _rows(1000, 0, 0, 800)[0]
+    text = lines(_accuracy_metrics(0.9, same, same))  # identical predictions: the interval is exactly 0
+    assert "Distillation made no measurable difference" in text and "+0.00 to +0.00 points" in text
     assert comparison_lines({"metric": "accuracy"}) == []
-    # A gap one run cannot tell from noise is no gain: 0.006 bits per byte at 3.05 (under 1%), and one point of
-    # accuracy on 1,000 examples (two standard errors of the difference: 3.5 points).
-    text = lines("bits_per_byte", 1.716, 3.052, 3.058)
-    assert text.startswith("Distillation made no measurable difference") and "0.006 bits per byte" in text
-    assert "1% of the labels-only value" in text
-    assert "0.031 bits per byte" in text  # the band: 1% of 3.058
-    metrics = {"metric": "accuracy", "teacher": {"metric": 0.9}, "student": {"metric": 0.81}}
-    metrics.update(labels_only={"metric": 0.80}, gain=0.01, data={"eval_examples": 1000})
+    # Perplexity per block: every block of the distilled student 10% lower in loss (helped); 10% higher (hurt).
+    loss, count = [3.0 + 0.1 * (i % 5) for i in range(40)], [15.0] * 40
+    lm = {"metric": "perplexity", "teacher": {"metric": 20.0}, "labels_only": {"metric": 30.0}}
+    lower = paired_blocks([0.9 * v for v in loss], count, loss, count, metric="perplexity")
+    text = lines({**lm, "student": {"metric": 26.0}, "gain": 4.0, "paired": lower})
+    assert text.startswith("Distillation helped") and "40 blocks lower for the distilled student, 0 for" in text
+    higher = paired_blocks([1.1 * v for v in loss], count, loss, count, metric="perplexity")
+    assert lines({**lm, "student": {"metric": 34.0}, "gain": -4.0, "paired": higher}).startswith("Distillation hurt")
+    # Without per-row scores (a metrics.json from before they were kept) the gap is reported untested, no verdict.
+    text = lines({**lm, "student": {"metric": 26.0}, "gain": 4.0})
+    assert "untested" in text and "helped" not in text and "no measurable" not in text
+
+
+def test_the_unpaired_band_no_longer_decides():
+    """The cases the old unpaired band (hfkd.report.noise_band, removed) called "no measurable difference": one point
+    of accuracy on 1,000 rows (band 2 * sqrt((0.8 * 0.2 + 0.81 * 0.19) / 1000) = 3.5 points) and 0.006 bits per byte
+    at 3.05 (band 1%). Paired on the same rows, both are a difference when the rows say so."""
+    from hfkd.report import comparison_lines
+
+    unpaired_band = 2 * math.sqrt((0.8 * 0.2 + 0.81 * 0.19) / 1000)
+    metrics = _accuracy_metrics(0.9, *_rows(1000, 12, 2, 798))  # 81.0 against 80.0: 12 rows won, 2 lost
+    assert metrics["gain"] == pytest.approx(0.01) and abs(metrics["gain"]) < unpaired_band
+    assert metrics["paired"]["p_value"] == pytest.approx(2 * sum(math.comb(14, i) for i in range(3)) / 2**14)
+    assert metrics["paired"]["interval"][0] > 0 and metrics["paired"]["verdict"] == "helped"
+    assert " ".join(comparison_lines(metrics)).startswith("Distillation helped")
+    # Bits per byte: 29 pieces, each 0.2% lower for the distilled student (3.052 against 3.058).
+    bits, nbytes = [3.058 * (100 + 7 * i) for i in range(29)], [100.0 + 7 * i for i in range(29)]
+    ours = [v * 3.052 / 3.058 for v in bits]
+    paired = paired_blocks(ours, nbytes, bits, nbytes, metric="bits_per_byte")
+    assert paired["gain"] == pytest.approx(0.006) and 0.006 < 0.01 * 3.058 and paired["verdict"] == "helped"
+    metrics = {"metric": "bits_per_byte", "teacher": {"metric": 1.716}, "student": {"metric": 3.052}}
+    metrics.update(labels_only={"metric": 3.058}, gain=0.006, paired=paired)
     text = " ".join(comparison_lines(metrics))
-    expected = 2 * math.sqrt((0.8 * 0.2 + 0.81 * 0.19) / 1000)
-    assert noise_band(metrics)[0] == pytest.approx(expected) and f"within {expected * 100:.2f} points" in text
-    assert "Distillation made no measurable difference" in text and "1000 held-out examples" in text
-    assert "Distillation helped" in " ".join(comparison_lines({**metrics, "student": {"metric": 0.85}, "gain": 0.05}))
+    assert text.startswith("Distillation helped") and "0.006 bits per byte lower" in text
+    # And the other way: models that disagree on most rows. 55.0 against 50.0 on 1,000 rows is beyond the old band
+    # (4.46 points), but 500 rows won against 450 lost is well within chance (McNemar p ~ 0.11).
+    metrics = _accuracy_metrics(0.9, *_rows(1000, 500, 450, 50))
+    old_band = 2 * math.sqrt((0.55 * 0.45 + 0.5 * 0.5) / 1000)
+    assert metrics["gain"] == pytest.approx(0.05) and metrics["gain"] > old_band
+    assert metrics["paired"]["verdict"] == "no measurable difference" and metrics["paired"]["interval"][0] < 0
+    assert " ".join(comparison_lines(metrics)).startswith("Distillation made no measurable difference")
 
 
 def test_born_again_generations_each_teach_the_next_and_are_reported(tmp_path, tiny_text, capsys):

@@ -229,6 +229,16 @@ def test_causal_lm_across_tokenizers_reports_bits_per_byte_of_every_model(tmp_pa
         assert model["metric"] == model["bits_per_byte"] > 0
         assert model["own_token_perplexity"] > 1 and model["eval_bytes"] > 0
     assert metrics["gain"] == pytest.approx(metrics["labels_only"]["metric"] - metrics["student"]["metric"])
+    # Paired text piece by text piece: each student's pieces pool to its reported bits per byte.
+    rows = json.loads((out / "eval_rows.json").read_text())
+    for side in ("student", "labels_only"):
+        bits, nbytes = rows[side]["loss"], rows[side]["count"]
+        assert len(bits) == len(nbytes) == metrics["text_eval"]["texts"] and sum(nbytes) == metrics[side]["eval_bytes"]
+        assert sum(bits) / sum(nbytes) == pytest.approx(metrics[side]["metric"], rel=1e-6)
+    paired = metrics["paired"]
+    # (the headline sums in float32, the pieces in float64: equal to float32 rounding of bits per byte ~5)
+    assert paired["gain"] == pytest.approx(metrics["gain"], abs=1e-5) and paired["verdict"] in printed
+    assert paired["blocks"] == sum(1 for b in rows["student"]["count"] if b > 0)
     assert metrics["text_eval"]["texts"] > 0 and "distill/span_kd" in metrics["distillation"]["terms"]
     assert "not packed" in metrics["data"]["note"]
     # The saved student with its own tokenizer gives the reported figure on the same held-out text.
