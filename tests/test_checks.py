@@ -330,7 +330,8 @@ def recipe_files(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("recipe_files")
     (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(root / "vocab.txt"))
+    # vocab_file= builds an empty vocabulary in transformers 5; vocab= reads the file.
+    tokenizer = BertTokenizerFast(vocab=str(root / "vocab.txt"))
     names = ["negative", "neutral", "positive"]
     config = BertConfig(
         vocab_size=len(WORDS) + 5,

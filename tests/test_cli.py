@@ -25,7 +25,7 @@ def tiny_text(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny_text")
     vocab = root / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab))
+    tokenizer = BertTokenizerFast(vocab=str(vocab))  # vocab_file= builds an empty vocabulary in transformers 5
     torch.manual_seed(0)
     config = BertConfig(
         vocab_size=len(WORDS) + 5,
@@ -563,7 +563,7 @@ def test_a_bug_keeps_its_traceback_and_a_failed_run_leaves_no_folder(tmp_path, t
     assert "Continue it with the same command and --resume_from_checkpoint true" in capsys.readouterr().err
     # Before anything resumable exists: the folder the run created goes entirely (checkpoints/hfkd_run.json too).
     monkeypatch.undo()
-    monkeypatch.setattr(recipe._Run, "evaluate", lambda self, model: broken(self))
+    monkeypatch.setattr(recipe._Run, "score", lambda self, model: broken(self))  # what evaluation calls
     path = _recipe(tmp_path, *tiny_text, output_dir=str(tmp_path / "second"), finetune_teacher=False)
     with pytest.raises(KeyError, match="a bug"):
         main(["distill", "--config", str(path)])
