@@ -25,6 +25,7 @@ from hfkd.cache import (
     pack_ids,
     unpack_ids,
 )
+from hfkd.cache import parse_size as hfkd_parse
 from hfkd.losses import LOGIT_LOSSES
 from hfkd.losses.topk import fold_teacher, topk_logit_loss
 
@@ -693,3 +694,79 @@ def test_top_k_defaults_to_48_compact_and_128_float(tmp_path):
             teacher, data, str(tmp_path / encoding), args=_config(tmp_path), topk_encoding=encoding, progress=False
         )
         assert cache.logits["top_k"] == k and cache.logits["encoding"] == encoding
+
+
+def test_a_leftover_partial_folder_is_reported_and_removed(tmp_path, caplog):
+    """A build killed from outside (e.g. by the OOM killer) cannot clean up: the next build into the folder says so."""
+    data, teacher = lm_data(), llama(hidden=32, layers=4, seed=2)
+    leftover = tmp_path / "cache.partial"
+    leftover.mkdir()
+    (leftover / "data-00000.arrow").write_bytes(b"half a shard")
+    with caplog.at_level("WARNING", logger="hfkd.cache"):
+        cache = build_teacher_cache(teacher, data, str(tmp_path / "cache"), args=_config(tmp_path), progress=False)
+    assert re.search(r"cache\.partial, left by an earlier cache build .* probably killed \(out of memory", caplog.text)
+    assert not leftover.exists() and len(cache) == len(data)
+
+
+def test_the_expected_size_is_logged_and_a_disk_without_it_is_refused(tmp_path, caplog, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    import hfkd.cache
+
+    data, teacher = lm_data(), llama(hidden=32, layers=4, seed=2)
+    args = _config(tmp_path, hidden_weight=1.0)
+    student = llama(hidden=16, layers=2, seed=1)
+    with caplog.at_level("INFO", logger="hfkd.cache"):
+        cache = build_teacher_cache(teacher, data, str(tmp_path / "ok"), args=args, student=student, progress=False)
+    # lm_data's real positions; top-48 (the default) of 64 classes in 2-byte ids: 48 * 3 + 4 bytes;
+    # 3 hidden states of 32 bfloat16 values: 64 bytes each.
+    tokens = sum(len(m) and sum(m) for m in data["attention_mask"])
+    assert f"{148 + 3 * 64:,} B per token" in caplog.text and f"({tokens:,} tokens)" in caplog.text
+    assert "logits 148 B per token" in caplog.text and "hidden_4 64 B per token" in caplog.text
+    stored = sum(os.path.getsize(os.path.join(cache.path, f)) for f in cache.meta["shards"])
+    expected = hfkd.cache._check_size(cache.meta, {}, data, str(tmp_path / "x"), "float32")
+    assert expected <= stored  # values and offsets; the Arrow framing comes on top
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9, 1000))
+    with pytest.raises(
+        TeacherCacheError, match=rf"needs about .*\({expected:,} bytes.* has only 1.0 kB \(1,000 bytes\)"
+    ):
+        build_teacher_cache(teacher, data, str(tmp_path / "full"), args=args, student=student, progress=False)
+    assert not (tmp_path / "full").exists() and not (tmp_path / "full.partial").exists()
+
+
+def test_shards_are_sized_in_bytes_and_a_format_2_cache_with_rows_per_shard_still_reads(tmp_path):
+    data, teacher = lm_data(), llama(hidden=32, layers=4, seed=2)
+    args = _config(tmp_path, hidden_weight=1.0)
+    student = llama(hidden=16, layers=2, seed=1)
+    one = build_teacher_cache(teacher, data, str(tmp_path / "one"), args=args, student=student, progress=False)
+    path = str(tmp_path / "many")
+    many = build_teacher_cache(
+        teacher, data, path, args=args, student=student, batch_size=2, max_shard_size="1KB", progress=False
+    )
+    assert len(one.meta["shards"]) == 1 and many.meta["shard_rows"] == [2, 2, 2, 2]
+    batch = {"attention_mask": torch.tensor(data["attention_mask"])}
+    expected = one.gather(range(8), batch)
+    for key, value in many.gather(range(8), batch).items():
+        torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
+    # hidden states in bfloat16 by default: within bfloat16's rounding (half a unit in the last of 7 mantissa bits: 2**-8 relative) of float32.
+    exact = build_teacher_cache(
+        teacher, data, str(tmp_path / "f32"), args=args, student=student, hidden_dtype="float32", progress=False
+    )
+    reference = exact.gather(range(8), batch)
+    for t in exact.hidden_layers:
+        value, want = expected[f"hfkd_cached_hidden_{t}"], reference[f"hfkd_cached_hidden_{t}"]
+        assert (value - want).abs().le(want.abs() * 2**-8).all() and not torch.equal(value, want)
+    # Format 2 had a fixed number of rows per shard and no shard_rows.
+    meta = json.loads(open(os.path.join(path, CACHE_FILE)).read())
+    meta.update(format_version=2, rows_per_shard=2)
+    del meta["shard_rows"]
+    with open(os.path.join(path, CACHE_FILE), "w") as handle:
+        json.dump(meta, handle)
+    picked = {"attention_mask": batch["attention_mask"][[7, 0, 3]]}
+    for key, value in TeacherCache(path).gather([7, 0, 3], picked).items():
+        torch.testing.assert_close(value, expected[key][[7, 0, 3]], rtol=0, atol=0, msg=key)
+    with pytest.raises(ValueError, match="max_shard_size must be a positive size .*got 'big'"):
+        CacheArguments(cache_dir="c", max_shard_size="big")
+    assert hfkd_parse("1.5GB") == 1_500_000_000 and hfkd_parse("256MiB") == 256 * 2**20 and hfkd_parse(4096) == 4096
