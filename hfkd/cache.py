@@ -17,18 +17,21 @@ trainer at it; a cache that does not match the run is refused with the reason.
 Not cached: attention maps (`[heads, query, key]` per layer is larger than the models' inputs by orders of
 magnitude) and encoder-decoder teachers.
 
-On-disk format, version 2 (`FORMAT_VERSION`; `hfkd_cache.json` holds it as `format_version`)
+On-disk format, version 3 (`FORMAT_VERSION`; `hfkd_cache.json` holds it as `format_version`)
 ---------------------------------------------------------------------------------------------
-A cache in any other version (version 1: hfkd before the compact encoding) is refused when opened, naming the
-version found and the one read; rebuild it with `hfkd cache`. Each shard is one Arrow IPC stream; each of its rows
-is one data row, and every per-row array is a `large_list` column holding that row's values flat, real positions
-in order (`length` of them), so position p of a row with k values per position is `values[p * k : (p + 1) * k]`.
+Version 3 sizes shards in bytes (`max_shard_size`) and lists each shard's rows as `shard_rows`; version 2 had a
+fixed `rows_per_shard` and is still read (`READ_VERSIONS`). A cache in any other version (version 1: hfkd before
+the compact encoding) is refused when opened, naming the version found and the ones read; rebuild it with `hfkd
+cache`. Each shard is one Arrow IPC stream; each of its rows is one data row, and every per-row array is a
+`large_list` column holding that row's values flat, real positions in order (`length` of them), so position p of a
+row with k values per position is `values[p * k : (p + 1) * k]`.
 
-    row             int64            index of the data row (shard s holds rows s * rows_per_shard, ...)
+    row             int64            index of the data row (shards hold consecutive rows, `shard_rows` of them)
     length          int32            real positions stored (-1: the row was cached without an attention mask and
                                      its arrays are not per position)
     logits          float32/float16  dense mode: every logit, [length, num_classes] (`cache_dtype`)
-    hidden_<t>      float32/float16  teacher hidden_states[t], [length, hidden] or the state's own shape
+    hidden_<t>      bfloat16 (as its uint16 bits) | float16 | float32 (`hidden.dtype`; version 2: `dtype`)
+                                     teacher hidden_states[t], [length, hidden] or the state's own shape
     ... top-k logits, topk_encoding 'compact' (the default):
     topk_ids        uint16 | uint32 | uint8  [length, k] the teacher's k most likely ids, most likely first, in
                                      `id_bytes` (in hfkd_cache.json) bytes each: uint16 when the vocabulary has at
