@@ -723,8 +723,8 @@ def _check_size(layout: dict, batch, rows_view, output_dir: str, dtype: str) -> 
     if total > free:
         raise TeacherCacheError(
             f"The teacher cache needs about {_human(total)} ({total:,} bytes: {parts}), but {parent} has only "
-            f"{_human(free)} ({free:,} bytes) free. Free some space, choose a cache_dir on another disk, or store less: "
-            "a smaller top_k, cache_hidden_dtype bfloat16 or float16, fewer rows (max_train_samples)."
+            f"{_human(free)} ({free:,} bytes) free. Free some space, choose a cache_dir on another disk, or store "
+            "less: a smaller top_k, cache_hidden_dtype bfloat16 or float16, fewer rows (max_train_samples)."
         )
     return total
 

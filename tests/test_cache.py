@@ -515,7 +515,7 @@ def test_compact_cache_stores_the_teachers_top_k_within_the_bound_in_k_times_3_p
         progress=False,
     )
     width = 2 if vocab <= 65_536 else 3
-    assert cache.meta["format_version"] == FORMAT_VERSION == 2
+    assert cache.meta["format_version"] == FORMAT_VERSION == 3
     assert cache.logits["encoding"] == "compact" and cache.logits["id_bytes"] == width
     stored = datasets.concatenate_datasets(
         [datasets.Dataset.from_file(str(tmp_path / "cache" / name)) for name in cache.meta["shards"]]
@@ -750,7 +750,8 @@ def test_shards_are_sized_in_bytes_and_a_format_2_cache_with_rows_per_shard_stil
     expected = one.gather(range(8), batch)
     for key, value in many.gather(range(8), batch).items():
         torch.testing.assert_close(value, expected[key], rtol=0, atol=0, msg=key)
-    # hidden states in bfloat16 by default: within bfloat16's rounding (half a unit in the last of 7 mantissa bits: 2**-8 relative) of float32.
+    # Hidden states in bfloat16 by default: within bfloat16's rounding of float32 (half a unit in the last of its 7
+    # mantissa bits: 2**-8 relative).
     exact = build_teacher_cache(
         teacher, data, str(tmp_path / "f32"), args=args, student=student, hidden_dtype="float32", progress=False
     )
