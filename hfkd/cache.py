@@ -17,18 +17,21 @@ trainer at it; a cache that does not match the run is refused with the reason.
 Not cached: attention maps (`[heads, query, key]` per layer is larger than the models' inputs by orders of
 magnitude) and encoder-decoder teachers.
 
-On-disk format, version 2 (`FORMAT_VERSION`; `hfkd_cache.json` holds it as `format_version`)
+On-disk format, version 3 (`FORMAT_VERSION`; `hfkd_cache.json` holds it as `format_version`)
 ---------------------------------------------------------------------------------------------
-A cache in any other version (version 1: hfkd before the compact encoding) is refused when opened, naming the
-version found and the one read; rebuild it with `hfkd cache`. Each shard is one Arrow IPC stream; each of its rows
-is one data row, and every per-row array is a `large_list` column holding that row's values flat, real positions
-in order (`length` of them), so position p of a row with k values per position is `values[p * k : (p + 1) * k]`.
+Version 3 sizes shards in bytes (`max_shard_size`) and lists each shard's rows as `shard_rows`; version 2 had a
+fixed `rows_per_shard` and is still read (`READ_VERSIONS`). A cache in any other version (version 1: hfkd before
+the compact encoding) is refused when opened, naming the version found and the ones read; rebuild it with `hfkd
+cache`. Each shard is one Arrow IPC stream; each of its rows is one data row, and every per-row array is a
+`large_list` column holding that row's values flat, real positions in order (`length` of them), so position p of a
+row with k values per position is `values[p * k : (p + 1) * k]`.
 
-    row             int64            index of the data row (shard s holds rows s * rows_per_shard, ...)
+    row             int64            index of the data row (shards hold consecutive rows, `shard_rows` of them)
     length          int32            real positions stored (-1: the row was cached without an attention mask and
                                      its arrays are not per position)
     logits          float32/float16  dense mode: every logit, [length, num_classes] (`cache_dtype`)
-    hidden_<t>      float32/float16  teacher hidden_states[t], [length, hidden] or the state's own shape
+    hidden_<t>      bfloat16 (as its uint16 bits) | float16 | float32 (`hidden.dtype`; version 2: `dtype`)
+                                     teacher hidden_states[t], [length, hidden] or the state's own shape
     ... top-k logits, topk_encoding 'compact' (the default):
     topk_ids        uint16 | uint32 | uint8  [length, k] the teacher's k most likely ids, most likely first, in
                                      `id_bytes` (in hfkd_cache.json) bytes each: uint16 when the vocabulary has at
@@ -76,7 +79,10 @@ logger = logging.getLogger(__name__)
 
 CACHE_FILE = "hfkd_cache.json"
 # 2: top-k logits in the compact encoding by default ('float' keeps version 1's columns); see the module docstring.
-FORMAT_VERSION = 2
+# 3: shards sized in bytes (hfkd_cache.json lists each shard's rows), hidden states in bfloat16 by default.
+FORMAT_VERSION = 3
+# Versions this hfkd reads: version 2 differs only in its fixed rows per shard (`rows_per_shard`).
+READ_VERSIONS = (2, 3)
 # Column added to the training data so that each batch knows which cached rows it holds.
 ROW_COLUMN = "hfkd_row"
 # Batch keys that carry cached teacher outputs to the loss (never passed to a model).
@@ -90,6 +96,13 @@ def cached_prefix(teacher: str | None = None) -> str:
 
 
 _FLOAT_TYPES = {"float32": np.float32, "float16": np.float16}
+# Hidden-state dtypes and their bytes. bfloat16 (stored as its uint16 bits: numpy and Arrow have no bfloat16) is the
+# default: float32's exponent range, so no teacher's activations overflow (Llama residual streams carry values in the
+# hundreds to thousands; float16 ends at 65,504), at half float32's size; benchmarks/README.md measures its effect.
+HIDDEN_DTYPES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DEFAULT_HIDDEN_DTYPE = "bfloat16"
+# Records per shard file, in bytes: the shard being filled is held in memory.
+DEFAULT_SHARD_SIZE = "256MB"
 
 # How top-k logits are stored (module docstring): 'compact' quantises, 'float' is format version 1's layout.
 TOPK_ENCODINGS = ("compact", "float")
@@ -250,8 +263,9 @@ def build_teacher_cache(
     top_k: int | None = None,
     topk_encoding: str = "compact",
     batch_size: int = 8,
-    rows_per_shard: int = 4096,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
     dtype: str = "float32",
+    hidden_dtype: str = DEFAULT_HIDDEN_DTYPE,
     overwrite: bool = False,
     progress: bool = True,
 ) -> "TeacherCache":
@@ -274,9 +288,12 @@ def build_teacher_cache(
             steps below the position's top one; 148 bytes per position at top_k 48) or 'float' (format version 1's
             layout: int32 ids, log-probabilities in `dtype`). The module docstring gives both layouts.
         batch_size: rows per teacher forward.
-        rows_per_shard: rows per Arrow shard.
-        dtype: 'float32' or 'float16' for the stored floats: hidden states, dense logits and 'float' top-k
-            log-probabilities (float16 halves the disk, ~1e-3 relative error).
+        max_shard_size: bytes of records per Arrow shard, as an int or a string such as "256MB" or "1GiB"; a shard
+            is written once its records reach it (it may exceed it by one batch's records). The records of the shard
+            being filled are held in memory, so this bounds the build's memory beside the model and one batch.
+        dtype: 'float32' or 'float16' for dense logits and 'float' top-k log-probabilities (float16 halves them,
+            ~1e-3 relative error).
+        hidden_dtype: 'bfloat16' (default), 'float16' or 'float32' for hidden states; see `CacheArguments`.
         progress: show a progress bar.
     """
     from transformers import default_data_collator
@@ -284,6 +301,9 @@ def build_teacher_cache(
     collator = data_collator if data_collator is not None else default_data_collator
     if dtype not in _FLOAT_TYPES:
         raise TeacherCacheError(f"dtype must be one of {list(_FLOAT_TYPES)}, got {dtype!r}.")
+    if hidden_dtype not in HIDDEN_DTYPES:
+        raise TeacherCacheError(f"hidden_dtype must be one of {list(HIDDEN_DTYPES)}, got {hidden_dtype!r}.")
+    max_shard_bytes = parse_size(max_shard_size, "max_shard_size", TeacherCacheError)
     check_topk_options(top_k, topk_encoding, TeacherCacheError)
     if top_k is None:
         top_k = DEFAULT_TOP_K[topk_encoding]
@@ -326,15 +346,23 @@ def build_teacher_cache(
     was_training = teacher.training
     teacher.eval()
     partial = output_dir.rstrip("/") + ".partial"
-    shutil.rmtree(partial, ignore_errors=True)
+    if os.path.exists(partial):
+        # Exceptions remove the folder (below), so a leftover one means the process was ended from outside.
+        logger.warning(
+            "Found %s, left by an earlier cache build into %s that did not finish: it was probably killed (out of "
+            "memory, or a signal such as SIGKILL) before it could clean up. Removing it and building anew.",
+            partial,
+            output_dir,
+        )
+        shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    writer = _ShardWriter(partial, rows_per_shard)
+    writer = _ShardWriter(partial, max_shard_bytes)
     layout = None
     covered, covered_n, steps = 0.0, 0, []
     try:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(dataset), desc="teacher cache", unit="row", disable=not progress)
+        bar = None
         for start in range(0, len(dataset), batch_size):
             rows = list(range(start, min(start + batch_size, len(dataset))))
             batch = collator([dict(rows_view[i]) for i in rows])
@@ -347,12 +375,16 @@ def build_teacher_cache(
                     layout["logits"]["encoding"] = topk_encoding
                     if topk_encoding == "compact":
                         layout["logits"]["id_bytes"] = id_bytes(layout["logits"]["num_classes"])
-            for b, row in enumerate(rows):
-                record, stats = _record(out, batch, b, layout, args.temperature, _FLOAT_TYPES[dtype])
-                if stats is not None:
-                    covered, covered_n = covered + stats[0], covered_n + 1
-                    steps.append(stats[1])
-                writer.add(row, record)
+                if layout["hidden"] is not None:
+                    layout["hidden"]["dtype"] = hidden_dtype
+                _check_size(layout, batch, rows_view, output_dir, dtype)
+                bar = tqdm(total=len(dataset), desc="teacher cache", unit="row", disable=not progress)
+            lengths, columns, stats = _batch_records(out, batch, layout, args.temperature, dtype)
+            del out  # the batch's full outputs go before the next forward; the records are copies
+            covered, covered_n = covered + stats[0], covered_n + stats[1]
+            if stats[2] is not None:
+                steps.append(stats[2])
+            writer.add(rows, lengths, columns)
             bar.update(len(rows))
         bar.close()
         writer.close()
@@ -375,8 +407,9 @@ def build_teacher_cache(
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "seconds": round(time.perf_counter() - started, 2),
         "num_rows": len(dataset),
-        "rows_per_shard": rows_per_shard,
+        "max_shard_bytes": max_shard_bytes,
         "shards": writer.files,
+        "shard_rows": writer.shard_rows,
         "dtype": dtype,
         "teacher": model_fingerprint(teacher, with_weights=True),
         "teacher_limits": asdict(model_limits(teacher, "teacher")),
@@ -506,84 +539,278 @@ def _plan_layout(out, batch, args, hidden_terms, student, collator, rows_view, t
     return layout
 
 
-def _record(out, batch, b: int, layout: dict, temperature: float, float_type) -> tuple[dict[str, np.ndarray], tuple]:
-    """Row b's stored arrays (flat, in their stored dtypes) and, for top-k logits, (the teacher probability mass its
-    top-k cover, averaged over its positions; the compact encoding's steps, one per position) or None."""
-    record, stats = {}, None
-    keep = _positions(batch, b)
-    record["length"] = int(keep.sum()) if keep is not None else -1
+def _batch_records(out, batch, layout: dict, temperature: float, dtype: str) -> tuple[list[int], dict, tuple]:
+    """A batch's stored arrays: (per-row `length`s, {column: (the batch's values flat, in their stored dtype and row
+    order; the count of values of each row)}, (summed per-row top-k mass, rows counted, the compact steps or None)).
+
+    The values are fresh arrays that share no memory with `out`, and each is computed over the whole batch at once:
+    a view would keep the batch's full outputs alive, and per-row temporaries as large as a row's logits (25 MB for
+    128 positions of a 49k vocabulary) interleaved with small long-lived allocations fragment the heap, which then
+    grows by about one row's logits per row (issue 25).
+    """
+    rows = out.logits.shape[0] if getattr(out, "logits", None) is not None else out.hidden_states[0].shape[0]
+    keeps = [_positions(batch, b) for b in range(rows)]
+    mask = torch.stack(keeps) if keeps[0] is not None else None
+    lengths = [int(k.sum()) for k in keeps] if mask is not None else [-1] * rows
+
+    def flat(x: torch.Tensor, positional: bool) -> tuple[torch.Tensor, list[int]]:
+        """x `[rows, ...]` as `[values, *trailing]` (the kept positions of each row when positional) and the count of
+        entries each row contributes."""
+        if positional and mask is not None:
+            return x[mask.to(x.device)], lengths
+        per_row = x.shape[1] if positional else 1
+        return x.reshape(rows * per_row, *x.shape[(2 if positional else 1) :]), [per_row] * rows
+
+    columns, stats = {}, (0.0, 0, None)
     logits_layout = layout["logits"]
     if logits_layout is not None:
-        logits = out.logits[b]
-        if logits_layout["token_level"] and keep is not None:
-            logits = logits[keep.to(logits.device)]
+        logits, counts = flat(out.logits, logits_layout["token_level"])
         if logits_layout["mode"] == "dense":
-            record["logits"] = logits.float().cpu().numpy().reshape(-1).astype(float_type, copy=False)
+            columns["logits"] = (_owned(logits, dtype), _times(counts, logits.shape[-1]))
         else:
-            ids, log_probs = fold_teacher(logits, logits_layout["top_k"], temperature)
-            steps = np.zeros(0, np.float16)
+            k = logits_layout["top_k"]
+            ids, log_probs = fold_teacher(logits, k, temperature)
+            del logits
             if logits_layout["encoding"] == "compact":
                 codes, steps, rest = encode_topk_logprobs(log_probs)
-                record["topk_ids"] = pack_ids(ids.cpu().numpy(), logits_layout["id_bytes"])
-                record["topk_codes"] = codes.reshape(-1)
-                record["topk_step"] = steps.reshape(-1)
-                record["topk_rest"] = rest.reshape(-1)
+                width = logits_layout["id_bytes"]
+                stored = 3 if width == 3 else 1  # entries per id: 3 uint8 bytes, else one uint16/uint32
+                columns["topk_ids"] = (_owned(pack_ids(ids.cpu().numpy(), width)), _times(counts, k * stored))
+                columns["topk_codes"] = (_owned(codes), _times(counts, k))
+                columns["topk_step"] = (_owned(steps), counts)
+                columns["topk_rest"] = (_owned(rest), counts)
+                steps = steps.reshape(-1).astype(np.float64)
             else:
-                record["topk_ids"] = ids.to(torch.int32).cpu().numpy().reshape(-1)
-                record["topk_logprobs"] = log_probs.cpu().numpy().reshape(-1).astype(float_type, copy=False)
-            if log_probs.numel():
-                stats = (float(log_probs[..., :-1].exp().sum(-1).mean()), steps.reshape(-1).astype(np.float64))
+                columns["topk_ids"] = (_owned(ids.to(torch.int32)), _times(counts, k))
+                columns["topk_logprobs"] = (_owned(log_probs, dtype), _times(counts, k + 1))
+                steps = None
+            mass = log_probs[..., :-1].exp().sum(-1).double()
+            per_row = [part.mean().item() for part in mass.split(counts) if part.numel()]
+            stats = (sum(per_row), len(per_row), steps)
     if layout["hidden"] is not None:
         for t in layout["hidden"]["layers"]:
-            state = out.hidden_states[t][b]
-            if layout["hidden"]["positional"][str(t)]:
-                state = state[keep.to(state.device)]
-            record[f"hidden_{t}"] = state.float().cpu().numpy().reshape(-1).astype(float_type, copy=False)
-    return record, stats
+            positional = layout["hidden"]["positional"][str(t)]
+            state, counts = flat(out.hidden_states[t], positional)
+            columns[f"hidden_{t}"] = (_owned(state, layout["hidden"]["dtype"]), _times(counts, state[0].numel()))
+    return lengths, columns, stats
+
+
+def _times(counts: list[int], per_entry: int) -> list[int]:
+    return [c * per_entry for c in counts]
+
+
+def _owned(values, dtype: str | None = None) -> np.ndarray:
+    """`values` (tensor or array) flat, in `dtype` ('bfloat16': its bits as uint16), as a new numpy array that owns
+    its memory."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        if dtype == "bfloat16":
+            values = values.to(torch.bfloat16).view(torch.int16)
+        elif dtype is not None:
+            values = values.to(getattr(torch, dtype))
+        values = values.numpy()
+        if dtype == "bfloat16":
+            values = values.view(np.uint16)
+    elif dtype is not None:
+        values = values.astype(_FLOAT_TYPES[dtype], copy=False)
+    return np.array(values.reshape(-1), copy=True)
+
+
+def bfloat16_to_float32(bits: np.ndarray) -> np.ndarray:
+    """bfloat16 values stored as their uint16 bits (hidden_dtype 'bfloat16') as float32, exactly."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def parse_size(value, name: str = "max_shard_size", error=ValueError) -> int:
+    """Bytes of a size given as an int or a string: "500MB", "1.5GB", "256MiB", "4096" (KB/MB/GB are powers of
+    1000, KiB/MiB/GiB of 1024, as in transformers' `max_shard_size`)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    else:
+        text = str(value).strip().upper().replace(" ", "")
+        for unit, factor in _SIZE_UNITS:
+            if text.endswith(unit):
+                try:
+                    number = int(float(text[: -len(unit)]) * factor)
+                except ValueError:
+                    number = 0
+                break
+    if number < 1:
+        raise error(
+            f"{name} must be a positive size in bytes, an int or a string such as '256MB' or '1GiB', got {value!r}."
+        )
+    return number
+
+
+_SIZE_UNITS = (
+    ("KIB", 2**10), ("MIB", 2**20), ("GIB", 2**30), ("TIB", 2**40),
+    ("KB", 10**3), ("MB", 10**6), ("GB", 10**9), ("TB", 10**12), ("B", 1), ("", 1),
+)  # fmt: skip
+
+
+def _human(n: float) -> str:
+    for unit, factor in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= factor:
+            return f"{n / factor:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def expected_sizes(layout: dict, dtype: str) -> dict[str, tuple[int, bool]]:
+    """Bytes each stored column takes, {column group: (bytes, per position (True) or per row (False))}: the logits
+    (all their columns together) and each hidden state; Arrow's offsets (8 bytes per row and column) not counted."""
+    sizes = {}
+    logits = layout["logits"]
+    if logits is not None:
+        width = np.dtype(_FLOAT_TYPES[dtype]).itemsize
+        k, classes = logits.get("top_k"), logits["num_classes"]
+        if logits["mode"] == "dense":
+            per = classes * width
+        elif logits["encoding"] == "compact":
+            per = k * (logits["id_bytes"] + 1) + 4
+        else:
+            per = k * 4 + (k + 1) * width
+        sizes["logits"] = (per, logits["token_level"])
+    hidden = layout["hidden"]
+    if hidden is not None:
+        width = HIDDEN_DTYPES[hidden["dtype"]]
+        for t in hidden["layers"]:
+            sizes[f"hidden_{t}"] = (math.prod(hidden["shapes"][str(t)]) * width, hidden["positional"][str(t)])
+    return sizes
+
+
+def _count_positions(rows_view, batch) -> int:
+    """Real positions (tokens) in the data: the attention masks' sum, else the input ids' lengths, else the first
+    batch's count per row times the rows."""
+    import pyarrow.compute as pc
+
+    for column, measure in (("attention_mask", pc.list_flatten), ("input_ids", pc.list_value_length)):
+        if column in rows_view.column_names:
+            total = 0
+            for table in rows_view.select_columns([column]).with_format("arrow").iter(batch_size=4096):
+                total += pc.sum(measure(table.column(column))).as_py() or 0
+            return int(total)
+    mask = batch.get("attention_mask")
+    ids = batch.get("input_ids")
+    per_row = mask.sum() / mask.shape[0] if isinstance(mask, torch.Tensor) else ids.shape[1] if ids is not None else 1
+    return int(round(float(per_row) * len(rows_view)))
+
+
+def _check_size(layout: dict, batch, rows_view, output_dir: str, dtype: str) -> int:
+    """Logs what the cache will take (per token and in all, logits and each hidden state apart) and refuses when the
+    disk that holds `output_dir` has less free space; returns the expected bytes."""
+    sizes = expected_sizes(layout, dtype)
+    rows = len(rows_view)
+    positions = _count_positions(rows_view, batch) if any(p for _, p in sizes.values()) else 0
+    totals = {name: size * (positions if per_position else rows) for name, (size, per_position) in sizes.items()}
+    total = sum(totals.values()) + rows * (12 + 8 * len(sizes))  # row, length and offsets
+    per_token = sum(size for size, per_position in sizes.values() if per_position)
+    parts = ", ".join(
+        f"{name} {size:,} B per {'token' if per_position else 'row'} ({_human(totals[name])})"
+        for name, (size, per_position) in sizes.items()
+    )
+    parent = os.path.dirname(os.path.abspath(output_dir.rstrip("/"))) or "."
+    free = shutil.disk_usage(parent).free
+    logger.info(
+        "Teacher cache expected size: %s B per token, %s in all for %s rows (%s tokens): %s. Free on %s: %s.",
+        f"{per_token:,}",
+        _human(total),
+        f"{rows:,}",
+        f"{positions:,}",
+        parts,
+        parent,
+        _human(free),
+    )
+    if total > free:
+        raise TeacherCacheError(
+            f"The teacher cache needs about {_human(total)} ({total:,} bytes: {parts}), but {parent} has only "
+            f"{_human(free)} ({free:,} bytes) free. Free some space, choose a cache_dir on another disk, or store "
+            "less: a smaller top_k, cache_hidden_dtype bfloat16 or float16, fewer rows (max_train_samples)."
+        )
+    return total
 
 
 class _ShardWriter:
-    """Buffers rows and writes an Arrow stream file each `rows_per_shard` rows; each column keeps its arrays' dtype."""
+    """Copies each batch's records into one growing buffer per column and writes them as an Arrow stream file once
+    they reach `max_bytes`; the buffers are reused, so memory stays at one shard's records (plus growth slack)."""
 
-    def __init__(self, folder: str, rows_per_shard: int):
-        self.folder, self.rows_per_shard = folder, rows_per_shard
-        self.rows: list[int] = []
-        self.columns: dict[str, list] = {}
+    def __init__(self, folder: str, max_bytes: int):
+        self.folder, self.max_bytes = folder, max_bytes
         self.files: list[str] = []
+        self.shard_rows: list[int] = []
+        self.next_row = 0
+        self._columns: dict[str, _Column] = {}
+        self._rows: list[int] = []
+        self._lengths: list[int] = []
 
-    def add(self, row: int, record: dict) -> None:
-        if len(self.files) * self.rows_per_shard + len(self.rows) != row:
+    def add(self, rows: list[int], lengths: list[int], columns: dict) -> None:
+        if rows[0] != self.next_row:
             raise AssertionError("rows must be added in order")  # internal invariant, not user input
-        self.rows.append(row)
-        for key, value in record.items():
-            self.columns.setdefault(key, []).append(value)
-        if len(self.rows) == self.rows_per_shard:
+        self.next_row = rows[-1] + 1
+        self._rows += rows
+        self._lengths += lengths
+        for key, (values, counts) in columns.items():
+            self._columns.setdefault(key, _Column()).add(values, counts)
+        if sum(c.used for c in self._columns.values()) >= self.max_bytes:
             self._flush()
 
     def _flush(self) -> None:
         import pyarrow as pa
 
-        if not self.rows:
+        if not self._rows:
             return
-        arrays, names = [pa.array(self.rows, type=pa.int64())], ["row"]
-        for key, values in self.columns.items():
-            if key == "length":
-                arrays.append(pa.array(values, type=pa.int32()))
-            else:
-                flat = np.concatenate(values)
-                offsets = np.zeros(len(values) + 1, dtype=np.int64)
-                np.cumsum([len(v) for v in values], out=offsets[1:])
-                arrays.append(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(flat)))
+        arrays = [pa.array(self._rows, type=pa.int64()), pa.array(self._lengths, type=pa.int32())]
+        names = ["row", "length"]
+        for key, column in self._columns.items():
+            arrays.append(column.arrow())
             names.append(key)
         table = pa.Table.from_arrays(arrays, names=names)
         name = f"data-{len(self.files):05d}.arrow"
         with pa.OSFile(os.path.join(self.folder, name), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as out:
             out.write_table(table)
+        del table, arrays
         self.files.append(name)
-        self.rows, self.columns = [], {}
+        self.shard_rows.append(len(self._rows))
+        self._rows, self._lengths = [], []
+        for column in self._columns.values():
+            column.clear()
 
     def close(self) -> None:
         self._flush()
+
+
+class _Column:
+    """One column of the shard being filled: its values in one buffer (grown by doubling, kept between shards) and
+    each row's offset."""
+
+    def __init__(self):
+        self.buffer = None
+        self.count = 0
+        self.offsets = [0]
+
+    @property
+    def used(self) -> int:
+        return self.count * self.buffer.itemsize if self.buffer is not None else 0
+
+    def add(self, values: np.ndarray, counts: list[int]) -> None:
+        end = self.count + len(values)
+        if self.buffer is None or end > len(self.buffer):
+            grown = np.empty(max(end, 2 * (len(self.buffer) if self.buffer is not None else 0)), values.dtype)
+            if self.buffer is not None:
+                grown[: self.count] = self.buffer[: self.count]
+            self.buffer = grown
+        self.buffer[self.count : end] = values
+        self.count = end
+        for c in counts:
+            self.offsets.append(self.offsets[-1] + c)
+
+    def arrow(self):
+        import pyarrow as pa
+
+        offsets = pa.array(np.asarray(self.offsets, dtype=np.int64))
+        return pa.LargeListArray.from_arrays(offsets, pa.array(self.buffer[: self.count]))
+
+    def clear(self) -> None:
+        self.count, self.offsets = 0, [0]
 
 
 # ---------------------------------------------------------------------------------------------------- read
@@ -600,13 +827,14 @@ class TeacherCache:
         with open(meta_path) as handle:
             self.meta = json.load(handle)
         found = self.meta.get("format_version")
-        if found != FORMAT_VERSION:
+        if found not in READ_VERSIONS:
             version = found if found is not None else "unknown (none recorded)"
             by = self.meta.get("hfkd_version") or "an unknown version"
             raise TeacherCacheError(
                 f"{path} is a teacher cache in format version {version} (its {CACHE_FILE}, written by hfkd {by}), "
-                f"but this hfkd ({__version__}) reads format version "
-                f"{FORMAT_VERSION} only (version 2 stores top-k logits in the compact encoding by default). Rebuild "
+                f"but this hfkd ({__version__}) reads format versions "
+                f"{' and '.join(map(str, READ_VERSIONS))} only (version 2 stores top-k logits in the compact encoding "
+                "by default, version 3 sizes shards in bytes). Rebuild "
                 f"it with `hfkd cache` and the flags it was built with, plus --cache_dir {path} --overwrite_cache true "
                 "(Python: build_teacher_cache(..., overwrite=True))."
             )
@@ -617,7 +845,16 @@ class TeacherCache:
                 f"({__version__}) cannot decode (it reads {list(TOPK_ENCODINGS)}); rebuild it with `hfkd cache`."
             )
         self.path = path
-        self._shards = [_open_shard(os.path.join(path, name)) for name in self.meta["shards"]]
+        hidden = self.meta.get("hidden") or {}
+        bits = [f"hidden_{t}" for t in hidden.get("layers", [])] if hidden.get("dtype") == "bfloat16" else []
+        self._shards = [_open_shard(os.path.join(path, name), bits) for name in self.meta["shards"]]
+        # First row of each shard: format 3 records each shard's rows (shards are sized in bytes), format 2 had a
+        # fixed rows_per_shard.
+        counts = self.meta.get("shard_rows")
+        if counts is None:
+            per = self.meta["rows_per_shard"]
+            counts = [min(per, len(self) - i * per) for i in range(len(self._shards))]
+        self._starts = np.concatenate([[0], np.cumsum(counts)])[:-1].astype(np.int64)
 
     # -- what it holds
     @property
@@ -702,8 +939,8 @@ class TeacherCache:
     def gather(self, rows, batch: dict, prefix: str = CACHED_PREFIX) -> dict[str, torch.Tensor]:
         """Cached outputs for `rows`, placed at the real positions of `batch` (zeros elsewhere), under `prefix`."""
         rows = [int(r) for r in rows]
-        per_shard = self.meta["rows_per_shard"]
-        located = [(self._shards[r // per_shard], r % per_shard) for r in rows]
+        shard = np.searchsorted(self._starts, rows, side="right") - 1
+        located = [(self._shards[s], r - int(self._starts[s])) for s, r in zip(shard, rows, strict=True)]
         mask = batch.get("attention_mask")
         mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
         main = batch.get("input_ids")
@@ -775,8 +1012,9 @@ class TeacherCache:
         return out
 
 
-def _open_shard(path: str) -> dict:
-    """Memory-maps one shard; each list column becomes a function row -> flat numpy view (no copy)."""
+def _open_shard(path: str, bfloat16_columns=()) -> dict:
+    """Memory-maps one shard; each list column becomes a function row -> flat numpy view (no copy; columns stored as
+    bfloat16 bits are converted to float32)."""
     import pyarrow as pa
 
     table = pa.ipc.open_stream(pa.memory_map(path, "r")).read_all().combine_chunks()
@@ -787,7 +1025,10 @@ def _open_shard(path: str) -> dict:
         array = table.column(name).chunk(0)
         offsets = array.offsets.to_numpy()
         values = array.values.to_numpy(zero_copy_only=False)
-        shard[name] = lambda i, v=values, o=offsets: v[o[i] : o[i + 1]]
+        if name in bfloat16_columns:
+            shard[name] = lambda i, v=values, o=offsets: bfloat16_to_float32(v[o[i] : o[i + 1]])
+        else:
+            shard[name] = lambda i, v=values, o=offsets: v[o[i] : o[i + 1]]
     return shard
 
 
@@ -870,11 +1111,25 @@ class CacheArguments:
     cache_dtype: str = field(
         default="float32",
         metadata={
-            "help": "'float32' or 'float16' for the stored floats: hidden states, full logits, and top-k "
+            "help": "'float32' or 'float16' for the stored logits: full logits (top_k 0 or small heads) and top-k "
             "log-probabilities with topk_encoding float."
         },
     )
-    rows_per_shard: int = field(default=4096, metadata={"help": "Rows per Arrow shard file."})
+    cache_hidden_dtype: str = field(
+        default=DEFAULT_HIDDEN_DTYPE,
+        metadata={
+            "help": "'bfloat16' (default), 'float16' or 'float32' for the stored hidden states. bfloat16 halves "
+            "float32's size with its exponent range (no overflow; float16 overflows above 65,504); its effect on the "
+            "hidden term is measured in benchmarks/README.md."
+        },
+    )
+    max_shard_size: str = field(
+        default=DEFAULT_SHARD_SIZE,
+        metadata={
+            "help": "Bytes of records per Arrow shard file, e.g. '256MB', '1GB', '512MiB' or a number of bytes. The "
+            "shard being filled is held in memory: this bounds the build's memory beside the model and one batch."
+        },
+    )
     overwrite_cache: bool = field(
         default=False, metadata={"help": "Replace an existing cache in cache_dir (once the new one is complete)."}
     )
@@ -882,9 +1137,13 @@ class CacheArguments:
     def __post_init__(self):
         if not self.cache_dir:
             raise ValueError("cache_dir is required: the folder to write the teacher cache to.")
-        for name in ("cache_batch_size", "rows_per_shard"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        if self.cache_batch_size < 1:
+            raise ValueError(f"cache_batch_size must be >= 1, got {self.cache_batch_size}.")
+        parse_size(self.max_shard_size, "max_shard_size")
         check_topk_options(self.top_k, self.topk_encoding)
         if self.cache_dtype not in _FLOAT_TYPES:
             raise ValueError(f"cache_dtype must be one of {list(_FLOAT_TYPES)}, got {self.cache_dtype!r}.")
+        if self.cache_hidden_dtype not in HIDDEN_DTYPES:
+            raise ValueError(
+                f"cache_hidden_dtype must be one of {list(HIDDEN_DTYPES)}, got {self.cache_hidden_dtype!r}."
+            )

@@ -1302,8 +1302,9 @@ def run_cache(recipe: RecipeArguments, data_args: DataArguments, config: Distill
         top_k=cache_args.top_k,
         topk_encoding=cache_args.topk_encoding,
         batch_size=cache_args.cache_batch_size,
-        rows_per_shard=cache_args.rows_per_shard,
+        max_shard_size=cache_args.max_shard_size,
         dtype=cache_args.cache_dtype,
+        hidden_dtype=cache_args.cache_hidden_dtype,
         overwrite=cache_args.overwrite_cache,
         progress=not config.disable_tqdm,
     )
