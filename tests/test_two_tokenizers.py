@@ -414,6 +414,12 @@ def test_bits_per_byte_known_answer(tokenizers):
     assert result["tokens"] == tokens and result["bytes"] == nbytes == sum(len(t) for t in texts)
     assert result["bits_per_byte"] == pytest.approx(bits / nbytes, rel=1e-6)
     assert result["perplexity"] == pytest.approx(len(tok), rel=1e-5)
+    # Each text's own sums (for paired comparisons): log2(V) bits per predicted token, its covered bytes.
+    per_text = [
+        [i for i, (a, b) in enumerate(tok(t, return_offsets_mapping=True)["offset_mapping"]) if a < b] for t in texts
+    ]
+    assert result["text_bits"] == pytest.approx([len(p) * math.log2(len(tok)) for p in per_text], rel=1e-6)
+    assert result["text_bytes"] == [len(t) for t in texts]
     # Without a BOS-like token the first token is never predicted: the covered text starts after it.
     bpe = tokenizers["bpe_large"]
     one = bits_per_byte(Uniform(len(bpe)), bpe, ["hello world"])
@@ -421,7 +427,10 @@ def test_bits_per_byte_known_answer(tokenizers):
     assert one["bytes"] == len("hello world") - first_end
     both = bits_per_byte(Uniform(len(bpe)), bpe, ["hello world", TEXTS[3]], batch_size=2)
     alone = bits_per_byte(Uniform(len(bpe)), bpe, ["hello world", TEXTS[3]], batch_size=1)
-    assert both == pytest.approx(alone, rel=1e-6)  # padding counts in neither sum
+    # Padding counts in neither sum, nor in each text's own sums.
+    for key in ("text_bits", "text_bytes"):
+        assert both.pop(key) == pytest.approx(alone.pop(key), rel=1e-6)
+    assert both == pytest.approx(alone, rel=1e-6)
 
 
 def test_teacher_tokenizer_by_path_in_the_config(tmp_path, tokenizers):
