@@ -433,7 +433,7 @@ def _check_task_fields(recipe: RecipeArguments, config: DistillationConfig) -> N
         if generation:
             raise ValueError(
                 f"{' and '.join(generation)}: on-policy distillation (lmbda) and sequence-level KD (seq_kd) make a "
-                f"model generate text, which needs task=causal-lm; this recipe's task is {recipe.task}. Unset "
+                f"model generate text, which needs task=causal-lm; this recipe's task is {recipe.task}. Pass "
                 f"{' and '.join(f'{f} 0' if f == '--lmbda' else f'{f} false' for f in generation)}."
             )
         lm_terms = [spec.name for spec in config.term_specs if spec.name in ("span_kd", "uld")]
