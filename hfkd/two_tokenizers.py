@@ -282,27 +282,45 @@ def _same_files(a: str | None, b: str | None) -> bool:
     return a == b
 
 
+# Files a Hub tokenizer nearly always has, fetched to learn whether a Hub teacher has a tokenizer of its own: loading a
+# model from the Hub does not download its tokenizer, so an empty cache does not mean there is none.
+_HUB_TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
+
+
+def _hub_file(repo_id: str, name: str) -> bool:
+    """Whether the Hub repo has `name`, downloading it (from the cache first; HF_HUB_OFFLINE=1 allows only the cache)."""
+    from huggingface_hub import hf_hub_download
+
+    try:
+        hf_hub_download(repo_id, name)
+    except Exception:  # noqa: BLE001 - missing, offline and not cached, or not a repo id: not to be found
+        return False
+    return True
+
+
 def _has_tokenizer_files(source: str) -> bool:
     if os.path.isdir(source):
         return any(os.path.isfile(os.path.join(source, name)) for name in _TOKENIZER_FILES)
-    try:  # a Hub id: only what is cached counts (a model loaded from the Hub left its files there)
+    try:  # a Hub id: what is cached, else its usual tokenizer files from the Hub
         from huggingface_hub import try_to_load_from_cache
 
-        return any(isinstance(try_to_load_from_cache(source, name), str) for name in _TOKENIZER_FILES)
-    except Exception:  # noqa: BLE001 - not a valid repo id, or no cache: no tokenizer to be found
+        if any(isinstance(try_to_load_from_cache(source, name), str) for name in _TOKENIZER_FILES):
+            return True
+    except Exception:  # noqa: BLE001 - not a valid repo id
         return False
+    return any(_hub_file(source, name) for name in _HUB_TOKENIZER_FILES)
 
 
 def own_tokenizer(model):
-    """The tokenizer saved beside a model (in its folder, or in the Hub cache for a Hub id), loaded without the
-    network; None when it has none to be found."""
+    """The tokenizer saved beside a model (in its folder, or its Hub repo for a Hub id: from the cache, else
+    downloaded unless HF_HUB_OFFLINE=1); None when it has none to be found."""
     source = _source(model)
     if source is None or not _has_tokenizer_files(source):
         return None
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(source, local_files_only=True)
+        return AutoTokenizer.from_pretrained(source)
     except Exception:  # noqa: BLE001 - any failure to load it means there is no tokenizer to compare with
         return None
 

@@ -326,6 +326,36 @@ def test_a_teacher_without_a_tokenizer_of_its_own_gets_one_warning_line(tmp_path
     assert len(lines) == 1 and "\n" not in lines[0] and "teacher_processing_class" in lines[0]
 
 
+def test_a_hub_teacher_whose_tokenizer_is_not_cached_yet_is_still_compared(tmp_path, two_tokenizers, monkeypatch):
+    """Loading a model from the Hub leaves its weights in the cache, not its tokenizer: hfkd fetches the tokenizer's
+    files (users have network) instead of warning that there is none. The Hub is stood in for by the teacher folder."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hfkd import two_tokenizers as module
+
+    teacher_dir, student_dir = two_tokenizers
+    repo = "someone/teacher-on-the-hub"
+    fetched = []
+    monkeypatch.setattr(module, "_hub_file", lambda repo_id, name: fetched.append((repo_id, name)) or repo_id == repo)
+    load = AutoTokenizer.from_pretrained.__func__
+    monkeypatch.setattr(
+        AutoTokenizer,
+        "from_pretrained",
+        classmethod(lambda cls, name, *a, **k: load(cls, str(teacher_dir) if name == repo else name, *a, **k)),
+    )
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir)
+    teacher.name_or_path = teacher.config._name_or_path = repo  # as if loaded from the Hub
+    with pytest.raises(ValueError, match="has its own tokenizer") as caught:
+        DistillationTrainer(
+            model=bert(seed=1, layers=2),
+            teacher_model=teacher,
+            args=_config(tmp_path),
+            train_dataset=classification_data(),
+            processing_class=AutoTokenizer.from_pretrained(student_dir),
+        )
+    assert repo in str(caught.value) and (repo, "tokenizer_config.json") in fetched
+
+
 # ---------------------------------------------------------------------------------------------------- untrained heads
 def test_a_teacher_whose_head_was_just_initialised_is_refused(tmp_path, caplog):
     from transformers import BertConfig, BertModel
