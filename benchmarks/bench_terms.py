@@ -358,7 +358,7 @@ def _against_limit(terms: dict, times: dict, ratio: dict, target: float) -> dict
 
 
 def bench_multi(tiny: bool, rounds: int, work: str) -> dict:
-    """Two teachers (hfkd.teachers, fixed weights): a kd step against its limit, a student-only step plus both
+    """Two teachers (hfkd.mixing, fixed weights): a kd step against its limit, a student-only step plus both
     teachers' forwards, with the variants taking turns as above. Target: <= 1.05 (issue 11)."""
     teacher, student, rows, collator, batch_size, pair_terms = load_pair("minilm", tiny)
     second = copy.deepcopy(teacher)  # the same encoder with another head: another teacher of the same cost

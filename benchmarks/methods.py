@@ -578,7 +578,7 @@ class Method:
     # Born-again: generation 1 learns from the pair's teacher, each later one (same init) from the one before.
     generations: int = 1
     # The pair's teachers the row learns from: "a" (the pair's teacher), "b" (A's recipe, another seed); two give
-    # teacher_model a list (hfkd.teachers); none: the row brings its own (the mean teacher).
+    # teacher_model a list (hfkd.mixing); none: the row brings its own (the mean teacher).
     teachers: tuple[str, ...] = ("a",)
     # Deep mutual learning: this many peers (pair.make_peer) train beside the student; each is also trained alone.
     peers: int = 0
@@ -1011,7 +1011,7 @@ def markdown(results: dict) -> str:
         "row's runs, relative to the KD row's; CPU per step is the training process's CPU time over its steps "
         "(median over the runs that recorded it), relative to KD's. Every row that learns from a teacher learns from "
         "the pair's teacher (A) unless its title names teacher B (A's recipe with another seed); with both, the logit "
-        "term reads the per-example weighted mixture of their softened distributions (hfkd.teachers).",
+        "term reads the per-example weighted mixture of their softened distributions (hfkd.mixing).",
         "",
     ]
     for pair in results["pairs"]:

@@ -9,9 +9,11 @@ student only.
 TEACHER_PREFIX = "teacher_"
 INTERNAL_PREFIX = "hfkd_"
 LABEL_KEYS = ("labels", "label", "label_ids")
-# Which of several teachers teaches each row (hfkd.teachers, teacher_combine="teacher_id"): no model receives it.
+# Which of several teachers teaches each row (hfkd.mixing, teacher_combine="teacher_id"): no model receives it.
 TEACHER_ID = "teacher_id"
 # A teacher with its own tokenizer (hfkd.two_tokenizers): each token's span id on each side.
+# Column added to the training data so that each batch knows which rows it holds (cached outputs, per-row memory).
+ROW_COLUMN = "hfkd_row"
 SPANS = "hfkd_spans"
 TEACHER_SPANS = "hfkd_teacher_spans"
 

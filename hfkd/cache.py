@@ -68,12 +68,14 @@ import numpy as np
 import torch
 
 from . import __version__
-from .batch import LABEL_KEYS, TEACHER_PREFIX, teacher_inputs
+from .batch import LABEL_KEYS, ROW_COLUMN, TEACHER_PREFIX, teacher_inputs
 from .batch import student_inputs as batch_student_inputs
 from .checks import ModelLimits, model_limits
+from .errors import TeacherCacheError
 from .fingerprint import dataset_fingerprint, model_fingerprint, processor_fingerprint
 from .losses.topk import TOPK_LOSSES, fold_teacher
-from .teacher import unwrap_peft
+from .models import unwrap_peft
+from .terms.base import build_term
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +85,6 @@ CACHE_FILE = "hfkd_cache.json"
 FORMAT_VERSION = 3
 # Versions this hfkd reads: version 2 differs only in its fixed rows per shard (`rows_per_shard`).
 READ_VERSIONS = (2, 3)
-# Column added to the training data so that each batch knows which cached rows it holds.
-ROW_COLUMN = "hfkd_row"
 # Batch keys that carry cached teacher outputs to the loss (never passed to a model).
 CACHED_PREFIX = "hfkd_cached_"
 
@@ -111,10 +111,6 @@ DEFAULT_TOP_K = {"compact": 48, "float": 128}
 CODE_LEVELS = 255  # uint8 codes 0 ... 255
 MAX_GAP = 100.0  # nats below a position's top log-probability that the codes can reach (e^-100: nothing in float32)
 _HALF_LOWEST = float(np.finfo(np.float16).min)
-
-
-class TeacherCacheError(ValueError):
-    """The cache cannot be built from these inputs, or does not belong to this run."""
 
 
 # ---------------------------------------------------------------------------------------------------- encoding
@@ -459,14 +455,11 @@ def _positions(batch: dict, b: int) -> torch.Tensor | None:
 
 def _wants_logits(args) -> bool:
     """The logit term, or a configured term that reads the teacher's logits (e.g. dkd), needs them cached."""
-    from .terms.base import build_term
-
     return args.logit_weight > 0 or any(build_term(spec).needs().logits for spec in args.term_specs)
 
 
 def _hidden_terms(args, teacher, student) -> list:
     """The configured terms that read the teacher's hidden states; one the cache cannot serve is refused by name."""
-    from .terms.base import build_term
 
     def names(model):
         return tuple(name for name, _ in unwrap_peft(model).named_modules()) if model is not None else ()

@@ -19,7 +19,7 @@ import torch
 from transformers.models.auto import modeling_auto
 
 from .batch import LABEL_KEYS, student_inputs, teacher_inputs, teacher_key
-from .teacher import unwrap_peft
+from .models import unwrap_peft
 
 logger = logging.getLogger(__name__)
 
@@ -414,7 +414,7 @@ def check_not_empty(dataset, name: str) -> None:
         )
 
 
-def _collator_kind(collator) -> str | None:
+def collator_kind(collator) -> str | None:
     """'plain' for transformers collators that pass columns through, 'lm' for those that make labels from
     input_ids, None for anything else (whose output cannot be predicted from the columns)."""
     from transformers import data as hf_data
@@ -541,7 +541,7 @@ class _Scanner:
             raise error
 
 
-def _visible_columns(dataset) -> list[str] | None:
+def visible_columns(dataset) -> list[str] | None:
     """The columns a `datasets.Dataset` hands out, or None when a transform computes them on the fly."""
     fmt = dataset.format or {}
     if fmt.get("type") == "custom" or (fmt.get("format_kwargs") or {}).get("transform") is not None:
@@ -583,10 +583,10 @@ def check_dataset(
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
         return
-    kind = _collator_kind(collator)
+    kind = collator_kind(collator)
     if not isinstance(dataset, datasets.Dataset) or kind is None:
         return
-    columns = _visible_columns(dataset)
+    columns = visible_columns(dataset)
     if columns is None:
         return
 

@@ -9,8 +9,9 @@ from transformers import TrainingArguments
 
 from .layer_map import parse_layer_map_spec
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
+from .mixing import COMBINE_MODES, fixed_weights
+from .names import named_teachers
 from .peers import check_peer_settings, named_peers
-from .teachers import COMBINE_MODES, fixed_weights, named_teachers
 from .terms import TERMS, TermSpec, parse_term_specs
 
 logger = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ class DistillationConfig(TrainingArguments):
     teacher_combine: str = field(
         default="weights",
         metadata={
-            "help": "How several teachers combine (hfkd.teachers): 'weights' (fixed, teacher_weights), 'confidence' "
+            "help": "How several teachers combine (hfkd.mixing): 'weights' (fixed, teacher_weights), 'confidence' "
             "(per example, from each teacher's cross-entropy on the label: CA-MKD, Zhang et al. 2022), or "
             "'teacher_id' (a `teacher_id` column names each row's teacher). Response terms (logit, dkd) read the "
             "weighted mixture of the teachers' distributions; the others are the weighted sum of per-teacher terms."

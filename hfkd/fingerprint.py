@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from .teacher import unwrap_peft
+from .models import unwrap_peft
 
 # Config entries that change between saves of the same model and say nothing about what it computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "_attn_implementation")

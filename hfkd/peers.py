@@ -11,7 +11,7 @@ initialisations; two peers already help, more help a little more.
 In hfkd, `DistillationTrainer(model=student, peer_models=[peer, ...])` (or `peer_model_name_or_path`) trains the
 student and every peer in the same step on the same batch:
 - the student's loss is its task loss plus the configured response terms (those that read only logits: `logit`,
-  `dkd`) against its peers, exactly as against several teachers (hfkd.teachers: for forward KL, the mixture of the
+  `dkd`) against its peers, exactly as against several teachers (hfkd.mixing: for forward KL, the mixture of the
   peers' distributions gives the gradient of the mean of the per-peer KLs);
 - each peer's loss is the same, against the student and the other peers;
 - all of them are summed into one backward pass. Each model's gradient is that of its own loss alone, since every
@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save_model as save_safetensors_model
 
-from .teachers import named_models
+from .names import named_models
 
 PEERS_FOLDER = "peers"
 WEIGHTS_FILE = "model.safetensors"

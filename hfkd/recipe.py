@@ -46,6 +46,7 @@ from .layer_map import resolve_layer_map
 from .lm_eval import bits_per_byte
 from .measure import compare_latency, count_parameters, forward_latency_ms
 from .metrics import load_metric
+from .models import check_teacher_head
 from .paths import resolve_path
 from .peers import named_peers, peer_folder, save_peer
 from .report import model_card, plot_report, write_metrics
@@ -60,7 +61,6 @@ from .run_folder import (
     write_config,
 )
 from .student import student_from_teacher, student_layers
-from .teacher import check_teacher_head
 from .terms import TERMS
 from .terms.runner import TermSet
 from .trainer import DistillationTrainer

@@ -38,19 +38,11 @@ from .cache import (
 from .checkpoints import RUN_FILE, check_complete, describe_skipped, last_complete_checkpoint
 from .config import DistillationConfig
 from .ema import EMATeacher, EMAUpdate
-from .features import ModelKind, batch_size, model_kind, unit_counts, unit_masks
+from .errors import NonFiniteLossError
 from .fingerprint import model_fingerprint
 from .heads import accepts_logits_to_keep, base_module, capture_last_hidden, head_reproduces_logits, linear_head
-from .on_policy import (
-    SequenceGeneration,
-    check_dataset_prompts,
-    check_prompt_room,
-    generation_settings,
-    is_causal_lm,
-    prompt_positions,
-)
-from .peers import check_peer_settings, detached, load_peer, named_peers, peer_folder, save_peer
-from .teacher import (
+from .mixing import MixedTeacherOutput, confidence_weights, fixed_weights, mixed_logits, routed_weights
+from .models import (
     call_model,
     check_teacher_head,
     ensure_eager_attention,
@@ -60,14 +52,17 @@ from .teacher import (
     prepare_teacher,
     unwrap_peft,
 )
-from .teachers import (
-    MixedTeacherOutput,
-    confidence_weights,
-    fixed_weights,
-    mixed_logits,
-    named_teachers,
-    routed_weights,
+from .names import named_teachers
+from .on_policy import (
+    SequenceGeneration,
+    check_dataset_prompts,
+    check_prompt_room,
+    generation_settings,
+    is_causal_lm,
+    prompt_positions,
 )
+from .peers import check_peer_settings, detached, load_peer, named_peers, peer_folder, save_peer
+from .streams import ModelKind, model_kind
 from .terms.base import Features, TermBatch, TokenAlignment, logits_of
 from .terms.runner import ROW_IDS_KEY, RowIdCollator, TermSet, capture_modules, resolve_modules
 from .two_tokenizers import (
@@ -77,16 +72,13 @@ from .two_tokenizers import (
     check_terms_across_tokenizers,
     load_teacher_tokenizer,
 )
+from .units import batch_size, unit_counts, unit_masks
 
 logger = logging.getLogger(__name__)
 
 
 # RUN_FILE (hfkd.checkpoints) is written in output_dir and in each checkpoint, last: which teacher and student the
 # checkpoints belong to, and in a checkpoint that it was saved whole.
-
-
-class NonFiniteLossError(RuntimeError):
-    """A loss term became NaN or infinite; raised before the bad update is applied."""
 
 
 _OUTPUT_FEATURE_KEYS = (
@@ -104,7 +96,7 @@ class DistillationTrainer(Trainer):
     """A `Trainer` whose student also learns from frozen teachers.
 
     It takes everything `Trainer` takes, plus `teacher_model`: a model, a Hub id or a local path, or a list or dict of
-    them for several teachers (hfkd.teachers); or set `DistillationConfig.teacher_model_name_or_path`, a teacher cache
+    them for several teachers (hfkd.mixing); or set `DistillationConfig.teacher_model_name_or_path`, a teacher cache
     (`teacher_cache_dir`), or `teacher_ema_decay` for a mean teacher made from the student (hfkd.ema). The loss is the
     weighted sum of the student's own loss and the distillation terms configured in [`DistillationConfig`] (`terms`,
     and the short-form fields of the built-in ones); each is logged on its own: `task` for the student's own loss,
@@ -478,8 +470,8 @@ class DistillationTrainer(Trainer):
         dataset = self.train_dataset
         if (
             isinstance(dataset, datasets.Dataset)
-            and checks._collator_kind(self.data_collator) == "plain"
-            and "labels" in (checks._visible_columns(dataset) or [])
+            and checks.collator_kind(self.data_collator) == "plain"
+            and "labels" in (checks.visible_columns(dataset) or [])
         ):
             check_dataset_prompts(dataset, settings.max_positions)
         if dataset is not None:
@@ -795,7 +787,7 @@ class DistillationTrainer(Trainer):
         return mixed, weights.mean(0)
 
     def _example_weights(self, logits: list, batch: dict) -> torch.Tensor:
-        """Each example's weight of each teacher, `[B, K]` (teacher_combine; hfkd.teachers)."""
+        """Each example's weight of each teacher, `[B, K]` (teacher_combine; hfkd.mixing)."""
         mode, count = self.args.teacher_combine, batch_size(batch)
         if mode == "weights":
             return self._teacher_weights.expand(count, -1)

@@ -267,7 +267,7 @@ _TOKENIZER_FILES = (
 
 def _source(model) -> str | None:
     """Where a model was loaded from (`name_or_path`: a folder or a Hub id), or None for one built from a config."""
-    from .teacher import unwrap_peft
+    from .models import unwrap_peft
 
     base = unwrap_peft(model) if model is not None else None
     name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from hfkd.features import masked_sum
 from hfkd.losses import (
     LOGIT_LOSSES,
     attention_kl,
@@ -20,6 +19,7 @@ from hfkd.losses import (
     register_logit_loss,
     reverse_kl,
 )
+from hfkd.units import masked_sum
 
 
 def _softmax(x, t):

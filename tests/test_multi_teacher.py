@@ -1,4 +1,4 @@
-"""Several teachers (hfkd.teachers): each term per teacher, response terms against the weighted mixture of the
+"""Several teachers (hfkd.mixing): each term per teacher, response terms against the weighted mixture of the
 teachers' distributions, CA-MKD confidence weights, a teacher per row; float64 references written from the
 definitions, and the bad inputs refused before anything is written."""
 
@@ -7,7 +7,7 @@ import torch
 from tiny_models import COMMON, bert, classification_data
 
 from hfkd import DistillationConfig, DistillationTrainer
-from hfkd.teachers import confidence_weights, mixed_logits
+from hfkd.mixing import confidence_weights, mixed_logits
 
 T = 2.0
 

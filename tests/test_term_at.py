@@ -12,7 +12,7 @@ from torch import nn
 
 import hfkd.terms.at  # noqa: F401  (registers the term)
 from hfkd import DistillationConfig, DistillationTrainer
-from hfkd.features import ModelKind
+from hfkd.streams import ModelKind
 from hfkd.terms import TERMS, Features, TermBatch
 
 KIND = ModelKind(shifts_labels=False, encoder_decoder=False, token_level=False)

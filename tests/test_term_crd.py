@@ -15,7 +15,7 @@ from tiny_models import COMMON, bert, classification_data, parameters_of
 
 import hfkd.terms.crd  # noqa: F401  (registers the term)
 from hfkd import DistillationConfig, DistillationTrainer
-from hfkd.features import ModelKind
+from hfkd.streams import ModelKind
 from hfkd.terms import TERMS, Features, TermBatch
 from hfkd.terms.crd import crd_nce_loss, crd_softmax_loss
 from hfkd.terms.runner import TERMS_FILE

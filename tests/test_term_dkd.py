@@ -9,7 +9,7 @@ from tiny_models import COMMON, bert, classification_data, llama, lm_data, text_
 
 import hfkd.terms.dkd  # noqa: F401  (registers the term)
 from hfkd import DistillationConfig, DistillationTrainer
-from hfkd.features import ModelKind
+from hfkd.streams import ModelKind
 from hfkd.terms import TERMS, Features, TermBatch
 from hfkd.terms.dkd import DKDOptions, dkd_per_item
 

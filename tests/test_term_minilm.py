@@ -12,7 +12,7 @@ from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
 import hfkd.terms.minilm  # noqa: F401  (registers the term)
 from hfkd import DistillationConfig, DistillationTrainer
-from hfkd.features import ModelKind
+from hfkd.streams import ModelKind
 from hfkd.terms import TERMS, Features, TermBatch
 from hfkd.terms.minilm import detect_qkv
 

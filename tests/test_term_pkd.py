@@ -13,7 +13,7 @@ from tiny_models import COMMON, bert, classification_data
 
 import hfkd.terms.pkd  # noqa: F401  (registers the term)
 from hfkd import DistillationConfig, DistillationTrainer
-from hfkd.features import ModelKind
+from hfkd.streams import ModelKind
 from hfkd.terms import TERMS, Features, TermBatch
 from hfkd.terms.pkd import pkd_pairs
 from hfkd.terms.runner import TERMS_FILE

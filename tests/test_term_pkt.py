@@ -12,7 +12,7 @@ from tiny_models import COMMON, image_dataset, tiny_vit
 import hfkd.terms.pkt  # noqa: F401  (registers pkt)
 import hfkd.terms.rkd  # noqa: F401  (registers rkd, used with pkt in the ViT run)
 from hfkd import DistillationConfig, DistillationTrainer
-from hfkd.features import ModelKind
+from hfkd.streams import ModelKind
 from hfkd.terms import TERMS, Features, TermBatch
 from hfkd.terms.pkt import PKTOptions, pkt_loss
 

@@ -11,7 +11,7 @@ from tiny_models import COMMON, bert, classification_data
 import hfkd.terms.pkt  # noqa: F401  (registers pkt, used with rkd in the trainer run)
 import hfkd.terms.rkd  # noqa: F401  (registers rkd)
 from hfkd import DistillationConfig, DistillationTrainer
-from hfkd.features import ModelKind
+from hfkd.streams import ModelKind
 from hfkd.terms import TERMS, Features, TermBatch
 from hfkd.terms.rkd import RKDOptions, rkd_angle_loss, rkd_distance_loss, rkd_loss
 

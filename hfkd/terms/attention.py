@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..features import attention_streams, masked_sum
 from ..layer_map import LayerMapSpec, resolve_layer_map
 from ..losses import ATTENTION_LOSSES
+from ..streams import attention_streams
+from ..units import masked_sum
 from .base import Features, Needs, Term, TermBatch, register_term
 
 

@@ -27,7 +27,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..features import ModelKind, attention_streams, hidden_streams
+from ..errors import TeacherCacheError
+from ..streams import ModelKind, attention_streams, hidden_streams
 
 UNITS = ("tokens", "examples", "logits", "batch", "mixed")
 
@@ -242,8 +243,6 @@ class Term(nn.Module):
 
 def cache_error(message: str) -> ValueError:
     """A `hfkd.cache.TeacherCacheError`, for terms that refuse what a teacher cache holds."""
-    from ..cache import TeacherCacheError  # the cache imports the term registry: imported when used
-
     return TeacherCacheError(message)
 
 

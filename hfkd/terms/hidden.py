@@ -21,10 +21,11 @@ from dataclasses import dataclass
 import torch
 
 from ..alignment import span_mean
-from ..features import as_positions, hidden_streams, masked_sum
 from ..layer_map import LayerMapSpec, resolve_layer_map
 from ..losses import HIDDEN_LOSSES
 from ..projection import FeatureProjector, read_legacy_projections
+from ..streams import as_positions, hidden_streams
+from ..units import masked_sum
 from .base import Features, Needs, Term, TermBatch, cache_error, register_term
 
 

@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from ..checks import logit_mismatch_error
-from ..features import masked_sum
 from ..losses import LOGIT_LOSSES
 from ..losses.chunked import chunked_head_loss
 from ..losses.fused import kl_ce_with_grad
 from ..losses.logits import standardize_logits
 from ..losses.topk import topk_logit_loss
+from ..units import masked_sum
 from .base import Features, Needs, Term, TermBatch, cache_error, register_term
 
 

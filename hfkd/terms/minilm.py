@@ -61,7 +61,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..features import masked_sum
+from ..units import masked_sum
 from .base import Features, Needs, Term, TermBatch, register_term
 
 RELATIONS = ("qq", "kk", "vv")

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..cache import ROW_COLUMN  # the column the trainer adds to carry each row's index through shuffling
+from ..batch import ROW_COLUMN  # the column the trainer adds to carry each row's index through shuffling
 from .base import Features, Needs, Term, TermBatch, TermSpec, build_term
 
 TERMS_FILE = "hfkd_terms.safetensors"
@@ -42,7 +42,7 @@ class TermSet(nn.Module):
 
     With one teacher each term is one instance under its name. With several (`teachers`), each term has one instance
     per teacher under `<name>/<teacher>` (its own projections and heads), and a response term (one that reads only
-    logits) also one under `<name>` that reads the combined teacher (hfkd.teachers).
+    logits) also one under `<name>` that reads the combined teacher (hfkd.mixing).
     """
 
     def __init__(self, specs: list[TermSpec], teachers: tuple[str, ...] = ("teacher",)):
