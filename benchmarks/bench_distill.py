@@ -335,8 +335,8 @@ def bench_pair(name: str, tiny: bool, steps: int, work: str, with_trl: bool) -> 
     )
     result["cache_build_s"] = time.perf_counter() - start
     cached = hfkd_trainer(fresh(), None, rows, collator, f"{work}/c", teacher_cache_dir=cache_dir, **terms)
-    result["cache_logits"] = cached._cache.logits
-    result["online_chunked"] = online._chunk_heads is not None
+    result["cache_logits"] = cached.source.caches["teacher"].logits
+    result["online_chunked"] = online.step.plan.head is not None
 
     # Variants take turns, one step each per round (in a rotating order), so that drift in the machine's speed
     # reaches all of them alike; every ratio is then taken per round and of the medians (see JUDGED_ON).

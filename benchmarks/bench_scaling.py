@@ -180,7 +180,7 @@ def child(pair: str, variant: str, length: int, steps: int, tiny: bool) -> dict:
         # PROBE_TOKENS, so that this cell measures the step; the "hfkd-build" cell measures the probe.
         probe = [{k: v[:PROBE_TOKENS] for k, v in r.items()} for r in rows[:2]]
         trainer = hfkd_trainer(student, teacher, probe, default_data_collator, work, **JSD, **chunk)
-        out["chunked"] = trainer._chunk_heads is not None
+        out["chunked"] = trainer.step.plan.head is not None
         if out["chunked"] != (variant == "hfkd"):
             raise RuntimeError(f"{variant}: the chunked head path is {'on' if out['chunked'] else 'off'}")
         step = lambda i: train_step(trainer, [rows[i]])[0]  # noqa: E731

@@ -27,6 +27,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .batch import TEACHER_ID
+from .terms.base import Features
+from .units import batch_size
+
 COMBINE_MODES = ("weights", "confidence", "teacher_id")
 
 
@@ -94,3 +98,85 @@ class MixedTeacherOutput:
 
     def __init__(self, logits: torch.Tensor):
         self.logits = logits
+
+
+class TeacherMixer:
+    """Several teachers -> each example's weight of each teacher, and, for each response term, the combined teacher
+    it reads: mixed at that term's own temperature and divergence (`Term.mixing()`), so `dkd` mixes at its T=4
+    while `logit` mixes at its T=2.
+
+    `mode`: a `teacher_combine` value, or "equal" (the peers of deep mutual learning); `weights`: the fixed weights
+    of "weights" (`fixed_weights`)."""
+
+    def __init__(self, mode: str = "weights", weights: torch.Tensor | None = None, shifts_labels: bool = False):
+        self.mode, self.fixed, self.shifts_labels = mode, weights, shifts_labels
+
+    def to(self, device) -> "TeacherMixer":
+        if self.fixed is not None:
+            self.fixed = self.fixed.to(device)
+        return self
+
+    def example_weights(self, logits: list, batch: dict, count: int) -> torch.Tensor:
+        """Each example's weight of each teacher, `[B, K]`."""
+        if self.mode == "equal":
+            device = next((z.device for z in logits if z is not None), None)
+            return torch.full((count, len(logits)), 1.0 / len(logits), device=device)
+        if self.mode == "weights":
+            return self.fixed.expand(count, -1)
+        if self.mode == "teacher_id":
+            ids = batch.get(TEACHER_ID)
+            if not isinstance(ids, torch.Tensor):
+                raise ValueError(
+                    f"teacher_combine='teacher_id', but a batch came without a {TEACHER_ID!r} column; give each row "
+                    "its teacher's index."
+                )
+            return routed_weights(ids, len(logits))
+        labels = batch.get("labels")
+        if not isinstance(labels, torch.Tensor) or any(z is None for z in logits):
+            raise ValueError(
+                "teacher_combine='confidence' weighs each teacher by its cross-entropy on the labels: the batch needs "
+                "`labels` and every teacher `logits`."
+            )
+        return confidence_weights(logits, labels, self.shifts_labels)
+
+    def mix(self, term_set, teachers: dict, batch: dict):
+        """({response term name: the combined teacher's `Features`}, the batch-mean weights `[K]`), or (None, None)
+        with one teacher."""
+        if not term_set.multi:
+            return None, None
+        logits = [side.logits for side in teachers.values()]
+        weights = self.example_weights(logits, batch, batch_size(batch))
+        mixed = {}
+        if term_set.response:
+            if any(z is None for z in logits):
+                raise ValueError("A teacher returned no `logits`, which the response terms of several teachers mix.")
+            kind = next(iter(teachers.values())).kind
+            by_setting = {}
+            for name in sorted(term_set.response):
+                setting = term_set.terms[name].mixing()
+                if setting not in by_setting:
+                    z = mixed_logits(logits, weights, *setting)
+                    by_setting[setting] = Features(MixedTeacherOutput(z), {}, kind)
+                mixed[name] = by_setting[setting]
+        return mixed, weights.mean(0)
+
+
+def check_teacher_ids(datasets_by_name: dict, teachers: list[str]) -> None:
+    """teacher_combine='teacher_id': each data set names a known teacher in every row."""
+    import datasets
+
+    for which, dataset in datasets_by_name.items():
+        if not isinstance(dataset, datasets.Dataset):
+            continue  # other data sets are checked batch by batch
+        if TEACHER_ID not in dataset.column_names:
+            raise ValueError(
+                f"teacher_combine='teacher_id', but {which} has no {TEACHER_ID!r} column; add one holding each "
+                f"row's teacher index (0..{len(teachers) - 1}: {teachers})."
+            )
+        ids = dataset.unique(TEACHER_ID)
+        bad = [i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(teachers)]
+        if bad:
+            raise ValueError(
+                f"{which}[{TEACHER_ID!r}] holds {sorted(map(str, bad))[:5]}, which name no teacher; use the "
+                f"teacher's index, 0..{len(teachers) - 1} for {teachers}."
+            )

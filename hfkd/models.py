@@ -201,3 +201,38 @@ def call_model(model: torch.nn.Module, inputs: dict, extra: dict | None = None):
             "model a forward that takes the batch's keys, or one input named like pixel_values or input_ids."
         )
     return model(inputs[main])
+
+
+def accepts_loss_kwargs(model: torch.nn.Module) -> bool:
+    """Whether Trainer would pass `num_items_in_batch` to this model's forward (its own rule, for a peer)."""
+    declared = getattr(model, "accepts_loss_kwargs", None)
+    if declared is not None:
+        return bool(declared)
+    return forward_keywords(model)[1]
+
+
+def output_value(outputs, key: str):
+    """`outputs[key]` of a ModelOutput or dict, or the attribute of another output; None where absent."""
+    if isinstance(outputs, dict):
+        return outputs.get(key)
+    return getattr(outputs, key, None)
+
+
+_ATTENTION_DROPOUT_FIELDS = ("attention_probs_dropout_prob", "attention_dropout", "attn_pdrop", "dropout_rate")
+
+
+def warn_attention_dropout(model: torch.nn.Module) -> None:
+    # Eager attention returns its maps *after* dropout, so in training the student's maps carry zeros and rescaled
+    # entries that the teacher's lack; the attention term then measures dropout noise as much as disagreement.
+    config = getattr(model, "config", None)
+    for name in _ATTENTION_DROPOUT_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, (int, float)) and value > 0:
+            logger.warning(
+                "A term reads attention maps and the student has %s=%s: its attention maps are taken after dropout "
+                "in training, which inflates such terms. Build the student with %s=0 for clean maps.",
+                name,
+                value,
+                name,
+            )
+            return

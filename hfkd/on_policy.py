@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .batch import TEACHER_ID
+from .checks import collator_kind, visible_columns
 
 IGNORE_INDEX = -100
 # The batch keys a generated row replaces; any other key that runs along the sequence would no longer line up.
@@ -319,3 +320,72 @@ class SequenceGeneration:
         prompts, mask = left_padded(batch["input_ids"], prompt, self.settings.pad_token_id)
         completions = sample_completions(model, prompts, mask, self.settings, room, seed)
         return rebuilt_batch(batch, prompt, completions, self.settings)
+
+
+def build_generation(
+    args,
+    *,
+    student,
+    teachers: dict,
+    learners: dict,
+    sharded: bool,
+    kind,
+    processing_class,
+    dataset,
+    collator,
+    first_batch,
+) -> SequenceGeneration | None:
+    """On-policy distillation (`lmbda`) and sequence-level KD (`seq_kd`): checks, then the scheme the trainer's
+    `get_batch_samples` runs; None when neither is on.
+
+    `student` / `teachers`: the unwrapped models; `learners`: models that train beside the student (peers);
+    `sharded`: DeepSpeed or FSDP; `first_batch()`: the first collated training batch."""
+    if args.lmbda == 0 and not args.seq_kd:
+        return None
+    which = "lmbda > 0" if args.lmbda > 0 else "seq_kd"
+    if learners:
+        raise ValueError(
+            f"{which} with peer_models (deep mutual learning) is not supported; drop the peers, or set lmbda=0 "
+            "and seq_kd=False."
+        )
+    if sharded:
+        raise ValueError(
+            f"{which} generates with the whole model, which DeepSpeed and FSDP shard; train on one device or with "
+            "DDP, or set lmbda=0 and seq_kd=False."
+        )
+    if args.lmbda > 0 and not (kind.shifts_labels and is_causal_lm(student)):
+        raise ValueError(
+            f"lmbda={args.lmbda} makes the student generate completions, which needs a decoder-only causal "
+            f"language model (a *ForCausalLM); the student is {type(student).__name__}. Set lmbda=0."
+        )
+    models = list(teachers.values())
+    generators = [student] if args.lmbda > 0 else []
+    if args.seq_kd:
+        if len(teachers) != 1:
+            raise ValueError(
+                "seq_kd trains the student on sequences the teacher generates, so it needs one teacher model "
+                f"(got {len(teachers)}: {list(teachers) or 'a teacher cache'}); pass one teacher_model, "
+                "or set seq_kd=False."
+            )
+        if not (kind.shifts_labels and is_causal_lm(models[0])):
+            raise ValueError(
+                f"seq_kd makes the teacher generate the targets, which needs decoder-only causal language models "
+                f"(*ForCausalLM); the student is {type(student).__name__}, the teacher "
+                f"{type(models[0]).__name__}. Set seq_kd=False."
+            )
+        generators.append(models[0])
+    settings = generation_settings(args, generators, [student, *models], processing_class)
+    # Every row's prompt before the first step: the stored columns when the collator passes them through, and
+    # the first collated batch (a collator that builds labels, an iterable data set).
+    import datasets
+
+    if (
+        isinstance(dataset, datasets.Dataset)
+        and collator_kind(collator) == "plain"
+        and "labels" in (visible_columns(dataset) or [])
+    ):
+        check_dataset_prompts(dataset, settings.max_positions)
+    if dataset is not None:
+        where = "the first batch of train_dataset"
+        check_prompt_room(prompt_positions(first_batch(), where), settings, where)
+    return SequenceGeneration(args.lmbda, args.seq_kd, settings, args.seed)

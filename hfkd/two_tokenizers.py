@@ -24,6 +24,8 @@ import torch
 
 from .alignment import align_spans
 from .batch import SPANS, TEACHER_PREFIX, TEACHER_SPANS
+from .models import unwrap_peft
+from .on_policy import is_causal_lm
 
 logger = logging.getLogger(__name__)
 
@@ -267,8 +269,6 @@ _TOKENIZER_FILES = (
 
 def _source(model) -> str | None:
     """Where a model was loaded from (`name_or_path`: a folder or a Hub id), or None for one built from a config."""
-    from .models import unwrap_peft
-
     base = unwrap_peft(model) if model is not None else None
     name = getattr(base, "name_or_path", None) or getattr(getattr(base, "config", None), "_name_or_path", None)
     return str(name) if name else None
@@ -396,4 +396,71 @@ def check_terms_across_tokenizers(terms: dict) -> None:
             "own tokenizer (teacher_processing_class) does not share with the student. Across tokenizers use logit "
             "(classifiers), span_kd or uld (causal LMs), hidden (over spans) and the relation terms (rkd, sp, pkt, "
             "crd, pkd); drop the others (e.g. attention_weight=0)."
+        )
+
+
+def setup_teacher_tokenizer(model, args, given, source, trainer_args: tuple, trainer_kwargs: dict):
+    """A teacher with its own tokenizer (`teacher_processing_class`): loads and checks it, and collates with
+    TwoTokenizerCollator unless a collator is given (set in `trainer_kwargs`). Without one, checks that every teacher
+    reads the student's token ids. Returns the teacher's tokenizer, or None."""
+    value = given if given is not None else args.teacher_processing_class
+    if value is None:
+        student_tokenizer = trainer_kwargs.get("processing_class")
+        if student_tokenizer is None and len(trainer_args) > 3:  # Trainer's 6th positional argument
+            student_tokenizer = trainer_args[3]
+        source.check_tokenizers(student_tokenizer, model)
+        return None
+    for name, present in (
+        (source.described_as, source.described_as is not None),
+        ("lmbda > 0 or seq_kd", args.lmbda > 0 or args.seq_kd),
+    ):
+        if present:
+            raise ValueError(
+                f"teacher_processing_class (a teacher with its own tokenizer) cannot be combined with {name} yet; "
+                "drop one of them."
+            )
+    tokenizer = load_teacher_tokenizer(value)
+    for teacher in source.models().values():
+        check_teacher_tokenizer(tokenizer, teacher)
+    if len(trainer_args) == 0 and trainer_kwargs.get("data_collator") is None:
+        student_tokenizer = trainer_kwargs.get("processing_class")
+        if student_tokenizer is None:
+            raise ValueError(
+                "teacher_processing_class is set: pass the student's tokenizer as processing_class too, so that "
+                "hfkd tokenizes each text row for both models."
+            )
+        causal_lm = model is not None and is_causal_lm(unwrap_peft(model))
+        for which in ("train_dataset", "eval_dataset"):
+            check_text_column(trainer_kwargs.get(which), which, args, causal_lm)
+        trainer_kwargs["data_collator"] = TwoTokenizerCollator(
+            student_tokenizer,
+            tokenizer,
+            max_length=args.tokenize_max_length,
+            text_column=args.tokenize_text_column,
+            text_pair_column=args.tokenize_text_pair_column,
+            causal_lm=causal_lm,
+        )
+    return tokenizer
+
+
+def check_text_column(dataset, which: str, args, causal_lm: bool) -> None:
+    """Text rows that TwoTokenizerCollator will tokenize for both models need their text column; checked against the
+    dataset's own columns before Trainer drops the ones the student's forward does not take."""
+    if isinstance(dataset, dict):
+        for name, one in dataset.items():
+            check_text_column(one, f"{which}[{name!r}]", args, causal_lm)
+        return
+    columns = getattr(dataset, "column_names", None)
+    if not isinstance(columns, list) or TEACHER_PREFIX + "input_ids" in columns:
+        return  # not a datasets.Dataset, or rows already tokenized for both (tokenize_for_both)
+    if causal_lm and (("prompt" in columns and "completion" in columns) or "messages" in columns):
+        return  # prompt-completion rows; conversations are refused by the collator, with what to do
+    wanted = [c for c in (args.tokenize_text_column, args.tokenize_text_pair_column) if c and c not in columns]
+    if wanted:
+        field_names = ["tokenize_text_column"] if args.tokenize_text_column in wanted else []
+        field_names += ["tokenize_text_pair_column"] if args.tokenize_text_pair_column in wanted else []
+        raise ValueError(
+            f"{which} has no {' or '.join(map(repr, wanted))} column to tokenize for both models (teacher_processing_"
+            f"class); its columns are {columns}. Set {' and '.join(field_names)} to the column that holds the text"
+            + (", or give `prompt` and `completion` texts." if causal_lm else ".")
         )

@@ -79,3 +79,85 @@ def masked_sum(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch.T
     if per_position.dim() == 1:
         return per_position.sum()
     return per_position.flatten(1).mean(1).sum()
+
+
+class WindowUnits:
+    """Counts each unit once per accumulation window (all micro-batches, all processes) and divides each term's sum
+    by its count, so that a window gives the gradient of one batch that held it all.
+
+    `gather`: sums a `[1, n]` vector over processes (`accelerator.gather(...).sum(0)`), None on one process."""
+
+    def __init__(self, kind: ModelKind, world_size: int = 1, gather=None):
+        self.kind, self.world_size, self.gather = kind, world_size, gather
+        self.window: dict[str, torch.Tensor] | None = None
+
+    @property
+    def stream(self) -> str:
+        return "encoder" if self.kind.encoder_decoder else "main"
+
+    def count_window(self, batches: list[dict], device) -> None:
+        """Units behind each term over the whole accumulated window (and all processes), for exact normalisation."""
+        totals: dict[str, torch.Tensor] = {}
+        for batch in batches:
+            for name, count in unit_counts(unit_masks(batch, self.kind), batch_size(batch)).items():
+                count = count.to(device)  # summed where the masks are: reading them on the host would sync
+                totals[name] = totals[name] + count if name in totals else count
+        names = sorted(totals)
+        vector = torch.stack([totals[n] for n in names])
+        if self.world_size > 1:
+            vector = self.gather(vector.unsqueeze(0)).sum(0)
+        self.window = dict(zip(names, vector, strict=True))
+
+    def normalisers(self, masks: dict, batch: dict, training: bool) -> tuple[dict[str, torch.Tensor], float]:
+        """Counts to divide each term's sum by, and the factor that undoes DDP's averaging over processes."""
+        if training and self.window is not None:
+            counts, scale = self.window, float(self.world_size)
+        else:
+            counts, scale = unit_counts(masks, batch_size(batch)), 1.0
+        # An all-masked batch gives 0 / 1 = 0 rather than 0 / 0 = NaN.
+        return {k: v.clamp_min(1.0) for k, v in counts.items()}, scale
+
+    def normalise(self, raw: dict, term_set, counts: dict, scale: float, training: bool, accumulation_steps: int):
+        """Each term's value over its unit (see hfkd.terms.base), logged as `distill/<name>`."""
+        values = {}
+        for name, value in raw.items():
+            unit = term_set.unit_of(name)
+            if unit == "mixed":  # divided by its counts already; `scale` undoes DDP's mean over processes
+                value = value * scale
+            elif unit == "batch":
+                # A micro-batch value: the mean over the window's micro-batches (and, through DDP, processes).
+                value = value / accumulation_steps if training else value
+            else:
+                count = {"tokens": counts.get(self.stream), "logits": counts.get("logit")}.get(unit)
+                value = value * (scale / (count if count is not None else counts["examples"]))
+            values[f"distill/{name}"] = value
+        return values
+
+
+class LoggedSums:
+    """Sums of the logged values (task, each term) on the device, turned into means at each log with one host sync.
+
+    `reduce(vector, reduction="mean")`: the mean over processes (`accelerator.reduce`), used when `world_size > 1`."""
+
+    def __init__(self, world_size: int = 1, reduce=None):
+        self.world_size, self.reduce = world_size, reduce
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count = 0  # calls of `add` (evaluation batches)
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            value = value.detach().float()
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+        self.count += 1
+
+    def means(self, divisor: float) -> dict[str, float]:
+        """Each sum / `divisor` (averaged over processes), and a fresh start; {} when nothing was added."""
+        if not self.sums or divisor <= 0:
+            return {}
+        names = list(self.sums)
+        vector = torch.stack([self.sums[n] for n in names])
+        if self.world_size > 1:
+            vector = self.reduce(vector, reduction="mean")
+        values = (vector / divisor).tolist()  # the one host sync per log
+        self.sums, self.count = {}, 0
+        return dict(zip(names, values, strict=True))

@@ -92,7 +92,7 @@ def test_cached_training_equals_online_training_and_runs_no_teacher(tmp_path, ch
         data,
     )
     assert counter.calls == 0
-    assert (trainer._chunk_heads is not None) == (chunk > 0)
+    assert (trainer.step.plan.head is not None) == (chunk > 0)
     for a, b in zip(online_logs, cached_logs, strict=True):
         for key in ("loss", "task", "distill/logit", "distill/hidden"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key

@@ -104,7 +104,7 @@ def test_chunked_training_matches_full_logits(tmp_path, terms, batch, accumulati
             accumulation,
             **terms,
         )
-        assert (trainer._chunk_heads is not None) == (chunk > 0)
+        assert (trainer.step.plan.head is not None) == (chunk > 0)
         if chunk:  # the student's head ran on one position per row only: the full logits never existed
             assert shapes and all(shape[1] == 1 for shape in shapes)
         results[chunk] = logs, params
@@ -146,7 +146,7 @@ def test_heads_that_do_more_than_a_matmul_keep_the_full_logits(tmp_path, caplog)
     teacher = _ScaledLlama(copy.deepcopy(llama(hidden=32, layers=4, seed=2).config))
     with caplog.at_level("WARNING", logger="hfkd.trainer"):
         trainer, logs, _, shapes = _run(tmp_path, "scaled", student, teacher, lm_data(), 5, task_weight=0.5)
-    assert trainer._chunk_heads is None
+    assert trainer.step.plan.head is None
     assert "not a plain linear head" in caplog.text
     assert shapes and all(shape[1] > 1 for shape in shapes)
     assert all(torch.isfinite(torch.tensor(log["distill/logit"])) for log in logs)
@@ -318,8 +318,8 @@ def test_probe_reads_a_window_of_long_rows_and_changes_nothing(tmp_path, prompt,
         )
         for hook in hooks:
             hook.remove()
-        assert trainer._chunk_heads is not None
-        assert trainer._task_uses_num_items  # Llama's loss divides by num_items_in_batch
+        assert trainer.step.plan.head is not None
+        assert trainer.step.plan.task_uses_num_items  # Llama's loss divides by num_items_in_batch
         if not whole:
             measured = PROBE_POSITIONS if prompt < PROBE_POSITIONS else 200
             assert (

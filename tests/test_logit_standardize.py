@@ -72,7 +72,7 @@ def test_chunked_language_model_path_equals_the_full_logits(tmp_path, loss):
             args=_config(tmp_path / str(chunk), logit_chunk_size=chunk, task_weight=0.5, logit_loss=loss),
             train_dataset=data,
         )
-        assert (trainer._chunk_heads is not None) == (chunk > 0)
+        assert (trainer.step.plan.head is not None) == (chunk > 0)
         trainer.model.train()
         values[chunk] = trainer.compute_loss(trainer.model, dict(batch))
     torch.testing.assert_close(values[4], values[0], rtol=1e-5, atol=1e-6)

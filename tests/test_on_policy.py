@@ -203,7 +203,7 @@ def test_on_policy_trains_on_the_students_samples(tmp_path, chunk, loss):
         tmp_path, "run", student, teacher, data, lmbda=1.0, task_weight=0.0, logit_weight=1.0, logit_loss=loss,
         jsd_beta=0.5, temperature=0.9, generation_temperature=1.0, logit_chunk_size=chunk, max_new_tokens=5,
     )  # fmt: skip
-    assert (trainer._chunk_heads is not None) == (chunk > 0)
+    assert (trainer.step.plan.head is not None) == (chunk > 0)
     assert len(calls) == 1 and len(trainer.trained) == 1
     kwargs, _ = calls[0]
     assert kwargs["do_sample"] and kwargs["temperature"] == 1.0 and kwargs["max_new_tokens"] == 5

@@ -199,7 +199,7 @@ def test_causal_logit_and_task_terms_equal_the_definition(tmp_path, chunk, loss_
         task_weight=task_weight,
         logit_weight=1.0,
     )
-    assert (trainer._chunk_heads is not None) == (chunk > 0)
+    assert (trainer.step.plan.head is not None) == (chunk > 0)
     metrics = trainer.evaluate()
     expected_logit, expected_task = _causal_reference(student, teacher, CAUSAL_ROWS, loss_name)
     # The terms are logged in float32; everything before is float64 (the task loss of the full-logits path is the

@@ -54,13 +54,13 @@ def test_a_trainer_built_without_data_plans_on_its_first_batch(tmp_path):
         )
         trainer.model.train()
         losses[name] = trainer.compute_loss(trainer.model, dict(batch))
-        assert trainer._chunk_heads is not None, name
+        assert trainer.step.plan.head is not None, name
     full = DistillationTrainer(
         model=llama(seed=1), teacher_model=llama(layers=3), args=_config(tmp_path / "full", logit_chunk_size=0)
     )
     full.model.train()
     reference = full.compute_loss(full.model, dict(batch))
-    assert full._chunk_heads is None
+    assert full.step.plan.head is None
     torch.testing.assert_close(losses["without"], losses["with data"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(losses["without"], reference, rtol=1e-5, atol=1e-6)
 

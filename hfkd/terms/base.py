@@ -230,6 +230,12 @@ class Term(nn.Module):
                 "(and a logit term), or drop the term."
             )
 
+    def mixing(self) -> tuple[float, str]:
+        """How several teachers' logits are mixed into the one teacher this response term reads (hfkd.mixing): its
+        (temperature, divergence). By default the term's own `temperature` and `loss` options (1.0 and "kl" where it
+        has none): the mixture is then the teacher distribution at the temperature the term compares at."""
+        return float(getattr(self.options, "temperature", 1.0)), str(getattr(self.options, "loss", "kl"))
+
     def head_chunk_size(self) -> int:
         """Positions per chunk when this term can be computed from both models' final hidden states and linear
         output heads, a chunk at a time, instead of their full logits (see `head_loss`); 0: it cannot."""

@@ -133,13 +133,18 @@ class TermSet(nn.Module):
         return flags
 
     def setup(
-        self, student: Features, teachers: dict[str, Features], batch: TermBatch, mixed: Features | None = None
+        self,
+        student: Features,
+        teachers: dict[str, Features],
+        batch: TermBatch,
+        mixed: dict[str, Features] | None = None,
     ) -> None:
+        """`mixed`: the combined teacher each response term reads, by term name (hfkd.mixing.TeacherMixer)."""
         for teacher in self.teachers:
             for _, term in self._instances(teacher):
                 term.setup(student, teachers[teacher], batch)
         for name in self.response:
-            self.terms[name].setup(student, mixed, batch)
+            self.terms[name].setup(student, mixed[name], batch)
 
     def forward(
         self,
@@ -147,7 +152,7 @@ class TermSet(nn.Module):
         teachers: dict[str, Features],
         batch: TermBatch,
         skip: str | None = None,
-        mixed: Features | None = None,
+        mixed: dict[str, Features] | None = None,
         teacher_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Each term's value: `<name>` (what the loss uses) and, with several teachers, `<name>/<teacher>` too.
@@ -172,7 +177,7 @@ class TermSet(nn.Module):
                     value = term(student, teachers[teacher], batch)
                     per_teacher.append(teacher_weights[k] * value)
                 values[f"{name}/{teacher}"] = value
-            values[name] = self.terms[name](student, mixed, batch) if name in self.response else sum(per_teacher)
+            values[name] = self.terms[name](student, mixed[name], batch) if name in self.response else sum(per_teacher)
         return values
 
     def has_state(self) -> bool:
