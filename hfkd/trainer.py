@@ -1,12 +1,6 @@
-"""`DistillationTrainer`: `transformers.Trainer` plus a teacher and the distillation terms (`hfkd.terms`).
-
-This file is the adapter to `Trainer`: the hooks it overrides, each delegating to an object of its own:
-- where the teachers' outputs come from: a `TeacherSource` (hfkd.sources), built by `build_source`;
-- several teachers mixed per example: `TeacherMixer` (hfkd.mixing);
-- one step, batch -> (loss, values to log, outputs): `DistillationStep` (hfkd.step), planned by the probe
-  (hfkd.probe) and normalised over the accumulation window (hfkd.units);
-- checkpoints that belong to one run: hfkd_run.json (hfkd.checkpoints).
-"""
+"""`DistillationTrainer`: the adapter to `transformers.Trainer`. The hooks it overrides delegate to the teacher
+source (hfkd.sources), the mixer (hfkd.mixing), the step (hfkd.step, planned by hfkd.probe, normalised by hfkd.units)
+and the run's checkpoint records (hfkd.checkpoints)."""
 
 import dataclasses
 import itertools
@@ -31,7 +25,7 @@ from .probe import probe, term_features
 from .sources import build_source
 from .step import DistillationStep, TaskLossSettings
 from .streams import model_kind
-from .terms.runner import RowIdCollator, TermSet
+from .terms.runner import TermSet, with_row_ids
 from .two_tokenizers import TwoTokenizerCollator, check_terms_across_tokenizers, setup_teacher_tokenizer
 from .units import LoggedSums, WindowUnits
 
@@ -163,8 +157,11 @@ class DistillationTrainer(Trainer):
             collator=self.data_collator,
             first_batch=self._probe_batch,
         )
-        if self.term_set.needs().row_ids:
-            self._add_row_ids()
+        if self.term_set.needs().row_ids:  # terms with per-row memory (CRD): batches carry each row's index
+            self.train_dataset, self.data_collator = with_row_ids(
+                self.train_dataset, self.data_collator, self.term_set
+            )
+            self.step.num_rows = len(self.train_dataset)
         # Taken before any forward pass: heads fill config fields such as `problem_type` on first use.
         self._fingerprint = {
             **source.fingerprint(self.term_set.multi),
@@ -188,21 +185,6 @@ class DistillationTrainer(Trainer):
             warn_attention_dropout(student)
         source.check_terms(term_set)
         return term_set
-
-    def _add_row_ids(self) -> None:
-        """Training batches carry each row's index in the data (for terms with per-row memory, such as CRD)."""
-        import datasets
-
-        if not isinstance(self.train_dataset, datasets.Dataset):
-            names = [n for n, t in self.term_set.terms.items() if t.needs().row_ids]
-            raise ValueError(
-                f"The terms {names} keep a memory per training row, so they need a datasets.Dataset train_dataset "
-                f"(got {type(self.train_dataset).__name__}); convert it with datasets.Dataset.from_list or drop them."
-            )
-        if ROW_COLUMN not in self.train_dataset.column_names:
-            self.train_dataset = self.train_dataset.add_column(ROW_COLUMN, list(range(len(self.train_dataset))))
-        self.data_collator = RowIdCollator(self.data_collator)
-        self.step.num_rows = len(self.train_dataset)
 
     def _limits(self) -> tuple[checks.ModelLimits, dict[str, checks.ModelLimits]]:
         """What the student and each teacher accept, read from their configs (see hfkd.checks)."""

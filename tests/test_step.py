@@ -49,6 +49,8 @@ def _kl_t2(teacher_logits: torch.Tensor, student_logits: torch.Tensor, t: float)
 def test_a_step_is_task_plus_weighted_terms_without_a_trainer():
     student, teacher = bert(hidden=16, layers=2, dropout=0.0, seed=1), bert(dropout=0.0, seed=0)
     student.eval()  # dropout off: the reference forward sees the same network
+    with torch.no_grad():  # a confident teacher: an untrained BERT's KL of 1e-4 would test float32 rounding
+        teacher.classifier.weight.mul_(30.0)
     spec = TermSpec("logit", 2.0, {"temperature": 3.0})
     step = _step(student, {"teacher": teacher.eval()}, [spec], task_weight=0.5)
     batch = _batch()

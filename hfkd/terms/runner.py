@@ -253,3 +253,19 @@ def capture_modules(modules: dict[str, nn.Module]):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def with_row_ids(dataset, collator, term_set: TermSet):
+    """(`dataset` with each row's index in a column, a collator that hands it to the terms as `ROW_IDS_KEY`), for
+    terms that keep a memory per training row (such as CRD)."""
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        names = [n for n, t in term_set.terms.items() if t.needs().row_ids]
+        raise ValueError(
+            f"The terms {names} keep a memory per training row, so they need a datasets.Dataset train_dataset "
+            f"(got {type(dataset).__name__}); convert it with datasets.Dataset.from_list or drop them."
+        )
+    if ROW_COLUMN not in dataset.column_names:
+        dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+    return dataset, RowIdCollator(collator)
