@@ -63,6 +63,7 @@ import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -295,6 +296,42 @@ def build_teacher_cache(
     from transformers import default_data_collator
 
     collator = data_collator if data_collator is not None else default_data_collator
+    max_shard_bytes, top_k = _check_storage(dtype, hidden_dtype, max_shard_size, top_k, topk_encoding)
+    hidden_terms = _check_what_to_cache(args, teacher, student, top_k)
+    _check_output_and_data(output_dir, overwrite, dataset, collator)
+
+    started = time.perf_counter()
+    data_digest = dataset_fingerprint(dataset)
+    rows_view = dataset.select_columns(_teacher_columns(dataset, teacher, student))
+    device = next(teacher.parameters()).device
+    plan = _BuildPlan(args, student, hidden_terms, top_k, topk_encoding, dtype, hidden_dtype, output_dir)
+    was_training = teacher.training
+    teacher.eval()
+    partial = _new_partial_folder(output_dir)
+    writer = _ShardWriter(partial, max_shard_bytes)
+    try:
+        layout, topk_stats = _write_records(teacher, rows_view, collator, device, writer, plan, batch_size, progress)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        teacher.train(was_training)
+
+    _add_topk_stats(layout, *topk_stats, topk_encoding)
+    meta = _cache_meta(
+        started, dataset, max_shard_bytes, writer, dtype, teacher, processing_class, data_digest, layout
+    )
+    with open(os.path.join(partial, CACHE_FILE), "w") as handle:
+        json.dump(meta, handle, indent=1)
+    if os.path.exists(output_dir):
+        shutil.rmtree(output_dir)
+    os.replace(partial, output_dir)
+    logger.info("Teacher cache of %d rows written to %s in %.1f s.", len(dataset), output_dir, meta["seconds"])
+    return TeacherCache(output_dir)
+
+
+def _check_storage(dtype, hidden_dtype, max_shard_size, top_k, topk_encoding) -> tuple[int, int]:
+    """`build_teacher_cache`'s storage options: (max shard bytes, top_k with its default)."""
     if dtype not in _FLOAT_TYPES:
         raise TeacherCacheError(f"dtype must be one of {list(_FLOAT_TYPES)}, got {dtype!r}.")
     if hidden_dtype not in HIDDEN_DTYPES:
@@ -303,6 +340,11 @@ def build_teacher_cache(
     check_topk_options(top_k, topk_encoding, TeacherCacheError)
     if top_k is None:
         top_k = DEFAULT_TOP_K[topk_encoding]
+    return max_shard_bytes, top_k
+
+
+def _check_what_to_cache(args, teacher, student, top_k: int) -> list:
+    """What the run's terms read from the teacher can be cached; returns the terms that read its hidden states."""
     if args.attention_weight > 0:
         raise TeacherCacheError(
             "attention_weight > 0, but attention maps are not cached ([heads, query, key] per layer per row would "
@@ -326,6 +368,10 @@ def build_teacher_cache(
             f"logit_loss={args.logit_loss!r} needs the teacher's full logits, and a head with more than top_k={top_k} "
             f"classes keeps only its top-k: pass top_k=0, or use one of {list(TOPK_LOSSES)}."
         )
+    return hidden_terms
+
+
+def _check_output_and_data(output_dir: str, overwrite: bool, dataset, collator) -> None:
     if os.path.exists(output_dir) and os.listdir(output_dir) and not overwrite:
         raise TeacherCacheError(
             f"{output_dir} already exists and is not empty; choose another folder or pass overwrite=True (the old "
@@ -335,15 +381,13 @@ def build_teacher_cache(
     if len(dataset) == 0:
         raise TeacherCacheError("The dataset is empty: there is nothing to cache.")
 
-    started = time.perf_counter()
-    data_digest = dataset_fingerprint(dataset)
-    rows_view = dataset.select_columns(_teacher_columns(dataset, teacher, student))
-    device = next(teacher.parameters()).device
-    was_training = teacher.training
-    teacher.eval()
+
+def _new_partial_folder(output_dir: str) -> str:
+    """The empty folder the cache is written to, `<output_dir>.partial`; it becomes `output_dir` once complete."""
     partial = output_dir.rstrip("/") + ".partial"
     if os.path.exists(partial):
-        # Exceptions remove the folder (below), so a leftover one means the process was ended from outside.
+        # Exceptions remove the folder (build_teacher_cache), so a leftover one means the process was ended from
+        # outside.
         logger.warning(
             "Found %s, left by an earlier cache build into %s that did not finish: it was probably killed (out of "
             "memory, or a signal such as SIGKILL) before it could clean up. Removing it and building anew.",
@@ -352,44 +396,69 @@ def build_teacher_cache(
         )
         shutil.rmtree(partial, ignore_errors=True)
     os.makedirs(partial)
-    writer = _ShardWriter(partial, max_shard_bytes)
-    layout = None
+    return partial
+
+
+class _BuildPlan(NamedTuple):
+    """What `build_teacher_cache` stores and how, as its checks settled it."""
+
+    args: Any
+    student: torch.nn.Module | None
+    hidden_terms: list
+    top_k: int
+    topk_encoding: str
+    dtype: str
+    hidden_dtype: str
+    output_dir: str
+
+
+def _write_records(teacher, rows_view, collator, device, writer, plan: _BuildPlan, batch_size: int, progress: bool):
+    """Runs the teacher over the rows a batch at a time and hands each batch's records to `writer` (closed at the
+    end). The layout is planned, and the disk checked, on the first batch's outputs.
+
+    Returns:
+        (layout, (summed top-k mass, its number of positions, the compact encoding's steps per batch)).
+    """
+    from tqdm.auto import tqdm
+
+    layout, bar = None, None
     covered, covered_n, steps = 0.0, 0, []
-    try:
-        from tqdm.auto import tqdm
+    for start in range(0, len(rows_view), batch_size):
+        rows = list(range(start, min(start + batch_size, len(rows_view))))
+        batch = collator([dict(rows_view[i]) for i in rows])
+        inputs = _teacher_inputs(batch, device)
+        with torch.no_grad():
+            out = teacher(**inputs, **_flags(teacher, bool(plan.hidden_terms)))
+        if layout is None:
+            layout = _first_layout(out, batch, collator, rows_view, plan)
+            bar = tqdm(total=len(rows_view), desc="teacher cache", unit="row", disable=not progress)
+        lengths, columns, stats = _batch_records(out, batch, layout, plan.args.temperature, plan.dtype)
+        del out  # the batch's full outputs go before the next forward; the records are copies
+        covered, covered_n = covered + stats[0], covered_n + stats[1]
+        if stats[2] is not None:
+            steps.append(stats[2])
+        writer.add(rows, lengths, columns)
+        bar.update(len(rows))
+    bar.close()
+    writer.close()
+    return layout, (covered, covered_n, steps)
 
-        bar = None
-        for start in range(0, len(dataset), batch_size):
-            rows = list(range(start, min(start + batch_size, len(dataset))))
-            batch = collator([dict(rows_view[i]) for i in rows])
-            inputs = _teacher_inputs(batch, device)
-            with torch.no_grad():
-                out = teacher(**inputs, **_flags(teacher, bool(hidden_terms)))
-            if layout is None:
-                layout = _plan_layout(out, batch, args, hidden_terms, student, collator, rows_view, top_k)
-                if layout["logits"] is not None and layout["logits"]["mode"] == "topk":
-                    layout["logits"]["encoding"] = topk_encoding
-                    if topk_encoding == "compact":
-                        layout["logits"]["id_bytes"] = id_bytes(layout["logits"]["num_classes"])
-                if layout["hidden"] is not None:
-                    layout["hidden"]["dtype"] = hidden_dtype
-                _check_size(layout, batch, rows_view, output_dir, dtype)
-                bar = tqdm(total=len(dataset), desc="teacher cache", unit="row", disable=not progress)
-            lengths, columns, stats = _batch_records(out, batch, layout, args.temperature, dtype)
-            del out  # the batch's full outputs go before the next forward; the records are copies
-            covered, covered_n = covered + stats[0], covered_n + stats[1]
-            if stats[2] is not None:
-                steps.append(stats[2])
-            writer.add(rows, lengths, columns)
-            bar.update(len(rows))
-        bar.close()
-        writer.close()
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
-    finally:
-        teacher.train(was_training)
 
+def _first_layout(out, batch, collator, rows_view, plan: _BuildPlan) -> dict:
+    """The stored layout, planned from the first batch's outputs with the chosen encodings; the disk must hold it."""
+    layout = _plan_layout(out, batch, plan.args, plan.hidden_terms, plan.student, collator, rows_view, plan.top_k)
+    if layout["logits"] is not None and layout["logits"]["mode"] == "topk":
+        layout["logits"]["encoding"] = plan.topk_encoding
+        if plan.topk_encoding == "compact":
+            layout["logits"]["id_bytes"] = id_bytes(layout["logits"]["num_classes"])
+    if layout["hidden"] is not None:
+        layout["hidden"]["dtype"] = plan.hidden_dtype
+    _check_size(layout, batch, rows_view, plan.output_dir, plan.dtype)
+    return layout
+
+
+def _add_topk_stats(layout: dict, covered: float, covered_n: int, steps: list, topk_encoding: str) -> None:
+    """Top-k logits: the mean mass the kept classes hold, and the compact encoding's error bounds, in the layout."""
     if layout["logits"] is not None and layout["logits"]["mode"] == "topk":
         layout["logits"]["mean_top_k_mass"] = covered / max(covered_n, 1)
         if topk_encoding == "compact":
@@ -397,7 +466,13 @@ def build_teacher_cache(
             steps = np.concatenate(steps) if steps else np.zeros(0)
             layout["logits"]["step_max"] = float(steps.max()) if steps.size else 0.0
             layout["logits"]["step_mean"] = float(steps.mean()) if steps.size else 0.0
-    meta = {
+
+
+def _cache_meta(
+    started, dataset, max_shard_bytes, writer, dtype, teacher, processing_class, data_digest, layout
+) -> dict:
+    """The cache's description (CACHE_FILE): versions, shards, fingerprints of teacher, processor and data, layout."""
+    return {
         "format_version": FORMAT_VERSION,
         "hfkd_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -414,13 +489,6 @@ def build_teacher_cache(
         "logits": layout["logits"],
         "hidden": layout["hidden"],
     }
-    with open(os.path.join(partial, CACHE_FILE), "w") as handle:
-        json.dump(meta, handle, indent=1)
-    if os.path.exists(output_dir):
-        shutil.rmtree(output_dir)
-    os.replace(partial, output_dir)
-    logger.info("Teacher cache of %d rows written to %s in %.1f s.", len(dataset), output_dir, meta["seconds"])
-    return TeacherCache(output_dir)
 
 
 def _flags(teacher, hidden_states: bool) -> dict:

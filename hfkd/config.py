@@ -277,6 +277,21 @@ class DistillationConfig(TrainingArguments):
             # Not a choice of the user's: a run's saved configuration leaves it out, so that it uses a GPU elsewhere.
             self._use_cpu_for_bf16 = True
         super().__post_init__()
+        # In this order: a check may rely on fields the earlier ones parsed (JSON strings, `terms`).
+        self._check_teachers()
+        self._check_teacher_tokenizer()
+        if self.peer_model_name_or_path is not None:
+            named_peers(self.peer_model_name_or_path)  # an empty or repeated entry fails here
+            check_peer_settings(self, teacher_path_allowed=True)
+        self._check_batch_sizes_and_weights()
+        self._parse_terms()
+        self._check_logit_options()
+        self._check_generation()
+        self._check_losses_and_layer_maps()
+        self.term_specs = self._built_in_term_specs() + self.term_specs
+
+    def _check_teachers(self) -> None:
+        """The teacher's loading kwargs, several teachers (JSON on the command line), their combination, the EMA."""
         if isinstance(self.teacher_model_init_kwargs, str):
             try:
                 self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
@@ -322,28 +337,31 @@ class DistillationConfig(TrainingArguments):
                     "teacher_ema_decay makes the teacher change after every step, so a teacher cache (which stores "
                     "one fixed teacher's outputs) cannot stand for it; unset teacher_cache_dir or teacher_ema_decay."
                 )
+
+    def _check_teacher_tokenizer(self) -> None:
+        """tokenize_max_length, and what a teacher with its own tokenizer cannot be combined with yet."""
         cut = self.tokenize_max_length
         if cut is not None and (not isinstance(cut, int) or isinstance(cut, bool) or cut < 2):
             raise ValueError(f"tokenize_max_length must be an integer >= 2 (or None for no cut), got {cut!r}.")
-        if self.teacher_processing_class is not None:
-            for name, value in (
-                ("teacher_cache_dir", self.teacher_cache_dir),
-                ("peer_model_name_or_path", self.peer_model_name_or_path),
-            ):
-                if value:
-                    raise ValueError(
-                        f"teacher_processing_class (a teacher with its own tokenizer) cannot be combined with {name} "
-                        "yet; unset one of them."
-                    )
-            if self.lmbda > 0 or self.seq_kd:
+        if self.teacher_processing_class is None:
+            return
+        for name, value in (
+            ("teacher_cache_dir", self.teacher_cache_dir),
+            ("peer_model_name_or_path", self.peer_model_name_or_path),
+        ):
+            if value:
                 raise ValueError(
-                    "teacher_processing_class (a teacher with its own tokenizer) cannot be combined with on-policy "
-                    "generation (lmbda > 0) or seq_kd yet: generated tokens would need the teacher's tokenization. "
-                    "Set lmbda=0 and seq_kd=False."
+                    f"teacher_processing_class (a teacher with its own tokenizer) cannot be combined with {name} "
+                    "yet; unset one of them."
                 )
-        if self.peer_model_name_or_path is not None:
-            named_peers(self.peer_model_name_or_path)  # an empty or repeated entry fails here
-            check_peer_settings(self, teacher_path_allowed=True)
+        if self.lmbda > 0 or self.seq_kd:
+            raise ValueError(
+                "teacher_processing_class (a teacher with its own tokenizer) cannot be combined with on-policy "
+                "generation (lmbda > 0) or seq_kd yet: generated tokens would need the teacher's tokenization. "
+                "Set lmbda=0 and seq_kd=False."
+            )
+
+    def _check_batch_sizes_and_weights(self) -> None:
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -352,6 +370,9 @@ class DistillationConfig(TrainingArguments):
             value = getattr(self, name)
             if not _is_number(value) or value != value or value < 0 or value == float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")
+
+    def _parse_terms(self) -> None:
+        """`terms`: built-in entries set their short-form fields; the others become `term_specs`. Then the weights."""
         # Checked against the registry and each term's options now, so that a typo fails before any model loads.
         extra = parse_term_specs(self.terms)
         for spec in extra:
@@ -364,6 +385,8 @@ class DistillationConfig(TrainingArguments):
                 "task_weight, logit_weight, hidden_weight and attention_weight are all 0: nothing would be trained. "
                 "Set at least one of them > 0 (defaults: task_weight=0.5, logit_weight=0.5)."
             )
+
+    def _check_logit_options(self) -> None:
         if not _is_number(self.temperature) or not 0 < self.temperature < float("inf"):
             raise ValueError(
                 f"temperature must be > 0 (and finite), got {self.temperature!r}; 1.0 leaves the logits as they are."
@@ -378,7 +401,8 @@ class DistillationConfig(TrainingArguments):
             raise ValueError(
                 f"logit_chunk_size must be an integer >= 0 (0 = full logits), got {self.logit_chunk_size!r}."
             )
-        self._check_generation()
+
+    def _check_losses_and_layer_maps(self) -> None:
         _check_choice("logit_loss", self.logit_loss, LOGIT_LOSSES)
         _check_choice("hidden_loss", self.hidden_loss, HIDDEN_LOSSES)
         _check_choice("attention_loss", self.attention_loss, ATTENTION_LOSSES)
@@ -387,9 +411,12 @@ class DistillationConfig(TrainingArguments):
         # Parsed here so that a typo fails before any model is loaded; lengths are checked once models are known.
         self.hidden_layer_map = parse_layer_map_spec(self.hidden_layer_map, "hidden_layer_map")
         self.attention_layer_map = parse_layer_map_spec(self.attention_layer_map, "attention_layer_map")
-        # Built-in terms from their short-form fields first (in the order of their weight fields), then the others.
+
+    def _built_in_term_specs(self) -> list[TermSpec]:
+        """Built-in terms from their short-form fields (weight > 0), in the order of their weight fields; they come
+        before the other `terms`."""
         order = [f.name for f in dataclasses.fields(self)]
-        built_in = sorted(
+        return sorted(
             (
                 TermSpec(name, getattr(self, cls.short_form["weight"]), self._short_form_options(cls))
                 for name, cls in TERMS.items()
@@ -397,7 +424,6 @@ class DistillationConfig(TrainingArguments):
             ),
             key=lambda spec: order.index(TERMS[spec.name].short_form["weight"]),
         )
-        self.term_specs = built_in + self.term_specs
 
     def _check_generation(self) -> None:
         """The fields of on-policy distillation and sequence-level KD (hfkd.on_policy)."""

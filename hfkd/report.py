@@ -90,11 +90,41 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
     """The Hub model card: metadata for the Hub's lineage view, then what was distilled and what it kept."""
     teacher, student, task = metrics["teacher"], metrics["student"], metrics["task"]
     peers = metrics.get("peers") or {}
+    data = _card_data(metrics, repo_id, teacher, student, task, peers)
+    results_rows = _results_rows(metrics, teacher, student, peers)
+    distill = metrics["distillation"]
+    terms = [(name, _fmt(term["weight"]), term.get("loss", "-")) for name, term in distill["terms"].items()]
+    retained_line = _retained_line(metrics, teacher, student)
+    intro = _intro(teacher, peers)
+    lineage = _lineage(metrics, teacher, student, peers)
+    return ModelCard.from_template(
+        data,
+        template_str=_CARD_TEMPLATE,
+        model_name=os.path.basename(repo_id),
+        repo_id=repo_id,
+        auto_class=auto_class,
+        intro=intro,
+        lineage_rows="\n".join(lineage),
+        training_note=training_note(metrics),
+        results_rows="\n".join(results_rows),
+        retained_line=retained_line,
+        comparison_line=" ".join(comparison_lines(metrics)),
+        generations_line=generations_line(metrics),
+        peers_line=peers_line(metrics),
+        terms_rows="\n".join(f"| {a} | {b} | {c} |" for a, b, c in terms),
+        temperature=distill["temperature"],
+        layer_maps=json.dumps(distill["layer_maps"]) if distill["layer_maps"] else "none (no feature terms)",
+        wall_time=", ".join(f"{k} {v:.0f} s" for k, v in metrics["wall_time_s"].items()),
+    )
+
+
+def _card_data(metrics: dict, repo_id: str, teacher: dict, student: dict, task: str, peers: dict) -> ModelCardData:
+    """The card's YAML metadata: base model, data set, tags and the headline metric."""
     metric_name = metrics["metric"]
     dataset_id = metrics["data"].get("hub_id")
     # With peers the teacher did not teach: it is the student's base model only when the student is made from it.
     base_model = teacher.get("hub_id") if not peers or student.get("built_from_teacher", True) else None
-    data = ModelCardData(
+    return ModelCardData(
         base_model=base_model or None,
         datasets=[dataset_id] if dataset_id else None,
         library_name="transformers",
@@ -103,6 +133,11 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
         metrics=[metric_name],
         model_name=os.path.basename(repo_id),
     )
+
+
+def _results_rows(metrics: dict, teacher: dict, student: dict, peers: dict) -> list[str]:
+    """The results table (teacher, student, each peer): metric, text evaluation, parameters, latency."""
+    metric_name = metrics["metric"]
     results = [
         (
             _readable(metric_name),
@@ -132,8 +167,12 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
     header = ["", "teacher", "student", *(f"peer `{name}`" for name in peers)]
     results_rows = [f"| {' | '.join(header)} |".replace("|  |", "| |", 1), "|" + "---|" * len(header)]
     results_rows += [f"| {' | '.join(row)} |" for row in results]
-    distill = metrics["distillation"]
-    terms = [(name, _fmt(term["weight"]), term.get("loss", "-")) for name, term in distill["terms"].items()]
+    return results_rows
+
+
+def _retained_line(metrics: dict, teacher: dict, student: dict) -> str:
+    """What the student kept of the teacher's metric, at what share of its size and what speed-up."""
+    metric_name = metrics["metric"]
     retained = metrics["retained"]
     kept = (
         f"has **{student['metric'] / teacher['metric']:.2f}x** the teacher's {_readable(metric_name)} "
@@ -141,27 +180,34 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
         if metric_name in LOWER_IS_BETTER
         else f"keeps **{retained:.1%}** of the teacher's {metric_name}"
     )
-    retained_line = (
+    return (
         f"The student {kept} "
         f"with {metrics['size_ratio']:.1%} of its parameters, and runs **{metrics['speedup']:.2f}x** faster "
         f"(median forward latency on a batch of {metrics['latency_batch_size']}, {metrics['device']})."
     )
+
+
+def _intro(teacher: dict, peers: dict) -> str:
+    """The card's opening sentence: distilled from the teacher, or trained by mutual learning with peers."""
     teacher_hub = teacher.get("hub_id")
     teacher_url = f"https://huggingface.co/{teacher_hub}" if teacher_hub else "#lineage"
     teacher_link = f"[{teacher_hub or teacher['name']}]({teacher_url})"
     hfkd_link = "[hfkd](https://pypi.org/project/hfkd/)"
     if peers:
-        intro = (
+        return (
             f"A student trained by deep mutual learning (Zhang et al. 2018) together with {len(peers)} peer "
             f"model{'s' if len(peers) > 1 else ''}, with {hfkd_link} (knowledge distillation for the Hugging Face "
             f"stack): no teacher taught it; it is compared below with {teacher_link}. It loads with plain transformers:"
         )
-    else:
-        intro = (
-            f"A student distilled from {teacher_link} with {hfkd_link}\n(knowledge distillation for the Hugging Face "
-            "stack). It loads with plain transformers:"
-        )
-    lineage = [
+    return (
+        f"A student distilled from {teacher_link} with {hfkd_link}\n(knowledge distillation for the Hugging Face "
+        "stack). It loads with plain transformers:"
+    )
+
+
+def _lineage(metrics: dict, teacher: dict, student: dict, peers: dict) -> list[str]:
+    """Where each model and the data came from, one bullet each."""
+    return [
         (f"- Teacher (did not teach: the reference the results compare with): {teacher_line(teacher)}")
         if peers
         else f"- Teacher: {teacher_line(teacher)}",
@@ -172,25 +218,6 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
         ),
         f"- Data: {metrics['data']['note']}",
     ]
-    return ModelCard.from_template(
-        data,
-        template_str=_CARD_TEMPLATE,
-        model_name=os.path.basename(repo_id),
-        repo_id=repo_id,
-        auto_class=auto_class,
-        intro=intro,
-        lineage_rows="\n".join(lineage),
-        training_note=training_note(metrics),
-        results_rows="\n".join(results_rows),
-        retained_line=retained_line,
-        comparison_line=" ".join(comparison_lines(metrics)),
-        generations_line=generations_line(metrics),
-        peers_line=peers_line(metrics),
-        terms_rows="\n".join(f"| {a} | {b} | {c} |" for a, b, c in terms),
-        temperature=distill["temperature"],
-        layer_maps=json.dumps(distill["layer_maps"]) if distill["layer_maps"] else "none (no feature terms)",
-        wall_time=", ".join(f"{k} {v:.0f} s" for k, v in metrics["wall_time_s"].items()),
-    )
 
 
 def _finetune_text(finetune: dict) -> str:

@@ -166,91 +166,112 @@ class LogitTerm(Term):
             (loss with gradients, the term's sum, the cross-entropy's sum or None), the sums detached.
         """
         options = self.options
+        chunks = _LogitChunks(options, s_hidden, teacher, t_head, mask, coef, labels, task_scale)
+        if chunks.closed:
+            fused = chunked_head_loss(
+                chunks.s_rows, s_head.weight, s_head.bias, chunks.closed_form, options.chunk_size, with_gradient=True
+            )
+        else:
+            fused = chunked_head_loss(chunks.s_rows, s_head.weight, s_head.bias, chunks.chunk_loss, options.chunk_size)
+        return fused, chunks.sums["term"], chunks.sums.get("task")
 
-        def select(values):  # position t predicts token t + 1: the last position has no target
-            values = values[:, :-1]
-            return values[mask] if mask is not None else values.flatten(0, 1)
 
-        s_rows = select(s_hidden)
-        topk = None if isinstance(teacher, torch.Tensor) else teacher.topk
-        if topk is not None:
-            t_ids, t_log_probs = select(topk[0]), select(topk[1])
+def _next_token_rows(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """The rows that predict a token: position t predicts token t + 1, so the last position has no target."""
+    values = values[:, :-1]
+    return values[mask] if mask is not None else values.flatten(0, 1)
+
+
+class _LogitChunks:
+    """`LogitTerm.head_loss` on one batch: both models' selected rows, and the loss of a chunk of them for
+    `chunked_head_loss` (`closed_form` with its gradient, or `chunk_loss` through autograd), adding the detached
+    sums of the term and of the task loss to `sums` as the chunks go."""
+
+    def __init__(self, options: LogitOptions, s_hidden, teacher, t_head, mask, coef, labels, task_scale):
+        self.options, self.coef, self.task_scale = options, coef, task_scale
+        self.s_rows = _next_token_rows(s_hidden, mask)
+        self.topk = None if isinstance(teacher, torch.Tensor) else teacher.topk
+        if self.topk is not None:
+            self.t_ids, self.t_log_probs = _next_token_rows(self.topk[0], mask), _next_token_rows(self.topk[1], mask)
         elif isinstance(teacher, torch.Tensor):
-            t_rows = select(teacher)
+            self.t_rows = _next_token_rows(teacher, mask)
         else:  # cached dense logits: the rows are logits already
-            t_rows, t_head = select(teacher.logits), None
+            self.t_rows, t_head = _next_token_rows(teacher.logits, mask), None
+        self.t_head = t_head
 
-        with_task = task_scale is not None and isinstance(labels, torch.Tensor)
-        if with_task:
-            targets = labels[:, 1:][mask] if mask is not None else labels[:, 1:].flatten()
-        sums = {"term": torch.zeros((), device=s_rows.device)}
-        if with_task:
-            sums["task"] = torch.zeros((), device=s_rows.device)
-
-        def teacher_logits(start, end):
-            with torch.no_grad():
-                return t_head(t_rows[start:end]) if t_head is not None else t_rows[start:end]
+        self.with_task = task_scale is not None and isinstance(labels, torch.Tensor)
+        if self.with_task:
+            self.targets = labels[:, 1:][mask] if mask is not None else labels[:, 1:].flatten()
+        self.sums = {"term": torch.zeros((), device=self.s_rows.device)}
+        if self.with_task:
+            self.sums["task"] = torch.zeros((), device=self.s_rows.device)
+        self.targets_all_valid = mask is not None  # rows were selected by labels != -100
 
         # Forward KL, reverse KL and JSD (and cross-entropy) have known gradients: no autograd over [rows, vocab].
         closed = options.loss in ("kl", "reverse_kl", "jsd") and not options.standardize
-        closed = closed and (topk is None or options.loss == "kl")
+        self.closed = closed and (self.topk is None or options.loss == "kl")
         # Online, the teacher's hidden states are divided by T before its head: logits / T at 1/V of the cost.
-        scaled_teacher = (
-            closed and topk is None and t_head is not None and t_head.bias is None and options.temperature != 1.0
+        self.scaled_teacher = (
+            self.closed
+            and self.topk is None
+            and t_head is not None
+            and t_head.bias is None
+            and options.temperature != 1.0
         )
-        if scaled_teacher:
-            t_rows = t_rows / options.temperature
+        if self.scaled_teacher:
+            self.t_rows = self.t_rows / options.temperature
 
-        def closed_form(s_logits, start, end):
-            distill, task, grad = kl_ce_with_grad(
+    def teacher_logits(self, start: int, end: int) -> torch.Tensor:
+        with torch.no_grad():
+            return self.t_head(self.t_rows[start:end]) if self.t_head is not None else self.t_rows[start:end]
+
+    def closed_form(self, s_logits: torch.Tensor, start: int, end: int):
+        """(this chunk's loss, its gradient with respect to `s_logits`) in closed form (hfkd.losses.fused)."""
+        options, with_task = self.options, self.with_task
+        distill, task, grad = kl_ce_with_grad(
+            s_logits,
+            temperature=options.temperature,
+            kl_scale=self.coef,
+            teacher_logits=self.teacher_logits(start, end) if self.topk is None else None,
+            teacher_scaled=self.scaled_teacher,
+            topk=(self.t_ids[start:end], self.t_log_probs[start:end]) if self.topk is not None else None,
+            targets=self.targets[start:end] if with_task else None,
+            ce_scale=self.task_scale if with_task else 0.0,
+            targets_all_valid=self.targets_all_valid,
+            loss=options.loss,
+            beta=options.jsd_beta,
+        )
+        self.sums["term"] += distill
+        total = distill * self.coef
+        if with_task:
+            self.sums["task"] += task
+            total = total + task * self.task_scale
+        return total, grad
+
+    def chunk_loss(self, s_logits: torch.Tensor, start: int, end: int) -> torch.Tensor:
+        """This chunk's loss through autograd, where no closed form applies (standardised logits, other losses than
+        'kl', 'reverse_kl' and 'jsd', or a top-k teacher with another loss than 'kl')."""
+        options = self.options
+        if self.topk is not None:
+            distill = topk_logit_loss(
+                options.loss,
                 s_logits,
+                self.t_ids[start:end],
+                self.t_log_probs[start:end],
                 temperature=options.temperature,
-                kl_scale=coef,
-                teacher_logits=teacher_logits(start, end) if topk is None else None,
-                teacher_scaled=scaled_teacher,
-                topk=(t_ids[start:end], t_log_probs[start:end]) if topk is not None else None,
-                targets=targets[start:end] if with_task else None,
-                ce_scale=task_scale if with_task else 0.0,
-                targets_all_valid=mask is not None,  # rows were selected by labels != -100
-                loss=options.loss,
                 beta=options.jsd_beta,
-            )
-            sums["term"] += distill
-            total = distill * coef
-            if with_task:
-                sums["task"] += task
-                total = total + task * task_scale
-            return total, grad
-
-        def chunk_loss(s_logits, start, end):
-            if topk is not None:
-                distill = topk_logit_loss(
-                    options.loss,
-                    s_logits,
-                    t_ids[start:end],
-                    t_log_probs[start:end],
-                    temperature=options.temperature,
-                    beta=options.jsd_beta,
-                ).sum()
-            else:
-                s_view, t_logits = s_logits, teacher_logits(start, end)
-                if options.standardize:  # the divergence sees z-scores; the task loss below keeps the raw logits
-                    s_view, t_logits = standardize_logits(s_view), standardize_logits(t_logits)
-                distill = LOGIT_LOSSES[options.loss](
-                    s_view, t_logits, temperature=options.temperature, beta=options.jsd_beta
-                ).sum()
-            sums["term"] += distill.detach()
-            total = distill * coef
-            if with_task:
-                task = F.cross_entropy(s_logits.float(), targets[start:end], ignore_index=-100, reduction="sum")
-                sums["task"] += task.detach()
-                total = total + task * task_scale
-            return total
-
-        if closed:
-            fused = chunked_head_loss(
-                s_rows, s_head.weight, s_head.bias, closed_form, options.chunk_size, with_gradient=True
-            )
+            ).sum()
         else:
-            fused = chunked_head_loss(s_rows, s_head.weight, s_head.bias, chunk_loss, options.chunk_size)
-        return fused, sums["term"], sums.get("task")
+            s_view, t_logits = s_logits, self.teacher_logits(start, end)
+            if options.standardize:  # the divergence sees z-scores; the task loss below keeps the raw logits
+                s_view, t_logits = standardize_logits(s_view), standardize_logits(t_logits)
+            distill = LOGIT_LOSSES[options.loss](
+                s_view, t_logits, temperature=options.temperature, beta=options.jsd_beta
+            ).sum()
+        self.sums["term"] += distill.detach()
+        total = distill * self.coef
+        if self.with_task:
+            task = F.cross_entropy(s_logits.float(), self.targets[start:end], ignore_index=-100, reduction="sum")
+            self.sums["task"] += task.detach()
+            total = total + task * self.task_scale
+        return total
