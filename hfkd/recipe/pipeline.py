@@ -35,22 +35,22 @@ from transformers import (
     set_seed,
 )
 
-from . import data as hfkd_data
-from .batch import SPANS, TEACHER_PREFIX, TEACHER_SPANS
-from .cache import TeacherCache, build_teacher_cache
-from .checkpoints import describe_skipped, last_complete_checkpoint
-from .compare import paired_accuracy, paired_blocks
-from .config import DistillationConfig
-from .data import DataArguments
-from .layer_map import resolve_layer_map
-from .lm_eval import bits_per_byte
-from .measure import compare_latency, count_parameters, forward_latency_ms
-from .metrics import load_metric
-from .models import check_teacher_head
-from .paths import resolve_path
-from .peers import named_peers, peer_folder, save_peer
-from .report import model_card, plot_report, write_metrics
-from .run_folder import (
+from .. import data as hfkd_data
+from ..batch import SPANS, TEACHER_PREFIX, TEACHER_SPANS
+from ..cache import TeacherCache, build_teacher_cache
+from ..checkpoints import describe_skipped, last_complete_checkpoint
+from ..compare import paired_accuracy, paired_blocks
+from ..config import DistillationConfig
+from ..data import DataArguments
+from ..layer_map import resolve_layer_map
+from ..lm_eval import bits_per_byte
+from ..measure import compare_latency, count_parameters, forward_latency_ms
+from ..metrics import load_metric
+from ..models import check_teacher_head
+from ..paths import resolve_path
+from ..peers import named_peers, peer_folder, save_peer
+from ..report import model_card, plot_report, write_metrics
+from ..run_folder import (
     CONFIG_FILE,
     TEACHER_RECORD,
     WORK_DIRS,
@@ -60,11 +60,11 @@ from .run_folder import (
     run_values,
     write_config,
 )
-from .student import student_from_teacher, student_layers
-from .terms import TERMS
-from .terms.runner import TermSet
-from .trainer import DistillationTrainer
-from .two_tokenizers import TwoTokenizerCollator
+from ..student import student_from_teacher, student_layers
+from ..terms import TERMS
+from ..terms.runner import TermSet
+from ..trainer import DistillationTrainer
+from ..two_tokenizers import TwoTokenizerCollator
 
 logger = logging.getLogger(__name__)
 
