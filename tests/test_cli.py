@@ -548,13 +548,13 @@ def test_bad_input_is_one_line_and_leaves_no_folder(tmp_path, tiny_text, capsys,
 
 
 def test_a_bug_keeps_its_traceback_and_a_failed_run_leaves_no_folder(tmp_path, tiny_text, monkeypatch, capsys):
-    from hfkd import recipe
+    from hfkd.recipe import evaluation, pipeline
 
-    def broken(self):
+    def broken(state):
         raise KeyError("a bug")
 
     # After the teacher is fine-tuned: the finished teacher stays for a resume, the scratch folder goes.
-    monkeypatch.setattr(recipe._Run, "build_student", broken)
+    monkeypatch.setattr(pipeline, "build_student", broken)
     with pytest.raises(KeyError, match="a bug"):
         main(["distill", "--config", str(_recipe(tmp_path, *tiny_text))])
     out = tmp_path / "run"
@@ -563,7 +563,7 @@ def test_a_bug_keeps_its_traceback_and_a_failed_run_leaves_no_folder(tmp_path, t
     assert "Continue it with the same command and --resume_from_checkpoint true" in capsys.readouterr().err
     # Before anything resumable exists: the folder the run created goes entirely (checkpoints/hfkd_run.json too).
     monkeypatch.undo()
-    monkeypatch.setattr(recipe._Run, "score", lambda self, model: broken(self))  # what evaluation calls
+    monkeypatch.setattr(evaluation, "score", lambda state, model: broken(state))  # what evaluation calls
     path = _recipe(tmp_path, *tiny_text, output_dir=str(tmp_path / "second"), finetune_teacher=False)
     with pytest.raises(KeyError, match="a bug"):
         main(["distill", "--config", str(path)])

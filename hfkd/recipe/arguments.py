@@ -1,0 +1,183 @@
+"""The recipe's own arguments (`RecipeArguments`: its stages, task and student) and how they read."""
+
+import json
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .. import data as hfkd_data
+from ..config import DistillationConfig
+
+
+@dataclass
+class RecipeArguments:
+    """The stages of a recipe: which task, how the teacher is made ready, how the student is built."""
+
+    task: str = field(default="text-classification", metadata={"help": f"One of {', '.join(hfkd_data.TASKS)}."})
+    teacher_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Build the teacher from this config instead of loading weights: a JSON object with "
+            '\'model_type\' and config fields, e.g. \'{"model_type": "vit", "hidden_size": 128}\'. Use with '
+            "finetune_teacher to train it here."
+        },
+    )
+    teacher_hub_id: str | None = field(
+        default=None,
+        metadata={
+            "help": "Hub id recorded as the card's base_model; defaults to teacher_model_name_or_path when that is "
+            "not a local path (set it when the teacher is a local copy of a Hub model)."
+        },
+    )
+    finetune_teacher: bool = field(
+        default=False, metadata={"help": "Fine-tune the teacher on the task before distilling (stage 1)."}
+    )
+    teacher_num_train_epochs: float = field(
+        default=1.0,
+        metadata={"help": "Epochs of teacher fine-tuning (num_train_epochs applies to distillation only)."},
+    )
+    teacher_max_steps: int = field(
+        default=-1,
+        metadata={
+            "help": "Caps teacher fine-tuning steps (-1: teacher_num_train_epochs rules). --max_steps does not bound "
+            "this stage: it caps distillation only."
+        },
+    )
+    teacher_learning_rate: float = field(default=5e-5, metadata={"help": "Learning rate of teacher fine-tuning."})
+    teacher_lora_r: int = field(
+        default=0,
+        metadata={
+            "help": "LoRA rank for teacher fine-tuning through peft (0: full fine-tuning); merged before distillation."
+        },
+    )
+    teacher_lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha for teacher fine-tuning."})
+    teacher_lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated module names LoRA adapts (default: peft's choice for the architecture)."},
+    )
+    student_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A ready student (Hub id or path); else one is built from the teacher. A student whose tokenizer "
+            "(saved beside it) differs from the teacher's is trained and evaluated with its own, saved with it, and "
+            "distilled on text tokenized for both (hfkd.two_tokenizers): span_kd or uld for causal LMs, whose text is "
+            "then cut into pieces instead of packed blocks and compared in bits per byte."
+        },
+    )
+    student_num_layers: int | None = field(
+        default=None,
+        metadata={"help": "Layers of the student built from the teacher's own layers (student_from_teacher)."},
+    )
+    student_layers: str | None = field(
+        default=None, metadata={"help": "Explicit teacher layers to keep, comma-separated, e.g. '0,2,5'."}
+    )
+    image_processor_kwargs: str | None = field(
+        default=None,
+        metadata={
+            "help": "For image tasks whose teacher has no saved image processor: JSON arguments of a "
+            "ViTImageProcessor (size, image_mean, image_std, do_resize, ...)."
+        },
+    )
+    compare_without_distillation: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the same student (same initial weights, data, steps, learning rate and batches) on "
+            "the labels alone, and report it beside the distilled one: did distillation help? A paired test on "
+            "the same held-out rows decides (hfkd.compare; both students' per-row scores in eval_rows.json). "
+            "Doubles the distillation stage's time."
+        },
+    )
+    generations: int = field(
+        default=1,
+        metadata={
+            "help": "Born-again networks (Furlanello et al., ICML 2018): after the student learns from the teacher "
+            "(generation 1), train this many generations in all, each a student from the same initial weights taught "
+            "by the generation before it, with the same terms and budget. The last generation is saved; each "
+            "generation's metric goes to metrics.json, the card and report.png. Later generations run their "
+            "teacher online and are not checkpointed."
+        },
+    )
+    early_stopping_patience: int = field(
+        default=0,
+        metadata={
+            "help": "Stop distillation after this many evaluations without improvement of metric_for_best_model "
+            "(0: off). Needs eval_strategy, load_best_model_at_end=true and metric_for_best_model (e.g. accuracy)."
+        },
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Smallest change of metric_for_best_model that counts as an improvement."}
+    )
+    latency_batch_size: int = field(default=16, metadata={"help": "Batch size of the latency measurement."})
+    latency_repeats: int = field(default=10, metadata={"help": "Rounds of the latency measurement (median kept)."})
+
+    def __post_init__(self):
+        if self.task not in hfkd_data.TASKS:
+            raise ValueError(f"task={self.task!r} is not known; choose one of {list(hfkd_data.TASKS)}.")
+        if self.student_model_name_or_path and (self.student_num_layers or self.student_layers):
+            raise ValueError("Give either student_model_name_or_path or student_num_layers/student_layers, not both.")
+        if not self.student_model_name_or_path and not self.student_num_layers and not self.student_layers:
+            raise ValueError(
+                "No student: set student_num_layers (a student built from the teacher's layers), student_layers, "
+                "or student_model_name_or_path."
+            )
+        if self.teacher_lora_r < 0:
+            raise ValueError(f"teacher_lora_r must be >= 0, got {self.teacher_lora_r}.")
+        if self.teacher_lora_r and not self.finetune_teacher:
+            raise ValueError("teacher_lora_r > 0 needs finetune_teacher=true: LoRA is how the teacher is fine-tuned.")
+        if self.latency_batch_size < 1 or self.latency_repeats < 1:
+            raise ValueError("latency_batch_size and latency_repeats must be >= 1.")
+        if isinstance(self.generations, bool) or not isinstance(self.generations, int) or self.generations < 1:
+            raise ValueError(
+                f"generations must be an integer >= 1 (1: no born-again generations), got {self.generations!r}."
+            )
+        if self.early_stopping_patience < 0:
+            raise ValueError(f"early_stopping_patience must be >= 0 (0: off), got {self.early_stopping_patience}.")
+        if self.student_layers is not None:
+            self.layer_list()  # a typo fails here, before any model is loaded
+
+    def layer_list(self) -> list[int] | None:
+        if self.student_layers is None:
+            return None
+        try:
+            return [int(x) for x in str(self.student_layers).split(",")]
+        except ValueError:
+            raise ValueError(
+                f"student_layers={self.student_layers!r} must be comma-separated teacher layer indices, e.g. '0,2,5'."
+            ) from None
+
+
+def json_arg(value, name: str) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, dict):
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name} must be a JSON object, got {value!r} ({err}).") from err
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{name} must be a JSON object, got {value!r}.")
+    return parsed
+
+
+def stage_args(config: DistillationConfig, output_dir: str, **overrides) -> TrainingArguments:
+    """TrainingArguments for a non-distillation stage, sharing the run's batch sizes, seed and precision."""
+    keep = (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "seed",
+        "use_cpu",
+        "bf16",
+        "fp16",
+        "logging_steps",
+        "disable_tqdm",
+        "dataloader_num_workers",
+        "weight_decay",
+        "warmup_steps",
+        "train_sampling_strategy",
+    )
+    kwargs = {name: getattr(config, name) for name in keep}
+    kwargs.update(report_to=[], save_strategy="no", output_dir=output_dir)
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)

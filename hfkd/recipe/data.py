@@ -1,0 +1,280 @@
+"""The recipe's data: its splits, the tokenizers (or image processor) of teacher and student, the data as each
+stage reads it, and the batches (collators) of each role."""
+
+import os
+from dataclasses import dataclass
+
+import datasets
+import transformers
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorForSeq2Seq,
+    DataCollatorWithPadding,
+    default_data_collator,
+)
+
+from .. import data as hfkd_data
+from ..batch import SPANS, TEACHER_PREFIX, TEACHER_SPANS
+from ..config import DistillationConfig
+from ..data import DataArguments
+from ..paths import resolve_path
+from ..two_tokenizers import TwoTokenizerCollator
+from .arguments import RecipeArguments, json_arg
+from .models import TeacherSource
+from .preflight import check_across, check_one_tokenizer
+
+
+@dataclass
+class RecipeData:
+    """The data every stage reads, tokenized once: by the teacher's tokenizer, the student's, or both."""
+
+    processor: object
+    """The teacher's tokenizer, or the image processor of image tasks."""
+    student_processor: object
+    """The student's own tokenizer when it differs from the teacher's, else `processor` itself."""
+    across: bool
+    """Whether the student has its own tokenizer (distillation reads the text tokenized for both)."""
+    labels: list[str] | None
+    """Class names in label-id order (the teacher's own order when it is not fine-tuned); None for causal LMs."""
+    train_ds: datasets.Dataset | None
+    """Training rows in the teacher's tokenization (teacher fine-tuning, hfkd cache); None across tokenizers unless
+    the teacher is fine-tuned."""
+    eval_ds: datasets.Dataset | None
+    """Held-out rows in the teacher's tokenization (its evaluation); None for causal LMs across tokenizers."""
+    student_train_ds: datasets.Dataset
+    """Training rows as the student alone reads them (labels-only comparison, born-again generations)."""
+    student_eval_ds: datasets.Dataset
+    """Held-out rows as the student alone reads them (evaluation of every model but the teacher)."""
+    distill_train_ds: datasets.Dataset
+    """Training rows of distillation: both tokenizations across tokenizers, else `student_train_ds`."""
+    distill_eval_ds: datasets.Dataset
+    """Held-out rows of evaluation during distillation."""
+    lm_texts: list[str] | None = None
+    """Causal LMs: the held-out text in pieces every tokenizer holds in max_length tokens (bits per byte); else
+    None."""
+    dropped_rows: str | None = None
+    """Classifiers: what was said of training and held-out rows without a label (None when there were none)."""
+    unseen_eval_rows: str | None = None
+    """Classifiers: what was said of held-out rows with a label the training split lacks (None when none)."""
+
+
+def load_data(
+    recipe: RecipeArguments, data_args: DataArguments, config: DistillationConfig, source: TeacherSource
+) -> RecipeData:
+    """The splits, the tokenizers and the data as each stage reads it; what cannot run with the student's tokenizer
+    is refused before anything is tokenized."""
+    task = recipe.task
+    train_raw, eval_raw = hfkd_data.load_splits(data_args, config.seed)
+    labels = dropped_rows = unseen_eval_rows = None
+    if task != "causal-lm":
+        train_raw, eval_raw, dropped_rows = hfkd_data.drop_unlabelled(train_raw, eval_raw, data_args)
+        names = hfkd_data.label_names(train_raw, eval_raw, data_args)
+        eval_raw, unseen_eval_rows = hfkd_data.drop_unseen_eval_labels(eval_raw, names, data_args)
+        labels = _teacher_label_order(recipe, config, source, data_args, names)
+    processor = _teacher_processor(recipe, source)
+    student_processor = _student_tokenizer(recipe, processor)
+    across = student_processor is not processor
+    if across:
+        check_across(recipe, config, student_processor, processor)
+        splits = _tokenize_across(recipe, data_args, processor, student_processor, labels, train_raw, eval_raw)
+    else:
+        check_one_tokenizer(config)
+        train_ds, eval_ds = (_preprocess(task, data_args, processor, labels, d) for d in (train_raw, eval_raw))
+        # One tokenization serves every stage.
+        splits = dict(train_ds=train_ds, eval_ds=eval_ds, student_train_ds=train_ds, student_eval_ds=eval_ds)
+        splits.update(distill_train_ds=train_ds, distill_eval_ds=eval_ds)
+    lm_texts = None
+    if task == "causal-lm":
+        # The texts every model's bits per byte is measured on: the held-out text cut at whitespace into pieces
+        # each tokenizer holds in max_length tokens (the held-out rows of a run across tokenizers).
+        tokenizers = [processor] + ([student_processor] if across else [])
+        texts = [t for t in eval_raw[data_args.text_column] if t]
+        lm_texts = hfkd_data.split_text(texts, tokenizers, data_args.max_length)
+    return RecipeData(
+        processor=processor,
+        student_processor=student_processor,
+        across=across,
+        labels=labels,
+        lm_texts=lm_texts,
+        dropped_rows=dropped_rows,
+        unseen_eval_rows=unseen_eval_rows,
+        **splits,
+    )
+
+
+def _teacher_processor(recipe: RecipeArguments, source: TeacherSource):
+    """The teacher's tokenizer (its EOS token pads when it has no pad token), or the image processor."""
+    if recipe.task == "image-classification":
+        return _image_processor(recipe, source)
+    if source.path is None:
+        raise ValueError(f"task={recipe.task} needs teacher_model_name_or_path for its tokenizer.")
+    processor = AutoTokenizer.from_pretrained(source.path, **source.gguf_kwargs())
+    if processor.pad_token is None:
+        processor.pad_token = processor.eos_token
+    return processor
+
+
+def _student_tokenizer(recipe: RecipeArguments, processor):
+    """The student's own tokenizer when it has one that differs from the teacher's, else the teacher's."""
+    r = recipe
+    if not r.student_model_name_or_path or r.task == "image-classification":
+        return processor
+    path = resolve_path(r.student_model_name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError, KeyError):
+        tokenizer = None
+    if tokenizer is None:
+        _check_reads_teacher_ids(recipe, path, processor)
+        return processor
+    if tokenizer.get_vocab() == processor.get_vocab():
+        return processor  # the teacher's tokenizer: the run is the same as with a student built from it
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"student_model_name_or_path={r.student_model_name_or_path!r}: its tokenizer "
+            f"({type(tokenizer).__name__}) differs from the teacher's and is not a fast tokenizer, but lining up "
+            "two tokenizations needs each token's character offsets. Save a fast tokenizer (tokenizer.json) with "
+            "the student."
+        )
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(
+                f"student_model_name_or_path={r.student_model_name_or_path!r}: its tokenizer has neither a pad "
+                "nor an EOS token to pad batches with; set tokenizer.pad_token and save it with the student."
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _check_reads_teacher_ids(recipe: RecipeArguments, path: str, processor) -> None:
+    """No tokenizer beside the student: it must read the teacher's ids, as students built from the teacher do."""
+    name = recipe.student_model_name_or_path
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"Could not load the student {name!r} (student_model_name_or_path): {err}\n"
+            "Check the id or path (HF_HUB_OFFLINE=1 allows only local or cached models)."
+        ) from err
+    vocab = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None)
+    if vocab is not None and vocab < len(processor):
+        raise ValueError(
+            f"student_model_name_or_path={name!r} has no tokenizer, and its vocabulary "
+            f"({vocab} tokens) is smaller than the teacher's tokenizer ({len(processor)}): it cannot read "
+            "the teacher's ids. Save the student's own tokenizer in its folder (tokenizer.save_pretrained("
+            "folder)); hfkd then tokenizes the text for both models."
+        )
+
+
+def _tokenize_across(recipe, data_args, processor, student_processor, labels, train_raw, eval_raw) -> dict:
+    """Teacher stages keep the teacher's tokenization; distillation reads both (the student's view is its part)."""
+    task = recipe.task
+    if task == "text-classification":
+        both = [
+            hfkd_data.preprocess_text_classification_for_both(d, student_processor, processor, data_args, labels)
+            for d in (train_raw, eval_raw)
+        ]
+        eval_ds = _preprocess(task, data_args, processor, labels, eval_raw)  # the teacher's evaluation
+    else:
+        both = [
+            hfkd_data.preprocess_causal_lm_for_both(d, student_processor, processor, data_args)
+            for d in (train_raw, eval_raw)
+        ]
+        eval_ds = None  # every causal LM is evaluated on the same held-out text, in bits per byte
+    # The teacher's own tokenization of the training data serves its fine-tuning only.
+    train_ds = _preprocess(task, data_args, processor, labels, train_raw) if recipe.finetune_teacher else None
+    student_train_ds, student_eval_ds = (
+        d.remove_columns([c for c in d.column_names if c.startswith(TEACHER_PREFIX) or c in (SPANS, TEACHER_SPANS)])
+        for d in both
+    )
+    return dict(
+        train_ds=train_ds,
+        eval_ds=eval_ds,
+        student_train_ds=student_train_ds,
+        student_eval_ds=student_eval_ds,
+        distill_train_ds=both[0],
+        distill_eval_ds=both[1],
+    )
+
+
+def _teacher_label_order(
+    recipe: RecipeArguments, config: DistillationConfig, source: TeacherSource, data_args: DataArguments, labels
+) -> list[str]:
+    """A teacher that is not fine-tuned here keeps its own label ids; the data must be encoded the same way."""
+    if recipe.finetune_teacher or recipe.teacher_config or not source.path:
+        return labels
+    teacher_config = AutoConfig.from_pretrained(source.path, **source.gguf_kwargs())
+    names = (
+        [str(teacher_config.id2label[i]) for i in range(teacher_config.num_labels)] if teacher_config.id2label else []
+    )
+    if sorted(names) == sorted(labels):
+        return names
+    raise ValueError(
+        f"The teacher {config.teacher_model_name_or_path!r} predicts {names} but the data's "
+        f"{data_args.label_column!r} column holds {labels}. Give a teacher trained on these labels, or set "
+        "finetune_teacher=true to fine-tune it (with a new head) first."
+    )
+
+
+def _image_processor(recipe: RecipeArguments, source: TeacherSource):
+    path = source.path
+    if path and os.path.isfile(os.path.join(path, "preprocessor_config.json")):
+        return AutoImageProcessor.from_pretrained(path)
+    if path and not os.path.isdir(path) and not recipe.teacher_config:
+        return AutoImageProcessor.from_pretrained(path)
+    processor_cls = getattr(transformers, "ViTImageProcessorPil", transformers.ViTImageProcessor)
+    return processor_cls(**json_arg(recipe.image_processor_kwargs, "image_processor_kwargs"))
+
+
+def _preprocess(task: str, data_args: DataArguments, processor, labels, dataset):
+    if task == "text-classification":
+        return hfkd_data.preprocess_text_classification(dataset, processor, data_args, labels)
+    if task == "image-classification":
+        return hfkd_data.preprocess_image_classification(dataset, processor, data_args, labels)
+    return hfkd_data.preprocess_causal_lm(dataset, processor, data_args)
+
+
+def collator(data: RecipeData, task: str, data_args: DataArguments, role: str = "student"):
+    """Batches for `role`: 'teacher' (its own tokenization), 'student', or 'distill' (both, when they differ)."""
+    if role == "distill" and data.across:
+        return TwoTokenizerCollator(
+            data.student_processor,
+            data.processor,
+            max_length=data_args.max_length,
+            text_column=data_args.text_column,
+            text_pair_column=data_args.text_pair_column,
+            causal_lm=task == "causal-lm",
+        )
+    tokenizer = data.processor if role == "teacher" else data.student_processor
+    if task == "text-classification":
+        return DataCollatorWithPadding(tokenizer)
+    if task == "causal-lm":
+        if data.across and role != "teacher":  # rows of text pieces, their labels already made
+            return DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+        return DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    return default_data_collator
+
+
+def data_note(data: RecipeData, recipe: RecipeArguments, data_args: DataArguments, config: DistillationConfig) -> str:
+    """The data in a sentence, for the card and the teacher's record: its source, sizes and what was dropped."""
+    return (
+        f"`{data_args.dataset_name}`"
+        + (f" ({data_args.dataset_config_name})" if data_args.dataset_config_name else "")
+        + (f" from {data_args.data_files}" if data_args.data_files else "")
+        + f"; {len(data.distill_train_ds)} training and {len(data.student_eval_ds)} held-out examples"
+        + (
+            f" (pieces of text of at most {data_args.max_length} tokens for both tokenizers, not packed)"
+            if data.across and recipe.task == "causal-lm"
+            else ""
+        )
+        + (
+            ""
+            if data_args.eval_split
+            else f" (held-out {data_args.eval_fraction:.0%} carved from train, seed {config.seed})"
+        )
+        + (f"; {data.dropped_rows}" if data.dropped_rows else "")
+        + (f"; {data.unseen_eval_rows}" if data.unseen_eval_rows else "")
+    )
