@@ -9,7 +9,7 @@ from datasets import Dataset
 from tiny_models import COMMON, dataset_for, llama, lm_data, parameters_of, tiny_gpt2
 from transformers import LlamaForCausalLM
 
-import hfkd.trainer as trainer_module
+import hfkd.probe as probe_module
 from hfkd import DistillationConfig, DistillationTrainer
 from hfkd.batch import PROBE_POSITIONS, probe_window
 from hfkd.losses import LOGIT_LOSSES
@@ -289,7 +289,7 @@ def test_probe_reads_a_window_of_long_rows_and_changes_nothing(tmp_path, prompt,
     runs = {}
     for whole in (False, True):
         if whole:
-            monkeypatch.setattr(trainer_module, "probe_window", lambda batch: batch)
+            monkeypatch.setattr(probe_module, "probe_window", lambda batch: batch)
         student, teacher = llama(hidden=16, layers=2, seed=1), llama(hidden=32, layers=4, seed=2)
         lengths = []
         hooks = [

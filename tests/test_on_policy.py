@@ -63,7 +63,7 @@ class Recorder(DistillationTrainer):
     def get_batch_samples(self, epoch_iterator, num_batches, device):
         batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
         if batches:
-            self.windows.append((batches, num_items, dict(self._window_counts or {})))
+            self.windows.append((batches, num_items, dict(self.step.units.window or {})))
         return batches, num_items
 
 

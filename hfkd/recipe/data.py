@@ -23,7 +23,7 @@ from ..data import DataArguments
 from ..paths import resolve_path
 from ..two_tokenizers import TwoTokenizerCollator
 from .arguments import RecipeArguments, json_arg
-from .models import TeacherSource
+from .models import TeacherLocation
 from .preflight import check_across, check_one_tokenizer
 
 
@@ -62,7 +62,7 @@ class RecipeData:
 
 
 def load_data(
-    recipe: RecipeArguments, data_args: DataArguments, config: DistillationConfig, source: TeacherSource
+    recipe: RecipeArguments, data_args: DataArguments, config: DistillationConfig, source: TeacherLocation
 ) -> RecipeData:
     """The splits, the tokenizers and the data as each stage reads it; what cannot run with the student's tokenizer
     is refused before anything is tokenized."""
@@ -105,7 +105,7 @@ def load_data(
     )
 
 
-def _teacher_processor(recipe: RecipeArguments, source: TeacherSource):
+def _teacher_processor(recipe: RecipeArguments, source: TeacherLocation):
     """The teacher's tokenizer (its EOS token pads when it has no pad token), or the image processor."""
     if recipe.task == "image-classification":
         return _image_processor(recipe, source)
@@ -201,7 +201,7 @@ def _tokenize_across(recipe, data_args, processor, student_processor, labels, tr
 
 
 def _teacher_label_order(
-    recipe: RecipeArguments, config: DistillationConfig, source: TeacherSource, data_args: DataArguments, labels
+    recipe: RecipeArguments, config: DistillationConfig, source: TeacherLocation, data_args: DataArguments, labels
 ) -> list[str]:
     """A teacher that is not fine-tuned here keeps its own label ids; the data must be encoded the same way."""
     if recipe.finetune_teacher or recipe.teacher_config or not source.path:
@@ -219,7 +219,7 @@ def _teacher_label_order(
     )
 
 
-def _image_processor(recipe: RecipeArguments, source: TeacherSource):
+def _image_processor(recipe: RecipeArguments, source: TeacherLocation):
     path = source.path
     if path and os.path.isfile(os.path.join(path, "preprocessor_config.json")):
         return AutoImageProcessor.from_pretrained(path)

@@ -45,7 +45,7 @@ def read_teacher_record(folder: str | None) -> dict | None:
 
 
 @dataclass
-class TeacherSource:
+class TeacherLocation:
     """Where the recipe's teacher comes from, known before any model is loaded."""
 
     path: str | None
@@ -56,7 +56,7 @@ class TeacherSource:
     """What the teacher folder says of its own making: a teacher fine-tuned by an earlier hfkd run (else None)."""
 
     @classmethod
-    def from_config(cls, config: DistillationConfig) -> "TeacherSource":
+    def from_config(cls, config: DistillationConfig) -> "TeacherLocation":
         path = resolve_path(config.teacher_model_name_or_path)
         init = dict(config.teacher_model_init_kwargs or {})
         kwargs = {k: resolve_path(v) if isinstance(v, str) else v for k, v in init.items()}
@@ -67,7 +67,7 @@ class TeacherSource:
         return {"gguf_file": self.kwargs["gguf_file"]} if "gguf_file" in self.kwargs else {}
 
 
-def teacher_lineage(recipe: RecipeArguments, config: DistillationConfig, source: TeacherSource) -> dict:
+def teacher_lineage(recipe: RecipeArguments, config: DistillationConfig, source: TeacherLocation) -> dict:
     """Where the teacher came from, following a teacher folder written by an earlier hfkd run to its origin."""
     name = config.teacher_model_name_or_path or "built from teacher_config"
     hub_id = recipe.teacher_hub_id
@@ -102,7 +102,7 @@ def pad_like(model, task: str, tokenizer) -> None:
         model.config.pad_token_id = tokenizer.pad_token_id
 
 
-def load_teacher(recipe: RecipeArguments, config: DistillationConfig, source: TeacherSource, data: "RecipeData"):
+def load_teacher(recipe: RecipeArguments, config: DistillationConfig, source: TeacherLocation, data: "RecipeData"):
     """The teacher as the recipe says: built from teacher_config, or loaded (a new head when it is fine-tuned)."""
     auto = AUTO_CLASSES[recipe.task]
     if recipe.teacher_config:
@@ -140,7 +140,7 @@ def load_teacher(recipe: RecipeArguments, config: DistillationConfig, source: Te
     return teacher
 
 
-def load_saved_teacher(recipe: RecipeArguments, source: TeacherSource, folder: str, teacher, data: "RecipeData"):
+def load_saved_teacher(recipe: RecipeArguments, source: TeacherLocation, folder: str, teacher, data: "RecipeData"):
     """The teacher this run fine-tuned and saved whole in `folder`, standing in for `teacher` (the original)."""
     kwargs = {k: v for k, v in source.kwargs.items() if k != "gguf_file"}
     saved = AUTO_CLASSES[recipe.task].from_pretrained(folder, **kwargs)

@@ -16,7 +16,7 @@ from ..run_folder import CONFIG_FILE, check_output_dir, cleaned_on_failure, resu
 from .arguments import RecipeArguments
 from .data import collator, load_data
 from .evaluation import evaluate_models, latency
-from .models import TeacherSource, load_peers, load_teacher, make_student
+from .models import TeacherLocation, load_peers, load_teacher, make_student
 from .preflight import (
     check_cache_run,
     check_cache_settings,
@@ -58,7 +58,7 @@ def run_recipe(recipe: RecipeArguments, data_args: DataArguments, config: Distil
 
 def prepare(recipe: RecipeArguments, data_args: DataArguments, config: DistillationConfig) -> RunState:
     """The data, the teacher and the peers, with every check that needs them, before any stage trains."""
-    source = TeacherSource.from_config(config)
+    source = TeacherLocation.from_config(config)
     data = load_data(recipe, data_args, config, source)
     teacher = load_teacher(recipe, config, source, data)
     check_student_plan(recipe, config, teacher)
@@ -126,7 +126,7 @@ def run_cache(recipe: RecipeArguments, data_args: DataArguments, config: Distill
     """
     check_cache_run(recipe, config)
     set_seed(config.seed)
-    source = TeacherSource.from_config(config)
+    source = TeacherLocation.from_config(config)
     data = load_data(recipe, data_args, config, source)
     check_cache_tokenizer(recipe, data.across)
     teacher = load_teacher(recipe, config, source, data)

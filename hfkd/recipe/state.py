@@ -10,7 +10,7 @@ from ..config import DistillationConfig
 from ..data import DataArguments
 from .arguments import RecipeArguments
 from .data import RecipeData
-from .models import TeacherSource
+from .models import TeacherLocation
 
 
 @dataclass
@@ -34,7 +34,7 @@ class RunState:
     recipe: RecipeArguments
     data_args: DataArguments
     config: DistillationConfig
-    source: TeacherSource
+    source: TeacherLocation
     """Where the teacher came from (its path, init kwargs, and the record of an earlier hfkd run)."""
     resume: bool | str | None
     """resume_from_checkpoint as the run folder resolved it (run_folder.resume_target)."""
