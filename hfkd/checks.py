@@ -583,6 +583,7 @@ def check_dataset(
         import datasets
     except ImportError:  # pragma: no cover - datasets is a dependency
         return
+    check_missing_labels(dataset, name, student)
     kind = collator_kind(collator)
     if not isinstance(dataset, datasets.Dataset) or kind is None:
         return
@@ -611,6 +612,16 @@ def check_dataset(
     if task_loss and kind != "lm" and student.label_count:
         for column in (c for c in LABEL_COLUMNS if c in columns):
             scanner.check(column, True, lambda stats, c=column: _label_problem(stats, c, student, name, collator))
+    if require_labels and task_loss and kind != "lm" and label_columns:
+        # Allowed: pure distillation on transfer rows (hfkd.transfer). The labels-only comparison of a recipe is what
+        # cannot run without labels; the recipe refuses that itself.
+        stats, stored = scanner.stats(label_columns[0], True), dataset.data.column(label_columns[0])
+        if (stats.low is None) if stats is not None else stored.null_count == len(stored):
+            logger.warning(
+                "%s has no labelled row (every label is -100 or missing): the task loss is 0 throughout and only "
+                "the distillation terms train. Set task_weight=0 to say so, or add labelled rows.",
+                name,
+            )
 
     for limits in (student, teacher):
         column = _key_for(limits.role, "input_ids")
@@ -618,6 +629,22 @@ def check_dataset(
             column = "input_ids"
         if column in columns and (limits.vocab_size or limits.max_positions):
             scanner.check(column, False, lambda stats, c=column, m=limits: _ids_problem(stats, c, m, name, collator))
+
+
+def check_missing_labels(dataset, name: str, student: ModelLimits) -> None:
+    """Missing labels (None) mark transfer rows (hfkd.transfer), which only a head with one class id per row can
+    take: refused for token-level, regression and multi-label labels, where None has no -100 to become."""
+    from .transfer import missing_label_columns
+
+    for column, per_row in missing_label_columns(dataset).items():
+        if per_row and (student.label_kind == "class" or not student.main_input):
+            continue
+        raise ValueError(
+            f"Column {column!r} of {name} has rows without a label (None). A row without a label trains on the "
+            "distillation terms alone, which needs one class id per row (a classification head); for token-level "
+            "labels give -100 at the positions without one, and for regression or multi-label targets drop or fill "
+            "those rows."
+        )
 
 
 def _label_problem(stats: _ColumnStats, column: str, student: ModelLimits, name: str, collator) -> Exception | None:

@@ -17,7 +17,8 @@ The weights (`teacher_combine`):
 - `"confidence"`: per example, from each teacher's cross-entropy on the true label, L_k (Zhang, Chen & Wang,
   ICASSP 2022, "Confidence-Aware Multi-Teacher Knowledge Distillation", eq. 4): w_k = (1 - softmax_k(L)_k) / (K - 1),
   so the teacher that is right with more confidence weighs more. Needs labels; for token-level heads L_k is the mean
-  over the example's labelled positions.
+  over the example's labelled positions. A row without a label (-100, a transfer row) has L_k = 0 for every
+  teacher and weighs them equally.
 - `"teacher_id"`: each row names its teacher in a `teacher_id` column (the teacher's index in the list, or in the
   dict's order): data from several domains, each with its own expert.
 """

@@ -4,7 +4,8 @@ In the order the code reads (`__call__`):
 1. the batch is split into the student's and the teachers' inputs (`split_inputs`);
 2. the source gives each teacher's outputs (hfkd.sources); the teachers run first, before the student: measured, a
    teacher's forward is about 20% slower behind the student's activations;
-3. the student runs once, with what the terms need (its own task loss through the `task_loss` it was given);
+3. the student runs once, with what the terms need (its own task loss through the `task_loss` it was given; for
+   example-level classification heads, over the window's labelled rows: `labelled_task_loss`);
 4. units: each term's count over the accumulation window (hfkd.units, counted when the window starts);
 5. mixing, with several teachers (hfkd.mixing), at each response term's own temperature;
 6. each term returns its value, normalised over its unit; the head term runs on the output heads by chunks when the
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from .batch import SPANS, TEACHER_SPANS, student_inputs, teacher_inputs, teacher_key
 from .heads import capture_last_hidden
@@ -27,9 +29,9 @@ from .mixing import TeacherMixer
 from .models import forward_keywords, output_value, unwrap_peft
 from .probe import StepPlan
 from .sources import TeacherSource
-from .terms.base import Features, TermBatch, TokenAlignment
+from .terms.base import Features, TermBatch, TokenAlignment, logits_of
 from .terms.runner import ROW_IDS_KEY, TermSet, capture_modules, resolve_modules
-from .units import WindowUnits, batch_size, unit_masks
+from .units import WindowUnits, batch_size, masked_sum, unit_masks
 
 _OUTPUT_FEATURE_KEYS = (
     "hidden_states",
@@ -60,11 +62,14 @@ class TaskLossSettings:
         task_weight: the task term's weight (`DistillationConfig.task_weight`).
         accepts_loss_kwargs: Trainer passes `num_items_in_batch` to the student's forward.
         process_scale: Trainer's factor for `average_tokens_across_devices` (processes / tensor-parallel size), else 1.
+        label_smoothing: Trainer's `label_smoothing_factor` where its label smoother is on, else 0 (read by the
+            task loss over labelled rows, `DistillationStep.labelled_task_loss`).
     """
 
     task_weight: float = 1.0
     accepts_loss_kwargs: bool = False
     process_scale: int = 1
+    label_smoothing: float = 0.0
 
 
 class DistillationStep:
@@ -275,6 +280,9 @@ class DistillationStep:
             teachers = {
                 name: Features(out, t_modules.get(name, {}), self.kind) for name, out in teaching.outputs.items()
             }
+            if "task" in logged:
+                own = self.labelled_task_loss(model, outputs, student_in.get("labels"), counts, scale)
+                logged["task"] = own if own is not None else logged["task"]
             mixed, teacher_weights = self.mixer.mix(self.term_set, teachers, batch)
             term_batch = self.term_batch(batch, training, masks, counts)
             raw = self.terms_module(
@@ -296,6 +304,41 @@ class DistillationStep:
         if loss is None:  # evaluation with neither task loss nor teacher: nothing to report but zero
             loss = torch.zeros((), device=next(model.parameters()).device)
         return StepResult(loss, logged, outputs)
+
+    def labelled_task_loss(self, model, outputs, labels, counts: dict, scale: float) -> torch.Tensor | None:
+        """The task loss of an example-level classification head over the labelled rows of the window, or None where
+        the model's own loss (by Trainer's path) stands.
+
+        Trainer's path gives the model's mean over the labelled rows of each micro-batch, divided by the number of
+        micro-batches: a micro-batch with few labelled rows then weighs as much as one full of them, and one with
+        none gives NaN. Here the cross-entropy is summed over the rows whose label is not -100 and divided by the
+        labelled rows of the whole window and all processes (`counts["labelled"]`, at least 1), like every term's
+        unit: accumulation equals one big batch, and a window without a label gives 0. Label smoothing is Trainer's
+        (`LabelSmoother` and `cross_entropy(label_smoothing=...)` compute the same per row). Only where the model's
+        loss is that cross-entropy: class ids `[batch]`, logits `[batch, classes]`, no `compute_loss_func`, no
+        regression or multi-label `problem_type`. Token-level heads keep the model's loss over
+        `num_items_in_batch` (Trainer's count of the window's labelled positions).
+        """
+        if self.task_loss_is_custom or self.kind.token_level or "labelled" not in counts:
+            return None
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.is_floating_point():
+            return None
+        config = getattr(unwrap_peft(self.unwrap(model)), "config", None)
+        if getattr(config, "problem_type", None) in ("regression", "multi_label_classification"):
+            return None
+        logits = logits_of(outputs)
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != labels.shape[0]:
+            return None
+        if logits.shape[1] < 2 or labels.dtype == torch.bool:  # one output: a regression head
+            return None
+        labelled = labels.ne(-100)
+        per_row = F.cross_entropy(
+            logits,
+            torch.where(labelled, labels, torch.zeros_like(labels)),
+            reduction="none",
+            label_smoothing=self.settings.label_smoothing,
+        )
+        return masked_sum(per_row, labelled) * (scale / counts["labelled"])
 
     def predictions(self, model, outputs):
         """The student's outputs as evaluation gathers them: every tensor output is taken for a prediction, so the

@@ -26,6 +26,7 @@ from .sources import build_source
 from .step import DistillationStep, TaskLossSettings
 from .streams import model_kind
 from .terms.runner import TermSet, with_row_ids
+from .transfer import MissingLabelCollator, missing_label_columns
 from .two_tokenizers import TwoTokenizerCollator, check_terms_across_tokenizers, setup_teacher_tokenizer
 from .units import LoggedSums, WindowUnits
 
@@ -126,6 +127,7 @@ class DistillationTrainer(Trainer):
                 process_scale=self.accelerator.num_processes // self.get_tp_size()
                 if args.average_tokens_across_devices
                 else 1,
+                label_smoothing=args.label_smoothing_factor if self.label_smoother is not None else 0.0,
             ),
             accumulation_steps=lambda: getattr(self, "current_gradient_accumulation_steps", 1),
             unwrap=self.accelerator.unwrap_model,
@@ -144,6 +146,9 @@ class DistillationTrainer(Trainer):
         self._train_windows = 0  # optimizer steps (accumulation windows) since the last training log
         self._predicting = False
         self._check_data()
+        missing = missing_label_columns({"train_dataset": self.train_dataset, "eval_dataset": self.eval_dataset})
+        if missing:  # rows without a label (None): -100 before the collator stacks them (hfkd.transfer)
+            self.data_collator = MissingLabelCollator(self.data_collator, missing)
         student = unwrap_peft(self.accelerator.unwrap_model(self.model))
         self._generation = build_generation(
             args,
@@ -219,8 +224,11 @@ class DistillationTrainer(Trainer):
         super()._set_signature_columns_if_needed()
         extra = [teacher_key(c) for c in self._signature_columns if not c.startswith(TEACHER_PREFIX)]
         extra += [ROW_COLUMN, TEACHER_ID, SPANS, TEACHER_SPANS]
-        if isinstance(self.data_collator, TwoTokenizerCollator):  # it tokenizes the text columns itself
-            extra += sorted(self.data_collator.text_columns())
+        collator = self.data_collator
+        while not isinstance(collator, TwoTokenizerCollator) and hasattr(collator, "collator"):
+            collator = collator.collator  # inside hfkd's wrappers (missing labels, row ids, a cache)
+        if isinstance(collator, TwoTokenizerCollator):  # it tokenizes the text columns itself
+            extra += sorted(collator.text_columns())
         self._signature_columns += [c for c in extra if c not in self._signature_columns]
 
     def _probe_batch(self) -> dict | None:

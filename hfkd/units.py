@@ -1,8 +1,9 @@
 """Units: which positions of a batch count for each term, and how many there are.
 
-Every term's sum is divided by the count of its unit (tokens, labelled logits, examples, spans), counted once per
-accumulation window over all micro-batches and processes (`WindowUnits`), so that a window of micro-batches gives
-the same gradient as one batch holding them all. This module is the one place those masks and counts are made.
+Every term's sum is divided by the count of its unit (tokens, labelled logits, examples, labelled rows, spans),
+counted once per accumulation window over all micro-batches and processes (`WindowUnits`), so that a window of
+micro-batches gives the same gradient as one batch holding them all. This module is the one place those masks and
+counts are made.
 """
 
 import torch
@@ -22,9 +23,13 @@ def unit_masks(inputs: dict, kind: ModelKind) -> dict[str, torch.Tensor | None]:
     - `logit`: token-level heads count the positions whose label is not -100 (shifted for causal LMs), or, without
       labels, the positions the attention mask keeps; example-level heads count examples.
     - streams: the attention mask of that stream (decoder: the labels that are not -100), else examples.
+    - `labelled` (only when the batch has labels): what the task loss and the terms that read labels average over.
+      Example-level heads with class ids count the rows whose label is not -100 (rows without one are transfer
+      rows: they train on the other terms alone); token-level heads count the `logit` positions; other example
+      labels (regression, multi-label) count every example.
     """
-    labels = inputs.get("labels")
-    labels = labels if isinstance(labels, torch.Tensor) and labels.dim() == 2 else None
+    given = inputs.get("labels")
+    labels = given if isinstance(given, torch.Tensor) and given.dim() == 2 else None
     attention = _two_dim(inputs.get("attention_mask"))
     masks: dict[str, torch.Tensor | None] = {"examples": None}
 
@@ -38,6 +43,13 @@ def unit_masks(inputs: dict, kind: ModelKind) -> dict[str, torch.Tensor | None]:
         masks["logit"] = attention[:, 1:] if kind.shifts_labels else attention
     else:
         masks["logit"] = None
+    if isinstance(given, torch.Tensor):
+        if kind.token_level:
+            masks["labelled"] = masks["logit"] if labels is not None else None
+        elif given.dim() == 1 and not (given.is_floating_point() or given.dtype == torch.bool):
+            masks["labelled"] = given.ne(-100)
+        else:
+            masks["labelled"] = None
 
     if kind.encoder_decoder:
         masks["encoder"] = attention
@@ -128,7 +140,11 @@ class WindowUnits:
                 # A micro-batch value: the mean over the window's micro-batches (and, through DDP, processes).
                 value = value / accumulation_steps if training else value
             else:
-                count = {"tokens": counts.get(self.stream), "logits": counts.get("logit")}.get(unit)
+                count = {
+                    "tokens": counts.get(self.stream),
+                    "logits": counts.get("logit"),
+                    "labelled": counts.get("labelled"),
+                }.get(unit)
                 value = value * (scale / (count if count is not None else counts["examples"]))
             values[f"distill/{name}"] = value
         return values

@@ -189,7 +189,11 @@ class Peers(TeacherSource):
                 step.accumulation_steps(),
             )
             if name in tasks:
-                values = {"task": tasks[name], **values}
+                # An example-level head: the mean over the window's labelled rows, as the student's (hfkd.step).
+                own = step.labelled_task_loss(
+                    self.peers[name], outs[name], term_batch.labels, term_batch.counts, scale
+                )
+                values = {"task": own if own is not None else tasks[name], **values}
             weights = {"task": self._args.task_weight, **{f"distill/{t}": w for t, w in terms.weights.items()}}
             for key, value in values.items():
                 logged[f"{name}/{key}"] = value

@@ -9,6 +9,10 @@ does), and says what its value is normalised over (`unit`):
 - `"examples"`: a sum over examples, divided likewise by the number of examples;
 - `"logits"`: a sum over the positions the logit term counts (labels != -100, shifted for causal LMs; one per
   example for classification heads), divided by their count: for terms on the output distributions;
+- `"labelled"`: a sum over the labelled units, for terms that read the labels (`Needs.labels`): for example-level
+  heads the rows whose label is not -100 (rows without a label, transfer rows, give 0 and do not count), for
+  token-level heads the positions the logit term counts. Divided by their count over the accumulated batch, as the
+  task loss is;
 - `"batch"`: a value of the micro-batch as a whole (relations between its examples, contrastive losses). The
   trainer averages it over the micro-batches of an accumulation window and over processes. Such a value depends on
   which examples share a micro-batch, so accumulation cannot equal one big batch exactly;
@@ -30,7 +34,7 @@ from torch import nn
 from ..errors import TeacherCacheError
 from ..streams import ModelKind, attention_streams, hidden_streams
 
-UNITS = ("tokens", "examples", "logits", "batch", "mixed")
+UNITS = ("tokens", "examples", "logits", "labelled", "batch", "mixed")
 
 
 @dataclass(frozen=True)
@@ -136,8 +140,9 @@ class TermBatch:
             evaluation, or when no term asks).
         training: whether this is a training step (terms with memories update them only then).
         num_rows: rows in train_dataset, when row ids are given.
-        masks: the positions that count per stream (`main`, or `encoder` and `decoder`) and for the logits
-            (`logit`); None where each example is one unit.
+        masks: the positions that count per stream (`main`, or `encoder` and `decoder`), for the logits (`logit`)
+            and, when the batch has labels, the labelled rows or positions (`labelled`, see hfkd.units.unit_masks);
+            None where each example is one unit.
         counts: units behind each of `masks` (and `examples`) over the whole accumulation window and all processes
             (>= 1), for `unit = "mixed"` terms; in evaluation, over this batch. With two tokenizers, `spans` counts
             the spans.

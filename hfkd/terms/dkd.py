@@ -28,10 +28,12 @@ gradient_accumulation_steps = k, set n = k x the optimizer steps wanted (CIFAR-1
 20 x 782 steps); the micro-batches of one window then get slightly different factors. Evaluation uses factor 1
 (the un-warmed loss), so evaluation losses stay comparable over a run. `warmup_steps = 0` (default): no warm-up.
 
-Unit: logits, like the built-in logit term: each example's (or, for token-level heads, each labelled position's)
-DKD is summed and the trainer divides by their number over the accumulated batch, so accumulation equals one big
-batch. For classification heads that number is the examples (one whose label is -100 gives 0 and still counts);
-for token-level heads (token classification, masked and causal LMs: logits `[batch, positions, vocabulary]`, labels
+Unit: labelled (hfkd.terms.base): each labelled example's (or, for token-level heads, each labelled position's)
+DKD is summed and the trainer divides by their number over the accumulated batch (and all processes), so
+accumulation equals one big batch. DKD needs each example's target class: a row whose label is -100 (a transfer row,
+hfkd's "data without labels") gives 0 and does not count, so the term is the mean over the labelled rows only,
+exactly as the task loss is, however the labelled rows fall across micro-batches; a window without any labelled row
+gives 0. For token-level heads (token classification, masked and causal LMs: logits `[batch, positions, vocabulary]`, labels
 `[batch, positions]`) it is the positions whose label is not -100, and a causal LM's logits at position t are
 compared at label t + 1, as the logit term and the model's own loss do. `dkd_per_item` works on any leading shape.
 """
@@ -110,9 +112,9 @@ def dkd_per_item(
 
 @register_term("dkd")
 class DecoupledKD(Term):
-    """alpha * TCKD + beta * NCKD per example (see the module docstring), summed over the micro-batch."""
+    """alpha * TCKD + beta * NCKD per labelled example (see the module docstring), summed over the micro-batch."""
 
-    unit = "logits"
+    unit = "labelled"
     across_tokenizers = True
     Options = DKDOptions
 

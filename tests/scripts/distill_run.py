@@ -1,7 +1,7 @@
 """A small, deterministic distillation run driven by the tests in a subprocess (single or `accelerate launch`).
 
     python tests/scripts/distill_run.py --output_dir OUT --result RESULT.pt [--max_steps 6] [--save_steps 2]
-        [--per_device_train_batch_size 8] [--kill_at_step K] [--resume]
+        [--per_device_train_batch_size 8] [--kill_at_step K] [--resume] [--transfer]
 
 Writes RESULT.pt (main process) with the logged losses, the final student and the projections. With
 --kill_at_step the process kills itself with SIGKILL at the end of that step, as a crash would.
@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_models import tiny_llama  # noqa: E402
+from tiny_models import bert, classification_data, tiny_llama  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from hfkd import DistillationConfig, DistillationTrainer  # noqa: E402
@@ -35,6 +35,15 @@ def lm_dataset(n=32, length=12, vocab=100, seed=0):
     return datasets.Dataset.from_dict(
         {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
     )
+
+
+def transfer_dataset():
+    """16 classification rows read in order; rows 0-3 hold 3 labels, rows 4-7 none (-100), the rest a few: with 4
+    rows per process and per step, the second process's first micro-batch has no label at all."""
+    data = classification_data(n=16)
+    unlabelled = {2, 4, 5, 6, 7, 9, 12, 13}
+    labels = [-100 if i in unlabelled else y for i, y in enumerate(data["labels"])]
+    return data.remove_columns("labels").add_column("labels", labels)
 
 
 class KillAt(TrainerCallback):
@@ -57,11 +66,19 @@ def main():
     parser.add_argument("--kill_at_step", type=int, default=None)
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--peers", type=int, default=0, help="deep mutual learning with this many peers, no teacher")
+    parser.add_argument("--transfer", action="store_true", help="BERT classifiers, rows without labels, with dkd")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     teacher = tiny_llama(32, 4, seed=0)
     student = tiny_llama(16, 2, seed=1)
+    data, extra = lm_dataset(), {}
+    if args.transfer:
+        teacher, student = bert(dropout=0.0, seed=0), bert(hidden=16, layers=2, dropout=0.0, seed=1)
+        with torch.no_grad():  # a confident teacher: the terms are then well above float32 rounding
+            teacher.classifier.weight.mul_(30.0)
+        data = transfer_dataset()
+        extra = {"terms": [{"name": "dkd", "weight": 1.0}], "train_sampling_strategy": "sequential"}
     config = DistillationConfig(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -78,14 +95,13 @@ def main():
         disable_tqdm=True,
         seed=0,
         dataloader_drop_last=True,
+        **extra,
     )
     callbacks = [KillAt(args.kill_at_step)] if args.kill_at_step else []
     models = {"teacher_model": teacher}
     if args.peers:
         models = {"peer_models": [tiny_llama(16, 2, seed=2 + i) for i in range(args.peers)]}
-    trainer = DistillationTrainer(
-        model=student, args=config, train_dataset=lm_dataset(), callbacks=callbacks, **models
-    )
+    trainer = DistillationTrainer(model=student, args=config, train_dataset=data, callbacks=callbacks, **models)
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     if trainer.is_world_process_zero():
         torch.save(
