@@ -2,6 +2,7 @@
 
 python benchmarks/profile_step.py --pair smollm2 --variant online   # student|teacher|online|cached|full-logits
 python benchmarks/profile_step.py --pair smollm2 --variant student,teacher,online > benchmarks/profile_smollm2.txt
+python benchmarks/profile_step.py --pair minilm --variant online --python --steps 10  # hfkd's own Python per step
 
 `teacher` profiles the teacher's forward alone (as bench_distill.py times it); the others a whole step. Several
 variants (comma-separated) each run alone in a fresh process, one after another; the output then ends with the
@@ -45,6 +46,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--rows", type=int, default=25, help="operators to list")
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument(
+        "--python", action="store_true", help="cProfile instead: the time spent in hfkd's own Python code per step"
+    )
     args = parser.parse_args(argv)
     variants = args.variant.split(",")
     for variant in variants:
@@ -87,6 +91,8 @@ def main(argv=None) -> int:
             _step(trainer, _features(batches[i % len(batches)], with_rows))
 
     run(0)  # warm-up
+    if args.python:
+        return python_time(run, args)
     load = os.getloadavg()[0]
     start = time.perf_counter()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False) as prof:
@@ -105,6 +111,41 @@ def main(argv=None) -> int:
 
 
 VARIANTS = ("student", "teacher", "online", "cached", "full-logits")
+
+
+def python_time(run, args) -> int:
+    """cProfile over the steps: each hfkd function's own time (`tottime`: without what it calls, so torch's
+    operators and the models' forwards are left out), per step, against the step's wall time."""
+    import cProfile
+    import pstats
+
+    import hfkd
+
+    package = os.path.dirname(os.path.abspath(hfkd.__file__))
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    for i in range(args.steps):
+        run(i + 1)
+    profiler.disable()
+    wall = (time.perf_counter() - start) / args.steps
+    stats = pstats.Stats(profiler).stats
+    own = [
+        (tottime / args.steps, calls / args.steps, f"{os.path.relpath(path, package)}:{line}({name})")
+        for (path, line, name), (_, calls, tottime, _, _) in stats.items()
+        if os.path.abspath(path).startswith(package + os.sep)
+    ]
+    own.sort(reverse=True)
+    total = sum(t for t, _, _ in own)
+    print(f"== {args.pair} {args.variant}: hfkd's own Python time per step (cProfile, {args.steps} steps)")
+    print("| function | calls per step | own time per step |\n|---|---|---|")
+    for seconds, calls, where in own[: args.rows]:
+        print(f"| {where} | {calls:g} | {seconds * 1e3:.2f} ms |")
+    print(
+        f"hfkd's own Python per step: {total * 1e3:.1f} ms of a {wall * 1e3:.0f} ms step ({total / wall:.2%}; the "
+        "step's wall time here includes cProfile's own overhead)"
+    )
+    return 0
 
 
 def several(args, variants: list[str], argv: list[str]) -> int:

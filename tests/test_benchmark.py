@@ -40,3 +40,22 @@ def test_benchmark_script_on_tiny_models(tmp_path):
     assert lm["trl"]["max_relative_loss_difference"] < 1e-4  # the same loss as TRL on the same batches
     assert {m["variant"] for m in results["memory"]} >= {"student", "hfkd", "hfkd-full-logits", "trl-gkd"}
     assert "| pair | batch |" in done.stdout
+
+
+def test_profile_script_reports_hfkds_own_python_time_per_step():
+    done = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "benchmarks", "profile_step.py"),
+            *("--pair", "minilm", "--variant", "online", "--tiny", "--python", "--steps", "2", "--rows", "5"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| ") and "ms |" in line]
+    assert 1 <= len(rows) <= 5 and any("step.py" in row for row in rows)  # the step's own functions are listed
+    assert "hfkd's own Python per step:" in done.stdout
