@@ -58,7 +58,7 @@ class TeacherSource:
     def check_tokenizers(self, student_tokenizer, student: torch.nn.Module) -> None:
         """Before Trainer is built: each teacher reads the student's token ids (no teacher tokenizer given)."""
 
-    def check_terms(self, term_set, loaded: bool = True) -> None:
+    def check_terms(self, term_set) -> None:
         """After the terms are built: each term can be served by this source (raises naming the term)."""
 
     def prepare_data(self, trainer) -> None:

@@ -59,7 +59,7 @@ class CachedTeachers(TeacherSource):
         if self.online is not None:
             self.online.check_tokenizers(student_tokenizer, student)
 
-    def check_terms(self, term_set, loaded: bool = True) -> None:
+    def check_terms(self, term_set) -> None:
         if self.online is not None:
             self.online.check_terms(term_set)
         for name, cache in self.caches.items():

@@ -62,7 +62,7 @@ class FrozenTeachers(TeacherSource):
         for name, teacher in self.teachers.items():
             check_same_tokenizer(student_tokenizer, student, teacher, self._role(name))
 
-    def check_terms(self, term_set, loaded: bool = True) -> None:
+    def check_terms(self, term_set) -> None:
         # A teacher loaded here by name whose head transformers initialised at random teaches noise through the
         # terms that read its logits. (A teacher passed as a model carries no such record: it may have been trained
         # since it was loaded.)

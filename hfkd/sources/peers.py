@@ -59,7 +59,7 @@ class Peers(TeacherSource):
         self._mixer = TeacherMixer("equal")
         self._args = None
 
-    def check_terms(self, term_set, loaded: bool = True) -> None:
+    def check_terms(self, term_set) -> None:
         if not len(term_set):
             raise ValueError(
                 "peer_models are set but no term compares the models (logit_weight=0 and no `terms`): the peers would "
