@@ -293,7 +293,8 @@ class Augmenter:
             labels = batch.get("labels")
             if isinstance(labels, torch.Tensor):
                 batch[MIX_LABELS] = labels[perm.to(labels.device)]
-                batch[MIX_LAMBDA] = torch.full((count,), lam, device=labels.device)
+                dtype = torch.promote_types(x.dtype, torch.float32)
+                batch[MIX_LAMBDA] = torch.full((count,), lam, device=labels.device, dtype=dtype)
         batch["pixel_values"] = x
         return batch
 

@@ -239,11 +239,8 @@ class DistillationTrainer(Trainer):
         ):
             first = dataset[0] if len(dataset) else None
             columns = list(first) if isinstance(first, dict) else None
-        batch = self._probe_batch() if dataset is not None else None
-        keys = sorted(k for k in (batch or {}) if not k.startswith("hfkd_"))
-        pixels = (batch or {}).get("pixel_values")
-        if self.augmenter.text:
-            if isinstance(pixels, torch.Tensor) or (columns is not None and "pixel_values" in columns):
+        if self.augmenter.text:  # read from the rows: the collator may not even take them
+            if columns is not None and "pixel_values" in columns:
                 raise ValueError(
                     f"{named} changes words of text, but the training batches are images (`pixel_values`); use "
                     f"the image augmentations {list(IMAGE_OPS)}, or unset augment."
@@ -265,8 +262,11 @@ class DistillationTrainer(Trainer):
                     "teacher_processing_class is set), or unset augment."
                 )
             return
-        if batch is None:
+        if dataset is None:
             return  # no training data: nothing is augmented
+        batch = self._probe_batch()
+        keys = sorted(k for k in batch if not k.startswith("hfkd_"))
+        pixels = batch.get("pixel_values")
         if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or not pixels.is_floating_point():
             raise ValueError(
                 f"{named} works on images, but the training batches hold no `pixel_values` [batch, channels, height, "
