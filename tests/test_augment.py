@@ -2,15 +2,18 @@
 the student's augmented view, word augmentations across two tokenizers, the mixed-label task loss, seeding, an exact
 resume, and the refusals."""
 
+import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from datasets import Dataset
 from tiny_models import COMMON, dataset_for, teacher_student_pair, text_dataset
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-from transformers import BertConfig, BertForSequenceClassification, PreTrainedTokenizerFast
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, PreTrainedTokenizerFast
 
 from hfkd import DistillationConfig, DistillationTrainer
 from hfkd.augment import (
@@ -28,6 +31,7 @@ from hfkd.augment import (
     mixup,
     resized_crop,
 )
+from hfkd.cli import main
 from hfkd.two_tokenizers import TwoTokenizerCollator
 
 TEXTS = [
@@ -402,3 +406,90 @@ def test_trainer_refusals_come_before_anything_is_written(tmp_path, toks):
             train_dataset=_text_rows(4),
         )
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------- the recipe
+def _write_recipe(tmp_path, **values) -> str:
+    common = {
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 3,
+        "per_device_train_batch_size": 8,
+        "logging_steps": 1,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "save_strategy": "no",
+        "latency_repeats": 2,
+        "latency_batch_size": 4,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**common, **values}))
+    return str(path)
+
+
+def test_image_recipe_with_augmentation(tmp_path):
+    from PIL import Image
+
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for label in ("dark", "light"):
+        (images / "train" / label).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(rng.normal(40 if label == "dark" else 200, 20, size=(8, 8)), 0, 255).astype("uint8")
+            Image.fromarray(pixels, mode="L").save(images / "train" / label / f"{i}.png")
+    teacher = {"model_type": "vit", "image_size": 8, "patch_size": 4, "num_channels": 1, "hidden_size": 32}
+    teacher.update(num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+    processor = {"size": {"height": 8, "width": 8}, "do_resize": False, "image_mean": [0.5], "image_std": [0.5]}
+    path = _write_recipe(
+        tmp_path,
+        task="image-classification",
+        dataset_name="imagefolder",
+        data_files=json.dumps({"train": str(images / "train" / "**")}),
+        teacher_config=json.dumps(teacher),
+        image_processor_kwargs=json.dumps(processor),
+        finetune_teacher=True,
+        teacher_max_steps=2,
+        student_num_layers=2,
+        label_column="label",
+        eval_fraction=0.25,
+        augment="crop,flip,mixup",
+    )
+    assert main(["distill", "--config", path]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "hfkd_config.yaml").read_text())
+    assert saved["augment"] == "crop,flip,mixup"
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert math.isfinite(metrics["student"]["metric"])
+
+
+def test_text_recipe_with_word_augmentation(tmp_path):
+    vocab_words = "good bad fine great awful okay love hate the a movie film was is very not".split()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *vocab_words]) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab_words) + 5, hidden_size=32, num_hidden_layers=4, num_attention_heads=4)
+    config.update(dict(intermediate_size=64, max_position_embeddings=64, num_labels=2))
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
+    BertTokenizerFast(vocab=str(vocab)).save_pretrained(tmp_path / "teacher")
+    rng = np.random.default_rng(0)
+    rows = ["review,sentiment"]
+    for i in range(40):
+        words = " ".join(rng.choice(vocab_words, size=5))
+        rows.append(f"{words} {'great' if i % 2 else 'awful'},{'positive' if i % 2 else 'negative'}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    path = _write_recipe(
+        tmp_path,
+        task="text-classification",
+        teacher_model_name_or_path=str(tmp_path / "teacher"),
+        finetune_teacher=True,
+        teacher_max_steps=2,
+        student_num_layers=2,
+        dataset_name="csv",
+        data_files=str(tmp_path / "data.csv"),
+        text_column="review",
+        label_column="sentiment",
+        max_length=16,
+        augment="word_mask",
+        augment_word_prob=0.3,
+    )
+    assert main(["distill", "--config", path]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert math.isfinite(metrics["student"]["metric"])
