@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .augment import parse_augment
 from .layer_map import parse_layer_map_spec
 from .losses import ATTENTION_LOSSES, HIDDEN_LOSSES, LOGIT_LOSSES
 from .mixing import COMBINE_MODES, fixed_weights
@@ -80,14 +81,20 @@ class DistillationConfig(TrainingArguments):
     )
     tokenize_text_column: str = field(
         default="text",
-        metadata={"help": "teacher_processing_class: the column of text rows both tokenizers read."},
+        metadata={
+            "help": "teacher_processing_class, or word augmentations (augment): the column of raw text rows that "
+            "are tokenized on the fly."
+        },
     )
     tokenize_text_pair_column: str | None = field(
-        default=None, metadata={"help": "teacher_processing_class: the second text column of pair tasks."}
+        default=None,
+        metadata={"help": "teacher_processing_class or word augmentations: the second text column of pair tasks."},
     )
     tokenize_max_length: int | None = field(
         default=None,
-        metadata={"help": "teacher_processing_class: tokens per model at most for text rows (None: no cut)."},
+        metadata={
+            "help": "teacher_processing_class or word augmentations: tokens per model at most for text rows (None: no cut)."
+        },
     )
     teacher_cache_dir: str | None = field(
         default=None,
@@ -259,6 +266,41 @@ class DistillationConfig(TrainingArguments):
         metadata={"help": "lmbda > 0 or seq_kd: sample among the k most likely tokens only (>= 0; 0 = no cut)."},
     )
 
+    augment: str | None = field(
+        default=None,
+        metadata={
+            "help": "Augmentation with consistent teaching (Beyer et al., CVPR 2022; hfkd.augment): a comma-separated "
+            "list of operations drawn afresh for every training batch, which the student and an online teacher "
+            "(teacher model, mean teacher, peers) both see. Images (`pixel_values`): 'crop' (random resized crop), "
+            "'flip' (horizontal), 'mixup', 'cutmix', e.g. 'crop,flip,mixup'. Text, word-level before tokenizing "
+            "(also across two tokenizers): 'word_mask' or 'word_replace'; rows keep their raw text "
+            "(tokenize_text_column) and are tokenized on the fly. Draws are seeded by (seed, step, micro-batch, "
+            "process), so a resumed run sees the same views. A teacher cache cannot serve it."
+        },
+    )
+    augment_crop_scale: list[float] = field(
+        default_factory=lambda: [0.08, 1.0],
+        metadata={
+            "help": "augment 'crop': the range of the crop's share of the image area (the Inception crop's "
+            "(0.08, 1), as torchvision's RandomResizedCrop); aspect ratios lie in (3/4, 4/3)."
+        },
+    )
+    augment_mixup_alpha: float = field(
+        default=0.2,
+        metadata={"help": "augment 'mixup': lam ~ Beta(alpha, alpha) (> 0; Zhang et al. 2018 used 0.2 on ImageNet)."},
+    )
+    augment_cutmix_alpha: float = field(
+        default=1.0,
+        metadata={"help": "augment 'cutmix': lam ~ Beta(alpha, alpha) (> 0; Yun et al. 2019 used 1, uniform)."},
+    )
+    augment_word_prob: float = field(
+        default=0.1,
+        metadata={
+            "help": "augment 'word_mask' / 'word_replace': each word's probability in [0, 1] of being masked (the "
+            "student tokenizer's mask token, else its unknown token) or replaced by a word of the same batch."
+        },
+    )
+
     overwrite_output_dir: bool = field(
         default=False,
         metadata={
@@ -288,6 +330,7 @@ class DistillationConfig(TrainingArguments):
         self._check_logit_options()
         self._check_generation()
         self._check_losses_and_layer_maps()
+        self._check_augment()
         self.term_specs = self._built_in_term_specs() + self.term_specs
 
     def _check_teachers(self) -> None:
@@ -411,6 +454,40 @@ class DistillationConfig(TrainingArguments):
         # Parsed here so that a typo fails before any model is loaded; lengths are checked once models are known.
         self.hidden_layer_map = parse_layer_map_spec(self.hidden_layer_map, "hidden_layer_map")
         self.attention_layer_map = parse_layer_map_spec(self.attention_layer_map, "attention_layer_map")
+
+    def _check_augment(self) -> None:
+        """The augmentation fields (hfkd.augment), and what cannot teach augmented views."""
+        ops = parse_augment(self.augment)
+        if isinstance(self.augment_crop_scale, (int, float)) or len(self.augment_crop_scale) != 2:
+            raise ValueError(
+                f"augment_crop_scale must be two numbers (low, high), e.g. [0.08, 1.0], got {self.augment_crop_scale!r}."
+            )
+        low, high = self.augment_crop_scale
+        if not (_is_number(low) and _is_number(high) and 0 < low <= high <= 1):
+            raise ValueError(
+                f"augment_crop_scale must satisfy 0 < low <= high <= 1 (shares of the image area; the paper's "
+                f"(0.08, 1)), got {self.augment_crop_scale!r}."
+            )
+        for name in ("augment_mixup_alpha", "augment_cutmix_alpha"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a finite number > 0 (Beta(alpha, alpha)), got {value!r}.")
+        if not _is_number(self.augment_word_prob) or not 0 <= self.augment_word_prob <= 1:
+            raise ValueError(f"augment_word_prob must lie in [0, 1] (e.g. 0.1), got {self.augment_word_prob!r}.")
+        if not ops:
+            return
+        if self.teacher_cache_dir:
+            raise ValueError(
+                f"augment={self.augment!r} draws a new view of every batch, but a teacher cache "
+                "(teacher_cache_dir) holds the teacher's outputs on one view of each row, which would teach the "
+                "student about other inputs than it sees. Unset teacher_cache_dir (the teacher then runs on each "
+                "augmented batch) or unset augment."
+            )
+        if self.lmbda > 0 or self.seq_kd:
+            raise ValueError(
+                f"augment={self.augment!r} with on-policy generation (lmbda > 0) or seq_kd: generated sequences "
+                "replace the batches, so there is nothing to augment. Unset augment, or set lmbda=0 and seq_kd=False."
+            )
 
     def _built_in_term_specs(self) -> list[TermSpec]:
         """Built-in terms from their short-form fields (weight > 0), in the order of their weight fields; they come

@@ -274,14 +274,16 @@ def _labelled_text_rows(dataset, args: DataArguments, names: list[str]):
     return dataset
 
 
-def preprocess_text_classification(dataset, tokenizer, args: DataArguments, names: list[str]):
+def preprocess_text_classification(dataset, tokenizer, args: DataArguments, names: list[str], keep_text: bool = False):
+    """Text classification rows tokenized; `keep_text`: the text columns stay too (word augmentations, which
+    tokenize each augmented batch again: hfkd.augment)."""
     dataset = _labelled_text_rows(dataset, args, names)
 
     def tokenize(batch):
         pair = batch[args.text_pair_column] if args.text_pair_column else None
         return tokenizer(batch[args.text_column], pair, truncation=True, max_length=args.max_length)
 
-    keep = {"labels"}
+    keep = {"labels"} | ({args.text_column, args.text_pair_column} - {None} if keep_text else set())
     return dataset.map(
         tokenize,
         batched=True,
@@ -385,10 +387,11 @@ def split_text(texts: list[str], tokenizers: list, max_length: int) -> list[str]
 
 
 def preprocess_text_classification_for_both(
-    dataset, student_tokenizer, teacher_tokenizer, args: DataArguments, names: list[str]
+    dataset, student_tokenizer, teacher_tokenizer, args: DataArguments, names: list[str], keep_text: bool = False
 ):
     """Text classification rows tokenized for a student and a teacher with their own tokenizers
-    (hfkd.two_tokenizers.tokenize_for_both, each side cut to max_length tokens), with the spans between them."""
+    (hfkd.two_tokenizers.tokenize_for_both, each side cut to max_length tokens), with the spans between them;
+    `keep_text`: the text columns stay too (word augmentations, hfkd.augment)."""
     from .two_tokenizers import tokenize_for_both
 
     dataset = _labelled_text_rows(dataset, args, names)
@@ -401,7 +404,11 @@ def preprocess_text_classification_for_both(
             "text_column": args.text_column,
             "text_pair_column": args.text_pair_column,
         },
-        remove_columns=[c for c in dataset.column_names if c != "labels"],
+        remove_columns=[
+            c
+            for c in dataset.column_names
+            if c != "labels" and not (keep_text and c in (args.text_column, args.text_pair_column))
+        ],
         desc="Tokenizing for the student and the teacher",
     )
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from .augment import MIX_LABELS, MIX_LAMBDA, mixed_cross_entropy
 from .batch import SPANS, TEACHER_SPANS, student_inputs, teacher_inputs, teacher_key
 from .heads import capture_last_hidden
 from .mixing import TeacherMixer
@@ -103,6 +104,9 @@ class DistillationStep:
         self.task_loss_is_custom = False  # a `compute_loss_func` computes the task loss (Trainer's)
         self._hooked: dict[str, dict[str, torch.nn.Module]] = {}  # side -> the submodules the terms read
         self._student_takes: tuple[frozenset[str], bool] | None = None
+        # Mixup / cutmix of this batch (hfkd.augment): (each row's partner label, lam per row), or None. Set by each
+        # call, read by labelled_task_loss (the student's task loss, and the peers').
+        self.mix: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def kind(self):
@@ -227,6 +231,8 @@ class DistillationStep:
         training = model.training
         s_modules, t_modules = modules if modules is not None else ({}, {})
         student_in, teacher_in, batch = self.split_inputs(model, inputs)
+        mix = batch.get(MIX_LABELS), batch.get(MIX_LAMBDA)
+        self.mix = mix if all(isinstance(v, torch.Tensor) for v in mix) else None
         flags = self.student_flags(model)
         head = self.plan.head
         chunked = (
@@ -261,6 +267,13 @@ class DistillationStep:
             outputs = model(**{k: v for k, v in student_in.items() if k != "labels"}, **flags)
 
         fused, learners = None, None
+        if teaching is None and self.mix is not None and "task" in logged:
+            # No teacher (task loss alone): the mixed labels' loss, as the model's mean over the micro-batch's
+            # labelled rows (Trainer's unit) divided by the accumulation steps.
+            labels = student_in["labels"]
+            per_row = self._mixed_rows(logits_of(outputs), labels)
+            logged["task"] = per_row.sum() / labels.ne(-100).sum().clamp_min(1)
+            logged["task"] = logged["task"] / self.accumulation_steps() if training else logged["task"]
         if teaching is not None:
             masks = unit_masks(batch, self.kind)
             counts, scale = self.units.normalisers(masks, batch, training)
@@ -282,6 +295,11 @@ class DistillationStep:
             }
             if "task" in logged:
                 own = self.labelled_task_loss(model, outputs, student_in.get("labels"), counts, scale)
+                if own is None and self.mix is not None:
+                    raise ValueError(
+                        "augment mixes labels (mixup, cutmix), which needs a single-label classifier's logits "
+                        "[batch, classes]; use 'crop,flip' for this student."
+                    )
                 logged["task"] = own if own is not None else logged["task"]
             mixed, teacher_weights = self.mixer.mix(self.term_set, teachers, batch)
             term_batch = self.term_batch(batch, training, masks, counts)
@@ -332,6 +350,8 @@ class DistillationStep:
         if logits.shape[1] < 2 or labels.dtype == torch.bool:  # one output: a regression head
             return None
         labelled = labels.ne(-100)
+        if self.mix is not None:  # lam CE(y) + (1 - lam) CE(y[perm]): the permutation keeps the labelled count
+            return self._mixed_rows(logits, labels).sum() * (scale / counts["labelled"])
         per_row = F.cross_entropy(
             logits,
             torch.where(labelled, labels, torch.zeros_like(labels)),
@@ -339,6 +359,10 @@ class DistillationStep:
             label_smoothing=self.settings.label_smoothing,
         )
         return masked_sum(per_row, labelled) * (scale / counts["labelled"])
+
+    def _mixed_rows(self, logits, labels) -> torch.Tensor:
+        partner, lam = self.mix
+        return mixed_cross_entropy(logits, labels, partner, lam, self.settings.label_smoothing)
 
     def predictions(self, model, outputs):
         """The student's outputs as evaluation gathers them: every tensor output is taken for a prediction, so the

@@ -13,6 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from . import checks
 from .alignment import match_vocabularies
+from .augment import IMAGE_OPS, TEXT_OPS, Augmenter, RawRows, TextCollator, generator, raw_rows
 from .batch import ROW_COLUMN, SPANS, TEACHER_ID, TEACHER_PREFIX, TEACHER_SPANS, teacher_key
 from .checkpoints import RUN_FILE, check_run_folder, last_complete_checkpoint, resume_target, write_run_file
 from .config import DistillationConfig
@@ -79,6 +80,7 @@ class DistillationTrainer(Trainer):
         teacher_tokenizer = setup_teacher_tokenizer(
             model, args, teacher_processing_class, source, trainer_args, trainer_kwargs
         )
+        _text_collator_for_augmentation(args, teacher_tokenizer, trainer_args, trainer_kwargs)
 
         # Trainer creates output_dir; every check below runs before the first step, and a failing one removes it.
         with checks.removing_new_output_dir(args.output_dir if args.should_save else None):
@@ -146,6 +148,11 @@ class DistillationTrainer(Trainer):
         self._train_windows = 0  # optimizer steps (accumulation windows) since the last training log
         self._predicting = False
         self._check_data()
+        self.augmenter = Augmenter.from_config(
+            args, getattr(self.processing_class, "tokenizer", self.processing_class)
+        )
+        if self.augmenter is not None:
+            self._check_augment(kind)
         missing = missing_label_columns({"train_dataset": self.train_dataset, "eval_dataset": self.eval_dataset})
         if missing:  # rows without a label (None): -100 before the collator stacks them (hfkd.transfer)
             self.data_collator = MissingLabelCollator(self.data_collator, missing)
@@ -220,14 +227,83 @@ class DistillationTrainer(Trainer):
                     require_labels=name == "train_dataset",
                 )
 
+    def _check_augment(self, kind) -> None:
+        """The configured augmentation fits the training data and the student (before the first step)."""
+        named = f"augment={self.args.augment!r}"
+        dataset = self.train_dataset
+        columns = getattr(dataset, "column_names", None)
+        if (
+            not isinstance(columns, list)
+            and dataset is not None
+            and not isinstance(dataset, torch.utils.data.IterableDataset)
+        ):
+            first = dataset[0] if len(dataset) else None
+            columns = list(first) if isinstance(first, dict) else None
+        if self.augmenter.text:  # read from the rows: the collator may not even take them
+            if columns is not None and "pixel_values" in columns:
+                raise ValueError(
+                    f"{named} changes words of text, but the training batches are images (`pixel_values`); use "
+                    f"the image augmentations {list(IMAGE_OPS)}, or unset augment."
+                )
+            wanted = [c for c in (self.augmenter.text_column, self.augmenter.text_pair_column) if c]
+            missing = [c for c in wanted if columns is not None and c not in columns]
+            if missing:
+                raise ValueError(
+                    f"{named} changes words before tokenizing, so the training rows must keep their raw text, but "
+                    f"train_dataset has no {missing[0]!r} column (its columns: {columns}). Keep the text column and "
+                    "name it with tokenize_text_column (hfkd tokenizes each augmented batch on the fly), or unset "
+                    "augment."
+                )
+            if _text_collator(self.data_collator) is None:
+                raise ValueError(
+                    f"{named} tokenizes each augmented batch, but data_collator "
+                    f"({type(self.data_collator).__name__}) does not tokenize text rows. Pass no data_collator "
+                    "(hfkd then tokenizes the text column with processing_class, or with both tokenizers when "
+                    "teacher_processing_class is set), or unset augment."
+                )
+            return
+        if dataset is None:
+            return  # no training data: nothing is augmented
+        batch = self._probe_batch()
+        keys = sorted(k for k in batch if not k.startswith("hfkd_"))
+        pixels = batch.get("pixel_values")
+        if not isinstance(pixels, torch.Tensor) or pixels.dim() != 4 or not pixels.is_floating_point():
+            raise ValueError(
+                f"{named} works on images, but the training batches hold no `pixel_values` [batch, channels, height, "
+                f"width] of floats (their keys: {keys}). For text use {list(TEXT_OPS)}, which change words before "
+                "tokenizing; else unset augment."
+            )
+        own = [k for k in keys if k.startswith(TEACHER_PREFIX) and k != TEACHER_ID]
+        if own:
+            raise ValueError(
+                f"{named}: the batches carry inputs of the teacher's own ({own}), "
+                "which the student's augmented view would not change, so the two would see different images. Give "
+                "both models the same `pixel_values`, or unset augment."
+            )
+        if self.augmenter.mixes:
+            labels = batch.get("labels")
+            config = getattr(unwrap_peft(self.accelerator.unwrap_model(self.model)), "config", None)
+            example_level = (
+                isinstance(labels, torch.Tensor)
+                and labels.dim() == 1
+                and not labels.is_floating_point()
+                and not kind.token_level
+                and self.compute_loss_func is None
+                and getattr(config, "problem_type", None) not in ("regression", "multi_label_classification")
+            )
+            if not example_level:
+                raise ValueError(
+                    f"{named} mixes images and their labels (lam CE(y) + (1 - lam) CE(y[perm])), which needs a "
+                    "single-label image classifier with one class id per image and no compute_loss_func. Use "
+                    "'crop,flip' for this student, or unset augment."
+                )
+
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         extra = [teacher_key(c) for c in self._signature_columns if not c.startswith(TEACHER_PREFIX)]
         extra += [ROW_COLUMN, TEACHER_ID, SPANS, TEACHER_SPANS]
-        collator = self.data_collator
-        while not isinstance(collator, TwoTokenizerCollator) and hasattr(collator, "collator"):
-            collator = collator.collator  # inside hfkd's wrappers (missing labels, row ids, a cache)
-        if isinstance(collator, TwoTokenizerCollator):  # it tokenizes the text columns itself
+        collator = _text_collator(self.data_collator)
+        if collator is not None:  # it tokenizes the text columns itself
             extra += sorted(collator.text_columns())
         self._signature_columns += [c for c in extra if c not in self._signature_columns]
 
@@ -372,7 +448,34 @@ class DistillationTrainer(Trainer):
         self.term_set.load(resume_from_checkpoint)
 
     # ------------------------------------------------------------------ the step
+    def get_train_dataloader(self):
+        if getattr(self, "augmenter", None) is None or not self.augmenter.text:
+            return super().get_train_dataloader()
+        # Word augmentations change the text before it is tokenized: the loader hands over the rows, and
+        # get_batch_samples augments and collates each micro-batch with the trainer's collator.
+        collator, self.data_collator = self.data_collator, raw_rows
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
+
+    def _augmented(self, batches: list) -> list:
+        """Each micro-batch's augmented view (hfkd.augment), drawn from (seed, step, micro-batch, process): before
+        Trainer counts the window's labels and before the split into the student's and the teachers' inputs, so
+        that every model of the step reads the same view."""
+        views = []
+        for index, batch in enumerate(batches):
+            rng = generator(self.args.seed, self.state.global_step, index, self.args.process_index)
+            if isinstance(batch, RawRows):
+                views.append(self._prepare_inputs(self.augmenter.view(batch, rng, self.data_collator)))
+            else:
+                views.append(self.augmenter.view(batch, rng))
+        return views
+
     def get_batch_samples(self, epoch_iterator, num_batches, device):
+        if self.augmenter is not None:
+            batches = self._augmented(list(itertools.islice(epoch_iterator, num_batches)))
+            epoch_iterator, num_batches = iter(batches), len(batches)
         if self._generation is not None:
             # On-policy / seq-KD (hfkd.on_policy): the window's micro-batches are replaced by generated ones first,
             # so that Trainer's num_items_in_batch and every term's units count the sequences the models will see.
@@ -495,3 +598,31 @@ class _WithLossKwargs:
 
     def __getattr__(self, name):
         return getattr(self._trainer, name)
+
+
+def _text_collator(collator):
+    """The collator inside hfkd's wrappers (missing labels, row ids, a cache) that tokenizes text rows itself
+    (TwoTokenizerCollator, TextCollator), or None."""
+    while not hasattr(collator, "text_columns") and hasattr(collator, "collator"):
+        collator = collator.collator
+    return collator if isinstance(collator, (TwoTokenizerCollator, TextCollator)) else None
+
+
+def _text_collator_for_augmentation(args, teacher_tokenizer, trainer_args: tuple, trainer_kwargs: dict) -> None:
+    """Word augmentations with one tokenizer and no collator given: rows stay text and `TextCollator` tokenizes
+    each augmented batch with the student's tokenizer (processing_class)."""
+    augmenter = Augmenter.from_config(args)
+    if augmenter is None or not augmenter.text or teacher_tokenizer is not None:
+        return
+    if len(trainer_args) > 0 or trainer_kwargs.get("data_collator") is not None:
+        return  # a given collator; checked before the first step
+    tokenizer = trainer_kwargs.get("processing_class")
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    if tokenizer is None or not callable(tokenizer):
+        raise ValueError(
+            f"augment={args.augment!r} changes words before tokenizing, so hfkd tokenizes each batch: pass the "
+            "student's tokenizer as processing_class (or unset augment)."
+        )
+    trainer_kwargs["data_collator"] = TextCollator(
+        tokenizer, args.tokenize_text_column, args.tokenize_text_pair_column, args.tokenize_max_length
+    )

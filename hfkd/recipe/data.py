@@ -17,6 +17,7 @@ from transformers import (
 )
 
 from .. import data as hfkd_data
+from ..augment import TEXT_OPS, TextCollator, parse_augment
 from ..batch import SPANS, TEACHER_PREFIX, TEACHER_SPANS
 from ..config import DistillationConfig
 from ..data import DataArguments
@@ -59,6 +60,9 @@ class RecipeData:
     """Classifiers: what was said of training and held-out rows without a label (None when there were none)."""
     unseen_eval_rows: str | None = None
     """Classifiers: what was said of held-out rows with a label the training split lacks (None when none)."""
+    text_views: bool = False
+    """Word augmentations (`augment`, hfkd.augment): `distill_train_ds` keeps its text, which the distillation
+    collator tokenizes again after each batch is augmented."""
 
 
 def load_data(
@@ -77,15 +81,22 @@ def load_data(
     processor = _teacher_processor(recipe, source)
     student_processor = _student_tokenizer(recipe, processor)
     across = student_processor is not processor
+    text_views = task == "text-classification" and any(op in TEXT_OPS for op in parse_augment(config.augment))
     if across:
         check_across(recipe, config, student_processor, processor)
-        splits = _tokenize_across(recipe, data_args, processor, student_processor, labels, train_raw, eval_raw)
+        splits = _tokenize_across(
+            recipe, data_args, processor, student_processor, labels, train_raw, eval_raw, text_views
+        )
     else:
         check_one_tokenizer(config)
-        train_ds, eval_ds = (_preprocess(task, data_args, processor, labels, d) for d in (train_raw, eval_raw))
+        train_ds = _preprocess(task, data_args, processor, labels, train_raw, keep_text=text_views)
+        distill_train_ds = train_ds
+        if text_views:  # the text stays for the distillation only
+            train_ds = train_ds.remove_columns([c for c in _text_columns(data_args) if c in train_ds.column_names])
+        eval_ds = _preprocess(task, data_args, processor, labels, eval_raw)
         # One tokenization serves every stage.
         splits = dict(train_ds=train_ds, eval_ds=eval_ds, student_train_ds=train_ds, student_eval_ds=eval_ds)
-        splits.update(distill_train_ds=train_ds, distill_eval_ds=eval_ds)
+        splits.update(distill_train_ds=distill_train_ds, distill_eval_ds=eval_ds)
     lm_texts = None
     if task == "causal-lm":
         # The texts every model's bits per byte is measured on: the held-out text cut at whitespace into pieces
@@ -101,6 +112,7 @@ def load_data(
         lm_texts=lm_texts,
         dropped_rows=dropped_rows,
         unseen_eval_rows=unseen_eval_rows,
+        text_views=text_views,
         **splits,
     )
 
@@ -169,12 +181,16 @@ def _check_reads_teacher_ids(recipe: RecipeArguments, path: str, processor) -> N
         )
 
 
-def _tokenize_across(recipe, data_args, processor, student_processor, labels, train_raw, eval_raw) -> dict:
+def _tokenize_across(
+    recipe, data_args, processor, student_processor, labels, train_raw, eval_raw, text_views=False
+) -> dict:
     """Teacher stages keep the teacher's tokenization; distillation reads both (the student's view is its part)."""
     task = recipe.task
     if task == "text-classification":
         both = [
-            hfkd_data.preprocess_text_classification_for_both(d, student_processor, processor, data_args, labels)
+            hfkd_data.preprocess_text_classification_for_both(
+                d, student_processor, processor, data_args, labels, keep_text=text_views and d is train_raw
+            )
             for d in (train_raw, eval_raw)
         ]
         eval_ds = _preprocess(task, data_args, processor, labels, eval_raw)  # the teacher's evaluation
@@ -187,7 +203,13 @@ def _tokenize_across(recipe, data_args, processor, student_processor, labels, tr
     # The teacher's own tokenization of the training data serves its fine-tuning only.
     train_ds = _preprocess(task, data_args, processor, labels, train_raw) if recipe.finetune_teacher else None
     student_train_ds, student_eval_ds = (
-        d.remove_columns([c for c in d.column_names if c.startswith(TEACHER_PREFIX) or c in (SPANS, TEACHER_SPANS)])
+        d.remove_columns(
+            [
+                c
+                for c in d.column_names
+                if c.startswith(TEACHER_PREFIX) or c in (SPANS, TEACHER_SPANS) or c in _text_columns(data_args)
+            ]
+        )
         for d in both
     )
     return dict(
@@ -229,9 +251,13 @@ def _image_processor(recipe: RecipeArguments, source: TeacherLocation):
     return processor_cls(**json_arg(recipe.image_processor_kwargs, "image_processor_kwargs"))
 
 
-def _preprocess(task: str, data_args: DataArguments, processor, labels, dataset):
+def _text_columns(data_args: DataArguments) -> list[str]:
+    return [c for c in (data_args.text_column, data_args.text_pair_column) if c]
+
+
+def _preprocess(task: str, data_args: DataArguments, processor, labels, dataset, keep_text: bool = False):
     if task == "text-classification":
-        return hfkd_data.preprocess_text_classification(dataset, processor, data_args, labels)
+        return hfkd_data.preprocess_text_classification(dataset, processor, data_args, labels, keep_text)
     if task == "image-classification":
         return hfkd_data.preprocess_image_classification(dataset, processor, data_args, labels)
     return hfkd_data.preprocess_causal_lm(dataset, processor, data_args)
@@ -249,6 +275,8 @@ def collator(data: RecipeData, task: str, data_args: DataArguments, role: str = 
             causal_lm=task == "causal-lm",
         )
     tokenizer = data.processor if role == "teacher" else data.student_processor
+    if role == "distill" and data.text_views:  # rows keep their text: tokenized after each batch is augmented
+        return TextCollator(tokenizer, data_args.text_column, data_args.text_pair_column, data_args.max_length)
     if task == "text-classification":
         return DataCollatorWithPadding(tokenizer)
     if task == "causal-lm":

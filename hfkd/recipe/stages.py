@@ -169,6 +169,9 @@ def distill(state: RunState) -> None:
         teacher_model_init_kwargs=None,
         peer_model_name_or_path=None,  # the trainer gets the peers this run loaded
         teacher_processing_class=None,  # given below as a tokenizer when the student has its own
+        # The data's text columns, which word augmentations (augment) read from the rows.
+        tokenize_text_column=state.data_args.text_column,
+        tokenize_text_pair_column=state.data_args.text_pair_column,
         report_to=c.report_to,
     )
     callbacks = []
