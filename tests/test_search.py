@@ -6,11 +6,13 @@ import os
 
 import pytest
 import torch
+import yaml
 from tiny_models import COMMON, bert, classification_data
 from transformers import TrainerCallback
 
 import hfkd.sources.frozen as frozen
 from hfkd import DistillationConfig, DistillationTrainer
+from hfkd.cli import main
 from hfkd.search import kd_space
 
 optuna = pytest.importorskip("optuna")  # the `search` extra; `dev` installs it, so CI runs these
@@ -48,7 +50,7 @@ def _search_trainer(tmp_path, teacher, seen=None, students=None, **config):
     data = classification_data(n=24)
     args = DistillationConfig(
         output_dir=str(tmp_path / "search"),
-        max_steps=3,
+        max_steps=2,
         per_device_train_batch_size=4,
         learning_rate=1e-2,
         hidden_weight=1.0,
@@ -171,5 +173,141 @@ def test_model_init_with_a_mean_teacher_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / "ema")
 
 
-def _unused():  # keeps json imported for the recipe tests below
-    return json
+# ---------------------------------------------------------------------------------------------------- the recipe
+WORDS = "good bad fine great awful okay love hate the a movie film was is very not".split()
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory):
+    """A tiny BERT teacher with its tokenizer, and a CSV of 60 labelled sentences, on disk."""
+    import numpy as np
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("tiny_text")
+    (root / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    torch.manual_seed(0)
+    labels = ["negative", "neutral", "positive"]
+    config = BertConfig(
+        vocab_size=len(WORDS) + 5,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=3,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+    )
+    BertForSequenceClassification(config).save_pretrained(root / "teacher")
+    BertTokenizerFast(vocab=str(root / "vocab.txt")).save_pretrained(root / "teacher")
+    rng = np.random.default_rng(0)
+    rows = ["text,sentiment"]
+    for i in range(60):
+        rows.append(f"{' '.join(rng.choice(WORDS, size=rng.integers(3, 9)))} {WORDS[i % len(WORDS)]},{labels[i % 3]}")
+    (root / "data.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def _recipe(tmp_path, root, **extra):
+    values = {
+        "task": "text-classification",
+        "teacher_model_name_or_path": str(root / "teacher"),
+        "student_num_layers": 2,
+        "dataset_name": "csv",
+        "data_files": str(root / "data.csv"),
+        "text_column": "text",
+        "label_column": "sentiment",
+        "max_length": 16,
+        "output_dir": str(tmp_path / "run"),
+        "max_steps": 2,
+        "per_device_train_batch_size": 8,
+        "hidden_weight": 1.0,
+        "report_to": "none",
+        "disable_tqdm": True,
+        "save_strategy": "no",
+        "latency_repeats": 1,
+        "latency_batch_size": 2,
+        "search_trials": 2,
+        "search_validation_fraction": 0.25,
+        **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path
+
+
+def test_the_recipe_searches_on_rows_carved_from_training_and_reports_the_choice(tmp_path, tiny_text, monkeypatch):
+    import hfkd.recipe.pipeline as pipeline
+    import hfkd.recipe.stages as stages
+
+    seen, real_search, real_evaluate = {}, stages._RecipeTrainer.hyperparameter_search, pipeline.evaluate_models
+
+    def spy_search(trainer, *args, **kwargs):
+        seen["fit"], seen["validation"] = trainer.train_dataset, trainer.eval_dataset
+        return real_search(trainer, *args, **kwargs)
+
+    def spy_evaluate(state):
+        seen["state"] = state
+        return real_evaluate(state)
+
+    monkeypatch.setattr(stages._RecipeTrainer, "hyperparameter_search", spy_search)
+    monkeypatch.setattr(pipeline, "evaluate_models", spy_evaluate)
+    assert main(["distill", "--config", str(_recipe(tmp_path, tiny_text))]) == 0
+
+    out = tmp_path / "run"
+    metrics = json.loads((out / "metrics.json").read_text())
+    search = metrics["search"]
+    assert [t["trial"] for t in search["trials"]] == [0, 1]
+    assert all(0.0 <= t["objective"] <= 1.0 for t in search["trials"])  # validation accuracy
+    best = max(search["trials"], key=lambda t: t["objective"])
+    assert search["chosen"] == best["values"] and search["best_trial"] == best["trial"]
+    # The distillation ran with the chosen values on all training rows.
+    distilled = metrics["distillation"]
+    assert distilled["temperature"] == pytest.approx(search["chosen"]["temperature"])
+    assert distilled["terms"]["distill/hidden"]["weight"] == pytest.approx(search["chosen"]["hidden_weight"])
+    assert distilled["terms"]["task"]["weight"] == pytest.approx(search["chosen"]["task_weight"])
+    train_rows = metrics["data"]["train_examples"]
+    assert (
+        search["train_rows"] + search["validation_rows"] == train_rows and search["validation_rows"] == 14
+    )  # ceil(0.25 x 54)
+    # The validation rows come from the training rows, none from the held-out split the figures come from.
+    as_rows = lambda ds: {tuple(ids) for ids in ds["input_ids"]}  # noqa: E731
+    state = seen["state"]
+    assert as_rows(seen["validation"]) <= as_rows(state.data.distill_train_ds)
+    assert not as_rows(seen["validation"]) & as_rows(state.data.student_eval_ds)
+    assert not as_rows(seen["validation"]) & as_rows(seen["fit"])
+    card = (out / "README.md").read_text()
+    assert "chosen by a search" in card and f"Best trial #{best['trial']}" in card
+    assert "search" in metrics["wall_time_s"]
+    assert not (out / "checkpoints" / "_search").exists()
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        ({"search_validation_fraction": 0.0}, "search_validation_fraction=0.0: the search scores its trials"),
+        ({"search_validation_fraction": 1.0}, "must lie in (0, 1)"),
+        ({"search_validation_fraction": 0.999}, "both need at least one"),
+        ({"search_trials": -1}, "search_trials must be an integer >= 0"),
+        ({"search_max_steps": 0}, "search_max_steps must be a positive number of steps"),
+        ({"peer_model_name_or_path": "PEER"}, "search_trials with peer_model_name_or_path"),
+    ],
+)
+def test_a_search_that_cannot_select_fairly_is_refused_and_writes_nothing(
+    tmp_path, tiny_text, capsys, change, expected
+):
+    if change.get("peer_model_name_or_path") == "PEER":
+        change = {"peer_model_name_or_path": str(tiny_text / "teacher")}
+    assert main(["distill", "--config", str(_recipe(tmp_path, tiny_text, **change))]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and expected in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_search_without_optuna_names_the_extra(tmp_path, tiny_text, capsys, monkeypatch):
+    import hfkd.search
+
+    monkeypatch.setattr(hfkd.search.importlib.util, "find_spec", lambda name: None)
+    assert main(["distill", "--config", str(_recipe(tmp_path, tiny_text))]) == 2
+    assert "pip install hfkd[search]" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

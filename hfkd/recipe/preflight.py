@@ -126,8 +126,8 @@ def check_run_settings(recipe: RecipeArguments, config: DistillationConfig) -> N
     _check_early_stopping(recipe, config)
     _check_task_fields(recipe, config)
     _check_report_to(config)
+    _check_search(recipe, config)  # before the peers' own checks: with a search, peers are refused as such
     _check_peers(recipe, config)
-    _check_search(recipe, config)
 
 
 def _check_search(recipe: RecipeArguments, config: DistillationConfig) -> None:
