@@ -333,6 +333,16 @@ class DistillationConfig(TrainingArguments):
         self._check_augment()
         self.term_specs = self._built_in_term_specs() + self.term_specs
 
+    def _refresh_terms(self) -> None:
+        """Checks the weights, temperature, losses and `terms` again and derives `term_specs` from them anew: for
+        fields set after construction, as `Trainer.hyperparameter_search` sets each trial's values on the arguments
+        (DistillationTrainer calls this before it builds a trial's terms)."""
+        self._check_batch_sizes_and_weights()
+        self._parse_terms()
+        self._check_logit_options()
+        self._check_losses_and_layer_maps()
+        self.term_specs = self._built_in_term_specs() + self.term_specs
+
     def _check_teachers(self) -> None:
         """The teacher's loading kwargs, several teachers (JSON on the command line), their combination, the EMA."""
         if isinstance(self.teacher_model_init_kwargs, str):

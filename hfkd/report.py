@@ -43,6 +43,7 @@ model = {{ auto_class }}.from_pretrained("{{ repo_id }}")
 {{ terms_rows }}
 
 Temperature {{ temperature }}. Layer maps (student index -> teacher index): {{ layer_maps }}.
+{{ search_line }}
 
 Wall time on this machine: {{ wall_time }}. The exact configuration is in `hfkd_config.yaml`; all figures are in
 `metrics.json` and `report.png`.
@@ -110,6 +111,7 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
         retained_line=retained_line,
         comparison_line=" ".join(comparison_lines(metrics)),
         generations_line=generations_line(metrics),
+        search_line=search_line(metrics),
         peers_line=peers_line(metrics),
         terms_rows="\n".join(f"| {a} | {b} | {c} |" for a, b, c in terms),
         temperature=distill["temperature"],
@@ -295,6 +297,29 @@ def generations_line(metrics: dict) -> str:
         f"Born-again generations (Furlanello et al. 2018; the same student from the same initial weights, each taught "
         f"by the one before, same budget), {metrics['metric']}: {'; '.join(parts)}. The saved student is generation "
         f"{generations[-1]['generation']}."
+    )
+
+
+def _values_text(values: dict) -> str:
+    """A trial's values in a line: fields as name=value, each `terms` entry as <name>_weight."""
+    parts = [f"{name}={_fmt(value)}" for name, value in values.items() if name != "terms"]
+    parts += [f"{entry['name']}_weight={_fmt(entry['weight'])}" for entry in values.get("terms") or []]
+    return ", ".join(parts)
+
+
+def search_line(metrics: dict) -> str:
+    """The search (recipe `search_trials`): what it scored on, the chosen values and each trial ("" without one)."""
+    search = metrics.get("search")
+    if not search:
+        return ""
+    trials = "; ".join(f"#{t['trial']} {_fmt(t['objective'])} ({_values_text(t['values'])})" for t in search["trials"])
+    return (
+        f"\nThese values were chosen by a search (hfkd.search.kd_space, Optuna): {len(search['trials'])} trials of "
+        f"{search['steps_per_trial']} steps, each distilling a new student on {search['train_rows']} training rows "
+        f"and scored by {search['objective']} on {search['validation_rows']} validation rows carved from the "
+        f"training data (seed {search['seed']}), never on the held-out split of the results above; the distillation "
+        f"then ran on all training rows. Best trial #{search['best_trial']}: {_values_text(search['chosen'])}. "
+        f"Trials: {trials}.\n"
     )
 
 

@@ -21,7 +21,11 @@ CONFIG_FILE = "hfkd_config.yaml"  # written when a run starts: it also marks the
 WORK_DIRS = ("teacher", "checkpoints")  # kept locally, never pushed
 RUN_MARKERS = ("metrics.json", CONFIG_FILE, *WORK_DIRS)
 TEACHER_RECORD = "hfkd_teacher.json"  # written into teacher/ once the fine-tuned teacher is saved whole
-SCRATCH_DIRS = (os.path.join("teacher", "_trainer"), os.path.join("checkpoints", "_eval"))
+SCRATCH_DIRS = (
+    os.path.join("teacher", "_trainer"),
+    os.path.join("checkpoints", "_eval"),
+    os.path.join("checkpoints", "_search"),
+)
 # Fields that say how a run is watched, published or placed, not what it computes: a resumed run may change them.
 RUN_CONTROL_FIELDS = frozenset(
     {

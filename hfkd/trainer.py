@@ -9,7 +9,13 @@ import os
 
 import torch
 from transformers import Trainer, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR,
+    BestRun,
+    enable_full_determinism,
+    number_of_arguments,
+    set_seed,
+)
 
 from . import checks
 from .alignment import match_vocabularies
@@ -73,6 +79,14 @@ class DistillationTrainer(Trainer):
             logger.warning("args is a plain TrainingArguments; using DistillationConfig defaults for distillation.")
             args = DistillationConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init})
 
+        model, model_init = _student_from_model_init(model, args, trainer_args, trainer_kwargs)
+        if model_init is not None and (
+            args.teacher_ema_decay is not None or peer_models or args.peer_model_name_or_path
+        ):
+            raise ValueError(
+                "model_init builds a new student for each train() and search trial, but a mean teacher "
+                "(teacher_ema_decay) or peers are made for one student; pass model= instead of model_init."
+            )
         # Checked before Trainer creates output_dir.
         source = build_source(model, args, teacher_model, peer_models)
         names = list(source.names)
@@ -85,6 +99,13 @@ class DistillationTrainer(Trainer):
         # Trainer creates output_dir; every check below runs before the first step, and a failing one removes it.
         with checks.removing_new_output_dir(args.output_dir if args.should_save else None):
             super().__init__(model, args, *trainer_args, **trainer_kwargs)
+            if model_init is not None and (self.optimizer is not None or self.lr_scheduler is not None):
+                raise ValueError(
+                    "model_init builds a new student for each train(), which an optimizer given by `optimizers=` does "
+                    "not know; use `optimizer_cls_and_kwargs=` instead."
+                )
+            self.model_init = model_init  # Trainer.train calls it: a new student for each run and trial
+            self.search_history: list[dict] = []
             self.teacher_processing_class = teacher_tokenizer
             self._setup_distillation(args, source, TeacherMixer(args.teacher_combine, weights))
 
@@ -140,6 +161,8 @@ class DistillationTrainer(Trainer):
             self.step.matched_vocab = match_vocabularies(
                 self.processing_class.get_vocab(), self.teacher_processing_class.get_vocab()
             )
+        # What the wrappers below start from: a new student (model_init) is set up again from the data as given.
+        self._given_data = (self.train_dataset, self.data_collator)
         if args.teacher_combine == "teacher_id":
             check_teacher_ids(
                 {"train_dataset": self.train_dataset, "eval_dataset": self.eval_dataset}, list(source.names)
@@ -382,6 +405,99 @@ class DistillationTrainer(Trainer):
         if self.term_set.has_state():
             self.step.terms_module = self.accelerator.prepare_model(self.term_set)
 
+    def _hp_search_setup(self, trial) -> None:
+        super()._hp_search_setup(trial)
+        if self.model_init is None:
+            return
+        # Trainer.train has just built a new student (model_init) and, in a search, set the trial's values on args
+        # (and made a new accelerator): the terms, the step and the data wrappers are built again for them, with
+        # the same teacher source, so the teachers load once and no term state (projections, memory banks) carries
+        # over from the run before.
+        self.args._refresh_terms()
+        self.train_dataset, self.data_collator = self._given_data
+        self._setup_distillation(self.args, self.source, self.step.mixer)
+
+    def hyperparameter_search(
+        self,
+        hp_space=None,
+        compute_objective=None,
+        n_trials: int = 20,
+        direction="minimize",
+        backend=None,
+        hp_name=None,
+        **kwargs,
+    ):
+        """`Trainer.hyperparameter_search` for distillation: each trial trains a new student from `model_init` with
+        the trial's temperature and weights, the same teachers (loaded once) and new term state, and is scored on
+        `eval_dataset`, which must be rows held out from the training data, never the split you report on.
+
+        Args:
+            hp_space: `trial -> dict` of `DistillationConfig` fields; default `hfkd.search.kd_space(self.args)`
+                (temperature, the logit share and each configured term's weight).
+            compute_objective: metrics -> float; default the student's own loss on the validation rows
+                (`hfkd.search.student_loss_objective`, to minimise). The weighted `eval_loss` depends on the trial's
+                weights and temperature, so it cannot compare trials.
+            n_trials, direction, backend, hp_name, kwargs: as `Trainer.hyperparameter_search` (Optuna: `pip install
+                hfkd[search]`; kwargs go to `optuna.create_study`, e.g. `sampler=`).
+
+        Returns:
+            The best run (`transformers.trainer_utils.BestRun`); under Optuna its `hyperparameters` are the fields the
+            best trial set (apply them with `setattr(trainer.args, name, value)` before `trainer.train()`).
+            `self.search_history` lists every trial: its number, the fields it set and its objective. Afterwards
+            `args` hold the values they had before the search.
+        """
+        from .search import kd_space, require_optuna, student_loss_objective
+
+        if self.model_init is None:
+            raise ValueError(
+                "hyperparameter_search trains a new student in each trial: pass model_init= (a function returning a "
+                "new student) to DistillationTrainer instead of model=."
+            )
+        if self.eval_dataset is None:
+            raise ValueError(
+                "hyperparameter_search selects each trial on eval_dataset, but this trainer has none: pass "
+                "eval_dataset= rows held out from the training data (e.g. train_dataset.train_test_split), never "
+                "the split the final figures come from."
+            )
+        if backend is None or str(getattr(backend, "value", backend)) == "optuna":
+            require_optuna()
+            backend = "optuna"
+        names = ("temperature", "task_weight", "logit_weight", "hidden_weight", "attention_weight")
+        # Trainer casts each trial's value to the type of the field's current value: an int weight would truncate.
+        for name in names:
+            setattr(self.args, name, float(getattr(self.args, name)))
+        saved = {name: getattr(self.args, name) for name in (*names, "terms")}
+        space = kd_space(self.args) if hp_space is None else hp_space
+        objective = student_loss_objective if compute_objective is None else compute_objective
+        self.search_history = []
+        by_number: dict = {}
+
+        def recorded_space(trial):
+            values = space(trial)
+            number = getattr(trial, "number", len(by_number))
+            if number not in by_number:  # several processes call the space twice per trial
+                by_number[number] = {"trial": number, "values": dict(values), "objective": None}
+                self.search_history.append(by_number[number])
+            return values
+
+        def recorded_objective(metrics):
+            value = objective(metrics)
+            if self.search_history:  # the trial's last evaluation is its score
+                self.search_history[-1]["objective"] = value
+            return value
+
+        try:
+            best = super().hyperparameter_search(
+                recorded_space, recorded_objective, n_trials, direction, backend, hp_name, **kwargs
+            )
+        finally:
+            for name, value in saved.items():
+                setattr(self.args, name, value)
+            self.args._refresh_terms()
+        if isinstance(best, BestRun) and best.run_id.isdigit() and int(best.run_id) in by_number:
+            best = BestRun(best.run_id, best.objective, by_number[int(best.run_id)]["values"], best.run_summary)
+        return best
+
     # ------------------------------------------------------------------ runs and checkpoints
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         resume_from_checkpoint = resume_target(self.args.output_dir, resume_from_checkpoint)
@@ -587,6 +703,27 @@ class DistillationTrainer(Trainer):
         terms = logged.means(logged.count)
         output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in terms.items()})
         return output
+
+
+def _student_from_model_init(model, args, trainer_args: tuple, trainer_kwargs: dict):
+    """(the student, model_init): with model_init, its first student, built here (seeded as Trainer seeds it) so
+    that the teachers are loaded and checked against it before Trainer is built; model_init is taken out of the
+    arguments (Trainer refuses a model and a model_init together) and set on the trainer after."""
+    model_init = trainer_kwargs.pop("model_init", None)
+    if len(trainer_args) > 4 and trainer_args[4] is not None:  # Trainer's 7th positional argument
+        raise ValueError("Pass model_init to DistillationTrainer as a keyword argument (model_init=...).")
+    if model_init is None:
+        return model, None
+    if model is not None:
+        raise ValueError("Pass either model= or model_init= to DistillationTrainer, not both.")
+    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+    count = number_of_arguments(model_init)
+    if count > 1:
+        raise ValueError("model_init must take no argument or one (the trial).")
+    model = model_init() if count == 0 else model_init(None)
+    if model is None:
+        raise ValueError("model_init returned None; it must return a new student.")
+    return model, model_init
 
 
 class _WithLossKwargs:

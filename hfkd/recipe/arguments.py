@@ -107,6 +107,29 @@ class RecipeArguments:
     early_stopping_threshold: float = field(
         default=0.0, metadata={"help": "Smallest change of metric_for_best_model that counts as an improvement."}
     )
+    search_trials: int = field(
+        default=0,
+        metadata={
+            "help": "Search the temperature and the term weights first (hfkd.search.kd_space, Optuna: pip install "
+            "hfkd[search]): this many trials, each distilling a new student on the training rows less a validation "
+            "part (search_validation_fraction, carved with the seed) and scored on that part, never on the "
+            "held-out split the final figures come from: accuracy, or the student's own loss for causal LMs. The "
+            "distillation then runs with the best trial's values on all training rows; each trial's values and "
+            "score go to metrics.json and the card. Trials run the teacher online (not the teacher cache), "
+            "evaluate the student alone and save no checkpoints. 0: no search."
+        },
+    )
+    search_validation_fraction: float = field(
+        default=0.1,
+        metadata={"help": "search_trials > 0: the share of the training rows the trials are scored on, in (0, 1)."},
+    )
+    search_max_steps: int = field(
+        default=-1,
+        metadata={
+            "help": "search_trials > 0: optimizer steps of each trial (-1: the distillation's own budget, max_steps "
+            "or num_train_epochs, over the trials' smaller training part)."
+        },
+    )
     latency_batch_size: int = field(default=16, metadata={"help": "Batch size of the latency measurement."})
     latency_repeats: int = field(default=10, metadata={"help": "Rounds of the latency measurement (median kept)."})
 
@@ -132,8 +155,26 @@ class RecipeArguments:
             )
         if self.early_stopping_patience < 0:
             raise ValueError(f"early_stopping_patience must be >= 0 (0: off), got {self.early_stopping_patience}.")
+        self._check_search()
         if self.student_layers is not None:
             self.layer_list()  # a typo fails here, before any model is loaded
+
+    def _check_search(self) -> None:
+        trials, fraction = self.search_trials, self.search_validation_fraction
+        if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+            raise ValueError(f"search_trials must be an integer >= 0 (0: no search), got {trials!r}.")
+        if trials and not (isinstance(fraction, (int, float)) and 0.0 < fraction < 1.0):
+            raise ValueError(
+                f"search_validation_fraction={fraction!r}: the search scores its trials on this share of the training "
+                "rows, which must lie in (0, 1), e.g. 0.1. The held-out split the final figures come from is never "
+                "used to select; set search_trials=0 to distil without a search."
+            )
+        steps = self.search_max_steps
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps == 0 or steps < -1:
+            raise ValueError(
+                f"search_max_steps must be a positive number of steps, or -1 for the distillation's own budget; got "
+                f"{steps!r}."
+            )
 
     def layer_list(self) -> list[int] | None:
         if self.student_layers is None:

@@ -22,6 +22,7 @@ from .preflight import (
     check_cache_settings,
     check_cache_tokenizer,
     check_run_settings,
+    check_search_data,
     check_student_plan,
 )
 from .results import build_metrics, write_outputs
@@ -32,6 +33,7 @@ from .stages import (
     finetune_teacher,
     heading,
     reuse_finished_teacher,
+    search,
     train_labels_only,
 )
 from .state import RunState
@@ -60,6 +62,7 @@ def prepare(recipe: RecipeArguments, data_args: DataArguments, config: Distillat
     """The data, the teacher and the peers, with every check that needs them, before any stage trains."""
     source = TeacherLocation.from_config(config)
     data = load_data(recipe, data_args, config, source)
+    check_search_data(recipe, len(data.distill_train_ds))
     teacher = load_teacher(recipe, config, source, data)
     check_student_plan(recipe, config, teacher)
     peers, peer_sources = load_peers(recipe, config, data)  # before the teacher is fine-tuned: fails now
@@ -97,6 +100,8 @@ def run_stages(recipe: RecipeArguments, data_args: DataArguments, config: Distil
         else:
             _timed(state, "teacher fine-tuning", finetune_teacher)
     build_student(state)
+    if recipe.search_trials:
+        _timed(state, "search", search)
     _timed(state, "distillation", distill)
     if recipe.generations > 1:
         _timed(state, "born-again generations", born_again)

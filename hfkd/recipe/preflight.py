@@ -5,6 +5,7 @@ terms against the task and the tokenizers, and the student's layers against the 
 teacher (`check_across`, `check_one_tokenizer`, `check_student_plan`) run before stage 1.
 """
 
+import math
 import os
 
 from transformers import AutoConfig
@@ -125,7 +126,38 @@ def check_run_settings(recipe: RecipeArguments, config: DistillationConfig) -> N
     _check_early_stopping(recipe, config)
     _check_task_fields(recipe, config)
     _check_report_to(config)
+    _check_search(recipe, config)  # before the peers' own checks: with a search, peers are refused as such
     _check_peers(recipe, config)
+
+
+def _check_search(recipe: RecipeArguments, config: DistillationConfig) -> None:
+    """search_trials: what a search cannot run with, refused before anything is loaded or written."""
+    if not recipe.search_trials:
+        return
+    if config.peer_model_name_or_path is not None:
+        raise ValueError(
+            "search_trials with peer_model_name_or_path: the search tunes how the student learns from a teacher, "
+            "but with peers no teacher teaches; set search_trials=0 or drop the peers."
+        )
+    from ..search import require_optuna
+
+    try:
+        require_optuna()
+    except ImportError as err:  # bad input of the command line (one line, exit 2), not a bug
+        raise ValueError(f"search_trials={recipe.search_trials}: {err}") from None
+
+
+def check_search_data(recipe: RecipeArguments, train_rows: int) -> None:
+    """search_trials: the training rows must leave rows on both sides of the validation part."""
+    if not recipe.search_trials:
+        return
+    validation = math.ceil(recipe.search_validation_fraction * train_rows)  # as datasets' train_test_split counts
+    if validation < 1 or train_rows - validation < 1:
+        raise ValueError(
+            f"search_validation_fraction={recipe.search_validation_fraction} of {train_rows} training rows leaves "
+            f"{validation} validation and {train_rows - validation} training rows for the search's trials; both "
+            "need at least one. Give more training rows or another search_validation_fraction."
+        )
 
 
 def _check_offered(config: DistillationConfig) -> None:

@@ -20,6 +20,7 @@ from .arguments import RecipeArguments
 from .data import data_note
 from .evaluation import Scores, text_fields
 from .models import AUTO_CLASSES, teacher_lineage
+from .stages import distill_config
 from .state import RunState
 
 # Beside metrics.json with compare_without_distillation: both students' per-row scores on the same held-out rows.
@@ -57,6 +58,7 @@ def build_metrics(state: RunState, scores: Scores, latency: tuple[float, float])
         **({"text_eval": _text_eval_note(state)} if lm else {}),
         **_comparison_section(state, scores),
         **({"generations": state.generations} if state.generations else {}),
+        **({"search": state.search} if state.search is not None else {}),
         **({"peers": _peer_section(state, scores)} if state.peers else {}),
         "retained": retained,
         "size_ratio": s_params / t_params,
@@ -186,8 +188,9 @@ def _training_section(state: RunState) -> dict:
 
 
 def _distillation_section(state: RunState) -> dict:
-    """The temperature, each term with a weight (its loss and last logged value) and the layer maps."""
-    config = state.config
+    """The temperature, each term with a weight (its loss and last logged value) and the layer maps: the values the
+    distillation ran with (the search's chosen ones after a search)."""
+    config = distill_config(state)
     last = {}
     for entry in state.distillation.log_history:
         last.update({k: v for k, v in entry.items() if k == "task" or k.startswith("distill/")})

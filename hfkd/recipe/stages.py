@@ -155,10 +155,96 @@ class _RecipeTrainer(DistillationTrainer):
         return output
 
 
+# The search's record in checkpoints/ (kept locally, never pushed): a resumed run reads it instead of searching again.
+SEARCH_RECORD = "search.json"
+
+
+def distill_config(state: RunState) -> DistillationConfig:
+    """The run's configuration with the search's chosen values (the configuration as given without a search)."""
+    if state.search is None:
+        return state.config
+    return dataclasses.replace(state.config, **state.search["chosen"])
+
+
+def search(state: RunState) -> None:
+    """The temperature and weights searched (search_trials > 0, hfkd.search.kd_space): each trial distils a new
+    student on the training rows less a validation part carved from them with the seed, and is scored on that part,
+    never on the held-out split; sets `search`, whose chosen values the distillation runs with."""
+    c, r, data = state.config, state.recipe, state.data
+    record = os.path.join(state.out, "checkpoints", SEARCH_RECORD)
+    if state.resume and os.path.isfile(record):
+        with open(record) as handle:
+            state.search = json.load(handle)
+        heading(c, "search: already done in this run (checkpoints/search.json): its chosen values are used")
+        return
+    import optuna
+
+    from ..search import kd_space
+
+    parts = data.distill_train_ds.train_test_split(test_size=r.search_validation_fraction, seed=c.seed)
+    fit, validation = parts["train"], parts["test"]
+    lm = r.task == "causal-lm"
+    args = dataclasses.replace(
+        c,
+        **_side_run(state, "_search"),
+        overwrite_output_dir=True,
+        teacher_model_name_or_path=None,
+        teacher_model_init_kwargs=None,
+        teacher_cache_dir=None,  # the cache holds the outputs of all training rows: the trials run the teacher
+        peer_model_name_or_path=None,
+        teacher_processing_class=None,
+        eval_with_teacher=False,  # the student alone: its loss does not depend on the trial's weights
+        **({"max_steps": r.search_max_steps} if r.search_max_steps > 0 else {}),
+    )
+    steps = planned_steps(args, len(fit))
+    heading(
+        c,
+        f"search: {r.search_trials} trials of {steps} steps on {len(fit)} training rows, each scored on "
+        f"{len(validation)} validation rows carved from the training data (seed {c.seed})",
+    )
+    trainer = _RecipeTrainer(
+        model_init=lambda: make_student(r, c, data, state.teacher)[0],
+        teacher_model=state.teacher,
+        args=args,
+        train_dataset=fit,
+        eval_dataset=validation,
+        data_collator=collator(data, r.task, state.data_args, "distill"),
+        processing_class=data.student_processor,
+        teacher_processing_class=data.processor if data.across else None,
+        compute_metrics=None if lm else _accuracy,
+    )
+    objective, direction = ("eval_task", "minimize") if lm else ("eval_accuracy", "maximize")
+    best = trainer.hyperparameter_search(
+        hp_space=kd_space(c),
+        compute_objective=lambda metrics: metrics[objective],
+        n_trials=r.search_trials,
+        direction=direction,
+        backend="optuna",
+        sampler=optuna.samplers.TPESampler(seed=c.seed),
+    )
+    shutil.rmtree(args.output_dir, ignore_errors=True)
+    state.search = {
+        "trials": trainer.search_history,
+        "chosen": best.hyperparameters,
+        "best_trial": int(best.run_id),
+        "objective": "the student's own loss on the validation rows" if lm else "validation accuracy",
+        "direction": direction,
+        "train_rows": len(fit),
+        "validation_rows": len(validation),
+        "validation_fraction": r.search_validation_fraction,
+        "steps_per_trial": trainer.state.global_step,
+        "seed": c.seed,
+    }
+    if c.process_index == 0:
+        os.makedirs(os.path.dirname(record), exist_ok=True)
+        with open(record, "w") as handle:
+            json.dump(state.search, handle, indent=1)
+
+
 def distill(state: RunState) -> None:
     """The student learns from the teacher (or, with peers, from them) with hfkd's trainer; checkpoints go to
     checkpoints/, from which a resumed run continues. Sets `distillation`."""
-    c, r, data = state.config, state.recipe, state.data
+    c, r, data = distill_config(state), state.recipe, state.data
     args = dataclasses.replace(
         c,
         output_dir=os.path.join(state.out, "checkpoints"),
@@ -274,7 +360,7 @@ def born_again(state: RunState) -> None:
     """Generations 2..N (Furlanello et al. 2018): each a student from the same initial weights, taught by the
     generation before it, with the same terms and budget; the last one becomes the run's student. Sets
     `generations` and `student`."""
-    c, r = state.config, state.recipe
+    c, r = distill_config(state), state.recipe
     state.generations = [
         {
             "generation": 1,

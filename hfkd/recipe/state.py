@@ -53,6 +53,9 @@ class RunState:
     """The student: set by build_student, replaced by the last born-again generation."""
     student_note: str = ""
     """How the student was made, in a sentence (build_student)."""
+    search: dict | None = None
+    """The search (search_trials > 0): each trial's values and score, and the chosen values, which the distillation
+    and every stage after it run with (stages.distill_config); else None."""
     distillation: Distillation | None = None
     """Set by the distillation stage."""
     generations: list[dict] | None = None
