@@ -156,8 +156,8 @@ class DataArguments:
         data_options = self.transfer_split is not None or self.transfer_data_files is not None
         if self.transfer_ignore_labels and not data_options:
             raise ValueError(
-                "transfer_ignore_labels=true applies to the rows of transfer_split or transfer_data_files, and neither "
-                "is set; set one, or unset transfer_ignore_labels."
+                "transfer_ignore_labels=true applies to the rows of transfer_split or transfer_data_files, and "
+                "neither is set; set one, or unset transfer_ignore_labels."
             )
         if self.max_transfer_samples is not None and not (
             data_options or self.keep_unlabelled_rows or self.labelled_train_samples is not None
@@ -332,9 +332,9 @@ def load_transfer_data(args: DataArguments) -> datasets.Dataset | None:
         extension = os.path.splitext(files[0])[1].lower()
         if extension not in _EXTENSION_BUILDERS:
             raise ValueError(
-                f"transfer_data_files={args.transfer_data_files!r}: no builder reads {extension or 'files without an '}"
-                f"{' extension' if not extension else ''} files; give {', '.join(_EXTENSION_BUILDERS)} files, or set "
-                f"dataset_name to a builder ({', '.join(_FILE_BUILDERS)})."
+                f"transfer_data_files={args.transfer_data_files!r}: no builder is known for the extension "
+                f"{extension!r}; give {', '.join(_EXTENSION_BUILDERS)} files, or set dataset_name to a builder "
+                f"({', '.join(_FILE_BUILDERS)})."
             )
         builder, kwargs = _EXTENSION_BUILDERS[extension]
     try:

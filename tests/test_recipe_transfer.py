@@ -65,16 +65,19 @@ def test_transfer_data_files_join_distillation_and_the_teacher_learns_from_label
     assert distillation["labels"].count(-100) == 36 and len(distillation["labels"]) == 112
 
 
-def test_unlabelled_rows_of_the_training_split_are_kept_as_transfer_rows(tmp_path, tiny_text, seen):
+def test_unlabelled_rows_of_the_training_split_and_a_transfer_split(tmp_path, tiny_text, seen):
     rows = tiny_text[1].read_text().splitlines()[1:]
     blanks = [f"{row.rsplit(',', 1)[0]}," for row in rows[:7]]  # the same texts, label cell empty
-    files = _split_files(tmp_path, rows[:60] + blanks, rows[60:])
-    extra = dict(data_files=files, eval_split="test", finetune_teacher=False, keep_unlabelled_rows=True)
+    files = json.loads(_split_files(tmp_path, rows[:60] + blanks, rows[60:]))
+    files["unlabelled"] = str(_transfer_file(tmp_path, tiny_text))
+    extra = dict(data_files=json.dumps(files), eval_split="test", finetune_teacher=False)
+    extra.update(keep_unlabelled_rows=True, transfer_split="unlabelled")
     assert main(["distill", "--config", str(_recipe(tmp_path, *tiny_text, **extra))]) == 0
     data = _metrics(tmp_path / "run")["data"]
-    assert (data["labelled_examples"], data["transfer_examples"], data["eval_examples"]) == (60, 7, 20)
+    assert (data["labelled_examples"], data["transfer_examples"], data["eval_examples"]) == (60, 47, 20)
     assert "7 training rows without a label (keep_unlabelled_rows)" in data["note"] and "dropped" not in data["note"]
-    assert seen[0]["labels"].count(-100) == 7 and len(seen[0]["labels"]) == 67
+    assert "40 rows of transfer_split='unlabelled' without a label" in data["note"]
+    assert seen[0]["labels"].count(-100) == 47 and len(seen[0]["labels"]) == 107
 
 
 def test_a_share_of_the_labels_and_the_labels_only_comparison_on_the_same_budget(tmp_path, tiny_text, seen):

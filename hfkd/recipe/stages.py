@@ -323,7 +323,10 @@ def train_labels_only(state: RunState) -> None:
     rows, over = data.labelled_rows, ""
     if data.transfer_rows:
         kwargs["max_steps"] = state.distillation.state.max_steps
-        over = f" over the {len(rows)} labelled rows (distillation's budget; its {data.transfer_rows} transfer rows have no label)"
+        over = (
+            f" over the {len(rows)} labelled rows (distillation's budget; its {data.transfer_rows} transfer rows "
+            "have no label)"
+        )
     args = TrainingArguments(**kwargs)
     heading(c, f"comparison: the same student on the labels alone, {planned_steps(args, len(rows))} steps{over}")
     trainer = _train_beside(state, Trainer, student, args, train_dataset=rows)
