@@ -243,7 +243,9 @@ def _cache(argv: list[str]) -> int:
     if result["hidden_layers"]:
         what.append(f"hidden states of teacher layers {result['hidden_layers']}")
     print(
-        f"Teacher cache: {result['rows']} rows, {' and '.join(what)}; {result['bytes'] / 2**20:.1f} MiB in "
+        f"Teacher cache: {result['rows']} rows"
+        + (f" ({result['transfer_rows']} of them transfer rows)" if result["transfer_rows"] else "")
+        + f", {' and '.join(what)}; {result['bytes'] / 2**20:.1f} MiB in "
         f"{result['path']} ({result['seconds']:.0f} s).\nTrain on it with: hfkd distill <same flags> "
         f"--teacher_cache_dir {result['path']}"
     )

@@ -3,9 +3,11 @@
 import bisect
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 
 import datasets
+import numpy as np
 
 from .paths import resolve_path
 
@@ -62,6 +64,49 @@ class DataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep at most this many held-out rows."})
+    transfer_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "A split of the same data set whose rows are added to distillation as transfer rows: a row "
+            "without a label (or every row, with transfer_ignore_labels) trains on the distillation terms alone; a "
+            "row with a label keeps it and counts as a labelled row. Classifiers only."
+        },
+    )
+    transfer_data_files: str | None = field(
+        default=None,
+        metadata={
+            "help": "Data file(s) of transfer rows, as data_files (a path or glob, comma-separated paths, "
+            "'pkg:<package>/<path>'), read by dataset_name when it is a builder such as 'csv', else by the builder "
+            "their extension names (.csv, .tsv, .json, .jsonl, .parquet, .arrow, .txt). They need the training "
+            "data's text (or image) columns; rows are treated as with transfer_split."
+        },
+    )
+    keep_unlabelled_rows: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the training split's rows without a label as transfer rows (distillation terms alone) "
+            "instead of dropping them; held-out rows without a label are still dropped."
+        },
+    )
+    labelled_train_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the label of only this many training rows, a random choice with the run's seed (after "
+            "max_train_samples and rows without a label); the other training rows become transfer rows. For "
+            "experiments with a share of the labels (e.g. 10%)."
+        },
+    )
+    max_transfer_samples: int | None = field(
+        default=None,
+        metadata={"help": "Keep at most this many transfer rows (a random choice with the run's seed)."},
+    )
+    transfer_ignore_labels: bool = field(
+        default=False,
+        metadata={
+            "help": "Treat every row of transfer_split / transfer_data_files as a transfer row, even one that has a "
+            "label (labels of classes the training split lacks are refused otherwise)."
+        },
+    )
     unseen_eval_labels: str = field(
         default="error",
         metadata={
@@ -83,10 +128,62 @@ class DataArguments:
             raise ValueError(
                 f"unseen_eval_labels must be one of {list(UNSEEN_EVAL_LABELS)}, got {self.unseen_eval_labels!r}."
             )
-        for name in ("max_train_samples", "max_eval_samples"):
+        for name in ("max_train_samples", "max_eval_samples", "max_transfer_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be >= 1 when given, got {value}.")
+        self._check_transfer()
+
+    def _check_transfer(self) -> None:
+        if self.labelled_train_samples is not None and self.labelled_train_samples < 0:
+            raise ValueError(
+                f"labelled_train_samples must be >= 0 (the training rows that keep their label), got "
+                f"{self.labelled_train_samples}."
+            )
+        if self.transfer_split is not None and self.transfer_data_files is not None:
+            raise ValueError(
+                "transfer_split and transfer_data_files are both set: transfer_split names a split of the data set, "
+                "transfer_data_files files of their own. Give one."
+            )
+        if self.transfer_split is not None and self.transfer_split in (self.train_split, self.eval_split):
+            which = "train_split" if self.transfer_split == self.train_split else "eval_split"
+            fix = (
+                "use keep_unlabelled_rows or labelled_train_samples to turn training rows into transfer rows"
+                if which == "train_split"
+                else "the held-out rows must stay unseen"
+            )
+            raise ValueError(f"transfer_split={self.transfer_split!r} is also {which}; {fix}.")
+        data_options = self.transfer_split is not None or self.transfer_data_files is not None
+        if self.transfer_ignore_labels and not data_options:
+            raise ValueError(
+                "transfer_ignore_labels=true applies to the rows of transfer_split or transfer_data_files, and "
+                "neither is set; set one, or unset transfer_ignore_labels."
+            )
+        if self.max_transfer_samples is not None and not (
+            data_options or self.keep_unlabelled_rows or self.labelled_train_samples is not None
+        ):
+            raise ValueError(
+                "max_transfer_samples caps transfer rows, but no option makes any (transfer_split, "
+                "transfer_data_files, keep_unlabelled_rows, labelled_train_samples); set one, or unset it."
+            )
+
+    def transfer_options(self) -> list[str]:
+        """The transfer-row options this run sets (empty: every training row is labelled, as without them)."""
+        return [
+            name
+            for name in TRANSFER_OPTIONS
+            if getattr(self, name) != DataArguments.__dataclass_fields__[name].default
+        ]
+
+
+TRANSFER_OPTIONS = (
+    "transfer_split",
+    "transfer_data_files",
+    "keep_unlabelled_rows",
+    "labelled_train_samples",
+    "max_transfer_samples",
+    "transfer_ignore_labels",
+)
 
 
 def _data_files(spec: str | None):
@@ -104,12 +201,16 @@ def _data_files_list(files) -> list[str]:
     return [resolve_path(p.strip()) for p in parts]
 
 
-def load_splits(args: DataArguments, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Loads the train and held-out splits; the held-out one is carved from train when none is named."""
+def _load(args: DataArguments):
     kwargs = json.loads(args.dataset_kwargs) if args.dataset_kwargs else {}
-    loaded = datasets.load_dataset(
+    return datasets.load_dataset(
         args.dataset_name, args.dataset_config_name, data_files=_data_files(args.data_files), **kwargs
     )
+
+
+def load_splits(args: DataArguments, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """Loads the train and held-out splits; the held-out one is carved from train when none is named."""
+    loaded = _load(args)
     if args.train_split not in loaded:
         raise ValueError(f"train_split={args.train_split!r} is not in the data set; it has {list(loaded)}.")
     train = loaded[args.train_split]
@@ -177,6 +278,210 @@ def drop_unlabelled(
     if len(kept[0]) == 0 or len(kept[1]) == 0:
         raise ValueError(f"{note}, which leaves {len(kept[0])} training and {len(kept[1])} held-out rows.")
     return kept[0], kept[1], note
+
+
+# ---------------------------------------------------------------------------------------------------- transfer rows
+IGNORE_INDEX = -100
+_EXTENSION_BUILDERS = {
+    ".csv": ("csv", {}),
+    ".tsv": ("csv", {"sep": "\t"}),
+    ".json": ("json", {}),
+    ".jsonl": ("json", {}),
+    ".parquet": ("parquet", {}),
+    ".arrow": ("arrow", {}),
+    ".txt": ("text", {}),
+}
+_FILE_BUILDERS = ("csv", "json", "parquet", "arrow", "text", "imagefolder", "pandas")
+
+
+def _missing(value, feature) -> bool:
+    """No label: an empty cell, or -1 in a ClassLabel column (how `datasets` marks an unlabelled row)."""
+    if isinstance(feature, datasets.ClassLabel):
+        return value is None or value < 0
+    return not _has_label(value)
+
+
+def split_unlabelled(train: datasets.Dataset, args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The training rows with a label and those without one (keep_unlabelled_rows keeps these as transfer rows)."""
+    _require_columns(train, {"label_column": args.label_column})
+    feature = train.features[args.label_column]
+    flags = [_missing(v, feature) for v in train[args.label_column]]
+    return (
+        train.select([i for i, missing in enumerate(flags) if not missing]),
+        train.select([i for i, missing in enumerate(flags) if missing]),
+    )
+
+
+def load_transfer_data(args: DataArguments) -> datasets.Dataset | None:
+    """The rows of transfer_split or transfer_data_files (None when neither is set)."""
+    if args.transfer_split is not None:
+        loaded = _load(args)
+        if args.transfer_split not in loaded:
+            raise ValueError(
+                f"transfer_split={args.transfer_split!r} is not in the data set; it has {list(loaded)}. Name one of "
+                "them, or give the rows as transfer_data_files."
+            )
+        return loaded[args.transfer_split]
+    if args.transfer_data_files is None:
+        return None
+    files = _data_files_list(args.transfer_data_files)
+    kwargs = json.loads(args.dataset_kwargs) if args.dataset_kwargs else {}
+    if args.dataset_name in _FILE_BUILDERS:
+        builder = args.dataset_name  # the training data's builder, with its keyword arguments
+    else:
+        extension = os.path.splitext(files[0])[1].lower()
+        if extension not in _EXTENSION_BUILDERS:
+            raise ValueError(
+                f"transfer_data_files={args.transfer_data_files!r}: no builder is known for the extension "
+                f"{extension!r}; give {', '.join(_EXTENSION_BUILDERS)} files, or set dataset_name to a builder "
+                f"({', '.join(_FILE_BUILDERS)})."
+            )
+        builder, kwargs = _EXTENSION_BUILDERS[extension]
+    try:
+        loaded = datasets.load_dataset(builder, data_files=files, **kwargs)
+    except FileNotFoundError as err:
+        raise ValueError(f"transfer_data_files={args.transfer_data_files!r}: {err}") from err
+    return datasets.concatenate_datasets([loaded[split] for split in loaded])
+
+
+@dataclass
+class TrainingRows:
+    """The training rows of a classifier, before preprocessing: those that keep their label and the transfer rows
+    (trained on the distillation terms alone), each a list of parts from different sources."""
+
+    labelled: list
+    transfer: list
+    sources: dict = field(default_factory=dict)
+    """Transfer rows by where they came from, for the card (one entry per part of `transfer`)."""
+    capped_from: int | None = None
+    """How many transfer rows there were before max_transfer_samples chose among them (None: not capped)."""
+
+    @property
+    def labelled_count(self) -> int:
+        return sum(len(d) for d in self.labelled)
+
+    @property
+    def transfer_count(self) -> int:
+        return sum(len(d) for d in self.transfer)
+
+    def note(self) -> str | None:
+        """The split in words (None without transfer rows)."""
+        if not self.transfer_count:
+            return None
+        parts = ", ".join(f"{count} {source}" for source, count in self.sources.items() if count)
+        capped = f", chosen from {self.capped_from} (max_transfer_samples)" if self.capped_from is not None else ""
+        return (
+            f"{self.labelled_count} labelled and {self.transfer_count} transfer rows (without a label: trained on "
+            f"the distillation terms alone; {parts}{capped})"
+        )
+
+
+def training_rows(
+    train: datasets.Dataset,
+    names: list[str],
+    args: DataArguments,
+    seed: int,
+    inputs: dict[str, str | None],
+    unlabelled: datasets.Dataset | None = None,
+) -> TrainingRows:
+    """Splits a classifier's training data into labelled and transfer rows, as the transfer options say.
+
+    `train` holds the labelled training rows, `names` the classes, `inputs` the input columns by field name (text or
+    image), `unlabelled` the training rows without a label (keep_unlabelled_rows)."""
+    rows = TrainingRows([train], [])
+    if unlabelled is not None and len(unlabelled):
+        rows.transfer.append(unlabelled)
+        rows.sources["training rows without a label (keep_unlabelled_rows)"] = len(unlabelled)
+    n = args.labelled_train_samples
+    if n is not None:
+        if n > len(train):
+            raise ValueError(
+                f"labelled_train_samples={n} is more than the {len(train)} labelled training rows (after "
+                "max_train_samples and rows without a label); lower it, or raise max_train_samples."
+            )
+        order = np.random.default_rng(seed).permutation(len(train))
+        rows.labelled = [train.select(sorted(order[:n].tolist()))]
+        rest = train.select(sorted(order[n:].tolist()))
+        if len(rest):
+            rows.transfer.append(rest)
+            rows.sources[f"training rows whose label was set aside (labelled_train_samples={n})"] = len(rest)
+    extra = load_transfer_data(args)
+    if extra is not None:
+        _add_transfer_data(rows, extra, names, args, inputs)
+    _cap_transfer(rows, args.max_transfer_samples, seed)
+    return rows
+
+
+def _add_transfer_data(rows: TrainingRows, extra, names: list[str], args: DataArguments, inputs: dict) -> None:
+    field_name = "transfer_split" if args.transfer_split is not None else "transfer_data_files"
+    where = f"{field_name}={getattr(args, field_name)!r}"
+    if len(extra) == 0:
+        raise ValueError(f"{where} holds no row; check it, or unset {field_name}.")
+    for name, column in inputs.items():
+        if column is not None and column not in extra.column_names:
+            raise ValueError(
+                f"{name}={column!r} is not a column of the transfer rows ({where}; columns: {extra.column_names}): "
+                "transfer rows need the training data's inputs. Rename the column in the transfer data, or fix "
+                f"{name}."
+            )
+    column = args.label_column
+    source = f"rows of {where}"
+    if args.transfer_ignore_labels or column not in extra.column_names:
+        rows.transfer.append(extra)
+        rows.sources[source] = len(extra)
+        return
+    feature = extra.features[column]
+    keys = [None if _missing(v, feature) else _transfer_key(v, feature) for v in extra[column]]
+    known = set(names)
+    unseen: dict[str, int] = {}
+    for key in keys:
+        if key is not None and key not in known:
+            unseen[key] = unseen.get(key, 0) + 1
+    if unseen:
+        listed = ", ".join(f"{label!r} ({count} row{'s' if count > 1 else ''})" for label, count in unseen.items())
+        raise ValueError(
+            f"The {column!r} column (label_column) of the transfer rows ({where}) holds labels the training split "
+            f"(train_split={args.train_split!r}) never has: {listed}; the classes are {names}. Pass "
+            "--transfer_ignore_labels true to use those rows without their labels, or fix the data."
+        )
+    labelled = [i for i, key in enumerate(keys) if key is not None]
+    if isinstance(feature, datasets.ClassLabel) and list(feature.names) != list(names):
+        # Ids of another class order: spelled out, so they are encoded by name like the training split's.
+        spelled = extra.features.copy()
+        spelled[column] = datasets.Value("string")
+        extra = extra.map(
+            lambda batch: {column: [None if _missing(v, feature) else feature.int2str(int(v)) for v in batch[column]]},
+            batched=True,
+            features=spelled,
+        )
+    if labelled:
+        rows.labelled.append(extra.select(labelled))
+    rest = [i for i, key in enumerate(keys) if key is None]
+    if rest:
+        rows.transfer.append(extra.select(rest))
+        rows.sources[f"{source} without a label"] = len(rest)
+
+
+def _transfer_key(value, feature) -> str:
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.int2str(int(value))
+    return _label_key(value)
+
+
+def _cap_transfer(rows: TrainingRows, cap: int | None, seed: int) -> None:
+    """max_transfer_samples: a seeded choice among all transfer rows, each part keeping its chosen rows in order."""
+    total = rows.transfer_count
+    if cap is None or total <= cap:
+        return
+    chosen = np.sort(np.random.default_rng(seed).permutation(total)[:cap])
+    parts, sources, start = [], {}, 0
+    for part, source in zip(rows.transfer, list(rows.sources), strict=True):
+        mine = chosen[(chosen >= start) & (chosen < start + len(part))] - start
+        start += len(part)
+        if len(mine):
+            parts.append(part.select(mine.tolist()))
+            sources[source] = len(mine)
+    rows.transfer, rows.sources, rows.capped_from = parts, sources, total
 
 
 def label_names(train: datasets.Dataset, held_out: datasets.Dataset, args: DataArguments) -> list[str]:
@@ -254,8 +559,23 @@ def _label_ids(dataset: datasets.Dataset, args: DataArguments, names: list[str])
     )
 
 
-def _labelled_text_rows(dataset, args: DataArguments, names: list[str]):
-    """The rows that hold both a text and a label, with the labels as class ids."""
+def _without_labels(dataset) -> datasets.Dataset:
+    """Transfer rows: every label -100 (in a `labels` column of ints, as the labelled rows' ids)."""
+    dataset = dataset.remove_columns([c for c in ("labels",) if c in dataset.column_names])
+    return dataset.add_column("labels", [IGNORE_INDEX] * len(dataset))
+
+
+def _labelled_text_rows(dataset, args: DataArguments, names: list[str], unlabelled: bool = False):
+    """The rows that hold both a text and a label, with the labels as class ids; with `unlabelled` (transfer rows),
+    those that hold a text, each labelled -100."""
+    if unlabelled:
+        columns = {"text_column": args.text_column, "text_pair_column": args.text_pair_column}
+        _require_columns(dataset, columns)
+        dataset = dataset.filter(lambda row: row[args.text_column] is not None)
+        if len(dataset) == 0:
+            raise ValueError(f"No transfer row has a {args.text_column!r} text (text_column); check the data.")
+        dropped = [args.label_column] if args.label_column in dataset.column_names else []
+        return _without_labels(dataset.remove_columns(dropped))
     _require_columns(
         dataset,
         {
@@ -274,10 +594,12 @@ def _labelled_text_rows(dataset, args: DataArguments, names: list[str]):
     return dataset
 
 
-def preprocess_text_classification(dataset, tokenizer, args: DataArguments, names: list[str], keep_text: bool = False):
-    """Text classification rows tokenized; `keep_text`: the text columns stay too (word augmentations, which
-    tokenize each augmented batch again: hfkd.augment)."""
-    dataset = _labelled_text_rows(dataset, args, names)
+def preprocess_text_classification(
+    dataset, tokenizer, args: DataArguments, names: list[str], unlabelled: bool = False, keep_text: bool = False
+):
+    """Tokenized rows with class ids in `labels` (-100 for every row with `unlabelled`: transfer rows); `keep_text`:
+    the text columns stay too (word augmentations, which tokenize each augmented batch again: hfkd.augment)."""
+    dataset = _labelled_text_rows(dataset, args, names, unlabelled)
 
     def tokenize(batch):
         pair = batch[args.text_pair_column] if args.text_pair_column else None
@@ -292,9 +614,15 @@ def preprocess_text_classification(dataset, tokenizer, args: DataArguments, name
     )
 
 
-def preprocess_image_classification(dataset, image_processor, args: DataArguments, names: list[str]):
-    _require_columns(dataset, {"image_column": args.image_column, "label_column": args.label_column})
-    dataset = _label_ids(dataset, args, names)
+def preprocess_image_classification(dataset, image_processor, args: DataArguments, names: list[str], unlabelled=False):
+    """Pixel values with class ids in `labels` (-100 for every row with `unlabelled`: transfer rows)."""
+    if unlabelled:
+        _require_columns(dataset, {"image_column": args.image_column})
+        dropped = [args.label_column] if args.label_column in dataset.column_names else []
+        dataset = _without_labels(dataset.remove_columns(dropped))
+    else:
+        _require_columns(dataset, {"image_column": args.image_column, "label_column": args.label_column})
+        dataset = _label_ids(dataset, args, names)
 
     def transform(batch):
         images = [
@@ -387,14 +715,21 @@ def split_text(texts: list[str], tokenizers: list, max_length: int) -> list[str]
 
 
 def preprocess_text_classification_for_both(
-    dataset, student_tokenizer, teacher_tokenizer, args: DataArguments, names: list[str], keep_text: bool = False
+    dataset,
+    student_tokenizer,
+    teacher_tokenizer,
+    args: DataArguments,
+    names: list[str],
+    unlabelled: bool = False,
+    keep_text: bool = False,
 ):
     """Text classification rows tokenized for a student and a teacher with their own tokenizers
-    (hfkd.two_tokenizers.tokenize_for_both, each side cut to max_length tokens), with the spans between them;
-    `keep_text`: the text columns stay too (word augmentations, hfkd.augment)."""
+    (hfkd.two_tokenizers.tokenize_for_both, each side cut to max_length tokens), with the spans between them
+    (`unlabelled`: transfer rows, labelled -100; `keep_text`: the text columns stay too, for word augmentations,
+    hfkd.augment)."""
     from .two_tokenizers import tokenize_for_both
 
-    dataset = _labelled_text_rows(dataset, args, names)
+    dataset = _labelled_text_rows(dataset, args, names, unlabelled)
     return dataset.map(
         tokenize_for_both,
         fn_kwargs={

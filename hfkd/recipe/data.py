@@ -25,7 +25,7 @@ from ..paths import resolve_path
 from ..two_tokenizers import TwoTokenizerCollator
 from .arguments import RecipeArguments, json_arg
 from .models import TeacherLocation
-from .preflight import check_across, check_one_tokenizer
+from .preflight import check_across, check_labelled_rows, check_one_tokenizer
 
 
 @dataclass
@@ -41,16 +41,17 @@ class RecipeData:
     labels: list[str] | None
     """Class names in label-id order (the teacher's own order when it is not fine-tuned); None for causal LMs."""
     train_ds: datasets.Dataset | None
-    """Training rows in the teacher's tokenization (teacher fine-tuning, hfkd cache); None across tokenizers unless
+    """The labelled training rows in the teacher's tokenization (teacher fine-tuning); None across tokenizers unless
     the teacher is fine-tuned."""
     eval_ds: datasets.Dataset | None
     """Held-out rows in the teacher's tokenization (its evaluation); None for causal LMs across tokenizers."""
     student_train_ds: datasets.Dataset
-    """Training rows as the student alone reads them (labels-only comparison, born-again generations)."""
+    """Training rows, transfer rows included, as the student alone reads them (born-again generations)."""
     student_eval_ds: datasets.Dataset
     """Held-out rows as the student alone reads them (evaluation of every model but the teacher)."""
     distill_train_ds: datasets.Dataset
-    """Training rows of distillation: both tokenizations across tokenizers, else `student_train_ds`."""
+    """Training rows of distillation, transfer rows (labels -100) last: both tokenizations across tokenizers, else
+    `student_train_ds` (what hfkd cache runs the teacher over)."""
     distill_eval_ds: datasets.Dataset
     """Held-out rows of evaluation during distillation."""
     lm_texts: list[str] | None = None
@@ -60,9 +61,22 @@ class RecipeData:
     """Classifiers: what was said of training and held-out rows without a label (None when there were none)."""
     unseen_eval_rows: str | None = None
     """Classifiers: what was said of held-out rows with a label the training split lacks (None when none)."""
+    labelled_train_ds: datasets.Dataset | None = None
+    """The labelled training rows as the student alone reads them (the labels-only comparison); None: all of
+    `student_train_ds`."""
+    transfer_rows: int = 0
+    """How many training rows of distillation are transfer rows (no label: distillation terms alone)."""
+    transfer_note: str | None = None
+    """The labelled and transfer rows in words, with where the transfer rows came from (None without any)."""
+
     text_views: bool = False
     """Word augmentations (`augment`, hfkd.augment): `distill_train_ds` keeps its text, which the distillation
     collator tokenizes again after each batch is augmented."""
+
+    @property
+    def labelled_rows(self) -> datasets.Dataset:
+        """The labelled training rows as the student reads them."""
+        return self.student_train_ds if self.labelled_train_ds is None else self.labelled_train_ds
 
 
 def load_data(
@@ -73,10 +87,21 @@ def load_data(
     task = recipe.task
     train_raw, eval_raw = hfkd_data.load_splits(data_args, config.seed)
     labels = dropped_rows = unseen_eval_rows = None
+    rows = hfkd_data.TrainingRows([train_raw], [])
     if task != "causal-lm":
+        unlabelled = None
+        if data_args.keep_unlabelled_rows:
+            train_raw, unlabelled = hfkd_data.split_unlabelled(train_raw, data_args)
         train_raw, eval_raw, dropped_rows = hfkd_data.drop_unlabelled(train_raw, eval_raw, data_args)
         names = hfkd_data.label_names(train_raw, eval_raw, data_args)
         eval_raw, unseen_eval_rows = hfkd_data.drop_unseen_eval_labels(eval_raw, names, data_args)
+        inputs = (
+            {"image_column": data_args.image_column}
+            if task == "image-classification"
+            else {"text_column": data_args.text_column, "text_pair_column": data_args.text_pair_column}
+        )
+        rows = hfkd_data.training_rows(train_raw, names, data_args, config.seed, inputs, unlabelled)
+        check_labelled_rows(recipe, data_args, rows.labelled_count, rows.transfer_count)
         labels = _teacher_label_order(recipe, config, source, data_args, names)
     processor = _teacher_processor(recipe, source)
     student_processor = _student_tokenizer(recipe, processor)
@@ -84,19 +109,23 @@ def load_data(
     text_views = task == "text-classification" and any(op in TEXT_OPS for op in parse_augment(config.augment))
     if across:
         check_across(recipe, config, student_processor, processor)
-        splits = _tokenize_across(
-            recipe, data_args, processor, student_processor, labels, train_raw, eval_raw, text_views
-        )
+        splits = _tokenize_across(recipe, data_args, processor, student_processor, labels, rows, eval_raw, text_views)
     else:
         check_one_tokenizer(config)
-        train_ds = _preprocess(task, data_args, processor, labels, train_raw, keep_text=text_views)
-        distill_train_ds = train_ds
-        if text_views:  # the text stays for the distillation only
-            train_ds = train_ds.remove_columns([c for c in _text_columns(data_args) if c in train_ds.column_names])
+        train_ds, full_ds = _preprocess_rows(
+            rows, lambda d, unlabelled: _preprocess(task, data_args, processor, labels, d, unlabelled, text_views)
+        )
         eval_ds = _preprocess(task, data_args, processor, labels, eval_raw)
-        # One tokenization serves every stage.
-        splits = dict(train_ds=train_ds, eval_ds=eval_ds, student_train_ds=train_ds, student_eval_ds=eval_ds)
-        splits.update(distill_train_ds=distill_train_ds, distill_eval_ds=eval_ds)
+        # One tokenization serves every stage; with word augmentations the text stays for the distillation only.
+        splits = dict(
+            train_ds=_without_text(train_ds, data_args),
+            eval_ds=eval_ds,
+            student_train_ds=_without_text(full_ds, data_args),
+            student_eval_ds=eval_ds,
+            distill_train_ds=full_ds,
+            distill_eval_ds=eval_ds,
+            labelled_train_ds=_without_text(train_ds, data_args) if full_ds is not train_ds else None,
+        )
     lm_texts = None
     if task == "causal-lm":
         # The texts every model's bits per byte is measured on: the held-out text cut at whitespace into pieces
@@ -112,9 +141,37 @@ def load_data(
         lm_texts=lm_texts,
         dropped_rows=dropped_rows,
         unseen_eval_rows=unseen_eval_rows,
+        transfer_rows=rows.transfer_count,
+        transfer_note=rows.note(),
         text_views=text_views,
         **splits,
     )
+
+
+def _preprocess_rows(rows, prep) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """The labelled rows and all training rows (transfer rows last), each part preprocessed by `prep(part,
+    unlabelled)`. Without transfer rows both are the one preprocessed training set, as before transfer rows."""
+    labelled = [prep(d, False) for d in rows.labelled if len(d)]
+    transfer = [prep(d, True) for d in rows.transfer if len(d)]
+    full = _concatenate(labelled + transfer)
+    if not transfer:
+        return full, full
+    return (_concatenate(labelled) if labelled else full.select([])), full
+
+
+def _concatenate(parts: list) -> datasets.Dataset:
+    """Preprocessed parts as one data set: class ids as plain ints (transfer rows hold -100), the format kept."""
+    if len(parts) == 1:
+        return parts[0]
+    kind = parts[0].format["type"]
+    parts = [
+        p.cast_column("labels", datasets.Value("int64"))
+        if isinstance(p.features.get("labels"), datasets.ClassLabel)
+        else p
+        for p in parts
+    ]
+    joined = datasets.concatenate_datasets([p.with_format(None) for p in parts])
+    return joined.with_format(kind) if kind else joined
 
 
 def _teacher_processor(recipe: RecipeArguments, source: TeacherLocation):
@@ -182,43 +239,50 @@ def _check_reads_teacher_ids(recipe: RecipeArguments, path: str, processor) -> N
 
 
 def _tokenize_across(
-    recipe, data_args, processor, student_processor, labels, train_raw, eval_raw, text_views=False
+    recipe, data_args, processor, student_processor, labels, rows, eval_raw, text_views: bool = False
 ) -> dict:
     """Teacher stages keep the teacher's tokenization; distillation reads both (the student's view is its part)."""
     task = recipe.task
     if task == "text-classification":
-        both = [
-            hfkd_data.preprocess_text_classification_for_both(
-                d, student_processor, processor, data_args, labels, keep_text=text_views and d is train_raw
+
+        def both(d, unlabelled=False, keep_text=text_views):
+            return hfkd_data.preprocess_text_classification_for_both(
+                d, student_processor, processor, data_args, labels, unlabelled, keep_text
             )
-            for d in (train_raw, eval_raw)
-        ]
+
         eval_ds = _preprocess(task, data_args, processor, labels, eval_raw)  # the teacher's evaluation
     else:
-        both = [
-            hfkd_data.preprocess_causal_lm_for_both(d, student_processor, processor, data_args)
-            for d in (train_raw, eval_raw)
-        ]
+
+        def both(d, unlabelled=False, keep_text=False):
+            return hfkd_data.preprocess_causal_lm_for_both(d, student_processor, processor, data_args)
+
         eval_ds = None  # every causal LM is evaluated on the same held-out text, in bits per byte
-    # The teacher's own tokenization of the training data serves its fine-tuning only.
-    train_ds = _preprocess(task, data_args, processor, labels, train_raw) if recipe.finetune_teacher else None
-    student_train_ds, student_eval_ds = (
-        d.remove_columns(
+    labelled_both, train_both = _preprocess_rows(rows, both)
+    eval_both = both(eval_raw, keep_text=False)
+    # The teacher's own tokenization of the labelled training rows serves its fine-tuning only.
+    train_ds = (
+        _concatenate([_preprocess(task, data_args, processor, labels, d) for d in rows.labelled if len(d)])
+        if recipe.finetune_teacher
+        else None
+    )
+
+    def student_view(d):
+        return d.remove_columns(
             [
                 c
                 for c in d.column_names
                 if c.startswith(TEACHER_PREFIX) or c in (SPANS, TEACHER_SPANS) or c in _text_columns(data_args)
             ]
         )
-        for d in both
-    )
+
     return dict(
         train_ds=train_ds,
         eval_ds=eval_ds,
-        student_train_ds=student_train_ds,
-        student_eval_ds=student_eval_ds,
-        distill_train_ds=both[0],
-        distill_eval_ds=both[1],
+        student_train_ds=student_view(train_both),
+        student_eval_ds=student_view(eval_both),
+        distill_train_ds=train_both,
+        distill_eval_ds=eval_both,
+        labelled_train_ds=None if labelled_both is train_both else student_view(labelled_both),
     )
 
 
@@ -255,11 +319,21 @@ def _text_columns(data_args: DataArguments) -> list[str]:
     return [c for c in (data_args.text_column, data_args.text_pair_column) if c]
 
 
-def _preprocess(task: str, data_args: DataArguments, processor, labels, dataset, keep_text: bool = False):
+def _without_text(dataset, data_args: DataArguments):
+    """`dataset` less its raw text columns (kept for word augmentations by the distillation's rows only)."""
+    if dataset is None:
+        return None
+    text = [c for c in _text_columns(data_args) if c in dataset.column_names]
+    return dataset.remove_columns(text) if text else dataset
+
+
+def _preprocess(
+    task: str, data_args: DataArguments, processor, labels, dataset, unlabelled: bool = False, keep_text: bool = False
+):
     if task == "text-classification":
-        return hfkd_data.preprocess_text_classification(dataset, processor, data_args, labels, keep_text)
+        return hfkd_data.preprocess_text_classification(dataset, processor, data_args, labels, unlabelled, keep_text)
     if task == "image-classification":
-        return hfkd_data.preprocess_image_classification(dataset, processor, data_args, labels)
+        return hfkd_data.preprocess_image_classification(dataset, processor, data_args, labels, unlabelled)
     return hfkd_data.preprocess_causal_lm(dataset, processor, data_args)
 
 
@@ -303,6 +377,7 @@ def data_note(data: RecipeData, recipe: RecipeArguments, data_args: DataArgument
             if data_args.eval_split
             else f" (held-out {data_args.eval_fraction:.0%} carved from train, seed {config.seed})"
         )
+        + (f"; {data.transfer_note}" if data.transfer_note else "")
         + (f"; {data.dropped_rows}" if data.dropped_rows else "")
         + (f"; {data.unseen_eval_rows}" if data.unseen_eval_rows else "")
     )

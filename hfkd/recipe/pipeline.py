@@ -24,6 +24,7 @@ from .preflight import (
     check_run_settings,
     check_search_data,
     check_student_plan,
+    check_transfer_settings,
 )
 from .results import build_metrics, write_outputs
 from .stages import (
@@ -49,6 +50,7 @@ def run_recipe(recipe: RecipeArguments, data_args: DataArguments, config: Distil
     values = run_values(recipe, data_args, config)
     check_output_dir(config.output_dir, config.overwrite_output_dir, resume, values)
     check_run_settings(recipe, config)
+    check_transfer_settings(recipe, data_args)
     check_cache_settings(recipe, config)
     main_process = config.process_index == 0
     with cleaned_on_failure(config.output_dir, main_process):
@@ -130,6 +132,7 @@ def run_cache(recipe: RecipeArguments, data_args: DataArguments, config: Distill
     folder instead (`teacher_model_name_or_path: <output_dir>/teacher`, `finetune_teacher: false`).
     """
     check_cache_run(recipe, config)
+    check_transfer_settings(recipe, data_args)
     set_seed(config.seed)
     source = TeacherLocation.from_config(config)
     data = load_data(recipe, data_args, config, source)
@@ -139,7 +142,7 @@ def run_cache(recipe: RecipeArguments, data_args: DataArguments, config: Distill
     student = make_student(recipe, config, data, teacher)[0] if config.hidden_weight > 0 else None
     cache = build_teacher_cache(
         teacher,
-        data.train_ds,
+        data.distill_train_ds,  # what distillation reads: transfer rows too
         cache_args.cache_dir,
         args=config,
         student=student,
@@ -157,6 +160,7 @@ def run_cache(recipe: RecipeArguments, data_args: DataArguments, config: Distill
     size = sum(os.path.getsize(os.path.join(cache.path, name)) for name in os.listdir(cache.path))
     return {
         "rows": len(cache),
+        "transfer_rows": data.transfer_rows,
         "bytes": size,
         "seconds": cache.meta["seconds"],
         "logits": cache.logits,

@@ -421,3 +421,39 @@ def check_cache_tokenizer(recipe: RecipeArguments, across: bool) -> None:
             "stores outputs over the teacher's tokenization alone, which cannot teach it. Distil without a cache "
             "(hfkd distill runs the teacher online), or use a student with the teacher's tokenizer."
         )
+
+
+def check_transfer_settings(recipe: RecipeArguments, data_args) -> None:
+    """Transfer rows (rows trained on the distillation terms alone) are a classifier's: a causal LM's labels are
+    its own text, so no row of it lacks one. Refused before the output folder is made."""
+    options = data_args.transfer_options()
+    if options and recipe.task == "causal-lm":
+        raise ValueError(
+            f"{', '.join(options)}: transfer rows are rows without a label, and a causal LM's labels are its own "
+            "text, so every row is labelled. Unset them, and add the extra text to data_files instead."
+        )
+
+
+def check_labelled_rows(recipe: RecipeArguments, data_args, labelled: int, transfer: int) -> None:
+    """The stages that train on labels alone, against a run whose training rows hold none: refused once the data is
+    split into labelled and transfer rows, before anything is tokenized or trained."""
+    if labelled:
+        return
+    why = (
+        f"labelled_train_samples={data_args.labelled_train_samples}"
+        if data_args.labelled_train_samples == 0
+        else "no training row has a label"
+    )
+    for needed, flag, what in (
+        (recipe.finetune_teacher, "--finetune_teacher false", "teacher fine-tuning trains on the labelled rows"),
+        (
+            recipe.compare_without_distillation,
+            "--compare_without_distillation false",
+            "the labels-only comparison trains the student on the labelled rows alone",
+        ),
+    ):
+        if needed:
+            raise ValueError(
+                f"{what}, but this run has none ({why}; {transfer} transfer rows). Give labelled rows (raise "
+                f"labelled_train_samples, or fix the data's label_column), or pass {flag}."
+            )

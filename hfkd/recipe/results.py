@@ -131,7 +131,12 @@ def _comparison_section(state: RunState, scores: Scores) -> dict:
     return {
         "labels_only": {
             **state.labels_only,
-            "note": "the same student, data, steps, learning rate and batches, on the labels alone",
+            "note": (
+                "the same student, steps, learning rate and batches, on the labelled rows alone (distillation's "
+                f"{state.data.transfer_rows} transfer rows have no label; its data loops over the labelled rows)"
+                if state.data.transfer_rows
+                else "the same student, data, steps, learning rate and batches, on the labels alone"
+            ),
         },
         # Positive when distillation helped: accuracy points gained, or perplexity (bits per byte) lowered.
         "gain": (plain - student_metric) if state.recipe.task == "causal-lm" else (student_metric - plain),
@@ -159,6 +164,9 @@ def _data_section(state: RunState) -> dict:
         "hub_id": data_args.dataset_name if data_args.data_files is None else None,
         "note": data_note(state.data, state.recipe, data_args, state.config),
         "train_examples": len(state.data.distill_train_ds),
+        # Distillation's training rows: those with a label, and the transfer rows (distillation terms alone).
+        "labelled_examples": len(state.data.distill_train_ds) - state.data.transfer_rows,
+        "transfer_examples": state.data.transfer_rows,
         "eval_examples": len(state.data.student_eval_ds),
     }
 

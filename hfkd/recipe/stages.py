@@ -341,12 +341,13 @@ def _side_run(state: RunState, name: str) -> dict:
     )
 
 
-def _train_beside(state: RunState, trainer_cls, student, args, **kwargs):
-    """Trains `student` on the recipe's data in a run beside the distillation; its scratch folder goes after."""
+def _train_beside(state: RunState, trainer_cls, student, args, train_dataset=None, **kwargs):
+    """Trains `student` on the recipe's data (default: distillation's rows as the student reads them) in a run
+    beside the distillation; its scratch folder goes after."""
     trainer = trainer_cls(
         model=student,
         args=args,
-        train_dataset=state.data.student_train_ds,
+        train_dataset=state.data.student_train_ds if train_dataset is None else train_dataset,
         data_collator=collator(state.data, state.recipe.task, state.data_args, "student"),
         processing_class=state.data.student_processor,
         **kwargs,
@@ -399,17 +400,29 @@ def born_again(state: RunState) -> None:
 
 def train_labels_only(state: RunState) -> None:
     """The same student, data and budget on the labels alone, with plain transformers.Trainer. Sets `labels_only`
-    and `labels_only_rows`."""
-    c = state.config
-    student, _ = make_student(state.recipe, c, state.data, state.teacher)
+    and `labels_only_rows`.
+
+    With transfer rows it trains on the labelled rows only, for as many optimizer steps as distillation planned
+    (the same budget: max_steps, its data looping over the labelled rows); the schedule, batches and every other
+    setting stay the distillation's."""
+    c, data = state.config, state.data
+    student, _ = make_student(state.recipe, c, data, state.teacher)
     kwargs = {f.name: getattr(c, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
     kwargs.update(**_side_run(state, "_labels_only"), greater_is_better=None)
+    rows, over = data.labelled_rows, ""
+    if data.transfer_rows:
+        kwargs["max_steps"] = state.distillation.state.max_steps
+        over = (
+            f" over the {len(rows)} labelled rows (distillation's budget; its {data.transfer_rows} transfer rows "
+            "have no label)"
+        )
     args = TrainingArguments(**kwargs)
-    heading(
-        c,
-        f"comparison: the same student on the labels alone, {planned_steps(args, len(state.data.student_train_ds))} "
-        "steps",
-    )
-    trainer = _train_beside(state, Trainer, student, args)
+    heading(c, f"comparison: the same student on the labels alone, {planned_steps(args, len(rows))} steps{over}")
+    trainer = _train_beside(state, Trainer, student, args, train_dataset=rows)
     metric, text, state.labels_only_rows = evaluate_all(state, student)
-    state.labels_only = {"steps": trainer.state.global_step, "metric": metric, **text_fields(text)}
+    state.labels_only = {
+        "steps": trainer.state.global_step,
+        "train_examples": len(rows),
+        "metric": metric,
+        **text_fields(text),
+    }
