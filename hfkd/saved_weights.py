@@ -23,21 +23,23 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 
 def own_names(model: torch.nn.Module) -> dict[str, str]:
     """{the name `save_pretrained` writes a weight under: its name in `model.state_dict()`}, for the weights it
-    renames (empty for most models, and for a model that is not a transformers one).
+    renames (empty for most models, and for a model that is not a transformers one)."""
+    return _saved_layout(model)[0]
 
-    Found by running transformers' own reversal over the model's state dict and following each tensor, so the names
-    are exactly those it wrote. A weight it converts (fuses or splits into new tensors) has no single saved name and
-    is left out: it cannot be copied back by name, and the load that needs it fails."""
+
+def _saved_layout(model: torch.nn.Module) -> tuple[dict[str, str], set[str]]:
+    """`own_names`, and the saved names of the weights `save_pretrained` converts (fuses or splits into new
+    tensors, as a mixture of experts' stacked experts): those have no single own name to be copied back to.
+
+    Found by running transformers' own reversal over the model's state dict and following each tensor, so the
+    names are exactly those it wrote."""
     if not isinstance(model, PreTrainedModel):
-        return {}
+        return {}, set()
     state = model.state_dict()
     by_tensor = {id(tensor): name for name, tensor in state.items()}
     saved = revert_weight_conversion(model, dict(state))
-    return {
-        saved_name: by_tensor[id(tensor)]
-        for saved_name, tensor in saved.items()
-        if id(tensor) in by_tensor and by_tensor[id(tensor)] != saved_name
-    }
+    renamed = {k: by_tensor[id(v)] for k, v in saved.items() if id(v) in by_tensor and by_tensor[id(v)] != k}
+    return renamed, {k for k, v in saved.items() if id(v) not in by_tensor}
 
 
 def read_weights(folder: str, names=None) -> dict[str, torch.Tensor]:
@@ -65,8 +67,8 @@ def read_weights(folder: str, names=None) -> dict[str, torch.Tensor]:
 def restore(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """Copies every tensor of `state` (as written by `save_pretrained`, renamed weights included) into `model` in
     place, keeping its parameters (an optimizer's references stay valid). Refuses a saved name the model lacks, a
-    shape that differs, and any of the model's weights left without a value, except tied copies `save_pretrained`
-    leaves out. `where` names the file or setting in the messages."""
+    shape that differs, and any of the model's weights left without a value, except those `save_pretrained` leaves
+    out (tied copies, `_keys_to_ignore_on_save`). `where` names the file or setting in the messages."""
     mine = model.state_dict()
     renamed = own_names(model)
     state = {renamed.get(name, name): tensor for name, tensor in state.items()}
@@ -75,7 +77,7 @@ def restore(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) 
         raise ValueError(
             f"The weights in {where} do not fit this model (unknown names {unknown[:5]}); wrong checkpoint?"
         )
-    missing = _untied_missing(mine, mine.keys() - state.keys())
+    missing = _not_left_out(model, mine, mine.keys() - state.keys())
     if missing:
         raise ValueError(
             f"The weights in {where} lack {missing[:5]}; the checkpoint was cut short, or is another model's?"
@@ -96,11 +98,12 @@ def complete_load(model: torch.nn.Module, folder: str, missing, unexpected, sett
     still without its saved value, or any saved weight fits none (a checkpoint that does not load is a wrong result,
     not a warning). `setting` (`resume_from_checkpoint`, `load_best_model_at_end`) names the load in the message."""
     mine = model.state_dict()
-    missing = set(_untied_missing(mine, set(missing)))
+    missing = set(_not_left_out(model, mine, set(missing)))
     unexpected = set(unexpected)
     if not missing and not unexpected:
         return
-    renamed = {saved: own for saved, own in own_names(model).items() if saved in unexpected and own in missing}
+    renamed, converted = _saved_layout(model)
+    renamed = {saved: own for saved, own in renamed.items() if saved in unexpected and own in missing}
     if renamed:
         with torch.no_grad():
             for saved, tensor in read_weights(folder, renamed).items():
@@ -108,19 +111,26 @@ def complete_load(model: torch.nn.Module, folder: str, missing, unexpected, sett
         missing -= set(renamed.values())
         unexpected -= set(renamed)
     if missing or unexpected:
-        raise ValueError(
-            f"{setting}: the student's weights in {folder} do not load into this student "
-            f"({type(model).__name__}): {len(missing)} of its weights are not in the checkpoint "
-            f"(e.g. {sorted(missing)[:3]}) and {len(unexpected)} saved weights fit none of them "
-            f"(e.g. {sorted(unexpected)[:3]}), so training would go on from weights the checkpoint does not hold. "
-            "Load it with the student class and config that wrote it (and the same transformers version: "
-            "transformers' Trainer loads checkpoint weights without the renaming or conversion that from_pretrained "
-            "applies, and hfkd can only undo renaming), or start without it."
+        found = (
+            f"{setting}: the student's weights in {folder} do not load into this student ({type(model).__name__}): "
+            f"{len(missing)} of its weights are not in the checkpoint (e.g. {sorted(missing)[:3]}) and "
+            f"{len(unexpected)} saved weights fit none of them (e.g. {sorted(unexpected)[:3]}), so training would go "
+            "on from weights the checkpoint does not hold."
         )
+        if unexpected & converted:
+            raise ValueError(
+                f"{found} save_pretrained converted them (fused or split) for this architecture, and transformers' "
+                "Trainer loads checkpoints without the conversion back that from_pretrained applies (transformers "
+                "issue #48805); hfkd can only undo renaming. Start a new run from the checkpoint's weights, loaded "
+                "with from_pretrained, or resume with a transformers version that converts them."
+            )
+        raise ValueError(f"{found} Load it with the student class and config that wrote it, or start without it.")
 
 
-def _untied_missing(mine: dict[str, torch.Tensor], missing) -> list[str]:
-    """The `missing` names that are not tied copies of a present one (sharing its storage): `save_pretrained` writes
-    only one of a group of tied weights, and loading that one fills them all."""
+def _not_left_out(model: torch.nn.Module, mine: dict[str, torch.Tensor], missing) -> list[str]:
+    """The `missing` names that `save_pretrained` does write: not a tied copy of a present one (sharing its
+    storage: it writes one of a group of tied weights, and loading that one fills them all), nor one of the model's
+    `_keys_to_ignore_on_save` (e.g. Marian's sinusoidal positions, which the model builds itself)."""
     present = {mine[name].data_ptr() for name in mine.keys() - set(missing)}
-    return sorted(name for name in missing if mine[name].data_ptr() not in present)
+    never_saved = set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+    return sorted(name for name in missing if mine[name].data_ptr() not in present and name not in never_saved)
