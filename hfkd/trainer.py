@@ -446,7 +446,9 @@ class DistillationTrainer(Trainer):
         self.source.load_best(self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        with self._checked_load(resume_from_checkpoint, model or self.model, "resume_from_checkpoint"):
+        with self._checked_load(
+            resume_from_checkpoint, model if model is not None else self.model, "resume_from_checkpoint"
+        ):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.source.load_checkpoint(resume_from_checkpoint)
         self.term_set.load(resume_from_checkpoint)
