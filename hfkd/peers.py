@@ -22,18 +22,15 @@ Each peer is logged as `<peer>/task` and `<peer>/distill/<term>`, saved with the
 the end in `output_dir/peers/<name>/` (`save_pretrained`: loadable without hfkd), and restored exactly on resume.
 """
 
-import json
 import os
 
 import torch
-from safetensors.torch import load_file
 from safetensors.torch import save_model as save_safetensors_model
 
 from .names import named_models
+from .saved_weights import WEIGHTS_FILE, read_weights, restore
 
 PEERS_FOLDER = "peers"
-WEIGHTS_FILE = "model.safetensors"
-WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 def peer_folder(output_dir: str, name: str) -> str:
@@ -80,46 +77,9 @@ def save_peer(model: torch.nn.Module, folder: str, processing_class=None) -> Non
 
 
 def load_peer(model: torch.nn.Module, folder: str) -> None:
-    """Restores a peer saved by `save_peer` in place, every tensor exactly.
-
-    Only keys the saved file left out because they share storage with a saved one (tied weights) may be missing.
-    """
-    state = _read_weights(folder)
-    mine = model.state_dict()
-    if not state.keys() <= mine.keys():
-        extra = sorted(state.keys() - mine.keys())[:5]
-        raise ValueError(
-            f"The peer weights in {folder} do not fit this peer (unknown keys {extra}); wrong checkpoint?"
-        )
-    loaded = {mine[k].data_ptr() for k in state}
-    untied = [k for k in mine.keys() - state.keys() if mine[k].data_ptr() not in loaded]
-    if untied:
-        raise ValueError(f"The peer weights in {folder} lack {sorted(untied)[:5]}; the checkpoint was cut short?")
-    with torch.no_grad():
-        for key, value in state.items():
-            if tuple(value.shape) != tuple(mine[key].shape):
-                raise ValueError(
-                    f"The peer weights in {folder} give {key} the shape {tuple(value.shape)}, but this peer's is "
-                    f"{tuple(mine[key].shape)}; the checkpoint was made with another peer."
-                )
-            mine[key].copy_(value)
-
-
-def _read_weights(folder: str) -> dict[str, torch.Tensor]:
-    single, index = os.path.join(folder, WEIGHTS_FILE), os.path.join(folder, WEIGHTS_INDEX)
-    if os.path.isfile(single):
-        return load_file(single)
-    if os.path.isfile(index):  # save_pretrained shards large models
-        with open(index) as handle:
-            files = sorted(set(json.load(handle)["weight_map"].values()))
-        state = {}
-        for name in files:
-            state.update(load_file(os.path.join(folder, name)))
-        return state
-    raise ValueError(
-        f"{folder} holds no peer weights ({WEIGHTS_FILE}); the checkpoint comes from a run without this peer, or was "
-        "cut short while saving. Resume from another checkpoint."
-    )
+    """Restores a peer saved by `save_peer` in place, every tensor exactly, under the names `save_pretrained` wrote
+    (hfkd.saved_weights). Only tied copies of a saved weight may be missing."""
+    restore(model, read_weights(folder), f"the peer's {folder}")
 
 
 def detached(outputs):

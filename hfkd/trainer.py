@@ -2,6 +2,7 @@
 source (hfkd.sources), the mixer (hfkd.mixing), the step (hfkd.step, planned by hfkd.probe, normalised by hfkd.units)
 and the run's checkpoint records (hfkd.checkpoints)."""
 
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -29,6 +30,7 @@ from .mixing import TeacherMixer, check_teacher_ids, fixed_weights
 from .models import ensure_eager_attention, unwrap_peft, warn_attention_dropout
 from .on_policy import build_generation
 from .probe import probe, term_features
+from .saved_weights import complete_load
 from .sources import build_source
 from .step import DistillationStep, TaskLossSettings
 from .streams import model_kind
@@ -555,13 +557,37 @@ class DistillationTrainer(Trainer):
             )
 
     def _load_best_model(self) -> None:
-        super()._load_best_model()
+        with self._checked_load(self.state.best_model_checkpoint, self.model, "load_best_model_at_end"):
+            super()._load_best_model()
         self.source.load_best(self.state.best_model_checkpoint)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        with self._checked_load(
+            resume_from_checkpoint, model if model is not None else self.model, "resume_from_checkpoint"
+        ):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
         self.source.load_checkpoint(resume_from_checkpoint)
         self.term_set.load(resume_from_checkpoint)
+
+    @contextlib.contextmanager
+    def _checked_load(self, folder: str, model, setting: str):
+        """Trainer loads a checkpoint's student weights with `load_state_dict(strict=False)` and only warns about
+        what did not fit, which for a transformers-5 model with renamed modules (ViT) is most of it: the results it
+        reports inside are completed (renamed weights copied in) or refused (hfkd.saved_weights)."""
+        self._load_results = []
+        try:
+            yield
+            for result in self._load_results:
+                # `model` is the module Trainer called load_state_dict on: the result's names are its own.
+                complete_load(model, folder, result.missing_keys, result.unexpected_keys, setting)
+        finally:
+            self._load_results = None
+
+    def _issue_warnings_after_load(self, load_result) -> None:
+        if getattr(self, "_load_results", None) is None:
+            super()._issue_warnings_after_load(load_result)
+        else:  # checked (and completed or refused) by _checked_load, not only warned about
+            self._load_results.append(load_result)
 
     # ------------------------------------------------------------------ the step
     def get_train_dataloader(self):
