@@ -89,6 +89,7 @@ def finetune_teacher(state: RunState) -> None:
         "learning_rate": r.teacher_learning_rate,
         "batch_size": args.train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1),
         "train_examples": len(data.train_ds),
+        "transfer_rows": data.transfer_rows,  # distillation's rows without a label, which the teacher did not see
         "lora_r": r.teacher_lora_r,
     }
     if state.config.process_index == 0:  # one writer under `accelerate launch`
