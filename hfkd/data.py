@@ -93,7 +93,7 @@ class DataArguments:
         metadata={
             "help": "Keep the label of only this many training rows, a random choice with the run's seed (after "
             "max_train_samples and rows without a label); the other training rows become transfer rows. For "
-            "experiments with a share of the labels (e.g. 10%)."
+            "experiments with a share of the labels (e.g. 10 percent of them)."
         },
     )
     max_transfer_samples: int | None = field(
