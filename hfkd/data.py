@@ -93,7 +93,7 @@ class DataArguments:
         metadata={
             "help": "Keep the label of only this many training rows, a random choice with the run's seed (after "
             "max_train_samples and rows without a label); the other training rows become transfer rows. For "
-            "experiments with a share of the labels (e.g. 10%)."
+            "experiments with a share of the labels (e.g. 10 percent of them)."
         },
     )
     max_transfer_samples: int | None = field(
@@ -549,8 +549,25 @@ def drop_unseen_eval_labels(
 
 
 def _label_ids(dataset: datasets.Dataset, args: DataArguments, names: list[str]) -> datasets.Dataset:
-    if isinstance(dataset.features[args.label_column], datasets.ClassLabel):
+    """The label column as `labels`, class ids in the order of `names` (the teacher's own order when it is not
+    fine-tuned here, which may list the classes differently from the data)."""
+    feature = dataset.features[args.label_column]
+    if isinstance(feature, datasets.ClassLabel) and list(feature.names) == list(names):
         return dataset.rename_column(args.label_column, "labels") if args.label_column != "labels" else dataset
+    if isinstance(feature, datasets.ClassLabel):
+        # The same classes in another order: each id is mapped through its name, or the labels would be swapped.
+        index = {name: i for i, name in enumerate(names)}
+        new_ids = [index[name] for name in feature.names]
+        features = dataset.features.copy()
+        del features[args.label_column]
+        features["labels"] = datasets.ClassLabel(names=list(names))
+        return dataset.map(
+            lambda batch: {"labels": [new_ids[v] if v >= 0 else v for v in batch[args.label_column]]},
+            batched=True,
+            remove_columns=[args.label_column],
+            features=features,
+            desc="Encoding labels",
+        )
     index = {name: i for i, name in enumerate(names)}
     return dataset.map(
         lambda batch: {"labels": [index[_label_key(v)] for v in batch[args.label_column]]},

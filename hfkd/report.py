@@ -225,7 +225,9 @@ def _lineage(metrics: dict, teacher: dict, student: dict, peers: dict) -> list[s
 def _finetune_text(finetune: dict) -> str:
     text = (
         f"{finetune['steps']} steps ({finetune['epochs']:g} epochs) at learning rate {finetune['learning_rate']:g}, "
-        f"batch size {finetune['batch_size']}, on {finetune['train_examples']} examples"
+        f"batch size {finetune['batch_size']}, on {finetune['train_examples']} "
+        # With transfer rows the teacher learnt from the labelled rows alone, fewer than distillation reads.
+        + ("labelled examples" if finetune.get("transfer_rows") else "examples")
     )
     return text + (f", with LoRA r={finetune['lora_r']}, merged" if finetune.get("lora_r") else "")
 

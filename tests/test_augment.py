@@ -493,3 +493,132 @@ def test_text_recipe_with_word_augmentation(tmp_path):
     assert main(["distill", "--config", path]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert math.isfinite(metrics["student"]["metric"])
+
+
+# ---------------------------------------------------------------------------------------------------- the comparison
+def _tiny_images(tmp_path) -> dict:
+    """The recipe fields of a tiny image task: 24 grey 8x8 images of two classes and a ViT teacher built here."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for label in ("dark", "light"):
+        (images / "train" / label).mkdir(parents=True)
+        for i in range(12):
+            pixels = np.clip(rng.normal(40 if label == "dark" else 200, 20, size=(8, 8)), 0, 255).astype("uint8")
+            Image.fromarray(pixels, mode="L").save(images / "train" / label / f"{i}.png")
+    teacher = {"model_type": "vit", "image_size": 8, "patch_size": 4, "num_channels": 1, "hidden_size": 32}
+    teacher.update(num_hidden_layers=4, num_attention_heads=4, intermediate_size=64)
+    processor = {"size": {"height": 8, "width": 8}, "do_resize": False, "image_mean": [0.5], "image_std": [0.5]}
+    return dict(
+        task="image-classification",
+        dataset_name="imagefolder",
+        data_files=json.dumps({"train": str(images / "train" / "**")}),
+        teacher_config=json.dumps(teacher),
+        image_processor_kwargs=json.dumps(processor),
+        finetune_teacher=True,
+        teacher_max_steps=2,
+        student_num_layers=2,
+        label_column="label",
+        eval_fraction=0.25,
+    )
+
+
+@pytest.fixture
+def views(monkeypatch):
+    """Every augmented view a run draws, in order: (the trainer's class, the view)."""
+    seen = []
+    original = Augmenter.view
+
+    def view(self, batch, rng, collate=None):
+        out = original(self, batch, rng, collate)
+        seen.append({k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in out.items()})
+        return out
+
+    monkeypatch.setattr(Augmenter, "view", view)
+    return seen
+
+
+def _same_views(views, keys):
+    half = len(views) // 2
+    assert len(views) == 2 * half and half == 3  # 3 steps of distillation, then 3 of the comparison
+    for distilled, labels_only in zip(views[:half], views[half:], strict=True):
+        for key in keys:
+            assert torch.equal(distilled[key], labels_only[key]), key
+
+
+def test_the_labels_only_comparison_sees_the_distilled_students_image_views(tmp_path, views, monkeypatch):
+    import hfkd.recipe.stages as stages
+
+    mixed = []
+    original = stages.mixed_cross_entropy
+    monkeypatch.setattr(stages, "mixed_cross_entropy", lambda *a, **k: mixed.append(a[3]) or original(*a, **k))
+    path = _write_recipe(
+        tmp_path, **_tiny_images(tmp_path), augment="crop,flip,mixup", compare_without_distillation=True
+    )
+    assert main(["distill", "--config", path]) == 0
+    _same_views(views, ["pixel_values", "labels", MIX_LABELS, MIX_LAMBDA])
+    # The comparison's task loss mixes the labels with each step's lam.
+    assert [lam[0].item() for lam in mixed] == [v[MIX_LAMBDA][0].item() for v in views[3:]]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["labels_only"]["steps"] == 3
+
+
+def test_the_labels_only_comparison_sees_the_distilled_students_masked_words(tmp_path, views):
+    vocab_words = "good bad fine great awful okay love hate the a movie film was is very not".split()
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *vocab_words]) + "\n")
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(vocab_words) + 5, hidden_size=32, num_hidden_layers=4, num_attention_heads=4)
+    config.update(dict(intermediate_size=64, max_position_embeddings=64, num_labels=2))
+    config.id2label, config.label2id = {0: "negative", 1: "positive"}, {"negative": 0, "positive": 1}
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "teacher")
+    BertTokenizerFast(vocab=str(vocab)).save_pretrained(tmp_path / "teacher")
+    rng = np.random.default_rng(0)
+    rows = ["review,sentiment"]
+    for i in range(40):
+        rows.append(f"{' '.join(rng.choice(vocab_words, size=5))},{'positive' if i % 2 else 'negative'}")
+    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
+    path = _write_recipe(
+        tmp_path,
+        task="text-classification",
+        teacher_model_name_or_path=str(tmp_path / "teacher"),
+        finetune_teacher=False,
+        student_num_layers=2,
+        dataset_name="csv",
+        data_files=str(tmp_path / "data.csv"),
+        text_column="review",
+        label_column="sentiment",
+        max_length=16,
+        augment="word_mask",
+        augment_word_prob=0.3,
+        compare_without_distillation=True,
+    )
+    assert main(["distill", "--config", path]) == 0
+    _same_views(views, ["input_ids", "attention_mask", "labels"])
+    assert any((v["input_ids"] == 4).any() for v in views[3:])  # [MASK]: the comparison's words were masked
+
+
+def test_the_comparisons_mixed_loss_is_the_models_own_at_lam_one(tmp_path):
+    from transformers import Trainer, TrainingArguments, ViTConfig, ViTForImageClassification
+
+    from hfkd.recipe.stages import _AugmentedTrainer
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=16, num_hidden_layers=1)
+    config.update(dict(num_attention_heads=2, intermediate_size=32, num_labels=3))
+    model = ViTForImageClassification(config)
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to=[], use_cpu=True)
+    ours = _AugmentedTrainer(model=model, args=args, augmenter=Augmenter(ops=("mixup",)))
+    plain = Trainer(model=model, args=args)
+    x, labels, partner = torch.randn(4, 1, 8, 8), torch.tensor([0, 2, 1, 2]), torch.tensor([2, 0, 2, 1])
+    batch = {"pixel_values": x, "labels": labels, MIX_LABELS: partner}
+    for count in (None, torch.tensor(8)):
+        expected = plain.compute_loss(model, {"pixel_values": x, "labels": labels}, num_items_in_batch=count)
+        at_one = ours.compute_loss(model, {**batch, MIX_LAMBDA: torch.ones(4)}, num_items_in_batch=count)
+        torch.testing.assert_close(at_one, expected)
+        mixed = ours.compute_loss(model, {**batch, MIX_LAMBDA: torch.full((4,), 0.3)}, num_items_in_batch=count)
+        logits = model(pixel_values=x).logits.double()
+        by_hand = 0.3 * F.cross_entropy(logits, labels, reduction="none")
+        by_hand = by_hand + 0.7 * F.cross_entropy(logits, partner, reduction="none")
+        torch.testing.assert_close(mixed.double(), by_hand.sum() / (4 if count is None else 8), rtol=1e-5, atol=1e-6)

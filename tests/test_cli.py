@@ -1188,3 +1188,37 @@ def test_resume_passes_over_a_checkpoint_cut_short_by_a_kill(tmp_path, tiny_text
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["training"]["steps"] == 6 and metrics["training"]["resumed"] is True
     assert (checkpoints / "checkpoint-4" / "trainer_state.json").is_file()  # saved whole this time
+
+
+def test_class_label_ids_follow_the_order_of_a_teacher_not_fine_tuned_here(tmp_path, tiny_text, monkeypatch):
+    """A ClassLabel column listing the classes in another order than the teacher's id2label: each row's id is the
+    teacher's id of its class name, never the data's own id (which would swap the labels silently)."""
+    import datasets
+    import transformers
+
+    teacher_dir, data = tiny_text
+    rows = [row.rsplit(",", 1) for row in data.read_text().splitlines()[1:]]
+    data_order = ["positive", "negative", "neutral"]  # the teacher's: negative, neutral, positive
+    features = datasets.Features(
+        {"text": datasets.Value("string"), "sentiment": datasets.ClassLabel(names=data_order)}
+    )
+    table = {"text": [t for t, _ in rows], "sentiment": [data_order.index(label) for _, label in rows]}
+    parquet = tmp_path / "data.parquet"
+    datasets.Dataset.from_dict(table, features=features).to_parquet(str(parquet))
+    seen = []
+    original = transformers.Trainer.train
+
+    def train(self, *args, **kwargs):
+        seen.append(self.train_dataset)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "train", train)
+    extra = dict(dataset_name="parquet", data_files=str(parquet), finetune_teacher=False, max_steps=1)
+    assert main(["distill", "--config", str(_recipe(tmp_path, teacher_dir, data, **extra))]) == 0
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["id2label"] == {"0": "negative", "1": "neutral", "2": "positive"}
+    tokenizer = BertTokenizerFast.from_pretrained(teacher_dir)
+    teacher_ids = {"awful": 0, "okay": 1, "great": 2}  # the word each class's sentences end with
+    for row in seen[0]:
+        last_word = tokenizer.decode(row["input_ids"], skip_special_tokens=True).split()[-1]
+        assert row["labels"] == teacher_ids[last_word]

@@ -60,6 +60,8 @@ def test_transfer_data_files_join_distillation_and_the_teacher_learns_from_label
     assert "76 labelled and 36 transfer rows" in data["note"]
     assert "76 labelled and 36 transfer rows" in (run / "README.md").read_text()
     assert _metrics(run)["teacher"]["finetune"]["train_examples"] == 76
+    # The card says the teacher learnt from the labelled rows, not from all 112 rows distillation reads.
+    assert "on 76 labelled examples" in (run / "README.md").read_text()
     teacher, distillation = seen
     assert teacher["trainer"] == "Trainer" and -100 not in teacher["labels"] and len(teacher["labels"]) == 76
     assert distillation["labels"].count(-100) == 36 and len(distillation["labels"]) == 112

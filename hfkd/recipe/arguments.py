@@ -71,6 +71,18 @@ class RecipeArguments:
     student_layers: str | None = field(
         default=None, metadata={"help": "Explicit teacher layers to keep, comma-separated, e.g. '0,2,5'."}
     )
+    student_config: str | None = field(
+        default=None,
+        metadata={
+            "help": "Build the student from this config with random initial weights (seeded by seed) instead of from "
+            "the teacher's layers: a JSON object with 'model_type' and config fields, e.g. '{\"model_type\": "
+            '"bert", "hidden_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": '
+            "1024}'. It reads the teacher's tokenizer: vocab_size defaults to its length, pad_token_id to its pad "
+            "token, max_position_embeddings to the teacher's; the labels come from the data; image tasks take num_channels and "
+            "image_size from the image processor. Not with student_model_name_or_path, student_num_layers or "
+            "student_layers."
+        },
+    )
     image_processor_kwargs: str | None = field(
         default=None,
         metadata={
@@ -136,12 +148,30 @@ class RecipeArguments:
     def __post_init__(self):
         if self.task not in hfkd_data.TASKS:
             raise ValueError(f"task={self.task!r} is not known; choose one of {list(hfkd_data.TASKS)}.")
+        if self.student_config:
+            others = [
+                name
+                for name in ("student_model_name_or_path", "student_num_layers", "student_layers")
+                if getattr(self, name)
+            ]
+            if others:
+                raise ValueError(
+                    f"student_config builds a new student with random weights, but {' and '.join(others)} "
+                    f"{'is' if len(others) == 1 else 'are'} also set; keep student_config, or unset it."
+                )
+            spec = json_arg(self.student_config, "student_config")  # a malformed config fails before any loading
+            if "model_type" not in spec:
+                raise ValueError(
+                    'student_config needs a \'model_type\' key, e.g. \'{"model_type": "bert", "hidden_size": 256}\'.'
+                )
         if self.student_model_name_or_path and (self.student_num_layers or self.student_layers):
             raise ValueError("Give either student_model_name_or_path or student_num_layers/student_layers, not both.")
-        if not self.student_model_name_or_path and not self.student_num_layers and not self.student_layers:
+        if not (
+            self.student_config or self.student_model_name_or_path or self.student_num_layers or self.student_layers
+        ):
             raise ValueError(
                 "No student: set student_num_layers (a student built from the teacher's layers), student_layers, "
-                "or student_model_name_or_path."
+                "student_model_name_or_path, or student_config (a new student with random weights)."
             )
         if self.teacher_lora_r < 0:
             raise ValueError(f"teacher_lora_r must be >= 0, got {self.teacher_lora_r}.")

@@ -150,9 +150,72 @@ def load_saved_teacher(recipe: RecipeArguments, source: TeacherLocation, folder:
     return saved
 
 
+def _image_input_fields(processor) -> dict:
+    """num_channels and image_size of the pixel values an image processor makes (the fields it does not tell: none)."""
+    fields = {}
+    mean = getattr(processor, "image_mean", None)
+    if isinstance(mean, (list, tuple)) and mean:
+        fields["num_channels"] = len(mean)
+    size = getattr(processor, "crop_size", None) if getattr(processor, "do_center_crop", False) else None
+    size = size or getattr(processor, "size", None)
+    size = dict(size) if size is not None and not isinstance(size, int) else {"height": size}
+    side = size.get("height") or size.get("shortest_edge")
+    if isinstance(side, int):
+        fields["image_size"] = side
+    return fields
+
+
+def student_model_config(recipe: RecipeArguments, config: DistillationConfig, data: "RecipeData", teacher):
+    """The config of the student built from student_config: its fields as given, and what it reads from the run where
+    not given (the teacher's tokenizer or image processor, the data's labels); checked before anything trains."""
+    spec = json_arg(recipe.student_config, "student_config")
+    model_type = spec.pop("model_type")
+    try:
+        defaults = AutoConfig.for_model(model_type)
+    except ValueError as err:
+        raise ValueError(f"student_config: model_type={model_type!r} is not known to transformers ({err}).") from None
+    text = defaults.get_text_config() if hasattr(defaults, "get_text_config") else defaults
+    filled = {}
+    if recipe.task == "image-classification":
+        inputs = _image_input_fields(data.processor)
+        filled.update({k: v for k, v in inputs.items() if hasattr(defaults, k)})
+    else:
+        tokens = len(data.student_processor)
+        given = spec.get("vocab_size")
+        if given is not None and (not isinstance(given, int) or given < tokens):
+            raise ValueError(
+                f"student_config: vocab_size={given!r} is smaller than the teacher's tokenizer ({tokens} tokens), "
+                "whose ids the student reads; leave vocab_size out (it defaults to the tokenizer's length) or give "
+                f"at least {tokens}."
+            )
+        filled["vocab_size"] = tokens
+        positions = getattr(teacher.config.get_text_config(), "max_position_embeddings", None)
+        if hasattr(text, "max_position_embeddings") and isinstance(positions, int):
+            filled["max_position_embeddings"] = positions  # the rows the teacher reads fit the student too
+        if hasattr(text, "pad_token_id") and data.student_processor.pad_token_id is not None:
+            filled["pad_token_id"] = data.student_processor.pad_token_id
+    values = {**filled, **spec, **label_kwargs(recipe.task, data.labels)}
+    try:
+        return AutoConfig.for_model(model_type, **values)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"student_config: {err}") from None
+
+
 def make_student(recipe: RecipeArguments, config: DistillationConfig, data: "RecipeData", teacher):
     """The student as the recipe says, and how it was made; the same weights every time it is called."""
     r = recipe
+    if r.student_config:
+        model_config = student_model_config(r, config, data, teacher)
+        set_seed(config.seed)  # random weights, the same at each call: the labels-only student starts from them too
+        student = AUTO_CLASSES[r.task].from_config(model_config)
+        pad_like(student, r.task, data.processor)
+        text = model_config.get_text_config()
+        width = getattr(text, "hidden_size", None) or getattr(text, "hidden_sizes", None)
+        note = (
+            f"built from student_config: {model_config.model_type}, {_num_layers(student)} layers, hidden {width}, "
+            f"{sum(p.numel() for p in student.parameters()):,} params, random init (seed {config.seed})"
+        )
+        return student, note
     if r.student_model_name_or_path:
         path = resolve_path(r.student_model_name_or_path)
         set_seed(config.seed)  # a head the checkpoint lacks starts the same way each time

@@ -350,10 +350,15 @@ def check_one_tokenizer(config: DistillationConfig) -> None:
         )
 
 
-def check_student_plan(recipe: RecipeArguments, config: DistillationConfig, teacher) -> None:
-    """The student's layers against the teacher's depth, before the teacher is fine-tuned."""
+def check_student_plan(recipe: RecipeArguments, config: DistillationConfig, teacher, student_config=None) -> None:
+    """The student's layers against the teacher's depth, before the teacher is fine-tuned; `student_config`: the
+    config of a student built from student_config."""
     r = recipe
-    if not r.student_model_name_or_path:
+    if student_config is not None:
+        depth = getattr(student_config.get_text_config(), "num_hidden_layers", None)
+        if isinstance(depth, int) and not getattr(student_config, "is_encoder_decoder", False):
+            _check_layer_maps(config, teacher, depth)
+    elif not r.student_model_name_or_path:
         layers = r.layer_list()
         kept = student_layers(teacher, num_layers=None if layers else r.student_num_layers, layers=layers)
         if len(kept) == 1:  # one stack of layers (not an encoder-decoder's two)

@@ -99,7 +99,10 @@ def _student_section(state: RunState, scores: Scores, params: int, latency_ms: f
         "params": params,
         "metric": scores.student_metric,
         "latency_ms": latency_ms,
-        "built_from_teacher": not state.recipe.student_model_name_or_path,
+        "built_from_teacher": not (state.recipe.student_model_name_or_path or state.recipe.student_config),
+        **(
+            {"random_init": True, "config": state.student.config.to_diff_dict()} if state.recipe.student_config else {}
+        ),
         **text_fields(scores.student_text),
         **(
             {"own_tokenizer": {"vocab": len(data.student_processor), "teacher_vocab": len(data.processor)}}

@@ -3,6 +3,7 @@ the student, distillation, born-again generations and the labels-only comparison
 `RunState` that the stages before it set, and sets its own."""
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -13,10 +14,21 @@ import sys
 import numpy as np
 from transformers import EarlyStoppingCallback, Trainer, TrainingArguments
 
+from ..augment import (
+    MIX_LABELS,
+    MIX_LAMBDA,
+    Augmenter,
+    RawRows,
+    TextCollator,
+    generator,
+    mixed_cross_entropy,
+    raw_rows,
+)
 from ..checkpoints import describe_skipped, last_complete_checkpoint
 from ..config import DistillationConfig
 from ..metrics import load_metric
 from ..run_folder import TEACHER_RECORD
+from ..terms.base import logits_of
 from ..trainer import DistillationTrainer
 from .arguments import stage_args
 from .data import collator, data_note
@@ -89,6 +101,7 @@ def finetune_teacher(state: RunState) -> None:
         "learning_rate": r.teacher_learning_rate,
         "batch_size": args.train_batch_size * args.gradient_accumulation_steps * max(args.world_size, 1),
         "train_examples": len(data.train_ds),
+        "transfer_rows": data.transfer_rows,  # distillation's rows without a label, which the teacher did not see
         "lora_r": r.teacher_lora_r,
     }
     if state.config.process_index == 0:  # one writer under `accelerate launch`
@@ -344,11 +357,11 @@ def _side_run(state: RunState, name: str) -> dict:
 def _train_beside(state: RunState, trainer_cls, student, args, train_dataset=None, **kwargs):
     """Trains `student` on the recipe's data (default: distillation's rows as the student reads them) in a run
     beside the distillation; its scratch folder goes after."""
+    kwargs.setdefault("data_collator", collator(state.data, state.recipe.task, state.data_args, "student"))
     trainer = trainer_cls(
         model=student,
         args=args,
         train_dataset=state.data.student_train_ds if train_dataset is None else train_dataset,
-        data_collator=collator(state.data, state.recipe.task, state.data_args, "student"),
         processing_class=state.data.student_processor,
         **kwargs,
     )
@@ -398,13 +411,93 @@ def born_again(state: RunState) -> None:
         )
 
 
+class _AugmentedTrainer(Trainer):
+    """transformers.Trainer whose training micro-batches take distillation's augmentation (hfkd.augment), drawn as
+    DistillationTrainer draws them, from (seed, global step, micro-batch, process): the labels-only comparison sees
+    the views the distilled student sees. Mixup and cutmix mix the labels too: lam CE(y) + (1 - lam) CE(y[perm])
+    per row, in the units of the model's own loss (which it equals at lam = 1)."""
+
+    def __init__(self, *args, augmenter: Augmenter, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.augmenter = augmenter
+
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if self.augmenter.text:  # the collator tokenizes each augmented batch from the rows' text
+            text = [c for c in (self.augmenter.text_column, self.augmenter.text_pair_column) if c]
+            self._signature_columns += [c for c in text if c not in self._signature_columns]
+
+    def get_train_dataloader(self):
+        if not self.augmenter.text:
+            return super().get_train_dataloader()
+        collator, self.data_collator = self.data_collator, raw_rows  # rows stay text until augmented
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = collator
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        views = []
+        for index, batch in enumerate(itertools.islice(epoch_iterator, num_batches)):
+            rng = generator(self.args.seed, self.state.global_step, index, self.args.process_index)
+            if isinstance(batch, RawRows):
+                views.append(self._prepare_inputs(self.augmenter.view(batch, rng, self.data_collator)))
+            else:
+                views.append(self.augmenter.view(batch, rng))
+        return super().get_batch_samples(iter(views), len(views), device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        partner, lam = inputs.pop(MIX_LABELS, None), inputs.pop(MIX_LAMBDA, None)
+        if partner is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        smoothing = self.args.label_smoothing_factor
+        per_row = mixed_cross_entropy(logits_of(outputs), labels, partner, lam, smoothing)
+        if self.model_accepts_loss_kwargs and num_items_in_batch is not None:
+            # As the model's own loss with num_items_in_batch: a sum over the window's labelled rows.
+            loss = per_row.sum() / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * (self.accelerator.num_processes // self.get_tp_size())
+        else:  # the model's mean over this micro-batch's labelled rows (Trainer divides by accumulation)
+            loss = per_row.sum() / labels.ne(-100).sum().clamp_min(1)
+        return (loss, outputs) if return_outputs else loss
+
+
+def _labels_only_trainer(state: RunState, rows):
+    """The labels-only comparison's trainer class, keyword arguments and rows: plain transformers.Trainer, or with
+    `augment` the same augmentation as distillation (`_AugmentedTrainer`), text rows keeping their text."""
+    c, data = distill_config(state), state.data
+    augmenter = Augmenter.from_config(
+        dataclasses.replace(
+            c,
+            tokenize_text_column=state.data_args.text_column,
+            tokenize_text_pair_column=state.data_args.text_pair_column,
+        ),
+        getattr(data.student_processor, "tokenizer", data.student_processor),
+    )
+    if augmenter is None:
+        return Trainer, {}, rows
+    kwargs = {"augmenter": augmenter}
+    if augmenter.text:
+        # Distillation's rows keep their text (labelled rows first); the student's tokenizer reads the augmented one.
+        rows = data.distill_train_ds.select(range(len(rows)))
+        args = state.data_args
+        kwargs["data_collator"] = TextCollator(
+            data.student_processor, args.text_column, args.text_pair_column, args.max_length
+        )
+    return _AugmentedTrainer, kwargs, rows
+
+
 def train_labels_only(state: RunState) -> None:
     """The same student, data and budget on the labels alone, with plain transformers.Trainer. Sets `labels_only`
     and `labels_only_rows`.
 
     With transfer rows it trains on the labelled rows only, for as many optimizer steps as distillation planned
     (the same budget: max_steps, its data looping over the labelled rows); the schedule, batches and every other
-    setting stay the distillation's."""
+    setting stay the distillation's. With `augment`, its batches are augmented as distillation's are, with the same
+    draws (`_AugmentedTrainer`), so that the comparison is between the teacher's help and none, not augmentation."""
     c, data = state.config, state.data
     student, _ = make_student(state.recipe, c, data, state.teacher)
     kwargs = {f.name: getattr(c, f.name) for f in dataclasses.fields(TrainingArguments) if f.init}
@@ -418,7 +511,8 @@ def train_labels_only(state: RunState) -> None:
         )
     args = TrainingArguments(**kwargs)
     heading(c, f"comparison: the same student on the labels alone, {planned_steps(args, len(rows))} steps{over}")
-    trainer = _train_beside(state, Trainer, student, args, train_dataset=rows)
+    trainer_cls, extra, rows = _labels_only_trainer(state, rows)
+    trainer = _train_beside(state, trainer_cls, student, args, train_dataset=rows, **extra)
     metric, text, state.labels_only_rows = evaluate_all(state, student)
     state.labels_only = {
         "steps": trainer.state.global_step,
