@@ -582,6 +582,9 @@ class Method:
     teachers: tuple[str, ...] = ("a",)
     # Deep mutual learning: this many peers (pair.make_peer) train beside the student; each is also trained alone.
     peers: int = 0
+    # Task-fitted defaults (issue 21): the key of the row this one is compared with, seed by seed, in the
+    # "Task-fitted defaults" report (the same method at the paper's setting, or at hfkd's earlier default).
+    versus: str | None = None
 
 
 ALL = ("text", "conv", "vit")
@@ -603,22 +606,33 @@ def _pkt(pair: Pair) -> dict:
 
 RKD = {"name": "rkd", "weight": 1.0}  # lambda_D = 25, lambda_A = 50 inside the term (paper)
 SP = {"name": "sp", "weight": 3000.0}
-AT = {"name": "at", "weight": 1000.0}  # official code: mean_squared distance, beta = 1000
+# Official code: mean_squared distance, beta = 1000. The kd+at row keeps hfkd's earlier defaults (uniform pairing,
+# the mean over positions: min_area 1); kd+at-official pairs equal resolutions as the official code does, and
+# kd+at-fitted takes the term's defaults (equal resolutions, area floored at 64).
+AT = {"name": "at", "weight": 1000.0, "layers": "uniform", "min_area": 1}
+AT_OFFICIAL = {"name": "at", "weight": 1000.0, "layers": "resolution", "min_area": 1}
+AT_FITTED = {"name": "at", "weight": 1000.0}
+SP_FLAT = {"name": "sp", "weight": 3000.0, "flatten": True}  # Tung & Mori's code: the flattened map
 PKD = {"name": "pkd", "weight": 100.0, "reduction": "mean"}  # official code's scale, beta = 100, PKD-Skip, [CLS]
+PKD_SUM = {"name": "pkd", "weight": 100.0, "reduction": "sum"}  # eq. 3 as written: hfkd's default before issue 21
 
 
-def _dkd(pair: Pair, steps: int) -> dict:
+def _dkd(pair: Pair, steps: int, **options) -> dict:
     # Paper (CIFAR-100): alpha 1, beta 8, T 4, weight 1 beside the task loss, no logit term; warm-up over the first
-    # 20 of 240 epochs, scaled here to the first 1/12 of the run's steps.
+    # 20 of 240 epochs, scaled here to the first 1/12 of the run's steps. `options` replace the term's (beta=None:
+    # the term's default, beta "auto", fitted to the number of classes).
     warmup = max(1, round(steps / 12))
     term = {"name": "dkd", "weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_steps": warmup}
+    term.update(options)
+    term = {k: v for k, v in term.items() if v is not None}
     return dict(task_weight=1.0, logit_weight=0.0, terms=[term])
 
 
 # MiniLM and CRD run when their modules register them (hfkd.terms.TERMS is read at run time), with the weights their
 # docstrings recommend: MiniLMv2 relation heads 12 (base-size teacher), last layers, QQ + KK + VV, weight 1; CRD
 # feat_dim 128, 16,384 negatives (clamped to the rows there are), tau 0.07, momentum 0.5, NCE, weight 0.8 (beta).
-MINILM = {"name": "minilm", "weight": 1.0}
+MINILM = {"name": "minilm", "weight": 1.0, "relation_heads": 12}  # hfkd's default before issue 21
+MINILM_FITTED = {"name": "minilm", "weight": 1.0}  # relation_heads "auto": 24 for the 384-wide MiniLM teacher
 CRD = {"name": "crd", "weight": 0.8}
 
 METHODS = [
@@ -658,13 +672,75 @@ METHODS = [
         "task 1 + dkd 1 (alpha 1, beta 8, T 4, linear warm-up over the first 1/12 of the steps), logit 0",
         ("dkd",),
     ),
+    Method(
+        "dkd-fitted",
+        "DKD, fitted beta (default)",
+        ALL,
+        lambda p, s: _dkd(p, s, beta=None),
+        'task 1 + dkd 1 (alpha 1, beta "auto": 8 sqrt((C-1)/99), 2.41 at 10 classes, 1.14 at 3; T 4, warm-up as '
+        "DKD), logit 0",
+        ("dkd",),
+        versus="dkd",
+    ),
+    Method(
+        "dkd-imagenet",
+        "DKD, the paper's ImageNet setting",
+        ALL,
+        lambda p, s: _dkd(p, s, beta=0.5, temperature=1.0),
+        "task 1 + dkd 1 (alpha 1, beta 0.5, T 1, warm-up as DKD), logit 0",
+        ("dkd",),
+        versus="dkd",
+    ),
     Method("kd+rkd", "KD + RKD", ALL, lambda p, s: _kd(p, RKD), "KD + rkd 1 (lambda_D 25, lambda_A 50)", ("rkd",)),
     Method("kd+sp", "KD + SP", ALL, lambda p, s: _kd(p, SP), "KD + sp 3000", ("sp",)),
+    Method(
+        "kd+sp-flat",
+        "KD + SP, flattened maps",
+        ALL,
+        lambda p, s: _kd(p, SP_FLAT),
+        "KD + sp 3000 (flatten: the whole map per example, as Tung & Mori's code; padding zeroed)",
+        ("sp",),
+        versus="kd+sp",
+    ),
     Method("kd+pkt", "KD + PKT", ALL, lambda p, s: _kd(p, _pkt(p)), "KD + pkt {pkt:g} (30000/b^2, b={b})", ("pkt",)),
     Method(
         "kd+pkd", "KD + PKD", ("text",), lambda p, s: _kd(p, PKD), "KD + pkd 100 (reduction mean, skip, cls)", ("pkd",)
     ),
-    Method("kd+at", "KD + AT", ("conv",), lambda p, s: _kd(p, AT), "KD + at 1000 (mean_squared, p 2)", ("at",)),
+    Method(
+        "kd+pkd-sum",
+        "KD + PKD, eq. 3's sum",
+        ("text",),
+        lambda p, s: _kd(p, PKD_SUM),
+        "KD + pkd 100 (reduction sum: eq. 3, pairs x width times the code's scale; skip, cls)",
+        ("pkd",),
+        versus="kd+pkd",
+    ),
+    Method(
+        "kd+at",
+        "KD + AT",
+        ("conv",),
+        lambda p, s: _kd(p, AT),
+        "KD + at 1000 (mean_squared over positions, p 2; uniform pairing: 7x7 with 4x4, 4x4 with 2x2)",
+        ("at",),
+    ),
+    Method(
+        "kd+at-official",
+        "KD + AT, equal-resolution stages (official code)",
+        ("conv",),
+        lambda p, s: _kd(p, AT_OFFICIAL),
+        "KD + at 1000 (mean_squared over positions, p 2; layers resolution: 7x7 with 7x7, 4x4 with 4x4)",
+        ("at",),
+        versus="kd+at",
+    ),
+    Method(
+        "kd+at-fitted",
+        "KD + AT, fitted (default)",
+        ("conv",),
+        lambda p, s: _kd(p, AT_FITTED),
+        "KD + at 1000 (layers resolution; squared distance / max(H W, 64): min_area 64)",
+        ("at",),
+        versus="kd+at",
+    ),
     Method(
         "kd+minilm",
         "KD + MiniLM",
@@ -672,6 +748,15 @@ METHODS = [
         lambda p, s: _kd(p, MINILM),
         "KD + minilm 1 (12 relation heads, last layers, QQ/KK/VV)",
         ("minilm",),
+    ),
+    Method(
+        "kd+minilm-fitted",
+        "KD + MiniLM, fitted relation heads (default)",
+        ("text",),
+        lambda p, s: _kd(p, MINILM_FITTED),
+        'KD + minilm 1 (relation_heads "auto": 24 here, teacher heads 16 wide; last layers, QQ/KK/VV)',
+        ("minilm",),
+        versus="kd+minilm",
     ),
     Method(
         "kd+crd",
