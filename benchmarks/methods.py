@@ -1161,6 +1161,125 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------- task-fitted defaults
+FITTED_TITLE = "## Task-fitted defaults (issue 21 item 3)"
+
+
+def _per_seed(runs: list[dict], other: list[dict]) -> tuple[list[int], list[float], list, list]:
+    """Seeds both rows ran, the per-seed accuracy differences, and each side's per-row correctness (None if lost)."""
+    theirs = {r["seed"]: r for r in other}
+    seeds = [r["seed"] for r in runs if r["seed"] in theirs]
+    mine = {r["seed"]: r for r in runs}
+    gains = [mine[s]["accuracy"] - theirs[s]["accuracy"] for s in seeds]
+    return seeds, gains, [mine[s].get("correct") for s in seeds], [theirs[s].get("correct") for s in seeds]
+
+
+def _difference_text(runs: list[dict], other: list[dict]) -> str:
+    """'mean ± std [interval] verdict; per seed s: x, ...' in pt, for one row against another, seed by seed."""
+    seeds, gains, ours, theirs = _per_seed(runs, other)
+    if not gains:
+        return "n/a"
+    text = f"{100 * statistics.fmean(gains):+.2f}"
+    text += f" ± {100 * statistics.stdev(gains):.2f}" if len(gains) > 1 else " (one seed)"
+    interval = _gain(gains, ours, theirs)
+    if interval:
+        low, high = interval["interval"]
+        text += f" [{100 * low:+.2f}, {100 * high:+.2f}] {interval['verdict']}"
+    per_seed = ", ".join(f"{s}: {100 * g:+.2f}" for s, g in zip(seeds, gains, strict=True))
+    return f"{text}; per seed {per_seed}"
+
+
+def borrow_rows(results: dict, path: str) -> list[str]:
+    """Adds to each pair of `results` the labels row and the `versus` rows of its fitted rows that it lacks, taken
+    from the results in `path` (an earlier run of the same pairs, e.g. benchmarks/methods.json), each marked with
+    `borrowed_from`; returns what was borrowed. Only sound where the earlier run had the same teacher, student start
+    and data (the report says which rows are borrowed; the labels row is the check: rerun one seed and compare)."""
+    with open(path) as handle:
+        earlier = {p["pair"]: p for p in json.load(handle)["pairs"]}
+    by_key = {m.key: m for m in METHODS}
+    borrowed = []
+    for pair in results["pairs"]:
+        source = earlier.get(pair["pair"])
+        if source is None:
+            continue
+        wanted = ["labels", *(by_key[k].versus for k in pair["rows"] if k in by_key and by_key[k].versus)]
+        for key in dict.fromkeys(wanted):
+            if key in source["rows"]:
+                have = {r["seed"] for r in pair["rows"].get(key, {}).get("runs", [])}
+                runs = [r for r in source["rows"][key]["runs"] if r["seed"] not in have]
+                if not runs:
+                    continue
+                row = pair["rows"].setdefault(key, {**source["rows"][key], "runs": []})
+                row["runs"] = sorted(
+                    row["runs"] + [{**r, "borrowed_from": path} for r in runs], key=lambda r: r["seed"]
+                )
+                borrowed.append(f"{pair['pair']} {key} seeds {sorted(r['seed'] for r in runs)}")
+        summarise(pair)
+    return borrowed
+
+
+def fitted_markdown(results: dict) -> str:
+    """The METHODS.md section on the task-fitted defaults (issue 21 item 3), from a --json holding the labels row,
+    the rows with a `versus` row (Method.versus) and those versus rows: accuracy, the per-seed gain over labels only,
+    and the per-seed difference to the versus row (the paper's setting or hfkd's earlier default)."""
+    meta = results["meta"]
+    by_key = {m.key: m for m in METHODS}
+    lines = [
+        FITTED_TITLE,
+        "",
+        "Written by `benchmarks/methods.py --from-json --json benchmarks/methods_fitted.json --fitted-markdown FILE` "
+        "from `benchmarks/methods_fitted.json`. Each fitted default against the same method at the paper's setting "
+        "(or hfkd's earlier default), on the pairs above, the same budget, student start and data order per seed "
+        "as every row of this file. Differences are per seed, in percentage points, mean ± std over the seeds, then "
+        "the 95% interval of hfkd.compare.compare_seeds and its verdict: over seeds and held-out rows where both runs "
+        "kept their per-row correctness (one seed: the held-out rows alone), over seeds only where a borrowed run "
+        "did not (none with one seed).",
+        "",
+        f"Commands: {'; '.join(f'`{c}`' for c in meta.get('commands', [meta.get('command', '?')]))}.",
+        f"Seeds run: {', '.join(map(str, meta.get('seeds', [])))}. Machine: {meta['machine']['cpus']} shared CPU "
+        f"cores, torch {meta['machine']['torch']}.",
+        "",
+    ]
+    for pair in results["pairs"]:
+        rows = pair["rows"]
+        labels = rows.get("labels")
+        fitted = [k for k in rows if by_key.get(k) and by_key[k].versus in rows]
+        if labels is None or not fitted:
+            continue
+        notes = pair["notes"]
+        lines += [
+            f"### {pair['pair']}",
+            "",
+            f"Teacher {_pct(notes['teacher_accuracy'])}%; student: {notes['student']}. Budget: {pair['budget_text']}.",
+            "",
+            "| row | settings | accuracy % | vs labels only (pt) | vs the reference row (pt) | seeds |",
+            "|---|---|---|---|---|---|",
+        ]
+        order = []
+        for key in fitted:
+            for k in (by_key[key].versus, key):
+                if k not in order:
+                    order.append(k)
+        for key in ["labels", *order]:
+            row = rows[key]
+            accs = [r["accuracy"] for r in row["runs"]]
+            borrowed = sorted({r["seed"] for r in row["runs"] if r.get("borrowed_from")})
+            acc = f"{100 * statistics.fmean(accs):.2f}" + (
+                f" ± {100 * statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+            )
+            versus = by_key[key].versus if key in by_key else None
+            vs_labels = "(baseline)" if key == "labels" else _difference_text(row["runs"], labels["runs"])
+            vs_ref = (
+                f"vs {rows[versus]['title']}: {_difference_text(row['runs'], rows[versus]['runs'])}" if versus else ""
+            )
+            seeds = ", ".join(str(r["seed"]) for r in row["runs"])
+            if borrowed:
+                seeds += f" (seeds {', '.join(map(str, borrowed))} from {row['runs'][0].get('borrowed_from')})"
+            lines.append(f"| {row['title']} | {row['weights']} | {acc} | {vs_labels} | {vs_ref} | {seeds} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def _budget_text(pair: Pair) -> str:
     b = pair.budget
@@ -1210,6 +1329,17 @@ def parse_args(argv=None):
     )
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --json and skip them")
     parser.add_argument("--from-json", action="store_true", help="only write --markdown from --json")
+    parser.add_argument(
+        "--borrow-rows",
+        default=None,
+        help="with --from-json: add to --json the labels and reference rows it lacks from this earlier results file "
+        "(marked borrowed_from; see borrow_rows)",
+    )
+    parser.add_argument(
+        "--fitted-markdown",
+        default=None,
+        help="with --from-json: write the 'Task-fitted defaults' section (issue 21 item 3) from --json to this file",
+    )
     parser.add_argument("--fashion-train-size", type=int, default=10000, help="training images per student row")
     parser.add_argument("--fashion-epochs", type=float, default=2.0, help="epochs per student row")
     parser.add_argument("--fashion-teacher-train-size", type=int, default=60000, help="teacher's training images")
@@ -1357,7 +1487,14 @@ def main(argv=None) -> dict:
             results = json.load(handle)
         for entry in results["pairs"]:
             summarise(entry)
+        if args.borrow_rows:
+            for line in borrow_rows(results, args.borrow_rows):
+                print(f"[methods] borrowed {line}", flush=True)
+            _write(results, args.json, None)
         _write(results, None, args.markdown)
+        if args.fitted_markdown:
+            with open(args.fitted_markdown, "w") as handle:
+                handle.write(fitted_markdown(results) + "\n")
         return results
     scratch = tempfile.mkdtemp(prefix="hfkd-methods-")
     if args.out is None:
