@@ -1202,11 +1202,16 @@ def borrow_rows(results: dict, path: str) -> list[str]:
         source = earlier.get(pair["pair"])
         if source is None:
             continue
-        wanted = ["labels", *(by_key[k].versus for k in pair["rows"] if k in by_key and by_key[k].versus)]
-        for key in dict.fromkeys(wanted):
+        # Per borrowed key, the seeds of the rows compared with it (labels: every row's), so each comparison is paired.
+        seeds_of = {"labels": {r["seed"] for row in pair["rows"].values() for r in row["runs"]}}
+        for key, row in pair["rows"].items():
+            versus = by_key[key].versus if key in by_key else None
+            if versus:
+                seeds_of.setdefault(versus, set()).update(r["seed"] for r in row["runs"])
+        for key, seeds in seeds_of.items():
             if key in source["rows"]:
                 have = {r["seed"] for r in pair["rows"].get(key, {}).get("runs", [])}
-                runs = [r for r in source["rows"][key]["runs"] if r["seed"] not in have]
+                runs = [r for r in source["rows"][key]["runs"] if r["seed"] in seeds - have]
                 if not runs:
                     continue
                 row = pair["rows"].setdefault(key, {**source["rows"][key], "runs": []})
