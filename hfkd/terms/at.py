@@ -37,7 +37,7 @@ area but never by less than 64, CIFAR's smallest: no pair weighs more per unit o
 weight was tuned with, and on CIFAR-sized maps (8 x 8 and up) nothing changes. `min_area=1` is the official code
 exactly (the paper's setting, one option away). Measured on that Fashion-MNIST pair (benchmarks/METHODS.md,
 "Task-fitted defaults", one seed): the earlier default lost 33 pt against the labels alone, equal-resolution
-pairing alone 22 pt, these defaults 5 pt (KD alone: 2 pt); better, but still a loss there.
+pairing alone 22 pt, these defaults 5-9 pt (seeds 0-1; KD alone: 2 pt); better, but still a loss there.
 
 Features: each model's `hidden_states` (transformers ResNet / ConvNeXt / ... return one [B, C, H, W] map per stage
 with output_hidden_states=True; entry 0 is the stem's output), or the outputs of named submodules

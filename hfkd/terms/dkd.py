@@ -37,10 +37,10 @@ checks this on synthetic logits). Above 100 classes it keeps 8 rather than growi
 (ImageNet, 1000 classes) used a smaller beta, not a larger one, and token-level heads (vocabularies) stay at the
 paper's value. The paper's settings stay one option away: `beta = 8.0` (CIFAR-100, as before this default
 changed) or `beta = 0.5, temperature = 1.0` (ImageNet). benchmarks/METHODS.md ("Task-fitted defaults") measures
-both against `auto`: on Fashion-MNIST (10 classes) and tweets (3), `auto` lost 1-3.5 pt against the student
-trained on the labels alone where beta = 8 lost 5-15, while the ImageNet setting ended 0.4-1.6 pt above the labels
-alone on Fashion-MNIST (seed 0): where the labels alone are strong and the budget short, a smaller non-target weight
-than this rule gives may fit better; the rule is not yet settled.
+both against `auto`: on Fashion-MNIST (10 classes) and tweets (3), `auto` lost 1-5 pt against the student
+trained on the labels alone where beta = 8 lost 5-18, while the ImageNet setting ended 0.3-1.6 pt above the labels
+alone on Fashion-MNIST (seeds 0-1): where the labels alone are strong and the budget short, a smaller non-target
+weight than this rule gives fits better; the rule is not settled.
 
 Warm-up: the paper warms the DKD loss up linearly, min(epoch / 20, 1), over the first 20 epochs on
 CIFAR-100: `warmup_steps = n` multiplies the term by min(s / n, 1) at its s-th training forward (s = 1, 2, ...),
