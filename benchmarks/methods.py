@@ -582,6 +582,9 @@ class Method:
     teachers: tuple[str, ...] = ("a",)
     # Deep mutual learning: this many peers (pair.make_peer) train beside the student; each is also trained alone.
     peers: int = 0
+    # Task-fitted defaults (issue 21): the key of the row this one is compared with, seed by seed, in the
+    # "Task-fitted defaults" report (the same method at the paper's setting, or at hfkd's earlier default).
+    versus: str | None = None
 
 
 ALL = ("text", "conv", "vit")
@@ -603,22 +606,33 @@ def _pkt(pair: Pair) -> dict:
 
 RKD = {"name": "rkd", "weight": 1.0}  # lambda_D = 25, lambda_A = 50 inside the term (paper)
 SP = {"name": "sp", "weight": 3000.0}
-AT = {"name": "at", "weight": 1000.0}  # official code: mean_squared distance, beta = 1000
+# Official code: mean_squared distance, beta = 1000. The kd+at row keeps hfkd's earlier defaults (uniform pairing,
+# the mean over positions: min_area 1); kd+at-official pairs equal resolutions as the official code does, and
+# kd+at-fitted takes the term's defaults (equal resolutions, area floored at 64).
+AT = {"name": "at", "weight": 1000.0, "layers": "uniform", "min_area": 1}
+AT_OFFICIAL = {"name": "at", "weight": 1000.0, "layers": "resolution", "min_area": 1}
+AT_FITTED = {"name": "at", "weight": 1000.0}
+SP_FLAT = {"name": "sp", "weight": 3000.0, "flatten": True}  # Tung & Mori's code: the flattened map
 PKD = {"name": "pkd", "weight": 100.0, "reduction": "mean"}  # official code's scale, beta = 100, PKD-Skip, [CLS]
+PKD_SUM = {"name": "pkd", "weight": 100.0, "reduction": "sum"}  # eq. 3 as written: hfkd's default before issue 21
 
 
-def _dkd(pair: Pair, steps: int) -> dict:
+def _dkd(pair: Pair, steps: int, **options) -> dict:
     # Paper (CIFAR-100): alpha 1, beta 8, T 4, weight 1 beside the task loss, no logit term; warm-up over the first
-    # 20 of 240 epochs, scaled here to the first 1/12 of the run's steps.
+    # 20 of 240 epochs, scaled here to the first 1/12 of the run's steps. `options` replace the term's (beta=None:
+    # the term's default, beta "auto", fitted to the number of classes).
     warmup = max(1, round(steps / 12))
     term = {"name": "dkd", "weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_steps": warmup}
+    term.update(options)
+    term = {k: v for k, v in term.items() if v is not None}
     return dict(task_weight=1.0, logit_weight=0.0, terms=[term])
 
 
 # MiniLM and CRD run when their modules register them (hfkd.terms.TERMS is read at run time), with the weights their
 # docstrings recommend: MiniLMv2 relation heads 12 (base-size teacher), last layers, QQ + KK + VV, weight 1; CRD
 # feat_dim 128, 16,384 negatives (clamped to the rows there are), tau 0.07, momentum 0.5, NCE, weight 0.8 (beta).
-MINILM = {"name": "minilm", "weight": 1.0}
+MINILM = {"name": "minilm", "weight": 1.0, "relation_heads": 12}  # hfkd's default before issue 21
+MINILM_FITTED = {"name": "minilm", "weight": 1.0}  # relation_heads "auto": 24 for the 384-wide MiniLM teacher
 CRD = {"name": "crd", "weight": 0.8}
 
 METHODS = [
@@ -658,13 +672,75 @@ METHODS = [
         "task 1 + dkd 1 (alpha 1, beta 8, T 4, linear warm-up over the first 1/12 of the steps), logit 0",
         ("dkd",),
     ),
+    Method(
+        "dkd-fitted",
+        "DKD, fitted beta (default)",
+        ALL,
+        lambda p, s: _dkd(p, s, beta=None),
+        'task 1 + dkd 1 (alpha 1, beta "auto": 8 sqrt((C-1)/99), 2.41 at 10 classes, 1.14 at 3; T 4, warm-up as '
+        "DKD), logit 0",
+        ("dkd",),
+        versus="dkd",
+    ),
+    Method(
+        "dkd-imagenet",
+        "DKD, the paper's ImageNet setting",
+        ALL,
+        lambda p, s: _dkd(p, s, beta=0.5, temperature=1.0),
+        "task 1 + dkd 1 (alpha 1, beta 0.5, T 1, warm-up as DKD), logit 0",
+        ("dkd",),
+        versus="dkd",
+    ),
     Method("kd+rkd", "KD + RKD", ALL, lambda p, s: _kd(p, RKD), "KD + rkd 1 (lambda_D 25, lambda_A 50)", ("rkd",)),
     Method("kd+sp", "KD + SP", ALL, lambda p, s: _kd(p, SP), "KD + sp 3000", ("sp",)),
+    Method(
+        "kd+sp-flat",
+        "KD + SP, flattened maps",
+        ALL,
+        lambda p, s: _kd(p, SP_FLAT),
+        "KD + sp 3000 (flatten: the whole map per example, as Tung & Mori's code; padding zeroed)",
+        ("sp",),
+        versus="kd+sp",
+    ),
     Method("kd+pkt", "KD + PKT", ALL, lambda p, s: _kd(p, _pkt(p)), "KD + pkt {pkt:g} (30000/b^2, b={b})", ("pkt",)),
     Method(
         "kd+pkd", "KD + PKD", ("text",), lambda p, s: _kd(p, PKD), "KD + pkd 100 (reduction mean, skip, cls)", ("pkd",)
     ),
-    Method("kd+at", "KD + AT", ("conv",), lambda p, s: _kd(p, AT), "KD + at 1000 (mean_squared, p 2)", ("at",)),
+    Method(
+        "kd+pkd-sum",
+        "KD + PKD, eq. 3's sum",
+        ("text",),
+        lambda p, s: _kd(p, PKD_SUM),
+        "KD + pkd 100 (reduction sum: eq. 3, pairs x width times the code's scale; skip, cls)",
+        ("pkd",),
+        versus="kd+pkd",
+    ),
+    Method(
+        "kd+at",
+        "KD + AT",
+        ("conv",),
+        lambda p, s: _kd(p, AT),
+        "KD + at 1000 (mean_squared over positions, p 2; uniform pairing: 7x7 with 4x4, 4x4 with 2x2)",
+        ("at",),
+    ),
+    Method(
+        "kd+at-official",
+        "KD + AT, equal-resolution stages (official code)",
+        ("conv",),
+        lambda p, s: _kd(p, AT_OFFICIAL),
+        "KD + at 1000 (mean_squared over positions, p 2; layers resolution: 7x7 with 7x7, 4x4 with 4x4)",
+        ("at",),
+        versus="kd+at",
+    ),
+    Method(
+        "kd+at-fitted",
+        "KD + AT, fitted (default)",
+        ("conv",),
+        lambda p, s: _kd(p, AT_FITTED),
+        "KD + at 1000 (layers resolution; squared distance / max(H W, 64): min_area 64)",
+        ("at",),
+        versus="kd+at",
+    ),
     Method(
         "kd+minilm",
         "KD + MiniLM",
@@ -672,6 +748,15 @@ METHODS = [
         lambda p, s: _kd(p, MINILM),
         "KD + minilm 1 (12 relation heads, last layers, QQ/KK/VV)",
         ("minilm",),
+    ),
+    Method(
+        "kd+minilm-fitted",
+        "KD + MiniLM, fitted relation heads (default)",
+        ("text",),
+        lambda p, s: _kd(p, MINILM_FITTED),
+        'KD + minilm 1 (relation_heads "auto": 24 here, teacher heads 16 wide; last layers, QQ/KK/VV)',
+        ("minilm",),
+        versus="kd+minilm",
     ),
     Method(
         "kd+crd",
@@ -1076,6 +1161,130 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------- task-fitted defaults
+FITTED_TITLE = "## Task-fitted defaults (issue 21 item 3)"
+
+
+def _per_seed(runs: list[dict], other: list[dict]) -> tuple[list[int], list[float], list, list]:
+    """Seeds both rows ran, the per-seed accuracy differences, and each side's per-row correctness (None if lost)."""
+    theirs = {r["seed"]: r for r in other}
+    seeds = [r["seed"] for r in runs if r["seed"] in theirs]
+    mine = {r["seed"]: r for r in runs}
+    gains = [mine[s]["accuracy"] - theirs[s]["accuracy"] for s in seeds]
+    return seeds, gains, [mine[s].get("correct") for s in seeds], [theirs[s].get("correct") for s in seeds]
+
+
+def _difference_text(runs: list[dict], other: list[dict]) -> str:
+    """'mean ± std [interval] verdict; per seed s: x, ...' in pt, for one row against another, seed by seed."""
+    seeds, gains, ours, theirs = _per_seed(runs, other)
+    if not gains:
+        return "n/a"
+    text = f"{100 * statistics.fmean(gains):+.2f}"
+    text += f" ± {100 * statistics.stdev(gains):.2f}" if len(gains) > 1 else " (one seed)"
+    interval = _gain(gains, ours, theirs)
+    if interval:
+        low, high = interval["interval"]
+        text += f" [{100 * low:+.2f}, {100 * high:+.2f}] {interval['verdict']}"
+    per_seed = ", ".join(f"{s}: {100 * g:+.2f}" for s, g in zip(seeds, gains, strict=True))
+    return f"{text}; per seed {per_seed}"
+
+
+def borrow_rows(results: dict, path: str) -> list[str]:
+    """Adds to each pair of `results` the labels row and the `versus` rows of its fitted rows that it lacks, taken
+    from the results in `path` (an earlier run of the same pairs, e.g. benchmarks/methods.json), each marked with
+    `borrowed_from`; returns what was borrowed. Only sound where the earlier run had the same teacher, student start
+    and data (the report says which rows are borrowed; the labels row is the check: rerun one seed and compare)."""
+    with open(path) as handle:
+        earlier = {p["pair"]: p for p in json.load(handle)["pairs"]}
+    by_key = {m.key: m for m in METHODS}
+    borrowed = []
+    for pair in results["pairs"]:
+        source = earlier.get(pair["pair"])
+        if source is None:
+            continue
+        # Per borrowed key, the seeds of the rows compared with it (labels: every row's), so each comparison is paired.
+        seeds_of = {"labels": {r["seed"] for row in pair["rows"].values() for r in row["runs"]}}
+        for key, row in pair["rows"].items():
+            versus = by_key[key].versus if key in by_key else None
+            if versus:
+                seeds_of.setdefault(versus, set()).update(r["seed"] for r in row["runs"])
+        for key, seeds in seeds_of.items():
+            if key in source["rows"]:
+                have = {r["seed"] for r in pair["rows"].get(key, {}).get("runs", [])}
+                runs = [r for r in source["rows"][key]["runs"] if r["seed"] in seeds - have]
+                if not runs:
+                    continue
+                row = pair["rows"].setdefault(key, {**source["rows"][key], "runs": []})
+                row["runs"] = sorted(
+                    row["runs"] + [{**r, "borrowed_from": path} for r in runs], key=lambda r: r["seed"]
+                )
+                borrowed.append(f"{pair['pair']} {key} seeds {sorted(r['seed'] for r in runs)}")
+        summarise(pair)
+    return borrowed
+
+
+def fitted_markdown(results: dict) -> str:
+    """The METHODS.md section on the task-fitted defaults (issue 21 item 3), from a --json holding the labels row,
+    the rows with a `versus` row (Method.versus) and those versus rows: accuracy, the per-seed gain over labels only,
+    and the per-seed difference to the versus row (the paper's setting or hfkd's earlier default)."""
+    meta = results["meta"]
+    by_key = {m.key: m for m in METHODS}
+    lines = [
+        FITTED_TITLE,
+        "",
+        "Written by `benchmarks/methods.py --from-json --json benchmarks/methods_fitted.json --fitted-markdown FILE` "
+        "from `benchmarks/methods_fitted.json`. Each fitted default against the same method at the paper's setting "
+        "(or hfkd's earlier default), on the pairs above, the same budget, student start and data order per seed "
+        "as every row of this file. Differences are per seed, in percentage points, mean ± std over the seeds, then "
+        "the 95% interval of hfkd.compare.compare_seeds and its verdict: over seeds and held-out rows where both runs "
+        "kept their per-row correctness (one seed: the held-out rows alone), over seeds only where a borrowed run "
+        "did not (none with one seed).",
+        "",
+        f"Commands: {'; '.join(f'`{c}`' for c in meta.get('commands', [meta.get('command', '?')]))}.",
+        f"Seeds run: {', '.join(map(str, meta.get('seeds', [])))}. Machine: {meta['machine']['cpus']} shared CPU "
+        f"cores, torch {meta['machine']['torch']}.",
+        "",
+    ]
+    for pair in results["pairs"]:
+        rows = pair["rows"]
+        labels = rows.get("labels")
+        fitted = [k for k in rows if by_key.get(k) and by_key[k].versus in rows]
+        if labels is None or not fitted:
+            continue
+        notes = pair["notes"]
+        lines += [
+            f"### {pair['pair']}",
+            "",
+            f"Teacher {_pct(notes['teacher_accuracy'])}%; student: {notes['student']}. Budget: {pair['budget_text']}.",
+            "",
+            "| row | settings | accuracy % | vs labels only (pt) | vs the reference row (pt) | seeds |",
+            "|---|---|---|---|---|---|",
+        ]
+        order = []
+        for key in fitted:
+            for k in (by_key[key].versus, key):
+                if k not in order:
+                    order.append(k)
+        for key in ["labels", *order]:
+            row = rows[key]
+            accs = [r["accuracy"] for r in row["runs"]]
+            borrowed = sorted({r["seed"] for r in row["runs"] if r.get("borrowed_from")})
+            acc = f"{100 * statistics.fmean(accs):.2f}" + (
+                f" ± {100 * statistics.stdev(accs):.2f}" if len(accs) > 1 else ""
+            )
+            versus = by_key[key].versus if key in by_key else None
+            vs_labels = "(baseline)" if key == "labels" else _difference_text(row["runs"], labels["runs"])
+            vs_ref = (
+                f"vs {rows[versus]['title']}: {_difference_text(row['runs'], rows[versus]['runs'])}" if versus else ""
+            )
+            seeds = ", ".join(str(r["seed"]) for r in row["runs"])
+            if borrowed:
+                seeds += f" (seeds {', '.join(map(str, borrowed))} from {row['runs'][0].get('borrowed_from')})"
+            lines.append(f"| {row['title']} | {row['weights']} | {acc} | {vs_labels} | {vs_ref} | {seeds} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------------------- main
 def _budget_text(pair: Pair) -> str:
     b = pair.budget
@@ -1125,6 +1334,17 @@ def parse_args(argv=None):
     )
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --json and skip them")
     parser.add_argument("--from-json", action="store_true", help="only write --markdown from --json")
+    parser.add_argument(
+        "--borrow-rows",
+        default=None,
+        help="with --from-json: add to --json the labels and reference rows it lacks from this earlier results file "
+        "(marked borrowed_from; see borrow_rows)",
+    )
+    parser.add_argument(
+        "--fitted-markdown",
+        default=None,
+        help="with --from-json: write the 'Task-fitted defaults' section (issue 21 item 3) from --json to this file",
+    )
     parser.add_argument("--fashion-train-size", type=int, default=10000, help="training images per student row")
     parser.add_argument("--fashion-epochs", type=float, default=2.0, help="epochs per student row")
     parser.add_argument("--fashion-teacher-train-size", type=int, default=60000, help="teacher's training images")
@@ -1272,7 +1492,14 @@ def main(argv=None) -> dict:
             results = json.load(handle)
         for entry in results["pairs"]:
             summarise(entry)
+        if args.borrow_rows:
+            for line in borrow_rows(results, args.borrow_rows):
+                print(f"[methods] borrowed {line}", flush=True)
+            _write(results, args.json, None)
         _write(results, None, args.markdown)
+        if args.fitted_markdown:
+            with open(args.fitted_markdown, "w") as handle:
+                handle.write(fitted_markdown(results) + "\n")
         return results
     scratch = tempfile.mkdtemp(prefix="hfkd-methods-")
     if args.out is None:

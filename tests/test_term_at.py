@@ -2,6 +2,7 @@
 paper, known values, gradients, bf16 autocast, and short trainer runs with conv students and teachers."""
 
 import math
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -50,7 +51,7 @@ def _ref_resize(q, height, width):
     return out
 
 
-def _ref_example(a_s, a_t, p, distance, norm_p):
+def _ref_example(a_s, a_t, p, distance, norm_p, min_area=1):
     """One example's distance for one layer pair: a_s [C_s, H_s, W_s], a_t [C_t, H_t, W_t] (float64 numpy)."""
     q_s = np.zeros(a_s.shape[1:])
     for c in range(a_s.shape[0]):
@@ -64,17 +65,17 @@ def _ref_example(a_s, a_t, p, distance, norm_p):
     v_t = q_t.ravel() / math.sqrt((q_t.ravel() ** 2).sum())
     d = v_s - v_t
     if distance == "mean_squared":
-        return (d**2).sum() / d.size
+        return (d**2).sum() / max(d.size, min_area)
     return (np.abs(d) ** norm_p).sum() ** (1.0 / norm_p)
 
 
-def _ref_at(s_maps, t_maps, pairs, p=2.0, distance="mean_squared", norm_p=2.0):
+def _ref_at(s_maps, t_maps, pairs, p=2.0, distance="mean_squared", norm_p=2.0, min_area=1):
     s_maps = [m.numpy() for m in s_maps]
     t_maps = [m.numpy() for m in t_maps]
     total = 0.0
     for b in range(s_maps[0].shape[0]):
         for s, t in pairs:
-            total += _ref_example(s_maps[s][b], t_maps[t][b], p, distance, norm_p)
+            total += _ref_example(s_maps[s][b], t_maps[t][b], p, distance, norm_p, min_area)
     return total
 
 
@@ -92,12 +93,14 @@ T_SHAPES = [(3, 8, 8, 8), (3, 9, 8, 8), (3, 10, 7, 6), (3, 11, 4, 4)]
 @pytest.mark.parametrize(
     "options",
     [
-        {},
-        {"p": 1.0},
-        {"p": 3.0, "distance": "norm"},
-        {"distance": "norm", "norm_p": 1.0},
+        {"layers": "uniform", "min_area": 1},  # hfkd's defaults before issue 21
+        {"layers": "uniform", "min_area": 1, "p": 1.0},
+        {"layers": "uniform", "p": 3.0, "distance": "norm"},
+        {"layers": "uniform", "distance": "norm", "norm_p": 1.0},
         {"distance": "norm", "norm_p": 3.0, "layers": [[1, 1], [2, 2], [3, 3], [0, 0]]},
-        {"layers": "3:1,1:3"},
+        {"layers": "3:1,1:3", "min_area": 1},
+        {"layers": "uniform", "min_area": 30},  # floors the 4x4 and 7x6 maps' areas, not the 8x8's
+        {"layers": "uniform"},  # min_area 64: all three teacher maps (64, 42 and 16 positions) divide by 64
     ],
 )
 def test_matches_the_float64_reference(options):
@@ -113,26 +116,44 @@ def test_matches_the_float64_reference(options):
         else [tuple(p) for p in spec]
     )
     kwargs = {k: v for k, v in options.items() if k != "layers"}
+    kwargs.setdefault("min_area", 64)  # the default
     expected = _ref_at(s_maps, t_maps, pairs, **kwargs)
     assert value.dtype == torch.float64
     np.testing.assert_allclose(value.item(), expected, rtol=1e-10, atol=1e-14)
 
 
-def test_default_equals_the_official_code_per_example_mean():
+def test_min_area_1_equals_the_official_code_per_example_mean():
     """szagoruyko/attention-transfer: at(x) = normalize(x.pow(2).mean(1).view(B, -1)), at_loss = (at(x) - at(y))
-    .pow(2).mean(), loss = beta * sum over pairs; the term is that sum times the batch size (the trainer's mean)."""
+    .pow(2).mean(), loss = beta * sum over pairs; the term is that sum times the batch size (the trainer's mean).
+    min_area=1 is the official code (the default, 64, floors the 3x3 map's area at 64: next test)."""
     s_maps, t_maps = _maps([(3, 4, 6, 6), (3, 5, 3, 3)], 11), _maps([(3, 8, 6, 6), (3, 9, 3, 3)], 12)
 
     def at(x):
         return torch.nn.functional.normalize(x.pow(2).mean(1).view(x.size(0), -1))
 
     official = sum((at(x) - at(y)).pow(2).mean() for x, y in zip(s_maps, t_maps, strict=True))
-    value = _term(layers=[[0, 0], [1, 1]])(_side(*s_maps), _side(*t_maps), _batch(3))
+    value = _term(layers=[[0, 0], [1, 1]], min_area=1)(_side(*s_maps), _side(*t_maps), _batch(3))
     torch.testing.assert_close(value / 3, official, rtol=1e-12, atol=0)
 
 
+def test_default_min_area_divides_small_maps_by_64_and_cifar_sized_ones_by_their_area():
+    """Per unit of squared distance, no pair weighs more than CIFAR's smallest (8x8) map did with the official
+    code; maps of 8x8 and larger are divided by their own area, as the official code does."""
+
+    def at(x):
+        return torch.nn.functional.normalize(x.pow(2).mean(1).view(x.size(0), -1))
+
+    for size, divisor in ((2, 64), (4, 64), (7, 64), (8, 64), (16, 256), (32, 1024)):
+        (s,), (t,) = _maps([(3, 4, size, size)], size), _maps([(3, 6, size, size)], size + 1)
+        expected = (at(s) - at(t)).pow(2).sum() / divisor
+        value = _term(layers="0:0")(_side(s), _side(t), _batch(3))
+        torch.testing.assert_close(value, expected, rtol=1e-12, atol=0)
+        official = _term(layers="0:0", min_area=1)(_side(s), _side(t), _batch(3))
+        torch.testing.assert_close(official, (at(s) - at(t)).pow(2).sum() / (size * size), rtol=1e-12, atol=0)
+
+
 def test_uniform_and_last_pairing():
-    term = _term()
+    term = _term(layers="uniform")
     s = _maps([(2, 3, 4, 4)] * 3, 0)  # stem + 2 stages (a 2-stage student)
     t = _maps([(2, 3, 4, 4)] * 4, 1)  # stem + 3 stages
     term(_side(*s), _side(*t), _batch(2))
@@ -142,6 +163,34 @@ def test_uniform_and_last_pairing():
     assert last._pairs == [(2, 3)]
     with pytest.raises(ValueError, match=r"at.layers pairs student index 3 with teacher index 1"):
         _term(layers=[[3, 1]])(_side(*s), _side(*t), _batch(2))
+
+
+def test_resolution_pairing_is_the_default_and_pairs_stages_of_the_same_size():
+    # The Fashion-MNIST pair of benchmarks/methods.py: student stem 7x7, stages 7x7, 4x4; teacher stem 7x7, stages
+    # 7x7, 4x4, 2x2. 'uniform' pairs 7x7 with 4x4 and 4x4 with 2x2; 'resolution' pairs equal sizes.
+    s = _maps([(2, 3, 7, 7), (2, 3, 7, 7), (2, 5, 4, 4)], 0)
+    t = _maps([(2, 4, 7, 7), (2, 4, 7, 7), (2, 6, 4, 4), (2, 8, 2, 2)], 1)
+    term = _term()
+    assert term.options.layers == "resolution"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every stage has a partner of its size: no warning
+        value = term(_side(*s), _side(*t), _batch(2))
+    assert term._pairs == [(1, 1), (2, 2)]
+    np.testing.assert_allclose(value.item(), _ref_at(s, t, [(1, 1), (2, 2)], min_area=64), rtol=1e-10)
+    # Several teacher stages of one size: the last of them (the official code pairs each group's output).
+    t_twice = _maps([(2, 4, 7, 7), (2, 4, 7, 7), (2, 4, 7, 7), (2, 6, 4, 4)], 2)
+    term = _term()
+    term(_side(*s), _side(*t_twice), _batch(2))
+    assert term._pairs == [(1, 2), (2, 3)]
+
+
+def test_resolution_pairing_falls_back_to_uniform_with_a_warning_naming_the_sizes():
+    s = _maps([(2, 3, 8, 8), (2, 3, 8, 8), (2, 5, 3, 5)], 0)  # the 3x5 stage has no partner of its size
+    t = _maps([(2, 4, 8, 8), (2, 4, 8, 8), (2, 6, 4, 4), (2, 8, 2, 2)], 1)
+    term = _term()
+    with pytest.warns(UserWarning, match=r"student 2 \(3x5\) with teacher 3 \(2x2\).*Give at.layers explicitly"):
+        term(_side(*s), _side(*t), _batch(2))
+    assert term._pairs == [(1, 1), (2, 3)]  # stage 1 by size, stage 2 as 'uniform' pairs it
 
 
 # ---------------------------------------------------------------------------------------------------- known values
@@ -160,15 +209,17 @@ def test_hand_computed_case():
     a_s = torch.tensor([[[[1.0, 1.0]]]], dtype=torch.float64)
     a_t = torch.tensor([[[[1.0, 0.0]]]], dtype=torch.float64)
     d2 = (1 - 1 / math.sqrt(2)) ** 2 + 0.5  # = 2 - sqrt2
-    ms = _term(layers="0:0")(_side(a_s), _side(a_t), _batch(1)).item()
-    assert ms == pytest.approx(d2 / 2, rel=1e-12)  # mean over the 2 positions
+    ms = _term(layers="0:0", min_area=1)(_side(a_s), _side(a_t), _batch(1)).item()
+    assert ms == pytest.approx(d2 / 2, rel=1e-12)  # mean over the 2 positions (the official code)
+    assert _term(layers="0:0")(_side(a_s), _side(a_t), _batch(1)).item() == pytest.approx(d2 / 64, rel=1e-12)
     norm = _term(layers="0:0", distance="norm")(_side(a_s), _side(a_t), _batch(1)).item()
     assert norm == pytest.approx(math.sqrt(d2), rel=1e-12)
     # p = 2 squares the activations: [2, 0] -> [4, 0], normalised [1, 0] as well; [1, -1] -> [1, 1].
-    assert _term(layers="0:0")(_side(-a_s), _side(2 * a_t), _batch(1)).item() == pytest.approx(d2 / 2, rel=1e-12)
+    official = _term(layers="0:0", min_area=1)
+    assert official(_side(-a_s), _side(2 * a_t), _batch(1)).item() == pytest.approx(d2 / 2, rel=1e-12)
     # A 1x1 student map upsampled to the teacher's 1x2 is constant: the same as the [1, 1] student.
     one = torch.tensor([[[[5.0]]]], dtype=torch.float64)
-    assert _term(layers="0:0")(_side(one), _side(a_t), _batch(1)).item() == pytest.approx(d2 / 2, rel=1e-12)
+    assert official(_side(one), _side(a_t), _batch(1)).item() == pytest.approx(d2 / 2, rel=1e-12)
 
 
 def test_sum_over_examples():
@@ -234,7 +285,9 @@ def test_bf16_autocast_is_finite_and_close_to_float32():
         ({"p": 0}, r"term 'at': p must be a finite number > 0"),
         ({"norm_p": 0.5}, r"term 'at': norm_p must be >= 1"),
         ({"layers": [[1]]}, r"term 'at': layers=\[\[1\]\]: each entry must be a \[student_index, teacher_index\]"),
-        ({"layers": "1-2"}, r"term 'at': layers='1-2' is neither 'uniform', 'last' nor a list"),
+        ({"layers": "1-2"}, r"term 'at': layers='1-2' is neither 'resolution', 'uniform', 'last' nor a list"),
+        ({"min_area": 0}, r"term 'at': min_area must be an integer >= 1 \(64: CIFAR's smallest map"),
+        ({"min_area": 8.0}, r"term 'at': min_area must be an integer >= 1"),
         ({"student_modules": []}, r"term 'at': student_modules must be a non-empty list"),
         ({"layer": 2}, r"term 'at' has no option 'layer'"),
     ],
@@ -281,9 +334,16 @@ def _check_logs(trainer, weight):
 
 def test_trainer_convnext_student_of_a_resnet_teacher(tmp_path):
     teacher, student = tiny_resnet((16, 32, 64), seed=0), tiny_convnext((8, 16), seed=1)
-    trainer = _train(tmp_path, student, teacher, [{"name": "at", "weight": 1000.0}])
+    trainer = _train(tmp_path, student, teacher, [{"name": "at", "weight": 1000.0, "layers": "uniform"}])
     # Stages: student 8x8, 4x4; teacher 8x8, 4x4, 2x2: both student maps are downsampled to the teacher's.
     assert trainer.term_set.terms["at"]._pairs == [(1, 2), (2, 3)]
+    _check_logs(trainer, 1000.0)
+
+
+def test_trainer_default_pairs_the_stages_of_the_same_size(tmp_path):
+    teacher, student = tiny_resnet((16, 32, 64), seed=0), tiny_convnext((8, 16), seed=1)
+    trainer = _train(tmp_path, student, teacher, [{"name": "at", "weight": 1000.0}])
+    assert trainer.term_set.terms["at"]._pairs == [(1, 1), (2, 2)]  # 8x8 with 8x8, 4x4 with 4x4
     _check_logs(trainer, 1000.0)
 
 

@@ -11,7 +11,7 @@ import hfkd.terms.dkd  # noqa: F401  (registers the term)
 from hfkd import DistillationConfig, DistillationTrainer
 from hfkd.streams import ModelKind
 from hfkd.terms import TERMS, Features, TermBatch
-from hfkd.terms.dkd import DKDOptions, dkd_per_item
+from hfkd.terms.dkd import DKDOptions, dkd_beta_for_classes, dkd_per_item
 
 EXAMPLES = ModelKind(shifts_labels=False, encoder_decoder=False, token_level=False)
 
@@ -79,9 +79,55 @@ def test_term_is_alpha_tckd_plus_beta_nckd_summed_over_examples():
     value = _term(alpha=0.7, beta=3.0, temperature=2.0)(*_sides(s, t, labels))
     assert value.dim() == 0
     assert value.item() == pytest.approx(float((0.7 * ref_tckd + 3.0 * ref_nckd).sum()), rel=1e-10)
-    defaults = _term()(*_sides(s, t, labels))  # alpha 1, beta 8, T 4
+    paper = _term(beta=8.0)(*_sides(s, t, labels))  # the paper's CIFAR-100 setting: alpha 1, beta 8, T 4
     ref_tckd, ref_nckd = _reference(s, t, labels, 4.0)
-    assert defaults.item() == pytest.approx(float((ref_tckd + 8.0 * ref_nckd).sum()), rel=1e-10)
+    assert paper.item() == pytest.approx(float((ref_tckd + 8.0 * ref_nckd).sum()), rel=1e-10)
+
+
+# ------------------------------------------------------------------------------------- beta fitted to the classes
+def test_auto_beta_is_the_papers_8_at_100_classes_and_shrinks_with_fewer():
+    assert DKDOptions().beta == "auto"
+    assert dkd_beta_for_classes(100) == pytest.approx(8.0, rel=1e-15)
+    assert dkd_beta_for_classes(1000) == pytest.approx(8.0, rel=1e-15)  # never above the paper's value
+    assert dkd_beta_for_classes(10) == pytest.approx(8.0 * math.sqrt(9 / 99), rel=1e-15)  # 2.41
+    assert dkd_beta_for_classes(3) == pytest.approx(8.0 * math.sqrt(2 / 99), rel=1e-15)  # 1.14
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        dkd_beta_for_classes(1)
+
+
+@pytest.mark.parametrize("classes", [3, 10, 100])
+def test_default_term_uses_the_beta_fitted_to_the_logits_class_count(classes):
+    s, t, labels = _random(batch=5, classes=classes, seed=classes)
+    ref_tckd, ref_nckd = _reference(s, t, labels, 4.0)
+    beta = 8.0 * math.sqrt(min(classes - 1, 99) / 99)
+    expected = float((ref_tckd + beta * ref_nckd).sum())
+    assert _term()(*_sides(s, t, labels)).item() == pytest.approx(expected, rel=1e-10)
+    assert _term(beta="AUTO")(*_sides(s, t, labels)).item() == pytest.approx(expected, rel=1e-10)
+
+
+def _nckd_over_ce_gradient(classes: int, beta: float, scale: float) -> float:
+    """Median over examples of ||d(beta * NCKD)/dz|| / ||d CE/dz|| at T = 4, on synthetic logits: a teacher that
+    prefers the target by 2 * scale over noise of std `scale`, a student of noise only."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, classes, (512,), generator=generator)
+    t = scale * torch.randn(512, classes, generator=generator, dtype=torch.float64)
+    t[torch.arange(512), labels] += 2 * scale
+    s = (scale * torch.randn(512, classes, generator=generator, dtype=torch.float64)).requires_grad_()
+    ce = torch.nn.functional.cross_entropy(s, labels, reduction="sum")
+    (g_ce,) = torch.autograd.grad(ce, s)
+    (g_nckd,) = torch.autograd.grad(dkd_per_item(s, t, labels, 4.0)[1].sum(), s)
+    return float((beta * g_nckd.norm(dim=1) / g_ce.norm(dim=1)).median())
+
+
+@pytest.mark.parametrize("scale", [1.0, 3.0])
+def test_auto_beta_keeps_the_nckd_to_ce_gradient_ratio_near_cifar_100s(scale):
+    """The rule's purpose: with beta = 8 the ratio at 3 and 10 classes is several times CIFAR-100's; with "auto"
+    it stays within a factor of 2 of it."""
+    cifar = _nckd_over_ce_gradient(100, 8.0, scale)
+    for classes in (3, 10):
+        assert _nckd_over_ce_gradient(classes, 8.0, scale) > 2.5 * cifar
+        fitted = _nckd_over_ce_gradient(classes, dkd_beta_for_classes(classes), scale)
+        assert cifar / 2 < fitted < 2 * cifar
 
 
 def test_classical_kd_decomposes_as_the_paper_says():
@@ -278,7 +324,7 @@ def test_token_level_dkd_is_the_mean_over_labelled_positions(tmp_path, family):
         student, teacher, data = llama(seed=1), llama(layers=3), lm_data()
     args = DistillationConfig(
         output_dir=str(tmp_path / "out"),
-        terms=[{"name": "dkd", "temperature": 2.0}],
+        terms=[{"name": "dkd", "temperature": 2.0, "beta": 8.0}],  # the paper's CIFAR-100 beta
         task_weight=1.0,
         logit_weight=0.0,
         per_device_eval_batch_size=len(data),
@@ -307,6 +353,7 @@ def test_token_level_dkd_is_the_mean_over_labelled_positions(tmp_path, family):
     [
         ({"alpha": -1.0}, "alpha must be a finite number >= 0"),
         ({"beta": float("nan")}, "beta must be a finite number >= 0"),
+        ({"beta": "paper"}, r"beta='paper' is not known: give a number >= 0 \(the paper: 8.0 on CIFAR-100"),
         ({"alpha": 0.0, "beta": 0}, "alpha and beta are both 0"),
         ({"temperature": 0}, "temperature must be a finite number > 0"),
         ({"temperature": True}, "temperature must be a finite number > 0"),

@@ -14,7 +14,7 @@ import hfkd.terms.minilm  # noqa: F401  (registers the term)
 from hfkd import DistillationConfig, DistillationTrainer
 from hfkd.streams import ModelKind
 from hfkd.terms import TERMS, Features, TermBatch
-from hfkd.terms.minilm import detect_qkv
+from hfkd.terms.minilm import auto_relation_heads, detect_qkv
 
 KIND = ModelKind(shifts_labels=False, encoder_decoder=False, token_level=False)
 S_NAMES = ("s.q", "s.k", "s.v")
@@ -262,6 +262,10 @@ def test_names_from_the_architecture_table_and_explicit_names():
     [
         ({"relation_heads": 0}, r"relation_heads must be an integer >= 1"),
         ({"relation_heads": True}, r"relation_heads must be an integer >= 1"),
+        (
+            {"relation_heads": "paper"},
+            r'relation_heads must be an integer >= 1 or "auto", got \'paper\' \(the paper: 48',
+        ),
         ({"teacher_layer": 1.5}, r"teacher_layer must be an integer"),
         ({"student_layer": "last"}, r"student_layer must be an integer"),
         ({"relations": ["qq", "qk"]}, r"'qk' is not a relation"),
@@ -372,6 +376,36 @@ def test_trainer_accumulation_equals_one_big_batch(tmp_path):
     assert (parameters_of(one.model)[key] - before[key]).abs().max() > 1e-3  # the step moved the student
     for name, value in parameters_of(one.model).items():
         torch.testing.assert_close(value, parameters_of(four.model)[name], rtol=1e-5, atol=1e-6)
+
+
+def test_auto_relation_heads_gives_the_papers_counts_and_divides_small_widths():
+    assert auto_relation_heads(768, [768, 768]) == 48  # MiniLMv2, base-size teacher
+    assert auto_relation_heads(1024, [1024, 1024]) == 64  # large-size teacher
+    assert auto_relation_heads(768, [768, 384]) == 48  # a 384-wide student of a base teacher: d_r 8 there
+    assert auto_relation_heads(384, [384, 384]) == 24  # all-MiniLM-L6-v2 (the tweets pair of benchmarks/methods.py)
+    assert auto_relation_heads(768, [768, 256]) == 32  # 48 would not divide 256
+    assert auto_relation_heads(32, [32, 32, 16, 16]) == 2  # the tiny BERTs here: 12 divides neither width
+    assert auto_relation_heads(24, [24, 24, 12, 6, 6, 12]) == 1  # S_WIDTHS / T_WIDTHS: the teacher is < 32 wide
+    assert auto_relation_heads(8, [8, 8]) == 1
+
+
+def test_default_relation_heads_are_auto_resolved_from_the_widths():
+    s, t = _inputs((32, 32, 32), seed=3), _inputs((64, 64, 64), seed=4)
+    term = _term()
+    assert term.options.relation_heads == "auto"
+    value = _value(term, s, t, _ragged_mask())
+    assert term._auto_heads == 4  # gcd 32, teacher 64 / 4 = 16
+    np.testing.assert_allclose(value.item(), _ref_minilm(s, t, _ragged_mask(), 4), rtol=1e-10)
+
+
+def test_trainer_default_relation_heads_divide_the_tiny_widths(tmp_path):
+    """12 divides neither 16 nor 32; the default picks 2 (teacher 32 / 2 = 16) and trains."""
+    trainer = _bert_trainer(
+        tmp_path, {"name": "minilm", "weight": 2.0, "architecture": "bert", "teacher_layer": 3, "student_layer": 1}
+    )
+    trainer.train()
+    assert trainer.term_set.terms["minilm"]._auto_heads == 2
+    _check_logs(trainer, 2.0)
 
 
 def test_trainer_construction_errors_name_the_option(tmp_path):

@@ -87,11 +87,12 @@ def _ref_pkd(s_states, t_states, pairs, mask, pooling="cls", reduction="sum", no
 @pytest.mark.parametrize(
     ("options", "pairs"),
     [
-        ({}, [(1, 2), (2, 4), (3, 6)]),  # PKD-Skip, 4 of 8 layers
-        ({"layer_map": "last", "pooling": "mean"}, [(1, 5), (2, 6), (3, 7)]),
+        ({"reduction": "sum"}, [(1, 2), (2, 4), (3, 6)]),  # PKD-Skip, 4 of 8 layers; eq. 3 as written
+        ({}, [(1, 2), (2, 4), (3, 6)]),  # the default: the official code's mean
+        ({"layer_map": "last", "pooling": "mean", "reduction": "sum"}, [(1, 5), (2, 6), (3, 7)]),
         ({"layer_map": "2,8", "reduction": "mean"}, [(1, 2), (2, 8)]),  # partial map: student layers 1, 2
         ({"layer_map": [3, 5], "student_layers": "4,2", "pooling": "mean", "reduction": "mean"}, [(4, 3), (2, 5)]),
-        ({"layer_map": "8,1,4,7", "normalize": False}, [(1, 8), (2, 1), (3, 4), (4, 7)]),  # may reach the last
+        ({"layer_map": "8,1,4,7", "normalize": False, "reduction": "sum"}, [(1, 8), (2, 1), (3, 4), (4, 7)]),
     ],
 )
 def test_matches_the_float64_reference(options, pairs):
@@ -100,6 +101,7 @@ def test_matches_the_float64_reference(options, pairs):
     value = term(_side(s_states), _side(t_states), _batch(mask))
     assert term._pairs == pairs
     kwargs = {k: v for k, v in options.items() if k in ("pooling", "reduction", "normalize")}
+    kwargs.setdefault("reduction", "mean")  # the default
     expected = _ref_pkd(s_states, t_states, pairs, mask, **kwargs)
     assert value.dtype == torch.float64
     np.testing.assert_allclose(value.item(), expected, rtol=1e-10, atol=1e-14)
@@ -107,14 +109,16 @@ def test_matches_the_float64_reference(options, pairs):
 
 def test_projection_matches_the_reference_and_is_built_only_when_widths_differ():
     s_states, t_states, mask = _states(3, 4, 2), _states(6, 7, 3), _mask()
-    term = _term(pooling="mean")
+    term = _term(pooling="mean", reduction="sum")
     term.setup(_side(s_states), _side(t_states), _batch(mask))
     assert [type(p).__name__ for p in term.projections] == ["Linear", "Linear"]
     assert term.projections[0].weight.shape == (7, 4)
     term.double()
     value = term(_side(s_states), _side(t_states), _batch(mask))
     weights = [(p.weight.detach().numpy(), p.bias.detach().numpy()) for p in term.projections]
-    expected = _ref_pkd(s_states, t_states, [(1, 2), (2, 4)], mask, pooling="mean", projections=weights)
+    expected = _ref_pkd(
+        s_states, t_states, [(1, 2), (2, 4)], mask, pooling="mean", reduction="sum", projections=weights
+    )
     np.testing.assert_allclose(value.item(), expected, rtol=1e-10)
     same = _term()
     same.setup(_side(_states(3, 7, 4)), _side(t_states), _batch(mask))
@@ -158,14 +162,16 @@ def test_hand_computed_case():
     t[2][0, 0] = torch.tensor([0.0, 2.0])
     s[1][0, 1] = t[2][0, 1] = torch.tensor([7.0, -3.0])  # position 1: never read with 'cls'
     mask = torch.ones(1, 2, dtype=torch.bool)
-    assert _term(layer_map="2").forward(_side(s), _side(t), _batch(mask)).item() == pytest.approx(2.0)
+    assert _term(layer_map="2", reduction="sum").forward(_side(s), _side(t), _batch(mask)).item() == pytest.approx(2.0)
     assert _term(layer_map="2", reduction="mean")(_side(s), _side(t), _batch(mask)).item() == pytest.approx(1.0)
+    assert _term(layer_map="2")(_side(s), _side(t), _batch(mask)).item() == pytest.approx(1.0)  # default: mean
     # Mean pooling: student [4, -1.5] -> [8, -3]/sqrt73, teacher [3.5, -0.5] -> [7, -1]/sqrt50.
     a, b = np.array([8.0, -3.0]) / math.sqrt(73), np.array([7.0, -1.0]) / math.sqrt(50)
-    value = _term(layer_map="2", pooling="mean")(_side(s), _side(t), _batch(mask)).item()
+    value = _term(layer_map="2", pooling="mean", reduction="sum")(_side(s), _side(t), _batch(mask)).item()
     assert value == pytest.approx(((a - b) ** 2).sum(), rel=1e-12)
     # Unnormalised: || [1, 0] - [0, 2] ||^2 = 5.
-    assert _term(layer_map="2", normalize=False)(_side(s), _side(t), _batch(mask)).item() == pytest.approx(5.0)
+    raw = _term(layer_map="2", normalize=False, reduction="sum")
+    assert raw(_side(s), _side(t), _batch(mask)).item() == pytest.approx(5.0)
 
 
 # ---------------------------------------------------------------------------------------------------- masks, grads

@@ -23,8 +23,19 @@ lengths the positions are weighted equally (examples with more tokens weigh more
 per-example mean whenever the lengths are equal. Without an attention mask each example counts as one unit worth
 the mean over its positions.
 
-Defaults (the paper's): `relation_heads=12` for base-size teachers (48 for large-size teachers); the student's last
-layer (`student_layer=-1`); the teacher's last layer for base-size (12-layer) teachers (`teacher_layer=-1`). For
+Defaults. The number of relation heads A_r: MiniLMv2 used 48 for base-size teachers (width 768) and 64 for
+large-size ones (width 1024), i.e. a teacher relation-head size d_r = width / A_r of 16 in both cases. A fixed
+number cannot carry over to other widths (48 does not divide 384 x 2 / 3 = 256 wide students, 12 does not divide a
+tiny model's 16 or 40), so the default is `relation_heads="auto"`: the largest A_r that divides every relation
+width of both models (their greatest common divisor) and leaves the teacher's relation heads at least 16 wide,
+
+    A_r = max { a : a divides gcd(widths), teacher query width / a >= 16 }    (1 if the teacher is narrower than 16)
+
+which gives the paper's 48 for BERT-base and 64 for BERT-large / RoBERTa-large teachers, and 24 for a 384-wide
+MiniLM teacher (auto_relation_heads). An explicit number (the paper's 48 or 64, or 12 as hfkd's earlier default)
+is used as given, and setup() fails, naming `relation_heads`, when it does not divide a width.
+The layers: the student's last layer (`student_layer=-1`); the teacher's last layer for base-size (12-layer)
+teachers (`teacher_layer=-1`). For
 large-size (24-layer) teachers the paper transfers an upper-middle layer instead of the last one (from its study
 of which teacher layer to use); set `teacher_layer` to it (public reproductions use layer 19 of 24 for
 RoBERTa-large, i.e. teacher_layer=18 here, 0-based). All three relation types with alpha = 1: the recommended `weight` is 1.0 (the
@@ -65,6 +76,8 @@ from ..units import masked_sum
 from .base import Features, Needs, Term, TermBatch, register_term
 
 RELATIONS = ("qq", "kk", "vv")
+AUTO = "auto"
+MIN_RELATION_HEAD_SIZE = 16  # the teacher's d_r in MiniLMv2: 768 / 48 (base) and 1024 / 64 (large)
 _PROJECTION = {"qq": 0, "kk": 1, "vv": 2}  # which of (query, key, value) each relation reads
 SIDES = ("student", "teacher")
 
@@ -96,6 +109,14 @@ ARCHITECTURES: dict[str, QKVPattern] = {
     "bert": QKVPattern("bert.", "encoder.layer", "attention.self", ("query", "key", "value")),
     "llama": QKVPattern("model.", "layers", "self_attn", ("q_proj", "k_proj", "v_proj")),
 }
+
+
+def auto_relation_heads(teacher_width: int, widths: Sequence[int]) -> int:
+    """relation_heads="auto": the largest number of relation heads dividing every width in `widths` (both models'
+    relation widths) with teacher_width / heads >= 16; 1 when none is (see the module docstring)."""
+    common = math.gcd(*widths)
+    fitting = [a for a in range(1, common + 1) if common % a == 0 and teacher_width // a >= MIN_RELATION_HEAD_SIZE]
+    return max(fitting, default=1)
 
 
 def _is_int(value) -> bool:
@@ -136,8 +157,10 @@ class MiniLMOptions:
     """MiniLMv2 relation distillation (see the module docstring). Recommended weight: 1.0.
 
     Attributes:
-        relation_heads: number of relation heads A_r, shared by both models (paper: 12 for base-size teachers,
-            48 for large-size ones); both widths (each relation's projection width) must be divisible by it.
+        relation_heads: number of relation heads A_r, shared by both models, or "auto" (default: the largest
+            number dividing every relation width that leaves the teacher's heads >= 16 wide; the paper's 48 for
+            base-size and 64 for large-size teachers); a number must divide both widths (each relation's
+            projection width).
         teacher_layer: the teacher's layer (0-based, negative from the end; paper: last for base-size teachers,
             an upper-middle one for large-size teachers).
         student_layer: the student's layer (paper: the last, -1).
@@ -147,7 +170,7 @@ class MiniLMOptions:
         student_modules / teacher_modules: explicit [query, key, value] submodule names, overriding the rest.
     """
 
-    relation_heads: int = 12
+    relation_heads: int | str = AUTO
     teacher_layer: int = -1
     student_layer: int = -1
     relations: list[str] = field(default_factory=lambda: list(RELATIONS))
@@ -156,8 +179,13 @@ class MiniLMOptions:
     teacher_modules: list[str] | None = None
 
     def __post_init__(self):
-        if not _is_int(self.relation_heads) or self.relation_heads < 1:
-            raise ValueError(f"relation_heads must be an integer >= 1, got {self.relation_heads!r}.")
+        if isinstance(self.relation_heads, str) and self.relation_heads.strip().lower() == AUTO:
+            self.relation_heads = AUTO
+        elif not _is_int(self.relation_heads) or self.relation_heads < 1:
+            raise ValueError(
+                f'relation_heads must be an integer >= 1 or "auto", got {self.relation_heads!r} (the paper: 48 for '
+                "base-size teachers, 64 for large-size ones)."
+            )
         for name in ("teacher_layer", "student_layer"):
             if not _is_int(getattr(self, name)):
                 raise ValueError(
@@ -274,6 +302,7 @@ class MiniLMRelations(Term):
         }
         self._bound: dict[str, tuple[str, str, str]] = {}
         self._resolved: dict[str, tuple[str, str, str]] | None = None
+        self._auto_heads: int | None = None  # relation_heads="auto", resolved from the widths
 
     def bind_module_names(self, student_names: Sequence[str], teacher_names: Sequence[str]) -> None:
         """Detects each side's q/k/v projections among its module names (`named_modules()`), before `needs()`.
@@ -333,8 +362,35 @@ class MiniLMRelations(Term):
             raise ValueError(f"minilm: the {which}'s submodule {name!r} produced no output in this forward.")
         return value
 
+    def _heads(self, student: Features, teacher: Features) -> int:
+        """The number of relation heads: the option's, or for "auto" the one the widths give (resolved once)."""
+        if self.options.relation_heads != AUTO:
+            return self.options.relation_heads
+        if self._auto_heads is None:
+            widths = {
+                (which, relation): self._projections(side, which, relation).shape[-1]
+                for relation in self._relations
+                for which, side in (("student", student), ("teacher", teacher))
+            }
+            teacher_width = widths.get(
+                ("teacher", "qq"), max(w for (which, _), w in widths.items() if which == "teacher")
+            )
+            self._auto_heads = auto_relation_heads(teacher_width, list(widths.values()))
+        return self._auto_heads
+
     def setup(self, student: Features, teacher: Features, batch: TermBatch) -> None:
-        heads = self.options.relation_heads
+        self._auto_heads = None
+        for relation in self._relations:
+            for which, side in (("student", student), ("teacher", teacher)):
+                value = self._projections(side, which, relation)
+                if not isinstance(value, torch.Tensor) or value.dim() != 3:
+                    name = self.module_names()[which][_PROJECTION[relation]]
+                    shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                    raise ValueError(
+                        f"minilm: the {which}'s {name!r} gives {shape}, not [batch, positions, width]; "
+                        f"{which}_modules must name the query, key and value projections."
+                    )
+        heads = self._heads(student, teacher)
         for relation in self._relations:
             shapes = {}
             for which, side in (("student", student), ("teacher", teacher)):
@@ -365,7 +421,7 @@ class MiniLMRelations(Term):
                 )
 
     def forward(self, student: Features, teacher: Features, batch: TermBatch) -> torch.Tensor:
-        heads = self.options.relation_heads
+        heads = self._heads(student, teacher)
         total = None
         first = self._projections(student, "student", self._relations[0])
         with torch.autocast(device_type=first.device.type, enabled=False):  # float32 at least

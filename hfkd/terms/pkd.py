@@ -25,13 +25,17 @@ hfkd's FitNets projections) per pair, applied to the student's pooled vector bef
 term state, trained with the student and saved in each checkpoint's hfkd_terms.safetensors, never in the student.
 
 Weight: the paper grid-searches beta in {10, 100, 500, 1000}; the authors' released best runs (PKD-Skip, 6 layers)
-mostly use beta = 100 (500 on RTE). But the official code (intersun/PKD-for-BERT-Model-Compression,
-src/KD_loss.patience_loss) takes F.mse_loss of the normalised vectors, i.e. the mean over examples, layers and the
-hidden width, not the sum of eq. 3, so its beta is (pairs x width) times smaller than eq. 3's. Options:
-- `reduction="sum"` (default): eq. 3 as written, per example; the strength of the code's beta is then
-  weight = beta / (pairs x teacher width), e.g. 100 / (5 x 768) ~ 0.026 for BERT-base 12 -> 6.
-- `reduction="mean"`: the code's scale (per example: eq. 3 divided by pairs x teacher width; with the trainer's
-  mean over examples it equals F.mse_loss exactly). Recommended: `reduction="mean"`, weight = 100.
+mostly use beta = 100 (500 on RTE). Those betas belong to the official code's scale, not eq. 3's: the code
+(intersun/PKD-for-BERT-Model-Compression, src/KD_loss.patience_loss) takes F.mse_loss of the normalised [batch,
+pairs, width] tensors, i.e. the mean over examples, layers and the hidden width, not the sum of eq. 3, so eq. 3 as
+written is (pairs x width) times stronger for the same beta: 5 x 768 = 3840 times for BERT-base 12 -> 6. Options:
+- `reduction="mean"` (default): the code's scale, the one the paper's betas were searched on (per example: eq. 3
+  divided by pairs x teacher width; with the trainer's mean over examples it equals F.mse_loss exactly).
+  Recommended: weight = 100 (the paper's beta).
+- `reduction="sum"`: eq. 3 as written, per example (hfkd's default before issue 21); the strength of the code's
+  beta is then weight = beta / (pairs x teacher width), e.g. 100 / (5 x 768) ~ 0.026 for BERT-base 12 -> 6. With
+  weight 100 it is pairs x width times what the paper ran (benchmarks/METHODS.md, "Task-fitted defaults", measures
+  both on the tweets pair).
 `normalize=False` drops the L2 normalisation (the code's --normalize_patience False, which some released runs used).
 
 Unit: examples (the value is a sum over examples; the trainer divides by their number).
@@ -76,21 +80,22 @@ def _parse_student_layers(value) -> list[int] | None:
 
 @dataclass
 class PKDOptions:
-    """PKD's patient loss (see the module docstring). Recommended: reduction='mean' with weight 100.
+    """PKD's patient loss (see the module docstring). Recommended: the default reduction='mean' with weight 100.
 
     Attributes:
         layer_map: 'skip' (PKD-Skip), 'last' (PKD-Last) or teacher hidden_states indices (list or '2,4,6').
         student_layers: the student's hidden_states indices (default: 1..M-1 for 'skip'/'last', 1..len(map)).
         pooling: 'cls' (paper), 'mean' (mask-aware) or 'last'.
         normalize: L2-normalise both vectors before the distance (paper: yes).
-        reduction: 'sum' (eq. 3) or 'mean' (the official code: divided by pairs x teacher width).
+        reduction: 'mean' (default: the official code's scale, divided by pairs x teacher width, which the paper's
+            betas belong to) or 'sum' (eq. 3 as written).
     """
 
     layer_map: str | list[int] = "skip"
     student_layers: str | list[int] | None = None
     pooling: str = "cls"
     normalize: bool = True
-    reduction: str = "sum"
+    reduction: str = "mean"
 
     def __post_init__(self):
         spec = _parse_map(self.layer_map)

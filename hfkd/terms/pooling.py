@@ -81,6 +81,14 @@ def pool(features: torch.Tensor, mask: torch.Tensor | None, pooling: str) -> tor
 
 def pooled(side: Features, batch: TermBatch, options: PooledFeatureOptions, which: str, term: str) -> torch.Tensor:
     """The pooled vector per example of one model (`which` is 'student' or 'teacher')."""
+    value, mask = unpooled(side, batch, options, which, term)
+    return pool(value, mask, options.pooling)
+
+
+def unpooled(
+    side: Features, batch: TermBatch, options: PooledFeatureOptions, which: str, term: str
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The features `pooled` would pool (a hidden-states layer or a submodule's output) and that side's mask."""
     module = getattr(options, f"{which}_module")
     if module:
         value = _first(side.modules[module])
@@ -101,4 +109,4 @@ def pooled(side: Features, batch: TermBatch, options: PooledFeatureOptions, whic
         value = states[layer]
     # A teacher with its own tokenizer has its own padding (TermBatch.teacher_mask).
     mask = batch.teacher_mask if which == "teacher" and batch.teacher_mask is not None else batch.mask
-    return pool(value, mask, options.pooling)
+    return value, mask
