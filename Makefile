@@ -28,8 +28,14 @@ format: setup
 	$(PY) -m ruff format hfkd tests examples recipes benchmarks
 	$(PY) -m ruff check --fix hfkd tests examples recipes benchmarks
 
-# Recipe 1 end to end; it rewrites its own outputs/minilm-tweets/ on every run.
+# The demo: distillation that pays (1,000 labelled + 10,000 transfer tweets); it rewrites its own
+# outputs/tweets-transfer/ on every run.
 demo: setup
+	$(VENV)/bin/hfkd distill --config recipes/text-classification/tweets-transfer.yaml --overwrite_output_dir true
+
+# Recipe 1b: a 3-layer student built from the fine-tuned teacher's own layers, 3,000 labelled tweets.
+.PHONY: recipe-tweets-layers
+recipe-tweets-layers: setup
 	$(VENV)/bin/hfkd distill --config recipes/text-classification/minilm-tweets.yaml --overwrite_output_dir true
 
 # Recipe 2: Fashion-MNIST from Debian's dataset-fashion-mnist (needs root for apt-get), a ViT teacher trained here.
