@@ -32,6 +32,14 @@ def _gain(m: dict) -> str:
     return gain_text(paired, scale=1.0, digits=digits, unit=unit)
 
 
+def _train_rows(data: dict) -> str:
+    """The training rows; with transfer rows, how many of them had a label."""
+    transfer = data.get("transfer_examples") or 0
+    if transfer:
+        return f"{data['labelled_examples']:,} labelled + {transfer:,} transfer rows"
+    return f"{data['train_examples']:,} train"
+
+
 def row(folder: str) -> str:
     with open(os.path.join(folder, "metrics.json")) as handle:
         m = json.load(handle)
@@ -40,7 +48,7 @@ def row(folder: str) -> str:
     data = m["data"]
     return (
         f"| {recipe} | {t.get('hub_id') or t['name']} ({t['params'] / 1e6:.1f}M) | {s['params'] / 1e6:.1f}M "
-        f"| {data['train_examples']:,} train / {data['eval_examples']:,} held-out | {m['metric']} "
+        f"| {_train_rows(data)} / {data['eval_examples']:,} held-out | {m['metric']} "
         f"| {_metric(t['metric'], m['metric'])} | {_metric(s['metric'], m['metric'])} | {m['retained']:.1%} "
         f"| {_gain(m)} | {m['speedup']:.2f}x | {m['wall_time_s']['total'] / 60:.1f} min |"
     )

@@ -206,3 +206,6 @@ def test_the_recipe_table_prints_the_runs_paired_gain(tmp_path):
     assert f"| {gain_text(paired)} |" in line and "+3.00 pt" in line and line.count("|") == 12
     (tmp_path / "run" / "metrics.json").write_text(json.dumps({**metrics, "paired": None}))
     assert "| n/a |" in table.row(str(tmp_path / "run"))
+    transfer = {"train_examples": 110, "labelled_examples": 10, "transfer_examples": 100, "eval_examples": 1000}
+    (tmp_path / "run" / "metrics.json").write_text(json.dumps({**metrics, "data": transfer}))
+    assert "| 10 labelled + 100 transfer rows / 1,000 held-out |" in table.row(str(tmp_path / "run"))
