@@ -9,5 +9,15 @@ The tiny models and data sets the modules share live in tiny_models.py; pytest p
 
 import os
 
+import pytest
+
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="module")
+def tiny_text(tmp_path_factory):
+    """A tiny BERT teacher with a tokenizer, and a CSV of labelled sentences, on disk (recipe_runs.make_tiny_text)."""
+    from recipe_runs import make_tiny_text
+
+    return make_tiny_text(tmp_path_factory.mktemp("tiny_text"))

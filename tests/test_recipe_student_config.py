@@ -5,16 +5,13 @@ import json
 
 import numpy as np
 import pytest
-import test_cli
 import torch
 import transformers
 import yaml
-from test_cli import _error, _recipe
+from recipe_runs import _error, _recipe
 from transformers import AutoTokenizer
 
 from hfkd.cli import main
-
-tiny_text = test_cli.tiny_text  # the tiny BERT teacher and CSV of test_cli, as a fixture of this module
 
 BERT = {"model_type": "bert", "hidden_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2}
 BERT["intermediate_size"] = 32

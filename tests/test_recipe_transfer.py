@@ -4,14 +4,11 @@ from the training split's own unlabelled rows, or from setting labels aside (lab
 import json
 
 import pytest
-import test_cli
 import torch
 import transformers
-from test_cli import _error, _lm_recipe, _recipe, _split_files, _state
+from recipe_runs import _error, _lm_recipe, _recipe, _split_files, _state
 
 from hfkd.cli import main
-
-tiny_text = test_cli.tiny_text  # the tiny BERT teacher and CSV of test_cli, as a fixture of this module
 
 
 @pytest.fixture
