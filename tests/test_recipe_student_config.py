@@ -110,7 +110,7 @@ def test_image_student_from_a_config_takes_channels_and_size_from_the_image_proc
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (saved["num_channels"], saved["image_size"], saved["hidden_size"]) == (1, 8, 16)
     assert sorted(saved["id2label"].values()) == ["dark", "light"]
-    assert _metrics(tmp_path)["student"]["note"].startswith("built from student_config: vit, 1 layers, hidden 16")
+    assert _metrics(tmp_path)["student"]["note"].startswith("built from student_config: vit, 1 layer, hidden 16")
 
 
 @pytest.mark.parametrize(

@@ -211,8 +211,10 @@ def make_student(recipe: RecipeArguments, config: DistillationConfig, data: "Rec
         pad_like(student, r.task, data.processor)
         text = model_config.get_text_config()
         width = getattr(text, "hidden_size", None) or getattr(text, "hidden_sizes", None)
+        depth = _num_layers(student)
         note = (
-            f"built from student_config: {model_config.model_type}, {_num_layers(student)} layers, hidden {width}, "
+            f"built from student_config: {model_config.model_type}, {depth} layer{'' if depth == 1 else 's'}, "
+            f"hidden {width}, "
             f"{sum(p.numel() for p in student.parameters()):,} params, random init (seed {config.seed})"
         )
         return student, note
