@@ -619,8 +619,8 @@ PKD_SUM = {"name": "pkd", "weight": 100.0, "reduction": "sum"}  # eq. 3 as writt
 
 def _dkd(pair: Pair, steps: int, **options) -> dict:
     # Paper (CIFAR-100): alpha 1, beta 8, T 4, weight 1 beside the task loss, no logit term; warm-up over the first
-    # 20 of 240 epochs, scaled here to the first 1/12 of the run's steps. `options` replace the term's (beta=None:
-    # the term's default, beta "auto", fitted to the number of classes).
+    # 20 of 240 epochs, scaled here to the first 1/12 of the run's steps. `options` replace these (None: the term's
+    # default). The term's default is now the paper's ImageNet setting (row dkd-imagenet); dkd-fitted is beta "auto".
     warmup = max(1, round(steps / 12))
     term = {"name": "dkd", "weight": 1.0, "alpha": 1.0, "beta": 8.0, "temperature": 4.0, "warmup_steps": warmup}
     term.update(options)
@@ -674,9 +674,9 @@ METHODS = [
     ),
     Method(
         "dkd-fitted",
-        "DKD, fitted beta (default)",
+        "DKD, fitted beta (beta auto)",
         ALL,
-        lambda p, s: _dkd(p, s, beta=None),
+        lambda p, s: _dkd(p, s, beta="auto"),
         'task 1 + dkd 1 (alpha 1, beta "auto": 8 sqrt((C-1)/99), 2.41 at 10 classes, 1.14 at 3; T 4, warm-up as '
         "DKD), logit 0",
         ("dkd",),
@@ -684,7 +684,7 @@ METHODS = [
     ),
     Method(
         "dkd-imagenet",
-        "DKD, the paper's ImageNet setting",
+        "DKD, the paper's ImageNet setting (default)",
         ALL,
         lambda p, s: _dkd(p, s, beta=0.5, temperature=1.0),
         "task 1 + dkd 1 (alpha 1, beta 0.5, T 1, warm-up as DKD), logit 0",

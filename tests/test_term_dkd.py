@@ -79,14 +79,24 @@ def test_term_is_alpha_tckd_plus_beta_nckd_summed_over_examples():
     value = _term(alpha=0.7, beta=3.0, temperature=2.0)(*_sides(s, t, labels))
     assert value.dim() == 0
     assert value.item() == pytest.approx(float((0.7 * ref_tckd + 3.0 * ref_nckd).sum()), rel=1e-10)
-    paper = _term(beta=8.0)(*_sides(s, t, labels))  # the paper's CIFAR-100 setting: alpha 1, beta 8, T 4
+    paper = _term(beta=8.0, temperature=4.0)(*_sides(s, t, labels))  # the paper's CIFAR-100 setting
     ref_tckd, ref_nckd = _reference(s, t, labels, 4.0)
     assert paper.item() == pytest.approx(float((ref_tckd + 8.0 * ref_nckd).sum()), rel=1e-10)
 
 
 # ------------------------------------------------------------------------------------- beta fitted to the classes
+def test_default_is_the_papers_imagenet_setting():
+    """alpha 1, beta 0.5, T 1 (measured in benchmarks/METHODS.md, "Task-fitted defaults"), at any class count."""
+    options = DKDOptions()
+    assert (options.alpha, options.beta, options.temperature) == (1.0, 0.5, 1.0)
+    for classes in (3, 10, 100):
+        s, t, labels = _random(batch=5, classes=classes, seed=classes)
+        ref_tckd, ref_nckd = _reference(s, t, labels, 1.0)
+        expected = float((ref_tckd + 0.5 * ref_nckd).sum())
+        assert _term()(*_sides(s, t, labels)).item() == pytest.approx(expected, rel=1e-10)
+
+
 def test_auto_beta_is_the_papers_8_at_100_classes_and_shrinks_with_fewer():
-    assert DKDOptions().beta == "auto"
     assert dkd_beta_for_classes(100) == pytest.approx(8.0, rel=1e-15)
     assert dkd_beta_for_classes(1000) == pytest.approx(8.0, rel=1e-15)  # never above the paper's value
     assert dkd_beta_for_classes(10) == pytest.approx(8.0 * math.sqrt(9 / 99), rel=1e-15)  # 2.41
@@ -96,13 +106,13 @@ def test_auto_beta_is_the_papers_8_at_100_classes_and_shrinks_with_fewer():
 
 
 @pytest.mark.parametrize("classes", [3, 10, 100])
-def test_default_term_uses_the_beta_fitted_to_the_logits_class_count(classes):
+def test_auto_beta_is_fitted_to_the_logits_class_count(classes):
     s, t, labels = _random(batch=5, classes=classes, seed=classes)
     ref_tckd, ref_nckd = _reference(s, t, labels, 4.0)
     beta = 8.0 * math.sqrt(min(classes - 1, 99) / 99)
     expected = float((ref_tckd + beta * ref_nckd).sum())
-    assert _term()(*_sides(s, t, labels)).item() == pytest.approx(expected, rel=1e-10)
-    assert _term(beta="AUTO")(*_sides(s, t, labels)).item() == pytest.approx(expected, rel=1e-10)
+    assert _term(beta="auto", temperature=4.0)(*_sides(s, t, labels)).item() == pytest.approx(expected, rel=1e-10)
+    assert _term(beta="AUTO", temperature=4.0)(*_sides(s, t, labels)).item() == pytest.approx(expected, rel=1e-10)
 
 
 def _nckd_over_ce_gradient(classes: int, beta: float, scale: float) -> float:
