@@ -53,9 +53,12 @@ from transformers import (  # noqa: E402
     ResNetForImageClassification,
     Trainer,
     TrainingArguments,
+    ViTConfig,
+    ViTForImageClassification,
     default_data_collator,
     set_seed,
 )
+from transformers.modeling_outputs import ImageClassifierOutput  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -288,7 +291,8 @@ class TextPair(Pair):
             f"{sum(p.numel() for p in self.student(0).parameters()) / 1e6:.2f}M params",
             "budget": f"{self.steps} steps at batch {self.batch} (one epoch over the pool), lr {self.lr}, weight decay 0.01, "
             "warmup 5% then linear decay, every row",
-            "kd": "temperature 2, task_weight 0.5, logit_weight 0.5; (d) adds augment=word_mask (prob 0.1)",
+            "kd": f"temperature {args.temperature:g}, task_weight {args.task_weight:g}, logit_weight "
+            f"{1 - args.task_weight:g}; (d) adds augment=word_mask (prob 0.1)",
         }
 
     def teacher(self, seed, workdir):
@@ -373,12 +377,62 @@ def _fashion(prefix: str, size: int | None, tiny: bool) -> tuple[np.ndarray, np.
     return pixels, labels.astype(np.int64)
 
 
+class MLPForImageClassification(torch.nn.Module):
+    """A multi-layer perceptron over the flattened image: no convolution's prior about images, so it needs more
+    examples than a CNN to learn the same function, which is where a teacher's labels on more images pay."""
+
+    def __init__(self, hidden: list[int], pixels: int = 28 * 28, num_labels: int = 10):
+        super().__init__()
+        widths, layers = [pixels, *hidden], []
+        for a, b in zip(widths[:-1], widths[1:], strict=True):
+            layers += [torch.nn.Linear(a, b), torch.nn.GELU()]
+        self.body = torch.nn.Sequential(torch.nn.Flatten(), *layers)
+        self.classifier = torch.nn.Linear(widths[-1], num_labels)
+
+    def forward(self, pixel_values, labels=None, **kwargs):
+        logits = self.classifier(self.body(pixel_values))
+        loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
+        return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+def _vit(hidden: int, layers: int, patch: int = 4) -> ViTForImageClassification:
+    """A small ViT over `patch` x `patch` patches of the 28x28 images (4: 49 tokens; 7: 16): the data-hungry student
+    of DeiT (Touvron et al., 2021), where a convolutional teacher's soft labels make up for a small labelled set."""
+    config = ViTConfig(
+        image_size=28,
+        patch_size=patch,
+        num_channels=1,
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=2 * hidden,
+        num_labels=10,
+    )
+    return ViTForImageClassification(config)
+
+
 def _resnet(widths, depths) -> ResNetForImageClassification:
     config = ResNetConfig(
         num_channels=1, embedding_size=widths[0], hidden_sizes=list(widths), depths=list(depths), layer_type="basic"
     )
     config.num_labels = 10
     return ResNetForImageClassification(config)
+
+
+class _TensorRows(torch.utils.data.Dataset):
+    """Image rows held as tensors: a datasets.Dataset reads a row in about 2 ms, longer than a tiny student's step
+    takes per row (used when no teacher cache needs the rows' indices as a datasets column)."""
+
+    column_names = ["pixel_values", "labels"]
+
+    def __init__(self, pixels: np.ndarray, labels: np.ndarray):
+        self.pixels, self.labels = torch.from_numpy(pixels), torch.from_numpy(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.pixels[i], "labels": self.labels[i]}
 
 
 class VisionPair(Pair):
@@ -388,6 +442,8 @@ class VisionPair(Pair):
     def __init__(self, args):
         self.tiny = args.tiny
         self.shared_teacher = args.vision_shared_teacher
+        self.tensor_rows = "vision" in args.no_teacher_cache
+        self.teacher_labels = args.vision_teacher_labels
         pool_size = 128 if args.tiny else args.vision_pool
         self.pixels, self.labels = _fashion("train", pool_size, args.tiny)
         test_pixels, test_labels = _fashion("t10k", 64 if args.tiny else None, args.tiny)
@@ -395,11 +451,18 @@ class VisionPair(Pair):
         self.fraction = args.fraction
         self.collator = default_data_collator
         self.batch = 16 if args.tiny else 64
-        self.steps = math.ceil(len(self.labels) / self.batch)  # one epoch over the pool
+        self.epochs = 1 if args.tiny else args.vision_epochs
+        self.steps = math.ceil(self.epochs * len(self.labels) / self.batch)  # epochs over the pool
         self.lr = 1e-3
         self.augment = "crop,flip"
         self.teacher_shape = ((8, 16), (1, 1)) if args.tiny else tuple(map(tuple, args.vision_teacher))
-        self.student_shape = ((4, 8), (1, 1)) if args.tiny else tuple(map(tuple, args.vision_student))
+        self.student_type = args.vision_student_type
+        if self.student_type == "vit":
+            self.student_shape = (16, 1, 7) if args.tiny else (*args.vision_vit, 4)[:3]
+        elif self.student_type == "mlp":
+            self.student_shape = [16] if args.tiny else list(args.vision_mlp)
+        else:
+            self.student_shape = ((4, 8), (1, 1)) if args.tiny else tuple(map(tuple, args.vision_student))
         self.teacher_epochs = 1 if args.tiny else args.vision_teacher_epochs
         labelled = round(len(self.labels) * self.fraction)
         self.notes = {
@@ -418,18 +481,36 @@ class VisionPair(Pair):
             )
             + f"ResNet from a config (basic blocks, widths {self.teacher_shape[0]}, depths "
             f"{self.teacher_shape[1]}, {sum(p.numel() for p in _resnet(*self.teacher_shape).parameters()) / 1e6:.2f}M "
-            f"params), trained on the labelled images only: {self.teacher_epochs} epochs, lr 1e-3, batch "
+            f"params), trained on "
+            + (
+                "all the pool's labels (a stand-in for a teacher trained elsewhere on more labelled data than the "
+                "student gets: the student still sees 10% of the labels)"
+                if self.teacher_labels == "all"
+                else "the labelled images only"
+            )
+            + f": {self.teacher_epochs} epochs, lr 1e-3, batch "
             f"{self.batch}, weight decay 0.01",
-            "student": f"ResNet from a config, widths {self.student_shape[0]}, depths {self.student_shape[1]}, "
-            f"{sum(p.numel() for p in self.student(0).parameters()):,} params, random init (seeded)",
-            "budget": f"{self.steps} steps at batch {self.batch} (one epoch over the pool), lr {self.lr}, "
+            "student": (
+                f"ViT from a config, {self.student_shape[2]}x{self.student_shape[2]} patches "
+                f"({(28 // self.student_shape[2]) ** 2} tokens), hidden {self.student_shape[0]}, "
+                f"{self.student_shape[1]} layers, 4 heads, MLP {2 * self.student_shape[0]}, "
+                if self.student_type == "vit"
+                else f"MLP from the flattened image, hidden widths {self.student_shape}, GELU, "
+                if self.student_type == "mlp"
+                else f"ResNet from a config, widths {self.student_shape[0]}, depths {self.student_shape[1]}, "
+            )
+            + f"{sum(p.numel() for p in self.student(0).parameters()):,} params, random init (seeded)",
+            "budget": f"{self.steps} steps at batch {self.batch} ({self.epochs:g} epoch(s) over the pool), lr {self.lr}, "
             "weight decay 0.01, warmup 5% then linear decay, every row",
-            "kd": "temperature 2, task_weight 0.5, logit_weight 0.5; (d) adds augment=crop,flip (crop scale 0.5-1)",
+            "kd": f"temperature {args.temperature:g}, task_weight {args.task_weight:g}, logit_weight "
+            f"{1 - args.task_weight:g}; (d) adds augment=crop,flip (crop scale 0.5-1)",
         }
 
     def _dataset(self, labels: np.ndarray, rows: np.ndarray | None = None) -> Dataset:
         pixels = self.pixels if rows is None else self.pixels[rows]
         labels = labels if rows is None else labels[rows]
+        if self.tensor_rows:
+            return _TensorRows(np.ascontiguousarray(pixels), np.ascontiguousarray(labels))
         return Dataset.from_dict({"pixel_values": pixels, "labels": labels}).with_format("torch")
 
     def split(self, seed):
@@ -439,7 +520,9 @@ class VisionPair(Pair):
         return labelled, transfer, self._dataset(self.labels)
 
     def teacher(self, seed, workdir):
-        labelled, _, _ = self.split(seed)
+        labelled, _, full = self.split(seed)
+        if self.teacher_labels == "all":
+            labelled = full
         set_seed(seed)
         model = _resnet(*self.teacher_shape)
         args = _args(
@@ -457,6 +540,10 @@ class VisionPair(Pair):
 
     def student(self, seed):
         set_seed(seed)
+        if self.student_type == "vit":
+            return _vit(*self.student_shape)
+        if self.student_type == "mlp":
+            return MLPForImageClassification(self.student_shape)
         return _resnet(*self.student_shape)
 
     def extra_kd(self, augmented):
@@ -523,9 +610,9 @@ def run_pair(pair: Pair, args) -> None:
                     DistillationConfig,
                     os.path.join(workdir, row),
                     seed,
-                    temperature=2.0,
-                    task_weight=0.5,
-                    logit_weight=0.5,
+                    temperature=args.temperature,
+                    task_weight=args.task_weight,
+                    logit_weight=1.0 - args.task_weight,
                     hidden_weight=0.0,
                     **pair.extra_kd(augmented),
                     **common,
@@ -642,8 +729,8 @@ def markdown(results: dict, summary: dict) -> str:
         "student on the same 10%, and ends within 2 pt of the labels-only student on 100%, on one text pair and one "
         "vision pair. Rows per seed: (a) labels only on the 10% (transformers.Trainer), (b) DistillationTrainer on "
         "the 10% labelled + 90% transfer rows, (c) labels only on 100%, (d) (b) with augmentation; the same initial "
-        "student weights, number of steps and data-order seed within a seed. The teacher is trained on the 10% "
-        "labelled rows only. Made by `benchmarks/transfer_rows.py` (this section is generated from "
+        "student weights, number of steps and data-order seed within a seed. Each pair's notes say what the "
+        "teacher was trained on. Made by `benchmarks/transfer_rows.py` (this section is generated from "
         "`benchmarks/transfer_rows.json`)."
     )
     lines.append("")
@@ -661,8 +748,8 @@ def markdown(results: dict, summary: dict) -> str:
     for remark in results.get("remarks", []):
         lines.append(f"- Remark: {remark}")
     lines.append(
-        "- Machine: 2 CPU cores shared with other jobs (load average about 5 to 6 during these runs), 1 torch "
-        "thread per process, two processes (one per pair); the seconds below are wall-clock under that load."
+        "- Machine: 2 CPU cores shared with other jobs (each command's load at its start is given above), 1 torch "
+        "thread per process, one process per pair; the seconds below are wall-clock under that load."
     )
     lines.append("")
     for name in sorted(summary, key=lambda n: (n != "text", n)):
@@ -680,7 +767,7 @@ def markdown(results: dict, summary: dict) -> str:
         seeds = results["pairs"][name]["seeds"]
         t_seconds = sorted({round(seeds[k]["teacher"]["seconds"]) for k in seeds if "teacher" in seeds[k]})
         lines.append(
-            f"| teacher (trained on the 10%) | {_mean_std(teacher)} | {', '.join(f'{100 * a:.2f}' for a in teacher)} "
+            f"| teacher | {_mean_std(teacher)} | {', '.join(f'{100 * a:.2f}' for a in teacher)} "
             f"| {', '.join(map(str, t_seconds))} |"
         )
         for row in ROWS:
@@ -791,6 +878,20 @@ def main(argv=None) -> None:
     p.add_argument("--vision_teacher", type=json.loads, default=[[32, 64, 128], [1, 1, 1]])
     p.add_argument("--vision_student", type=json.loads, default=[[8, 16], [1, 1]])
     p.add_argument("--vision_teacher_epochs", type=float, default=15)
+    p.add_argument("--vision_student_type", default="resnet", choices=["resnet", "vit", "mlp"])
+    p.add_argument(
+        "--vision_teacher_labels",
+        default="labelled",
+        choices=["labelled", "all"],
+        help="the vision teacher trains on the labelled 10% (default) or on all the pool's labels",
+    )
+    p.add_argument("--vision_mlp", type=json.loads, default=[256], help="the MLP student's hidden widths")
+    p.add_argument(
+        "--vision_vit", type=json.loads, default=[64, 4], help="the ViT student's [hidden, layers(, patch: 4)]"
+    )
+    p.add_argument("--vision_epochs", type=float, default=1, help="the students' budget, in epochs over the pool")
+    p.add_argument("--temperature", type=float, default=2.0, help="the KD rows' temperature")
+    p.add_argument("--task_weight", type=float, default=0.5, help="the KD rows' task weight (the logit term: 1 - it)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=os.path.join(ROOT, "outputs", "transfer_rows"))
     p.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "transfer_rows.json"))
