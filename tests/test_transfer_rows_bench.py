@@ -72,3 +72,20 @@ def test_transfer_rows_tiny(tmp_path):
     text = report.read_text()
     assert text.count(title) == 1 and text.index("## A later section") < text.index(title)
     assert "also kept" in text
+
+
+def test_vision_pair_as_the_table_runs_it(tmp_path):
+    """The second edition's vision pair: an MLP student, a shared teacher trained on all the pool's labels, run live
+    on rows held as tensors (no datasets.Dataset); the teacher's notes say what it saw, and only it sees 100%."""
+    out = tmp_path / "rows.json"
+    common = ("--pairs", "vision", "--vision_shared_teacher", "--no_teacher_cache", "vision", "--out", tmp_path / "w")
+    _run(*common, "--vision_teacher_labels", "all", "--vision_student_type", "mlp", "--seeds", 0, "--json", out)
+    entry = json.loads(out.read_text())["pairs"]["vision"]
+    assert "all the pool's labels" in entry["notes"]["teacher"] and "MLP" in entry["notes"]["student"]
+    runs = entry["seeds"]["0"]["rows"]
+    assert entry["seeds"]["0"]["teacher"]["train_rows"] == runs["labels-100"]["train_rows"]  # the whole pool
+    assert runs["labels-10"]["train_rows"] == round(runs["labels-100"]["train_rows"] * 0.1)  # the student: 10%
+    # the ViT student builds and trains the same way
+    vit = tmp_path / "vit.json"
+    _run(*common, "--vision_student_type", "vit", "--seeds", 0, "--rows", "labels-10", "--json", vit)
+    assert "ViT" in json.loads(vit.read_text())["pairs"]["vision"]["notes"]["student"]
