@@ -434,10 +434,11 @@ def _resnet(widths, depths) -> ResNetForImageClassification:
     return ResNetForImageClassification(config)
 
 
-def _vit(hidden: int, layers: int, heads: int) -> ViTForImageClassification:
+def _vit(hidden: int, layers: int, heads: int, patch: int = 7) -> ViTForImageClassification:
+    """A ViT over `patch` x `patch` patches of the 28x28 images (7: 16 tokens; 4: 49), from random weights."""
     config = ViTConfig(
         image_size=28,
-        patch_size=7,
+        patch_size=patch,
         num_channels=1,
         hidden_size=hidden,
         num_hidden_layers=layers,

@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import copy
 import fcntl
-import gzip
 import json
 import math
 import os
@@ -58,12 +57,9 @@ from transformers import (  # noqa: E402
     BertConfig,
     BertForSequenceClassification,
     DataCollatorWithPadding,
-    ResNetConfig,
     ResNetForImageClassification,
     Trainer,
     TrainingArguments,
-    ViTConfig,
-    ViTForImageClassification,
     default_data_collator,
     set_seed,
 )
@@ -73,6 +69,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from hfkd import DistillationConfig, DistillationTrainer, build_teacher_cache  # noqa: E402
 from hfkd.compare import compare_seeds, gain_text, paired_accuracy  # noqa: E402
+
+# The Fashion-MNIST reader and the ResNet / ViT builders are the method table's (benchmarks/methods.py).
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from methods import _read_idx, _resnet, _vit  # noqa: E402
 
 TITLE = "## Transfer rows: 10% of the labels (issue 21, item 6)"
 ROWS = ("labels-10", "kd-transfer", "labels-100", "kd-transfer-aug")
@@ -359,15 +359,6 @@ class TextPair(Pair):
         return dict(augment="word_mask", tokenize_text_column="text", tokenize_max_length=self.max_length)
 
 
-def _read_idx(path: str) -> np.ndarray:
-    """A gzip IDX file: byte 3 is the number of dimensions, then one big-endian uint32 each, then uint8 data."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
 def _fashion(prefix: str, size: int | None, tiny: bool) -> tuple[np.ndarray, np.ndarray]:
     images_path = os.path.join(FASHION_SOURCE, f"{prefix}-images-idx3-ubyte.gz")
     if os.path.isfile(images_path):
@@ -402,30 +393,6 @@ class MLPForImageClassification(torch.nn.Module):
         logits = self.classifier(self.body(pixel_values))
         loss = None if labels is None else torch.nn.functional.cross_entropy(logits, labels)
         return ImageClassifierOutput(loss=loss, logits=logits)
-
-
-def _vit(hidden: int, layers: int, patch: int = 4) -> ViTForImageClassification:
-    """A small ViT over `patch` x `patch` patches of the 28x28 images (4: 49 tokens; 7: 16): the data-hungry student
-    of DeiT (Touvron et al., 2021), where a convolutional teacher's soft labels make up for a small labelled set."""
-    config = ViTConfig(
-        image_size=28,
-        patch_size=patch,
-        num_channels=1,
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=2 * hidden,
-        num_labels=10,
-    )
-    return ViTForImageClassification(config)
-
-
-def _resnet(widths, depths) -> ResNetForImageClassification:
-    config = ResNetConfig(
-        num_channels=1, embedding_size=widths[0], hidden_sizes=list(widths), depths=list(depths), layer_type="basic"
-    )
-    config.num_labels = 10
-    return ResNetForImageClassification(config)
 
 
 class _TensorRows(torch.utils.data.Dataset):
@@ -550,7 +517,8 @@ class VisionPair(Pair):
     def student(self, seed):
         set_seed(seed)
         if self.student_type == "vit":
-            return _vit(*self.student_shape)
+            hidden, layers, patch = self.student_shape
+            return _vit(hidden, layers, heads=4, patch=patch)
         if self.student_type == "mlp":
             return MLPForImageClassification(self.student_shape)
         return _resnet(*self.student_shape)
