@@ -883,6 +883,8 @@ def main(argv=None) -> None:
     unknown = set(args.rows) - set(ROWS)
     if unknown:
         raise SystemExit(f"--rows: unknown {sorted(unknown)}; choose from {ROWS}.")
+    if len(args.vision_vit) not in (2, 3):  # checked before anything is written to --json
+        raise SystemExit(f"--vision_vit {args.vision_vit}: give [hidden, layers] or [hidden, layers, patch].")
     torch.set_num_threads(args.threads)
     if args.refresh_notes:  # the notes of --pairs as this code writes them (same settings), no training
         for name in args.pairs:
