@@ -860,7 +860,7 @@ def main(argv=None) -> None:
         "--vision_teacher_labels",
         default="all",
         choices=["labelled", "all"],
-        help="the vision teacher trains on all the pool's labels (default) or on the labelled 10% only",
+        help="the vision teacher trains on all the pool's labels (default) or on the labelled 10%% only",
     )
     p.add_argument("--vision_mlp", type=json.loads, default=[128], help="the MLP student's hidden widths")
     p.add_argument(

@@ -89,3 +89,16 @@ def test_vision_pair_as_the_table_runs_it(tmp_path):
     vit = tmp_path / "vit.json"
     _run(*common, "--vision_student_type", "vit", "--seeds", 0, "--rows", "labels-10", "--json", vit)
     assert "ViT" in json.loads(vit.read_text())["pairs"]["vision"]["notes"]["student"]
+
+
+def test_help_prints():
+    # argparse %-formats help strings: a bare "10%" in one once made --help crash with a TypeError.
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "transfer_rows.py"), "--help"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "--vision_teacher_labels" in done.stdout and "labelled 10% only" in done.stdout
