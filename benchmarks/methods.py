@@ -88,7 +88,7 @@ from transformers import (  # noqa: E402
 )
 from transformers import logging as hf_logging  # noqa: E402
 
-from hfkd import DistillationConfig, DistillationTrainer, student_from_teacher  # noqa: E402
+from hfkd import DistillationConfig, DistillationTrainer, build_teacher_cache, student_from_teacher  # noqa: E402
 from hfkd import data as hfkd_data  # noqa: E402
 from hfkd.compare import HELPED, HURT, NO_DIFFERENCE, compare_seeds  # noqa: E402
 from hfkd.paths import resolve_path  # noqa: E402
@@ -957,12 +957,46 @@ def steps_per_run(pair: Pair) -> int:
     return math.ceil(math.ceil(len(pair.train) / batch) * pair.budget["num_train_epochs"])
 
 
-def run_one(pair: Pair, method: Method, seed: int, workdir: str) -> dict:
+def cache_serves(method: Method) -> bool:
+    """Whether a row can read teacher A from the pair's teacher cache (`--teacher-cache`): one frozen teacher, one
+    generation, no peers, and no term reading attention maps (a cache holds logits and hidden states only)."""
+    return method.teachers == ("a",) and method.generations == 1 and not method.peers and "minilm" not in method.terms
+
+
+def build_pair_cache(pair: Pair, folder: str) -> str:
+    """Teacher A's outputs on the pair's training rows, once (hfkd.build_teacher_cache): its logits and the hidden
+    states every cached row reads (the hidden term's uniform map, PKD's layers, the pooled last layer of RKD, SP,
+    PKT and CRD). Kept under --out and reused; a cache that does not fit a row is refused by the trainer."""
+    if os.path.isfile(os.path.join(folder, "hfkd_cache.json")):
+        return folder
+    started = time.perf_counter()
+    every_layer = _kd(pair, RKD, PKD, hidden_weight=1.0)
+    config = _row_config(pair, every_layer, 0, os.path.join(folder + "-scratch"))
+    build_teacher_cache(
+        pair.teacher,
+        pair.train,
+        folder,
+        args=config,
+        student=pair.make_student(0),
+        data_collator=pair.collator,
+        processing_class=pair.processing_class,
+        batch_size=64,
+        progress=False,
+    )
+    shutil.rmtree(folder + "-scratch", ignore_errors=True)
+    print(f"[methods] {pair.name}: teacher cache built in {time.perf_counter() - started:.0f} s", flush=True)
+    return folder
+
+
+def run_one(pair: Pair, method: Method, seed: int, workdir: str, cache: str | None = None) -> dict:
     output_dir = os.path.join(workdir, f"{pair.name}-{method.key}-{seed}")
     config = _row_config(pair, method.settings(pair, steps_per_run(pair)), seed, output_dir)
     # A mean teacher is made from the student itself; born-again generations are taught by the one before. A teacher
     # that is not built yet is built here, before the run's clock starts.
     teacher = pair.teacher_model(method.teachers)
+    from_cache = cache is not None and cache_serves(method)
+    if from_cache:  # teacher A's outputs read from its cache instead of its forward pass on every step
+        config.teacher_cache_dir, teacher = cache, None
     timer = StepTimer()
     before = _cpu_snapshot()
     generation_accuracy = []
@@ -1005,6 +1039,7 @@ def run_one(pair: Pair, method: Method, seed: int, workdir: str) -> dict:
         "correct": _row_string(correct),  # per held-out row, for the paired comparison with the labels row
         "steps": trainer.state.global_step,
         "train_rows": len(trainer.train_dataset),
+        **({"teacher_from_cache": True} if from_cache else {}),
         "median_step_s": statistics.median(steps) if steps else float("nan"),
         "train_s": round(trained["wall"] - before["wall"], 2),
         # This process's CPU time per training step: less sensitive than wall time to other jobs on the cores.
@@ -1448,6 +1483,13 @@ def parse_args(argv=None):
         help="with --task all: run the tasks in this many processes at once (each with --threads threads) and merge",
     )
     parser.add_argument("--resume", action="store_true", help="keep the runs already in --json and skip them")
+    parser.add_argument(
+        "--teacher-cache",
+        action="store_true",
+        help="rows with teacher A alone read its outputs from a cache built once per pair (hfkd.build_teacher_cache; "
+        "under --out) instead of running it on every step; rows reading attention maps (MiniLM), teacher B, peers "
+        "or earlier generations still run their teachers",
+    )
     parser.add_argument("--from-json", action="store_true", help="only write --markdown from --json")
     parser.add_argument(
         "--borrow-rows",
@@ -1695,7 +1737,10 @@ def main(argv=None) -> dict:
                             continue
                         if method.key == "kd+crd" and pair.task == "fashion" and seed not in args.fashion_crd_seeds:
                             continue  # see --fashion-crd-seeds
-                        result = run_one(pair, method, seed, scratch)
+                        cache = None
+                        if args.teacher_cache and cache_serves(method) and method.key != "labels":
+                            cache = build_pair_cache(pair, os.path.join(args.out, f"{pair.name}-teacher-cache"))
+                        result = run_one(pair, method, seed, scratch, cache)
                         row["runs"].append(result)
                         entry["notes"] = pair.report_notes(entry["notes"])  # teacher B's, once it is built
                         print(

@@ -1099,6 +1099,9 @@ class CachedTeacherCollator:
 
     def __init__(self, collator, caches: "TeacherCache | dict[str, TeacherCache]"):
         self.collator = collator
+        # Set by hfkd.terms.runner.with_row_ids when a term keeps a memory per row (CRD): the batch also gets the
+        # rows' indices under this key.
+        self.row_ids_key: str | None = None
         if isinstance(caches, TeacherCache):
             self.caches = {CACHED_PREFIX: caches}
         else:
@@ -1114,6 +1117,8 @@ class CachedTeacherCollator:
             batch = dict(batch)
             for prefix, cache in self.caches.items():
                 batch.update(cache.gather(rows, batch, prefix))
+            if self.row_ids_key is not None:
+                batch[self.row_ids_key] = torch.tensor([int(r) for r in rows], dtype=torch.long)
         return batch
 
 

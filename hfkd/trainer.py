@@ -194,6 +194,9 @@ class DistillationTrainer(Trainer):
             collator=self.data_collator,
             first_batch=self._probe_batch,
         )
+        # The source first: a teacher cache checks the data as the user gave it (before any index column is added),
+        # then routes each row's cached outputs by that row's index.
+        source.prepare_data(self)
         if self.term_set.needs().row_ids:  # terms with per-row memory (CRD): batches carry each row's index
             self.train_dataset, self.data_collator = with_row_ids(
                 self.train_dataset, self.data_collator, self.term_set
@@ -204,7 +207,6 @@ class DistillationTrainer(Trainer):
             **source.fingerprint(self.term_set.multi),
             "student": model_fingerprint(self.accelerator.unwrap_model(self.model), with_name=False),
         }
-        source.prepare_data(self)
         if self.step.distills:
             self._probe()
 

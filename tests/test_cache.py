@@ -425,6 +425,43 @@ def test_relation_and_pkd_terms_read_the_hidden_states_the_cache_stored_for_them
         )
 
 
+def test_crd_reads_its_rows_from_a_teacher_cache_and_equals_online_training(tmp_path):
+    """CRD keeps a memory row per training example, so batches carry each row's index; a teacher cache routes rows
+    by the same index. Both must agree: a CRD run from a cache was once refused (the row index column made the data
+    look unlike the cached data) and now equals the online run."""
+    teacher, student = teacher_student_pair("bert_sequence")
+    data = dataset_for("bert_sequence")
+    terms = dict(terms=[{"name": "crd", "weight": 1.0, "num_negatives": 4}], learning_rate=0.1)
+    build_teacher_cache(
+        teacher,
+        data,
+        str(tmp_path / "cache"),
+        args=_config(tmp_path, **terms),
+        student=student,
+        hidden_dtype="float32",
+        progress=False,
+    )
+    online_trainer, online_logs, online = _train(
+        _config(tmp_path, "a", **terms), copy.deepcopy(student), teacher, data
+    )
+    trainer, cached_logs, cached = _train(
+        _config(tmp_path, "b", teacher_cache_dir=str(tmp_path / "cache"), **terms), copy.deepcopy(student), None, data
+    )
+    assert trainer.teacher_model is None
+    for a, b in zip(online_logs, cached_logs, strict=True):
+        for key in ("loss", "distill/crd", "distill/logit"):
+            assert b[key] == pytest.approx(a[key], rel=1e-5), key
+        assert a["distill/crd"] > 0
+    for name in online:
+        torch.testing.assert_close(cached[name], online[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the memory banks were updated at the same rows
+    banks = {k: v for k, v in online_trainer.term_set.state_dict().items() if "memory" in k}
+    assert banks
+    for key, value in trainer.term_set.state_dict().items():
+        if key in banks:
+            torch.testing.assert_close(value, banks[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
 # ---------------------------------------------------------------------------------------------------- compact encoding
 def _reference_topk(logits: np.ndarray, k: int, temperature: float):
     """float64, written out: (ids of the k largest logits, most likely first; their log softmax(logits / T); the log

@@ -86,13 +86,18 @@ def test_methods_benchmark_transfer_pair_tiny(tmp_path):
     # (the other 90% as transfer rows), the labels row on the labelled rows alone, for the same number of steps.
     out = tmp_path / "methods.json"
     rows = "labels,kd,kd+minilm,kd+minilm-fitted,dml"
-    _run("--task", "tweets-transfer", "--rows", rows, "--out", tmp_path / "work", "--json", out)
+    _run("--task", "tweets-transfer", "--rows", rows, "--teacher-cache", "--out", tmp_path / "work", "--json", out)
     (pair,) = json.loads(out.read_text())["pairs"]
     assert pair["pair"] == "tweets-transfer" and pair["budget"]["max_steps"] == pair["steps_per_run"] == 12
     runs = {key: row["runs"][0] for key, row in pair["rows"].items()}
     assert set(runs) == {"labels", "kd", "kd+minilm-fitted", "dml"}
     assert runs["labels"]["train_rows"] == 10 and runs["kd"]["train_rows"] == runs["dml"]["train_rows"] == 96
     assert all(run["steps"] == 12 for run in runs.values())
+    # --teacher-cache: teacher A's outputs come from one cache per pair, except for rows that read attention maps
+    # (MiniLM) or learn without teacher A (the labels row, mutual learning)
+    from_cache = {key for key, run in runs.items() if run.get("teacher_from_cache")}
+    assert from_cache == {"kd"}
+    assert (tmp_path / "work" / "tweets-transfer-teacher-cache" / "hfkd_cache.json").is_file()
     # the earlier default of 12 relation heads cannot divide the student's width: left out, with the reason
     assert pair["skipped"] == [{"row": "kd+minilm", "reason": pair["skipped"][0]["reason"]}]
     assert "do not divide the student's width 32" in pair["skipped"][0]["reason"]

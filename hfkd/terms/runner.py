@@ -268,4 +268,9 @@ def with_row_ids(dataset, collator, term_set: TermSet):
         )
     if ROW_COLUMN not in dataset.column_names:
         dataset = dataset.add_column(ROW_COLUMN, list(range(len(dataset))))
+    if hasattr(collator, "row_ids_key"):
+        # A teacher cache's collator already reads (and removes) each row's index to fetch its outputs: it hands the
+        # index on too, instead of a second wrapper that would take it away first.
+        collator.row_ids_key = ROW_IDS_KEY
+        return dataset, collator
     return dataset, RowIdCollator(collator)
