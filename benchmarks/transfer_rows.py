@@ -19,8 +19,8 @@ Pairs (the defaults are the second edition's, benchmarks/METHODS.md):
 - vision: Fashion-MNIST. The full 10,000 test images; the 60,000 training images (or `--vision_pool` of them),
   of which a seeded 10% keep their labels. Teacher: a ResNet built from a config (0.31M params) trained 5 epochs on
   all the pool's labels (`--vision_teacher_labels all`: a teacher trained elsewhere on more labelled data than the
-  student gets; `labelled` trains it on the 10%). Student: an MLP with one hidden layer of 128 (`--vision_student_type
-  mlp`; `vit` and `resnet` are the others tried), 5 epochs over the pool.
+  student gets; `labelled` trains it on the 10%). Student: an MLP with one hidden layer of 256 (203,530 params,
+  `--vision_student_type mlp --vision_mlp [256]`; `vit` and `resnet` are the others tried), 10 epochs over the pool.
 
 Results go to --json after every run (a rerun skips the runs already there), and `--markdown FILE` writes the
 section "## Transfer rows: 10% of the labels (issue 21, item 6)" at the end of FILE (replacing an older one).
@@ -31,7 +31,8 @@ section "## Transfer rows: 10% of the labels (issue 21, item 6)" at the end of F
         --seeds 0 1 2 --json B.json             # then merge A and B, and --markdown_only --markdown FILE
 
 The first edition (benchmarks/transfer_rows_first.json) ran `--text_pool 4400`, and for vision `--vision_student_type
-resnet --vision_epochs 1 --vision_teacher_labels labelled --vision_teacher_epochs 15`.
+resnet --vision_epochs 1 --vision_teacher_labels labelled --vision_teacher_epochs 15`; the second edition's first
+vision pair (benchmarks/transfer_rows_vision_mlp128.json) `--vision_mlp [128] --vision_epochs 5`.
 """
 
 import argparse
@@ -862,11 +863,11 @@ def main(argv=None) -> None:
         choices=["labelled", "all"],
         help="the vision teacher trains on all the pool's labels (default) or on the labelled 10%% only",
     )
-    p.add_argument("--vision_mlp", type=json.loads, default=[128], help="the MLP student's hidden widths")
+    p.add_argument("--vision_mlp", type=json.loads, default=[256], help="the MLP student's hidden widths")
     p.add_argument(
         "--vision_vit", type=json.loads, default=[64, 4], help="the ViT student's [hidden, layers(, patch: 4)]"
     )
-    p.add_argument("--vision_epochs", type=float, default=5, help="the students' budget, in epochs over the pool")
+    p.add_argument("--vision_epochs", type=float, default=10, help="the students' budget, in epochs over the pool")
     p.add_argument("--temperature", type=float, default=2.0, help="the KD rows' temperature")
     p.add_argument("--task_weight", type=float, default=0.5, help="the KD rows' task weight (the logit term: 1 - it)")
     p.add_argument("--threads", type=int, default=1)
