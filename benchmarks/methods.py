@@ -960,6 +960,8 @@ def steps_per_run(pair: Pair) -> int:
 def cache_serves(method: Method) -> bool:
     """Whether a row can read teacher A from the pair's teacher cache (`--teacher-cache`): one frozen teacher, one
     generation, no peers, and no term reading attention maps (a cache holds logits and hidden states only)."""
+    if method.key == "labels":  # its teacher never runs
+        return False
     return method.teachers == ("a",) and method.generations == 1 and not method.peers and "minilm" not in method.terms
 
 
@@ -1520,6 +1522,9 @@ def parse_args(argv=None):
     unknown = sorted(set(args.rows or []) - set(METHOD_KEYS))
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {METHOD_KEYS}")
+    if args.teacher_cache and args.jobs > 1 and args.task == "all":
+        # The parallel units are (task, seed): two seeds of one task would build the same pair's cache at once.
+        parser.error("--teacher-cache runs in one process: drop --jobs, or run one --task per process.")
     return args
 
 
@@ -1738,7 +1743,7 @@ def main(argv=None) -> dict:
                         if method.key == "kd+crd" and pair.task == "fashion" and seed not in args.fashion_crd_seeds:
                             continue  # see --fashion-crd-seeds
                         cache = None
-                        if args.teacher_cache and cache_serves(method) and method.key != "labels":
+                        if args.teacher_cache and cache_serves(method):
                             cache = build_pair_cache(pair, os.path.join(args.out, f"{pair.name}-teacher-cache"))
                         result = run_one(pair, method, seed, scratch, cache)
                         row["runs"].append(result)

@@ -103,3 +103,18 @@ def test_methods_benchmark_transfer_pair_tiny(tmp_path):
     assert "do not divide the student's width 32" in pair["skipped"][0]["reason"]
     assert "labelled rows" in pair["budget_text"] and pair["notes"]["teacher_record"]["seed"] == 0
     assert (tmp_path / "work" / "tweets-transfer-teacher" / "tokenizer.json").is_file()
+
+
+def test_teacher_cache_with_parallel_units_is_refused_before_anything_runs(tmp_path):
+    # Two seeds of one task run at once would build the same pair's cache together: refused by the parser.
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "methods.py"), "--tiny", "--teacher-cache", "--jobs", "2"]
+        + ["--out", str(tmp_path / "work"), "--json", str(tmp_path / "m.json")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2 and "--teacher-cache runs in one process" in done.stderr
+    assert not (tmp_path / "work").exists() and not (tmp_path / "m.json").exists()
