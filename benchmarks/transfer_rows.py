@@ -255,7 +255,8 @@ class TextPair(Pair):
         self.pool = data.select(range(n_eval, n_eval + n_pool))
         self.fraction = args.fraction
         self.batch = 8 if args.tiny else 32
-        self.steps = math.ceil(n_pool / self.batch)  # one epoch over the pool
+        self.epochs = args.text_epochs
+        self.steps = math.ceil(self.epochs * n_pool / self.batch)  # epochs over the pool
         self.lr = 5e-4
         self.augment = "word_mask"
         self.collator = DataCollatorWithPadding(self.tok)
@@ -299,7 +300,8 @@ class TextPair(Pair):
             ),
             "student": f"BERT from a config, random init (seeded), MiniLM's tokenizer: {self.student_shape}, "
             f"{sum(p.numel() for p in self.student(0).parameters()) / 1e6:.2f}M params",
-            "budget": f"{self.steps} steps at batch {self.batch} (one epoch over the pool), lr {self.lr}, weight decay 0.01, "
+            "budget": f"{self.steps} steps at batch {self.batch} ({self.epochs:g} epoch(s) over the pool), lr {self.lr}, "
+            "weight decay 0.01, "
             "warmup 5% then linear decay, every row",
             "kd": f"temperature {args.temperature:g}, task_weight {args.task_weight:g}, logit_weight "
             f"{1 - args.task_weight:g}; (d) adds augment=word_mask (prob 0.1)",
@@ -834,6 +836,7 @@ def main(argv=None) -> None:
     p.add_argument("--rows", default="labels-10,kd-transfer,labels-100", help=f"comma-separated, of {ROWS}")
     p.add_argument("--fraction", type=float, default=0.1, help="the share of the pool that keeps its labels")
     p.add_argument("--text_eval", type=int, default=2000)
+    p.add_argument("--text_epochs", type=float, default=1, help="the text students' budget, in epochs over the pool")
     p.add_argument("--text_pool", type=int, default=11000)
     p.add_argument(
         "--text_shared_teacher",

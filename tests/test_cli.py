@@ -1111,3 +1111,23 @@ def test_class_label_ids_follow_the_order_of_a_teacher_not_fine_tuned_here(tmp_p
     for row in seen[0]:
         last_word = tokenizer.decode(row["input_ids"], skip_special_tokens=True).split()[-1]
         assert row["labels"] == teacher_ids[last_word]
+
+
+def test_the_runs_optimizer_choice_reaches_every_stage(tmp_path, tiny_text, monkeypatch):
+    """`optim` (e.g. the fused AdamW the demo uses) drives the teacher's fine-tuning, the distillation and the
+    labels-only comparison alike, not the distillation alone."""
+    import transformers
+
+    seen = []
+    original = transformers.Trainer.train
+
+    def train(self, *args, **kwargs):
+        seen.append((type(self).__name__, self.args.optim))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.Trainer, "train", train)
+    teacher_dir, data = tiny_text
+    extra = dict(optim="adamw_torch_fused", compare_without_distillation=True, max_steps=1, teacher_max_steps=1)
+    assert main(["distill", "--config", str(_recipe(tmp_path, teacher_dir, data, **extra))]) == 0
+    assert [name for name, _ in seen] == ["Trainer", "_RecipeTrainer", "Trainer"]
+    assert {getattr(optim, "value", optim) for _, optim in seen} == {"adamw_torch_fused"}

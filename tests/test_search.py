@@ -282,6 +282,37 @@ def test_the_recipe_searches_on_rows_carved_from_training_and_reports_the_choice
     assert not (out / "checkpoints" / "_search").exists()
 
 
+def test_with_transfer_rows_the_trials_are_scored_on_labelled_rows_only(tmp_path, tiny_text, monkeypatch):
+    """A transfer row has no label: it cannot score a trial (it would count as wrong in each one), so the validation
+    part is carved from the labelled rows and every transfer row stays in the trials' training."""
+    import hfkd.recipe.stages as stages
+
+    seen, real_search = {}, stages._RecipeTrainer.hyperparameter_search
+
+    def spy_search(trainer, *args, **kwargs):
+        seen["fit"], seen["validation"] = trainer.train_dataset, trainer.eval_dataset
+        return real_search(trainer, *args, **kwargs)
+
+    monkeypatch.setattr(stages._RecipeTrainer, "hyperparameter_search", spy_search)
+    assert main(["distill", "--config", str(_recipe(tmp_path, tiny_text, labelled_train_samples=20))]) == 0
+    search = json.loads((tmp_path / "run" / "metrics.json").read_text())["search"]
+    assert search["validation_rows"] == 5 and search["train_rows"] == 54 - 5  # ceil(0.25 x 20 labelled rows)
+    assert all(label != -100 for label in seen["validation"]["labels"])
+    assert sum(label == -100 for label in seen["fit"]["labels"]) == 54 - 20  # every transfer row trains
+    objectives = [trial["objective"] for trial in search["trials"]]
+    assert all(round(value * 5) == pytest.approx(value * 5) for value in objectives)  # a share of 5 labelled rows
+
+
+def test_the_validation_part_is_counted_on_the_labelled_rows(tmp_path, tiny_text, capsys):
+    # One labelled row of 54: it would score the trials and leave them no labelled row to train on, although 53
+    # training rows (the transfer rows) remain.
+    recipe = _recipe(tmp_path, tiny_text, labelled_train_samples=1, search_validation_fraction=0.5)
+    assert main(["distill", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert "of 1 labelled training rows leaves 1 validation and 0 labelled training rows" in err, err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize(
     ("change", "expected"),
     [

@@ -64,7 +64,7 @@ def prepare(recipe: RecipeArguments, data_args: DataArguments, config: Distillat
     """The data, the teacher and the peers, with every check that needs them, before any stage trains."""
     source = TeacherLocation.from_config(config)
     data = load_data(recipe, data_args, config, source)
-    check_search_data(recipe, len(data.distill_train_ds))
+    check_search_data(recipe, len(data.distill_train_ds), data.transfer_rows)
     teacher = load_teacher(recipe, config, source, data)
     # A student built from student_config: its config checked now (vocab_size, layer maps), before stage 1.
     student_config = student_model_config(recipe, config, data, teacher) if recipe.student_config else None

@@ -147,16 +147,19 @@ def _check_search(recipe: RecipeArguments, config: DistillationConfig) -> None:
         raise ValueError(f"search_trials={recipe.search_trials}: {err}") from None
 
 
-def check_search_data(recipe: RecipeArguments, train_rows: int) -> None:
-    """search_trials: the training rows must leave rows on both sides of the validation part."""
+def check_search_data(recipe: RecipeArguments, train_rows: int, transfer_rows: int = 0) -> None:
+    """search_trials: the labelled training rows must leave rows on both sides of the validation part (carved from
+    the labelled rows alone: a transfer row has no label to score a trial on)."""
     if not recipe.search_trials:
         return
-    validation = math.ceil(recipe.search_validation_fraction * train_rows)  # as datasets' train_test_split counts
-    if validation < 1 or train_rows - validation < 1:
+    labelled = train_rows - transfer_rows
+    validation = math.ceil(recipe.search_validation_fraction * labelled)  # as datasets' train_test_split counts
+    if validation < 1 or labelled - validation < 1:
+        kind = "labelled training rows" if transfer_rows else "training rows"
         raise ValueError(
-            f"search_validation_fraction={recipe.search_validation_fraction} of {train_rows} training rows leaves "
-            f"{validation} validation and {train_rows - validation} training rows for the search's trials; both "
-            "need at least one. Give more training rows or another search_validation_fraction."
+            f"search_validation_fraction={recipe.search_validation_fraction} of {labelled} {kind} leaves "
+            f"{validation} validation and {labelled - validation} {kind} for the search's trials; both need at "
+            f"least one. Give more {kind} or another search_validation_fraction."
         )
 
 

@@ -179,6 +179,23 @@ def distill_config(state: RunState) -> DistillationConfig:
     return dataclasses.replace(state.config, **state.search["chosen"])
 
 
+def search_split(train, transfer_rows: int, fraction: float, seed: int):
+    """The search's (fit, validation) rows: a seeded `fraction` of the training rows scores the trials.
+
+    With transfer rows (the last `transfer_rows` rows, labels -100) the validation part is carved from the labelled
+    rows alone: a row without a label cannot score a trial (it would count as wrong in every trial and dilute the
+    accuracy), and the transfer rows all stay in the trials' training."""
+    if not transfer_rows:
+        parts = train.train_test_split(test_size=fraction, seed=seed)
+        return parts["train"], parts["test"]
+    labelled = len(train) - transfer_rows
+    count = math.ceil(fraction * labelled)  # as datasets' train_test_split counts
+    order = np.random.default_rng(seed).permutation(labelled)
+    held = sorted(order[:count].tolist())
+    kept = sorted(order[count:].tolist()) + list(range(labelled, len(train)))
+    return train.select(kept), train.select(held)
+
+
 def search(state: RunState) -> None:
     """The temperature and weights searched (search_trials > 0, hfkd.search.kd_space): each trial distils a new
     student on the training rows less a validation part carved from them with the seed, and is scored on that part,
@@ -194,8 +211,7 @@ def search(state: RunState) -> None:
 
     from ..search import kd_space
 
-    parts = data.distill_train_ds.train_test_split(test_size=r.search_validation_fraction, seed=c.seed)
-    fit, validation = parts["train"], parts["test"]
+    fit, validation = search_split(data.distill_train_ds, data.transfer_rows, r.search_validation_fraction, c.seed)
     lm = r.task == "causal-lm"
     args = dataclasses.replace(
         c,
