@@ -423,6 +423,7 @@ def tweets_transfer_pair(args, workdir: str) -> Pair:
         text_eval=2000,
         text_pool=11000,
         fraction=0.1,
+        text_epochs=1,
         temperature=2.0,
         task_weight=0.5,
     )
@@ -1058,6 +1059,98 @@ def run_one(pair: Pair, method: Method, seed: int, workdir: str, cache: str | No
 _LABELS_ONLY = dict(task_weight=1.0, logit_weight=0.0)  # the labels row's settings (its teacher never runs)
 
 
+# ---------------------------------------------------------------------------------------------------- searches
+SEARCHED = "@searched"  # a searched row's key: the method's key and this suffix
+
+
+def search_split(pair: Pair, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(fit, validation) of a search: a seeded `fraction` of the pair's labelled training rows scores the trials and
+    the trials train on the rest (transfer rows included); the held-out split the table reports is never read."""
+    labels = pair.train["labels"]
+    labelled = [i for i, label in enumerate(labels) if int(label) != -100]
+    order = np.random.default_rng(seed).permutation(len(labelled))
+    count = math.ceil(fraction * len(labelled))
+    if count < 1 or count >= len(labelled):
+        raise ValueError(
+            f"--search-fraction {fraction} of {pair.name}'s {len(labelled)} labelled training rows leaves {count} "
+            "validation rows; it needs at least one on each side."
+        )
+    held = sorted(labelled[i] for i in order[:count])
+    kept = sorted(set(range(len(labels))) - set(held))
+    return pair.train.select(kept), pair.train.select(held)
+
+
+def _validation_accuracy(prediction) -> dict:
+    logits = prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+    return {"accuracy": float((np.argmax(logits, -1) == prediction.label_ids).mean())}
+
+
+def search_method(pair: Pair, method: Method, trials: int, fraction: float, workdir: str) -> dict:
+    """`trials` trials of hfkd's search space (hfkd.search.kd_space: the temperature, the logit share and each term's
+    weight around the row's values) for one row, with DistillationTrainer.hyperparameter_search (Optuna, TPE sampler
+    seeded 0): each trial trains a new student (seed 0) on `search_split`'s fit rows for the row's budget and is
+    scored by its accuracy on the validation rows. Returns the record the report prints; its `chosen` values are the
+    searched row's settings on top of the method's."""
+    import optuna
+
+    from hfkd.search import kd_space
+
+    fit, validation = search_split(pair, fraction)
+    output_dir = os.path.join(workdir, f"{pair.name}-{method.key}-search")
+    config = _row_config(pair, method.settings(pair, steps_per_run(pair)), 0, output_dir)
+    started = time.perf_counter()
+    set_seed(0)
+    trainer = DistillationTrainer(
+        model_init=lambda: pair.make_student(0),
+        teacher_model=pair.teacher_model(method.teachers),
+        args=config,
+        train_dataset=fit,
+        eval_dataset=validation,
+        data_collator=pair.collator,
+        processing_class=pair.processing_class,
+        compute_metrics=_validation_accuracy,
+    )
+    trainer.remove_callback(PrinterCallback)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    best = trainer.hyperparameter_search(
+        hp_space=kd_space(config),
+        compute_objective=lambda metrics: metrics["eval_accuracy"],
+        n_trials=trials,
+        direction="maximize",
+        backend="optuna",
+        sampler=optuna.samplers.TPESampler(seed=0),
+    )
+    shutil.rmtree(output_dir, ignore_errors=True)
+    return {
+        "row": method.key,
+        "trials": trainer.search_history,
+        "chosen": best.hyperparameters,
+        "best_trial": int(best.run_id),
+        "best_validation_accuracy": best.objective,
+        "fit_rows": len(fit),
+        "validation_rows": len(validation),
+        "fraction": fraction,
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+
+
+def searched_method(method: Method, search: dict) -> Method:
+    """The row that runs `method` with the values its search chose (they replace the method's own)."""
+    chosen = dict(search["chosen"])
+    shown = ", ".join(
+        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} " + "/".join(f"{t['name']} {t['weight']:.3g}" for t in v)
+        for k, v in chosen.items()
+    )
+    return dataclasses.replace(
+        method,
+        key=method.key + SEARCHED,
+        title=f"{method.title}, searched",
+        settings=lambda pair, steps: {**method.settings(pair, steps), **chosen},
+        weights=f"searched ({len(search['trials'])} trials): {shown}",
+        versus=None,
+    )
+
+
 def _row_config(pair: Pair, settings: dict, seed: int, output_dir: str) -> DistillationConfig:
     return DistillationConfig(
         output_dir=output_dir,
@@ -1294,6 +1387,18 @@ def markdown(results: dict) -> str:
                     f"trained alone on the labels (same start, data order and budget); the difference: "
                     f"{_gain_text(peer)} pt."
                 )
+        for key, search in pair.get("searches", {}).items():
+            chosen = ", ".join(
+                f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {json.dumps(v)}" for k, v in search["chosen"].items()
+            )
+            scores = ", ".join(_pct(t["objective"]) for t in search["trials"] if t["objective"] is not None)
+            lines.append(
+                f"- Search for {key}: {len(search['trials'])} trials of hfkd.search.kd_space (Optuna TPE, seed 0), "
+                f"each a new student (seed 0) trained on {search['fit_rows']:,} training rows and scored on "
+                f"{search['validation_rows']:,} labelled training rows held out of them ({search['fraction']:.0%} of "
+                f"the labelled rows; the held-out split of the table is never read); validation accuracy per trial: "
+                f"{scores}%; chosen (trial {search['best_trial']}): {chosen}; {search['seconds']:.0f} s."
+            )
         if pair.get("skipped"):
             items = "; ".join(f"{s['row']}: {s['reason']}" for s in pair["skipped"])
             lines.append(f"- Not run: {items}.")
@@ -1492,6 +1597,16 @@ def parse_args(argv=None):
         "under --out) instead of running it on every step; rows reading attention maps (MiniLM), teacher B, peers "
         "or earlier generations still run their teachers",
     )
+    parser.add_argument(
+        "--search",
+        type=int,
+        default=0,
+        help="also run each --search-rows row at the values a search chose: this many trials of hfkd.search.kd_space "
+        "(DistillationTrainer.hyperparameter_search, Optuna), scored on --search-fraction of the labelled training "
+        "rows (never the held-out split); the searched row is '<row>@searched'",
+    )
+    parser.add_argument("--search-rows", default="kd", help="comma-separated rows to search (with --search)")
+    parser.add_argument("--search-fraction", type=float, default=0.1, help="validation share of the labelled rows")
     parser.add_argument("--from-json", action="store_true", help="only write --markdown from --json")
     parser.add_argument(
         "--borrow-rows",
@@ -1519,6 +1634,13 @@ def parse_args(argv=None):
     args.rows = [r.strip() for r in args.rows.split(",")] if args.rows else None
     crd_seeds = args.fashion_crd_seeds
     args.fashion_crd_seeds = [int(x) for x in crd_seeds.split(",") if x.strip()] if crd_seeds else list(args.seeds)
+    args.search_rows = [r.strip() for r in args.search_rows.split(",") if r.strip()]
+    if args.search < 0:
+        parser.error(f"--search must be a number of trials >= 0, got {args.search}")
+    if args.search and (set(args.search_rows) - set(METHOD_KEYS) or "labels" in args.search_rows):
+        parser.error(f"--search-rows: rows with a teacher, of {METHOD_KEYS}; got {args.search_rows}")
+    if args.search and importlib.util.find_spec("optuna") is None:
+        parser.error("--search needs Optuna: pip install -e '.[search]'")
     unknown = sorted(set(args.rows or []) - set(METHOD_KEYS))
     if unknown:
         parser.error(f"unknown rows {unknown}; choose from {METHOD_KEYS}")
@@ -1725,6 +1847,16 @@ def main(argv=None) -> dict:
                     skipped=skipped,
                     applicable=[m.key for m in METHODS if pair.kind in m.kinds],
                 )
+                if args.search:
+                    searches = entry.setdefault("searches", {})
+                    for method in [m for m in METHODS if m.key in args.search_rows and pair.kind in m.kinds]:
+                        if method.key not in searches:  # a resumed run keeps its earlier search
+                            searches[method.key] = search_method(
+                                pair, method, args.search, args.search_fraction, scratch
+                            )
+                            print(f"[methods] {pair.name} {method.key} search: {searches[method.key]}", flush=True)
+                            _write(results, args.json, None)
+                        methods.append(searched_method(method, searches[method.key]))
                 for method in methods:
                     row = entry["rows"].setdefault(method.key, {"row": method.key, "runs": []})
                     row.update(

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASKS = ("tweets", "fashion")
 
@@ -103,6 +105,53 @@ def test_methods_benchmark_transfer_pair_tiny(tmp_path):
     assert "do not divide the student's width 32" in pair["skipped"][0]["reason"]
     assert "labelled rows" in pair["budget_text"] and pair["notes"]["teacher_record"]["seed"] == 0
     assert (tmp_path / "work" / "tweets-transfer-teacher" / "tokenizer.json").is_file()
+
+
+def test_a_searched_row_runs_at_the_values_its_search_chose_on_labelled_training_rows(tmp_path):
+    # Issue 21, item 6: the searched setting. The trials are scored on labelled training rows held out of the
+    # pool (transfer rows never score a trial), and the searched row then trains on the whole pool.
+    out, report = tmp_path / "methods.json", tmp_path / "methods.md"
+    _run(
+        "--task", "tweets-transfer", "--rows", "labels,kd", "--search", "2", "--search-fraction", "0.3",
+        "--out", tmp_path / "work", "--json", out, "--markdown", report,
+    )  # fmt: skip
+    (pair,) = json.loads(out.read_text())["pairs"]
+    search = pair["searches"]["kd"]
+    assert search["validation_rows"] == 3 and search["fit_rows"] == 96 - 3  # ceil(0.3 x 10 labelled rows)
+    assert [t["trial"] for t in search["trials"]] == [0, 1]
+    assert all(round(3 * t["objective"]) == pytest.approx(3 * t["objective"]) for t in search["trials"])
+    best = max(search["trials"], key=lambda t: t["objective"])
+    assert search["chosen"] == best["values"] and set(search["chosen"]) == {
+        "temperature",
+        "task_weight",
+        "logit_weight",
+    }
+    row = pair["rows"]["kd@searched"]
+    assert row["settings"]["temperature"] == pytest.approx(search["chosen"]["temperature"])
+    assert row["settings"]["task_weight"] == pytest.approx(search["chosen"]["task_weight"])
+    assert row["runs"][0]["train_rows"] == 96 and row["runs"][0]["steps"] == 12
+    assert pair["rows"]["kd"]["settings"]["temperature"] == 2.0  # the row itself keeps its own values
+    text = report.read_text()
+    assert row["title"].endswith(", searched") and f"| {row['title']} | searched (2 trials): temperature" in text
+    assert "Search for kd: 2 trials" in text and "3 labelled training rows held out" in text
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--search", "-1"], "--search must be a number of trials"),
+        (["--search", "2", "--search-rows", "labels"], "--search-rows"),
+    ],
+)
+def test_bad_search_flags_are_refused_by_the_parser(tmp_path, flags, message):
+    done = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "benchmarks", "methods.py"), "--tiny", *flags],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 2 and message in done.stderr, done.stderr
 
 
 def test_teacher_cache_with_parallel_units_is_refused_before_anything_runs(tmp_path):
