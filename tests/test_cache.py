@@ -808,3 +808,18 @@ def test_shards_are_sized_in_bytes_and_a_format_2_cache_with_rows_per_shard_stil
     with pytest.raises(ValueError, match="max_shard_size must be a positive size .*got 'big'"):
         CacheArguments(cache_dir="c", max_shard_size="big")
     assert hfkd_parse("1.5GB") == 1_500_000_000 and hfkd_parse("256MiB") == 256 * 2**20 and hfkd_parse(4096) == 4096
+
+
+def test_the_data_digest_reads_the_rows_not_how_they_were_made():
+    """Equal rows give equal digests whatever `datasets` recorded of their making (its own fingerprint travels in the
+    Arrow schema's metadata); a changed value, row order or column does change the digest."""
+    from hfkd.fingerprint import dataset_fingerprint
+
+    rows = {"input_ids": [[1, 2, 3], [4, 5], [6]], "labels": [0, -100, 2]}
+    plain = datasets.Dataset.from_dict(rows)
+    remade = datasets.Dataset.from_dict({**rows, "text": ["a", "b", "c"]}).map(lambda r: r).remove_columns(["text"])
+    assert plain._fingerprint != remade._fingerprint  # two histories
+    assert dataset_fingerprint(plain) == dataset_fingerprint(remade)
+    assert dataset_fingerprint(plain) != dataset_fingerprint(plain.select([1, 0, 2]))
+    assert dataset_fingerprint(plain) != dataset_fingerprint(datasets.Dataset.from_dict({**rows, "labels": [0, 1, 2]}))
+    assert dataset_fingerprint(plain) != dataset_fingerprint(plain.add_column("extra", [0, 0, 0]))
