@@ -92,6 +92,7 @@ from hfkd import DistillationConfig, DistillationTrainer, build_teacher_cache, s
 from hfkd import data as hfkd_data  # noqa: E402
 from hfkd.compare import HELPED, HURT, NO_DIFFERENCE, compare_seeds  # noqa: E402
 from hfkd.paths import resolve_path  # noqa: E402
+from hfkd.search import labelled_validation_split  # noqa: E402
 from hfkd.terms import TERMS  # noqa: E402
 
 hf_logging.set_verbosity_error()
@@ -1068,16 +1069,13 @@ def search_split(pair: Pair, fraction: float, seed: int = 0) -> tuple[Dataset, D
     the trials train on the rest (transfer rows included); the held-out split the table reports is never read."""
     labels = pair.train["labels"]
     labelled = [i for i, label in enumerate(labels) if int(label) != -100]
-    order = np.random.default_rng(seed).permutation(len(labelled))
     count = math.ceil(fraction * len(labelled))
     if count < 1 or count >= len(labelled):
         raise ValueError(
             f"--search-fraction {fraction} of {pair.name}'s {len(labelled)} labelled training rows leaves {count} "
             "validation rows; it needs at least one on each side."
         )
-    held = sorted(labelled[i] for i in order[:count])
-    kept = sorted(set(range(len(labels))) - set(held))
-    return pair.train.select(kept), pair.train.select(held)
+    return labelled_validation_split(pair.train, labelled, fraction, seed)
 
 
 def _validation_accuracy(prediction) -> dict:
@@ -1639,6 +1637,10 @@ def parse_args(argv=None):
         parser.error(f"--search must be a number of trials >= 0, got {args.search}")
     if args.search and (set(args.search_rows) - set(METHOD_KEYS) or "labels" in args.search_rows):
         parser.error(f"--search-rows: rows with a teacher, of {METHOD_KEYS}; got {args.search_rows}")
+    if args.search and not 0 < args.search_fraction < 1:
+        parser.error(
+            f"--search-fraction must lie in (0, 1), the validation share of the labelled rows; got {args.search_fraction}"
+        )
     if args.search and importlib.util.find_spec("optuna") is None:
         parser.error("--search needs Optuna: pip install -e '.[search]'")
     unknown = sorted(set(args.rows or []) - set(METHOD_KEYS))

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from collections.abc import Callable
 
 from .terms import TERMS
@@ -20,6 +21,21 @@ LOGIT_SHARE_RANGE = (0.1, 0.9)
 # Every other configured term's weight w is searched over [w / 10, 10 w] (log scale): their scales differ by orders
 # of magnitude between methods and data (AT at 1000, RKD at 1), so only the configured value sets the range.
 WEIGHT_FACTOR = 10.0
+
+
+def labelled_validation_split(train, labelled, fraction: float, seed: int):
+    """(fit, validation) rows of a search: a seeded `fraction` (rounded up) of the `labelled` row indices scores the
+    trials; every other row, rows without a label (transfer rows) included, stays in the trials' training.
+
+    A row without a label cannot score a trial: it would count as wrong in every trial and dilute the accuracy."""
+    import numpy as np
+
+    labelled = list(labelled)
+    count = math.ceil(fraction * len(labelled))  # as datasets' train_test_split counts
+    order = np.random.default_rng(seed).permutation(len(labelled))
+    held = sorted(labelled[i] for i in order[:count])
+    kept = sorted(set(range(len(train))) - set(held))
+    return train.select(kept), train.select(held)
 
 
 def require_optuna():

@@ -141,6 +141,7 @@ def test_a_searched_row_runs_at_the_values_its_search_chose_on_labelled_training
     [
         (["--search", "-1"], "--search must be a number of trials"),
         (["--search", "2", "--search-rows", "labels"], "--search-rows"),
+        (["--search", "2", "--search-fraction", "1"], "--search-fraction must lie in (0, 1)"),
     ],
 )
 def test_bad_search_flags_are_refused_by_the_parser(tmp_path, flags, message):

@@ -28,6 +28,7 @@ from ..checkpoints import describe_skipped, last_complete_checkpoint
 from ..config import DistillationConfig
 from ..metrics import load_metric
 from ..run_folder import TEACHER_RECORD
+from ..search import labelled_validation_split
 from ..terms.base import logits_of
 from ..trainer import DistillationTrainer
 from .arguments import stage_args
@@ -180,20 +181,13 @@ def distill_config(state: RunState) -> DistillationConfig:
 
 
 def search_split(train, transfer_rows: int, fraction: float, seed: int):
-    """The search's (fit, validation) rows: a seeded `fraction` of the training rows scores the trials.
-
-    With transfer rows (the last `transfer_rows` rows, labels -100) the validation part is carved from the labelled
-    rows alone: a row without a label cannot score a trial (it would count as wrong in every trial and dilute the
-    accuracy), and the transfer rows all stay in the trials' training."""
+    """The search's (fit, validation) rows: a seeded `fraction` of the training rows scores the trials; with transfer
+    rows (the last `transfer_rows` rows, labels -100) it is carved from the labelled rows alone
+    (hfkd.search.labelled_validation_split) and every transfer row stays in the trials' training."""
     if not transfer_rows:
         parts = train.train_test_split(test_size=fraction, seed=seed)
         return parts["train"], parts["test"]
-    labelled = len(train) - transfer_rows
-    count = math.ceil(fraction * labelled)  # as datasets' train_test_split counts
-    order = np.random.default_rng(seed).permutation(labelled)
-    held = sorted(order[:count].tolist())
-    kept = sorted(order[count:].tolist()) + list(range(labelled, len(train)))
-    return train.select(kept), train.select(held)
+    return labelled_validation_split(train, range(len(train) - transfer_rows), fraction, seed)
 
 
 def search(state: RunState) -> None:
