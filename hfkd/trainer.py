@@ -26,6 +26,7 @@ from .checkpoints import RUN_FILE, check_run_folder, last_complete_checkpoint, r
 from .config import DistillationConfig
 from .errors import NonFiniteLossError
 from .fingerprint import model_fingerprint
+from .launch import check_launch
 from .mixing import TeacherMixer, check_teacher_ids, fixed_weights
 from .models import ensure_eager_attention, unwrap_peft, warn_attention_dropout
 from .on_policy import build_generation
@@ -129,6 +130,12 @@ class DistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ set-up
     def _setup_distillation(self, args: DistillationConfig, source, mixer: TeacherMixer) -> None:
+        check_launch(
+            args,
+            processes=self.accelerator.num_processes,
+            distributed_type=self.accelerator.distributed_type,
+            fsdp_applied=self.is_fsdp_enabled,
+        )
         # compute_loss normalises every term over the whole accumulated batch itself (see get_batch_samples).
         self.loss_is_scaled_for_ga = True
         if not self.label_names and self.compute_loss_func is not None and args.label_names is None:

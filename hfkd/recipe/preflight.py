@@ -11,6 +11,7 @@ import os
 from transformers import AutoConfig
 
 from ..config import DistillationConfig
+from ..launch import check_launch
 from ..layer_map import resolve_layer_map
 from ..paths import resolve_path
 from ..peers import named_peers
@@ -119,7 +120,10 @@ def _check_peer_source(name: str, source) -> None:
 
 
 def check_run_settings(recipe: RecipeArguments, config: DistillationConfig) -> None:
-    """Settings that would only fail during training (at the first evaluation, or in a callback): checked now."""
+    """Settings that would only fail during training (at the first evaluation, or in a callback), and launches whose
+    processes would train apart (hfkd.launch): checked now."""
+    state = config.distributed_state  # joins the launched processes, as the first stage's Trainer would
+    check_launch(config, processes=state.num_processes, distributed_type=state.distributed_type)
     _check_offered(config)
     _check_one_teacher(config)
     _check_best_metric(recipe, config)

@@ -67,6 +67,7 @@ def main():
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--peers", type=int, default=0, help="deep mutual learning with this many peers, no teacher")
     parser.add_argument("--transfer", action="store_true", help="BERT classifiers, rows without labels, with dkd")
+    parser.add_argument("--no_use_cpu", action="store_true", help="leave use_cpu unset (hfkd.launch's refusals)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -91,7 +92,7 @@ def main():
         save_steps=args.save_steps,
         hidden_weight=0.0 if args.peers else 1.0,
         report_to=[],
-        use_cpu=True,
+        use_cpu=not args.no_use_cpu,
         disable_tqdm=True,
         seed=0,
         dataloader_drop_last=True,
