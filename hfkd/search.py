@@ -57,10 +57,12 @@ def kd_space(args) -> Callable:
     - `logit_weight = s` and `task_weight = 1 - s` with s uniform in [0.1, 0.9] (Hinton et al.'s mixing), when both
       are > 0; a label-free run (`task_weight = 0`) keeps it at 0, and a run without the logit term keeps both;
     - every other configured term's weight w (`hidden_weight`, `attention_weight`, each `terms` entry): log-uniform
-      in [w / 10, 10 w]. The `terms` entries are returned whole (as the `terms` field) with their searched weights.
+      in [w / 10, 10 w]. The `terms` entries are returned whole (as the `terms` field) with their searched weights;
+    - the options a term declares in its `search_space` (log-uniform in the declared range): `dkd`'s beta in
+      [0.25, 8] and temperature in [1, 8], which span the paper's ImageNet (0.5, 1) and CIFAR-100 (8, 4) settings.
 
-    Optuna records each suggestion under its own name (`temperature`, `logit_share`, `hidden_weight`, `<term>_weight`);
-    `hyperparameter_search` returns the fields each trial set.
+    Optuna records each suggestion under its own name (`temperature`, `logit_share`, `hidden_weight`, `<term>_weight`,
+    `<term>_<option>`); `hyperparameter_search` returns the fields each trial set.
     """
     task, logit = float(args.task_weight), float(args.logit_weight)
     fields = {name: float(getattr(args, name)) for name in ("hidden_weight", "attention_weight")}
@@ -77,17 +79,7 @@ def kd_space(args) -> Callable:
             if weight > 0:
                 values[name] = trial.suggest_float(name, weight / WEIGHT_FACTOR, weight * WEIGHT_FACTOR, log=True)
         if extra:
-            values["terms"] = [
-                {
-                    **spec.as_dict(),
-                    "weight": trial.suggest_float(
-                        f"{spec.name}_weight", spec.weight / WEIGHT_FACTOR, spec.weight * WEIGHT_FACTOR, log=True
-                    )
-                    if spec.weight > 0
-                    else spec.weight,
-                }
-                for spec in extra
-            ]
+            values["terms"] = [_searched_term(trial, spec) for spec in extra]
         if not values:
             raise ValueError(
                 "kd_space: no temperature or weight to search (logit_weight and every term weight are 0); pass "
@@ -96,6 +88,18 @@ def kd_space(args) -> Callable:
         return values
 
     return space
+
+
+def _searched_term(trial, spec) -> dict:
+    """One `terms` entry of a trial: its weight (unless 0: a term switched off stays off) and the options its term
+    declares in `search_space`, each suggested as `<term>_<option>`."""
+    entry = spec.as_dict()
+    if spec.weight > 0:
+        low, high = spec.weight / WEIGHT_FACTOR, spec.weight * WEIGHT_FACTOR
+        entry["weight"] = trial.suggest_float(f"{spec.name}_weight", low, high, log=True)
+    for option, (low, high) in TERMS[spec.name].search_space.items():
+        entry[option] = trial.suggest_float(f"{spec.name}_{option}", low, high, log=True)
+    return entry
 
 
 def student_loss_objective(metrics: dict) -> float:

@@ -136,6 +136,27 @@ def test_kd_space_follows_the_configured_terms():
         assert values["task_weight"] + values["logit_weight"] == pytest.approx(1.0)
 
 
+def test_kd_space_searches_the_options_a_term_declares():
+    """DKD's beta and temperature (its search_space) are searched with its weight; the other options stay as set."""
+    args = DistillationConfig(
+        output_dir="unused",
+        logit_weight=0.0,
+        terms=[{"name": "dkd", "weight": 1.0, "alpha": 1.0, "warmup_steps": 5}, {"name": "rkd", "weight": 2.0}],
+        report_to=[],
+    )
+    trial = optuna.trial.FixedTrial({"dkd_weight": 0.5, "dkd_beta": 4.0, "dkd_temperature": 2.0, "rkd_weight": 3.0})
+    dkd, rkd = kd_space(args)(trial)["terms"]
+    assert (dkd["weight"], dkd["beta"], dkd["temperature"]) == (0.5, 4.0, 2.0)
+    assert (dkd["alpha"], dkd["warmup_steps"]) == (1.0, 5)
+    assert rkd == {"name": "rkd", "weight": 3.0}  # RKD declares no options to search
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(20):
+        dkd = kd_space(args)(study.ask())["terms"][0]
+        assert 0.25 <= dkd["beta"] <= 8.0 and 1.0 <= dkd["temperature"] <= 8.0 and 0.1 <= dkd["weight"] <= 10.0
+    # A searched trial's terms build: the values are valid DKD options.
+    DistillationConfig(output_dir="unused", logit_weight=0.0, terms=[dkd], report_to=[])
+
+
 def test_a_search_without_validation_rows_or_model_init_is_refused_before_any_trial(tmp_path):
     trainer = _search_trainer(tmp_path, bert(seed=2))
     trainer.eval_dataset = None

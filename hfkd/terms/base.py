@@ -181,6 +181,9 @@ class Term(nn.Module):
     across_tokenizers: ClassVar[bool] = False
     # Whether it compares logits over two different vocabularies (span_kd, uld) rather than class by class.
     across_vocabularies: ClassVar[bool] = False
+    # Options that hfkd.search.kd_space searches besides the term's weight: option -> (low, high), log-uniform.
+    # Only options whose best value the method's papers found to move with the data (DKD's beta and temperature).
+    search_space: ClassVar[dict[str, tuple[float, float]]] = {}
 
     def __init__(self, options=None):
         super().__init__()

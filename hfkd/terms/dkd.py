@@ -41,6 +41,10 @@ The paper's other setting and the earlier rule stay one option away:
   i.e. 8 at 100 classes or more, 2.41 at 10, 1.14 at 3, which keeps the NCKD / CE gradient ratio near CIFAR-100's
   (a test checks this on synthetic logits). It was this term's default before the measurement above.
 
+Search: `hfkd.search.kd_space` searches beta in [0.25, 8] and T in [1, 8] (log-uniform) besides the term's weight
+(`search_space`): the paper's own two settings lie at the corners of that range, and which one fits depends on the
+data (the number of classes above).
+
 Warm-up: the paper warms the DKD loss up linearly, min(epoch / 20, 1), over the first 20 epochs on
 CIFAR-100: `warmup_steps = n` multiplies the term by min(s / n, 1) at its s-th training forward (s = 1, 2, ...),
 counted by a buffer that checkpoints save and restore. It counts training micro-batches: with
@@ -166,6 +170,7 @@ class DecoupledKD(Term):
     unit = "labelled"
     across_tokenizers = True
     Options = DKDOptions
+    search_space = {"beta": (0.25, 8.0), "temperature": (1.0, 8.0)}
 
     def __init__(self, options=None):
         super().__init__(options)
