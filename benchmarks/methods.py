@@ -1135,9 +1135,12 @@ def search_method(pair: Pair, method: Method, trials: int, fraction: float, work
 def searched_method(method: Method, search: dict) -> Method:
     """The row that runs `method` with the values its search chose (they replace the method's own)."""
     chosen = dict(search["chosen"])
+    def term(entry: dict) -> str:  # its weight, and the options its term's search_space searched
+        options = "".join(f", {o} {entry[o]:.3g}" for o in TERMS[entry["name"]].search_space if o in entry)
+        return f"{entry['name']} {entry['weight']:.3g}" + (f" ({options[2:]})" if options else "")
+
     shown = ", ".join(
-        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} " + "/".join(f"{t['name']} {t['weight']:.3g}" for t in v)
-        for k, v in chosen.items()
+        f"{k} {v:.3g}" if isinstance(v, float) else f"{k} " + "/".join(term(t) for t in v) for k, v in chosen.items()
     )
     return dataclasses.replace(
         method,
@@ -1658,14 +1661,18 @@ def merge_parts(loaded: list[dict]) -> dict:
     pairs: dict[str, dict] = {}
     for part in loaded:
         for pair in part["pairs"]:
-            entry = pairs.setdefault(pair["pair"], {**pair, "rows": {}})
+            entry = pairs.setdefault(pair["pair"], {**pair, "rows": {}, "searches": {}})
+            entry["searches"].update(pair.get("searches", {}))  # each part's searches, by the row searched
             for key, row in pair["rows"].items():
                 merged = entry["rows"].setdefault(key, {**row, "runs": []})
                 merged["runs"] = sorted(merged["runs"] + row["runs"], key=lambda r: r["seed"])
     order = {task: i for i, task in enumerate((*TASKS, *MORE_TASKS))}
     entries = sorted(pairs.values(), key=lambda p: (order.get(p["task"], 99), p["pair"]))
     for entry in entries:
-        keys = [k for k in METHOD_KEYS if k in entry["rows"]]  # the rows in the table's order
+        if not entry["searches"]:
+            del entry["searches"]
+        # The rows in the table's order, each searched row right after the row it was searched from.
+        keys = [k for base in METHOD_KEYS for k in (base, base + SEARCHED) if k in entry["rows"]]
         entry["rows"] = {k: entry["rows"][k] for k in keys}
         summarise(entry)
     return {"meta": meta, "pairs": entries}

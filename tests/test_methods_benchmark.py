@@ -135,6 +135,29 @@ def test_a_searched_row_runs_at_the_values_its_search_chose_on_labelled_training
     assert row["title"].endswith(", searched") and f"| {row['title']} | searched (2 trials): temperature" in text
     assert "Search for kd: 2 trials" in text and "3 labelled training rows held out" in text
 
+    # Runs split over part files (one search per process) merge back with their searches and searched rows.
+    merge_parts = _methods_module().merge_parts
+    results = json.loads(out.read_text())
+    first, second = json.loads(json.dumps(results)), json.loads(json.dumps(results))
+    del first["pairs"][0]["searches"], first["pairs"][0]["rows"]["kd@searched"]
+    second["pairs"][0]["rows"] = {"kd@searched": second["pairs"][0]["rows"]["kd@searched"]}
+    (merged,) = merge_parts([first, second])["pairs"]
+    assert list(merged["rows"]) == ["labels", "kd", "kd@searched"] and merged["searches"] == pair["searches"]
+    assert merged["rows"]["kd@searched"]["runs"] == row["runs"]
+    (plain,) = merge_parts([first])["pairs"]
+    assert "searches" not in plain and list(plain["rows"]) == ["labels", "kd"]
+
+
+def _methods_module():
+    """benchmarks/methods.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("methods_benchmark", os.path.join(ROOT, "benchmarks", "methods.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while they are built
+    spec.loader.exec_module(module)
+    return module
+
 
 @pytest.mark.parametrize(
     ("flags", "message"),
