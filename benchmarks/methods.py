@@ -1135,6 +1135,7 @@ def search_method(pair: Pair, method: Method, trials: int, fraction: float, work
 def searched_method(method: Method, search: dict) -> Method:
     """The row that runs `method` with the values its search chose (they replace the method's own)."""
     chosen = dict(search["chosen"])
+
     def term(entry: dict) -> str:  # its weight, and the options its term's search_space searched
         options = "".join(f", {o} {entry[o]:.3g}" for o in TERMS[entry["name"]].search_space if o in entry)
         return f"{entry['name']} {entry['weight']:.3g}" + (f" ({options[2:]})" if options else "")
