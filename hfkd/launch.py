@@ -9,9 +9,11 @@ accelerate 1.16 on CPU):
 - FSDP asked for (accelerate's `distributed_type: FSDP`, which sets `ACCELERATE_USE_FSDP=true`, or
   `TrainingArguments.fsdp`) on CPU with `use_cpu=True`: Accelerate applies FSDP only over GPUs and other
   accelerators, so the processes run as plain data parallel (MULTI_CPU), each holding the whole student and
-  teacher that the user sharded to make them fit.
+  teacher that the user sharded to make them fit. DistillationTrainer now applies it on CPU itself
+  (hfkd.sharding); the recipe's other stages do not.
 
-`check_launch` turns both into an error naming the setting to change. The counts come from the launcher's own
+`check_launch` turns both into an error naming the setting to change (FSDP with a single process is let through:
+there is nothing to shard over, and that process holds the whole models either way). The counts come from the launcher's own
 environment (`WORLD_SIZE`, set by torchrun and `accelerate launch`) against the processes the run actually joined.
 """
 
@@ -80,11 +82,13 @@ def check_launch(args, *, processes: int, distributed_type, fsdp_applied: bool |
         )
     where = fsdp_requested(args)
     applied = fsdp_applies(distributed_type) if fsdp_applied is None else fsdp_applied
-    if where is not None and not applied:
+    # One process has nothing to shard over: it holds the whole models either way, as the user expects of it.
+    if where is not None and not applied and max(launched, processes) > 1:
         raise ValueError(
-            f"FSDP was asked for by {where}, but Accelerate does not apply it here (distributed type {name}): it "
-            "shards over several GPUs (or other accelerators) only, so each process would hold the whole student and "
-            "teacher. For sharding, run 2 or more processes on GPUs (recipes/accelerate/fsdp.yaml); for data "
-            "parallel on CPU, launch with `distributed_type: MULTI_CPU` instead (e.g. `bash "
-            "recipes/accelerate/multi_cpu_2proc.sh`)."
+            f"FSDP was asked for by {where}, but it is not applied here (distributed type {name}): Accelerate "
+            "shards over several GPUs (or other accelerators) only, and on CPU DistillationTrainer does (hfkd.sharding) "
+            "but not the other stages of `hfkd distill`, so each process would hold the whole student and teacher. "
+            "For sharding, run 2 or more processes on GPUs (recipes/accelerate/fsdp.yaml), or DistillationTrainer "
+            "in Python with use_cpu=True; for data parallel on CPU, launch with `distributed_type: MULTI_CPU` "
+            "instead (e.g. `bash recipes/accelerate/multi_cpu_2proc.sh`)."
         )

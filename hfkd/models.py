@@ -152,6 +152,10 @@ def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
     teacher.eval()
     if getattr(accelerator.state, "deepspeed_plugin", None) is not None:
         return _prepare_deepspeed(teacher, accelerator)
+    if accelerator.is_fsdp2:
+        # FSDP2 shards through accelerate.prepare (prepare_model refuses it): the teacher is sharded by the same
+        # plugin as the student, each process holding its share of the teacher's parameters.
+        return accelerator.prepare(teacher)
     return accelerator.prepare_model(teacher, evaluation_mode=True)
 
 

@@ -32,6 +32,7 @@ from .models import ensure_eager_attention, unwrap_peft, warn_attention_dropout
 from .on_policy import build_generation
 from .probe import probe, term_features
 from .saved_weights import complete_load
+from .sharding import enable_fsdp_on_cpu
 from .sources import build_source
 from .step import DistillationStep, TaskLossSettings
 from .streams import model_kind
@@ -129,6 +130,10 @@ class DistillationTrainer(Trainer):
         return self.source.learners()
 
     # ------------------------------------------------------------------ set-up
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        enable_fsdp_on_cpu(self)  # FSDP asked for on CPU: Accelerate's FSDP2 path over gloo (hfkd.sharding)
+
     def _setup_distillation(self, args: DistillationConfig, source, mixer: TeacherMixer) -> None:
         check_launch(
             args,
@@ -411,6 +416,14 @@ class DistillationTrainer(Trainer):
                 f"The terms {stateful} train parameters of their own (e.g. projections where the student and teacher "
                 "widths differ), but `optimizers=` gave an optimizer that does not know them. Let "
                 "DistillationTrainer create the optimizer, or use `optimizer_cls_and_kwargs=` instead."
+            )
+        if self.term_set.has_state() and self.is_fsdp_enabled:
+            stateful = [name for name, term in self.term_set.terms.items() if any(True for _ in term.state_dict())]
+            raise ValueError(
+                f"The terms {stateful} train parameters of their own (projections where the widths differ, heads, "
+                "memory banks), which hfkd does not train under FSDP yet: Accelerate's FSDP2 preparation maps only "
+                "the student's parameters into its optimizer. Use terms without state under FSDP (logit, dkd, "
+                "hidden or attention terms between equal widths), or data parallel (DDP) without FSDP."
             )
         self.term_set.to(device=next(self.model.parameters()).device)
         if self.term_set.has_state():

@@ -58,6 +58,8 @@ def test_fsdp_asked_for_but_not_applied_is_refused(env):
     with pytest.raises(ValueError, match=r"FSDP was asked for by the training arguments"):
         check_launch(SimpleNamespace(use_cpu=True, fsdp=["full_shard"]), processes=2, distributed_type="MULTI_CPU")
     assert fsdp_applies("DistributedType.MULTI_GPU") and not fsdp_applies("MULTI_CPU")
+    env(ACCELERATE_USE_FSDP="true")  # one process: nothing to shard over, nothing silent
+    check_launch(SimpleNamespace(use_cpu=True, fsdp=None), processes=1, distributed_type="NO")
 
 
 def test_the_trainer_refuses_before_creating_its_output_dir(env, tmp_path):
@@ -96,16 +98,22 @@ def test_two_processes_launched_without_use_cpu_stop_before_the_first_step(tmp_p
     assert not out.exists() and not (tmp_path / "r.pt").exists()
 
 
-def test_an_fsdp_launch_on_cpu_stops_before_the_first_step(tmp_path):
-    """accelerate's FSDP config on CPU: before hfkd.launch, the processes ran as plain DDP, each holding everything."""
+FSDP_CPU_CONFIG = (
+    "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: 'no'\nnum_machines: 1\n"
+    "num_processes: 2\nuse_cpu: true\nfsdp_config:\n  fsdp_version: 2\n"
+    "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer\n"
+)
+
+
+def test_an_fsdp_launch_of_a_recipe_on_cpu_stops_before_the_first_step(tmp_path, tiny_text):
+    """accelerate's FSDP config on CPU around `hfkd distill`: before hfkd.launch its processes ran as plain DDP, each
+    holding everything (DistillationTrainer shards on CPU, tests/test_sharding.py; the recipe's other stages not)."""
     config = tmp_path / "fsdp_cpu.yaml"
-    config.write_text(
-        "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: 'no'\nnum_machines: 1\n"
-        "num_processes: 2\nuse_cpu: true\nfsdp_config:\n  fsdp_version: 2\n"
-        "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n"
-    )
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
-    result, out = _launch(tmp_path, launcher, "--max_steps", "1")
+    config.write_text(FSDP_CPU_CONFIG)
+    recipe = _recipe(tmp_path, *tiny_text)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "hfkd"]
+    command += ["distill", "--config", str(recipe), "--use_cpu", "true"]
+    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode != 0
     assert result.stderr.count("FSDP was asked for by the launcher") == 2, result.stderr[-3000:]
-    assert not out.exists()
+    assert not (tmp_path / "run").exists()

@@ -55,6 +55,23 @@ class KillAt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _local_shares(model):
+    """(elements this process holds, elements in all) of the model's parameters (sharded ones are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    local = sum(p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in model.parameters())
+    return local, sum(p.numel() for p in model.parameters())
+
+
+def _full_state(trainer):
+    """The student's whole weights (gathered from every process under FSDP: a collective, called by all)."""
+    if trainer.is_fsdp_enabled:
+        state = trainer.accelerator.get_state_dict(trainer.model)
+    else:
+        state = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--output_dir", required=True)
@@ -68,6 +85,9 @@ def main():
     parser.add_argument("--peers", type=int, default=0, help="deep mutual learning with this many peers, no teacher")
     parser.add_argument("--transfer", action="store_true", help="BERT classifiers, rows without labels, with dkd")
     parser.add_argument("--no_use_cpu", action="store_true", help="leave use_cpu unset (hfkd.launch's refusals)")
+    parser.add_argument("--fsdp", action="store_true", help="FSDP2 over the processes (hfkd.sharding)")
+    parser.add_argument("--optim", default="sgd", help="the optimizer (TrainingArguments.optim)")
+    parser.add_argument("--logit_only", action="store_true", help="no hidden term (and so no projection)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -80,17 +100,19 @@ def main():
             teacher.classifier.weight.mul_(30.0)
         data = transfer_dataset()
         extra = {"terms": [{"name": "dkd", "weight": 1.0}], "train_sampling_strategy": "sequential"}
+    if args.fsdp:  # each decoder layer its own shard group
+        extra = {"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
     config = DistillationConfig(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
         per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
-        optim="sgd",
+        optim=args.optim,
         learning_rate=0.5,
         lr_scheduler_type="linear",
         logging_steps=1,
         save_steps=args.save_steps,
-        hidden_weight=0.0 if args.peers else 1.0,
+        hidden_weight=0.0 if args.peers or args.logit_only else 1.0,
         report_to=[],
         use_cpu=not args.no_use_cpu,
         disable_tqdm=True,
@@ -103,22 +125,26 @@ def main():
     if args.peers:
         models = {"peer_models": [tiny_llama(16, 2, seed=2 + i) for i in range(args.peers)]}
     trainer = DistillationTrainer(model=student, args=config, train_dataset=data, callbacks=callbacks, **models)
+    teacher_shares = _local_shares(trainer.teacher_model) if trainer.teacher_model is not None else None
     trainer.train(resume_from_checkpoint=True if args.resume else None)
+    student_state = _full_state(trainer)
     if trainer.is_world_process_zero():
         torch.save(
             {
                 "log": [e for e in trainer.state.log_history if "loss" in e],
-                "student": {k: v.detach().clone() for k, v in student.state_dict().items()},
+                "student": student_state,
                 "projector": {
                     k: v.detach().clone() for k, v in trainer.term_set.terms["hidden"].projector.state_dict().items()
                 }
-                if not args.peers
+                if "hidden" in trainer.term_set.terms
                 else {},
                 "peers": {
                     name: {k: v.detach().clone() for k, v in peer.state_dict().items()}
                     for name, peer in trainer.peers.items()
                 },
                 "world_size": trainer.args.world_size,
+                "fsdp": trainer.is_fsdp_enabled,
+                "teacher_shares": teacher_shares,
             },
             args.result,
         )
