@@ -21,8 +21,8 @@ def test_fsdp_on_two_cpu_processes_equals_one_process_and_shards_the_teacher(tmp
     a, b = torch.load(one), torch.load(two)
     assert not a["fsdp"] and b["fsdp"] and b["world_size"] == 2
     # Each process holds about half of the teacher (FSDP2 splits each tensor by rows, rounding up on process 0).
-    local, total = b["teacher_shares"]
-    assert a["teacher_shares"] == (total, total) and 0.45 * total <= local <= 0.55 * total, b["teacher_shares"]
+    ((local, total),) = b["teacher_shares"]
+    assert a["teacher_shares"] == [(total, total)] and 0.45 * total <= local <= 0.55 * total, b["teacher_shares"]
     for step_a, step_b in zip(a["log"], b["log"], strict=True):
         for key in ("loss", "task", "distill/logit"):
             assert step_a[key] == pytest.approx(step_b[key], rel=1e-5, abs=1e-6), (step_a["step"], key)
@@ -74,6 +74,21 @@ def test_fsdp_from_the_launchers_config_shards_on_cpu(tmp_path):
     _run(["--output_dir", str(tmp_path / "b"), "--result", str(two), *common, "--per_device_train_batch_size", "4"],
          launcher=launcher)  # fmt: skip
     a, b = torch.load(one), torch.load(two)
-    assert b["fsdp"] and b["teacher_shares"][0] < 0.55 * b["teacher_shares"][1]
+    assert b["fsdp"] and b["teacher_shares"][0][0] < 0.55 * b["teacher_shares"][0][1]
+    for key, value in a["student"].items():
+        torch.testing.assert_close(b["student"][key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_two_teachers_are_each_sharded_and_train_as_in_one_process(tmp_path):
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    common = ["--max_steps", "2", "--save_steps", "100", "--two_teachers"]
+    _run(["--output_dir", str(tmp_path / "a"), "--result", str(one), *common, "--logit_only"])
+    _run(["--output_dir", str(tmp_path / "b"), "--result", str(two), *common, *TWO], launcher=LAUNCH_TWO)
+    a, b = torch.load(one), torch.load(two)
+    assert len(b["teacher_shares"]) == 2
+    for (local, total), (whole, _) in zip(b["teacher_shares"], a["teacher_shares"], strict=True):
+        assert whole == total and local <= 0.55 * total
+    for step_a, step_b in zip(a["log"], b["log"], strict=True):
+        assert step_a["distill/logit"] == pytest.approx(step_b["distill/logit"], rel=1e-5, abs=1e-6)
     for key, value in a["student"].items():
         torch.testing.assert_close(b["student"][key], value, rtol=0, atol=1e-5, msg=key)

@@ -87,6 +87,7 @@ def main():
     parser.add_argument("--no_use_cpu", action="store_true", help="leave use_cpu unset (hfkd.launch's refusals)")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 over the processes (hfkd.sharding)")
     parser.add_argument("--optim", default="sgd", help="the optimizer (TrainingArguments.optim)")
+    parser.add_argument("--two_teachers", action="store_true", help="teachers a and b (hfkd.mixing), equal weights")
     parser.add_argument("--logit_only", action="store_true", help="no hidden term (and so no projection)")
     args = parser.parse_args()
 
@@ -122,10 +123,12 @@ def main():
     )
     callbacks = [KillAt(args.kill_at_step)] if args.kill_at_step else []
     models = {"teacher_model": teacher}
+    if args.two_teachers:
+        models = {"teacher_model": {"a": teacher, "b": tiny_llama(32, 4, seed=5)}}
     if args.peers:
         models = {"peer_models": [tiny_llama(16, 2, seed=2 + i) for i in range(args.peers)]}
     trainer = DistillationTrainer(model=student, args=config, train_dataset=data, callbacks=callbacks, **models)
-    teacher_shares = _local_shares(trainer.teacher_model) if trainer.teacher_model is not None else None
+    teacher_shares = [_local_shares(one) for one in trainer.teachers.values()]
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     student_state = _full_state(trainer)
     if trainer.is_world_process_zero():
