@@ -20,6 +20,9 @@ from __future__ import annotations
 
 from .launch import fsdp_requested
 
+# Under FSDP, the optimizer state of the terms' own parameters (kept out of FSDP's optimizer state), per checkpoint.
+TERMS_OPTIMIZER_FILE = "hfkd_terms_optimizer.pt"
+
 
 def enable_fsdp_on_cpu(trainer) -> bool:
     """Switches `trainer.accelerator` to FSDP2 where FSDP was asked for and the processes run on CPU (MULTI_CPU);
@@ -47,3 +50,68 @@ def enable_fsdp_on_cpu(trainer) -> bool:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     trainer.is_fsdp_enabled = True
     return True
+
+
+def replicated(module, accelerator):
+    """`module` (the terms' projections and heads) replicated in every process under FSDP: a DDP wrapper over the
+    same gloo/NCCL group, so its gradients are averaged as the student's are reduced. Accelerate's `prepare_model`
+    refuses FSDP2, and sharding a few small projections would buy nothing."""
+    import torch
+
+    kwargs = accelerator.ddp_handler.to_kwargs() if accelerator.ddp_handler is not None else {}
+    return torch.nn.parallel.DistributedDataParallel(module, **kwargs)
+
+
+class DetachedGroup:
+    """An optimizer's last param group taken out (with its per-parameter state) and put back: FSDP2's preparation,
+    saving and loading of the optimizer map every optimizer parameter to one of the model's, and the terms' own
+    parameters are not the student's. Used as `with DetachedGroup(optimizer) as detached: ...`."""
+
+    def __init__(self, optimizer):
+        self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer under Accelerate's wrapper
+
+    def __enter__(self) -> DetachedGroup:
+        self.group = self.optimizer.param_groups.pop()
+        self.states = [self.optimizer.state.pop(p, None) for p in self.group["params"]]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.optimizer.param_groups.append(self.group)
+        for p, state in zip(self.group["params"], self.states, strict=True):
+            if state is not None:
+                self.optimizer.state[p] = state
+
+    def state_dict(self) -> dict:
+        """The detached group's settings and per-parameter state (by position), for hfkd's own file."""
+        return {"group": {k: v for k, v in self.group.items() if k != "params"}, "state": list(self.states)}
+
+    def load(self, saved: dict) -> None:
+        """Restores what `state_dict` saved, before the group is put back."""
+        if len(saved["state"]) != len(self.group["params"]):
+            raise ValueError(
+                f"The checkpoint's terms optimizer state holds {len(saved['state'])} parameters, this run's terms "
+                f"{len(self.group['params'])}: the checkpoint comes from a run with other terms."
+            )
+        self.group.update(saved["group"])
+        self.states = [
+            None if state is None else {k: v.to(p.device) if hasattr(v, "to") else v for k, v in state.items()}
+            for p, state in zip(self.group["params"], saved["state"], strict=True)
+        ]
+
+
+def clip_joint_norm(accelerator, model, extra, max_norm: float):
+    """Clips the student's (sharded) and the terms' (replicated) gradients by their joint norm, as one trainable
+    system, and returns that norm: sqrt(|g_student|^2 + |g_terms|^2), each factor as torch's clip_grad_norm_."""
+    import torch
+
+    student = accelerator.clip_grad_norm_(model.parameters(), float("inf"))  # the norm, no clipping
+    grads = [p.grad for p in extra if p.grad is not None]
+    terms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else 0.0
+    total = float(torch.sqrt(torch.as_tensor(float(student)) ** 2 + torch.as_tensor(float(terms)) ** 2))
+    coef = min(max_norm / (total + 1e-6), 1.0)  # a float: the student's gradients are DTensors
+    if coef < 1.0:
+        with torch.no_grad():
+            for p in [*model.parameters(), *extra]:
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return torch.tensor(total)

@@ -32,7 +32,7 @@ from .models import ensure_eager_attention, unwrap_peft, warn_attention_dropout
 from .on_policy import build_generation
 from .probe import probe, term_features
 from .saved_weights import complete_load
-from .sharding import enable_fsdp_on_cpu
+from .sharding import TERMS_OPTIMIZER_FILE, DetachedGroup, clip_joint_norm, enable_fsdp_on_cpu, replicated
 from .sources import build_source
 from .step import DistillationStep, TaskLossSettings
 from .streams import model_kind
@@ -417,16 +417,10 @@ class DistillationTrainer(Trainer):
                 "widths differ), but `optimizers=` gave an optimizer that does not know them. Let "
                 "DistillationTrainer create the optimizer, or use `optimizer_cls_and_kwargs=` instead."
             )
-        if self.term_set.has_state() and self.is_fsdp_enabled:
-            stateful = [name for name, term in self.term_set.terms.items() if any(True for _ in term.state_dict())]
-            raise ValueError(
-                f"The terms {stateful} train parameters of their own (projections where the widths differ, heads, "
-                "memory banks), which hfkd does not train under FSDP yet: Accelerate's FSDP2 preparation maps only "
-                "the student's parameters into its optimizer. Use terms without state under FSDP (logit, dkd, "
-                "hidden or attention terms between equal widths), or data parallel (DDP) without FSDP."
-            )
         self.term_set.to(device=next(self.model.parameters()).device)
-        if self.term_set.has_state():
+        if self.term_set.has_state() and self.is_fsdp_enabled:
+            self.step.terms_module = replicated(self.term_set, self.accelerator)  # small: replicated, not sharded
+        elif self.term_set.has_state():
             self.step.terms_module = self.accelerator.prepare_model(self.term_set)
 
     def _hp_search_setup(self, trial) -> None:
@@ -539,11 +533,47 @@ class DistillationTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
         params = [p for p in self._distillation_parameters() if id(p) not in known]
-        if params:
+        self._terms_group = None
+        if params and self.is_fsdp_enabled:
+            # FSDP2's preparation maps every optimizer parameter to one of the student's: the terms' group joins
+            # the optimizer after it (create_scheduler), and is saved beside FSDP's optimizer state (hfkd.sharding).
+            self._terms_group = {"params": params, "weight_decay": self.args.weight_decay}
+        elif params:
             optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
         for group in self.source.trainable_groups(self.args.weight_decay, self.get_decay_parameter_names, known):
             optimizer.add_param_group(group)
         return optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if getattr(self, "_terms_group", None) is not None:  # FSDP: the student's optimizer is prepared by now
+            self.optimizer.add_param_group(self._terms_group)
+            self._terms_group = None
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self._terms_outside_fsdp():
+            return super()._save_optimizer_and_scheduler(output_dir)
+        with DetachedGroup(self.optimizer) as detached:
+            super()._save_optimizer_and_scheduler(output_dir)
+            if self.args.should_save:  # replicated: every process holds the same terms state
+                torch.save(detached.state_dict(), os.path.join(output_dir, TERMS_OPTIMIZER_FILE))
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        if checkpoint is None or not self._terms_outside_fsdp():
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        with DetachedGroup(self.optimizer) as detached:
+            super()._load_optimizer_and_scheduler(checkpoint)
+            path = os.path.join(checkpoint, TERMS_OPTIMIZER_FILE)
+            if not os.path.isfile(path):
+                raise ValueError(
+                    f"{checkpoint} holds no {TERMS_OPTIMIZER_FILE}, the optimizer state of the terms' parameters "
+                    "under FSDP: the checkpoint comes from another kind of run. Resume from a checkpoint of this run."
+                )
+            detached.load(torch.load(path, map_location="cpu", weights_only=True))
+
+    def _terms_outside_fsdp(self) -> bool:
+        """Whether the optimizer's last group holds the terms' parameters, kept out of FSDP2's optimizer state."""
+        return self.is_fsdp_enabled and bool(self._distillation_parameters()) and self.optimizer is not None
 
     def _distillation_parameters(self) -> list[torch.nn.Parameter]:
         """Trainable parts that are not the student's: the terms' own parameters (projections, heads)."""
@@ -561,7 +591,9 @@ class DistillationTrainer(Trainer):
     def _clip_grad_norm(self, model):
         # The student and the terms' parameters are one trainable system (as timm wraps them): clip their joint norm.
         extra = self._distillation_parameters()
-        if not extra or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if extra and self.is_fsdp_enabled:
+            norm = clip_joint_norm(self.accelerator, model, extra, self.args.max_grad_norm)
+        elif not extra or self.is_deepspeed_enabled:
             norm = super()._clip_grad_norm(model)
         else:
             norm = self.accelerator.clip_grad_norm_([*model.parameters(), *extra], self.args.max_grad_norm)

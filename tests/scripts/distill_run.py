@@ -87,6 +87,8 @@ def main():
     parser.add_argument("--no_use_cpu", action="store_true", help="leave use_cpu unset (hfkd.launch's refusals)")
     parser.add_argument("--fsdp", action="store_true", help="FSDP2 over the processes (hfkd.sharding)")
     parser.add_argument("--optim", default="sgd", help="the optimizer (TrainingArguments.optim)")
+    parser.add_argument("--learning_rate", type=float, default=0.5)
+    parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--two_teachers", action="store_true", help="teachers a and b (hfkd.mixing), equal weights")
     parser.add_argument("--logit_only", action="store_true", help="no hidden term (and so no projection)")
     args = parser.parse_args()
@@ -109,7 +111,8 @@ def main():
         per_device_train_batch_size=args.per_device_train_batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         optim=args.optim,
-        learning_rate=0.5,
+        learning_rate=args.learning_rate,
+        max_grad_norm=args.max_grad_norm,
         lr_scheduler_type="linear",
         logging_steps=1,
         save_steps=args.save_steps,
