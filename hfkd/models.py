@@ -155,7 +155,9 @@ def prepare_teacher(teacher: torch.nn.Module, accelerator) -> torch.nn.Module:
     if accelerator.is_fsdp2:
         # FSDP2 shards through accelerate.prepare (prepare_model refuses it): the teacher is sharded by the same
         # plugin as the student, each process holding its share of the teacher's parameters.
-        return accelerator.prepare(teacher)
+        from .sharding import prepare_sharded
+
+        return prepare_sharded(teacher, accelerator)
     return accelerator.prepare_model(teacher, evaluation_mode=True)
 
 

@@ -115,3 +115,43 @@ def clip_joint_norm(accelerator, model, extra, max_norm: float):
                 if p.grad is not None:
                     p.grad.mul_(coef)
     return torch.tensor(total)
+
+
+def _wrap_names(plugin) -> list[str] | None:
+    names = getattr(plugin, "transformer_cls_names_to_wrap", None)
+    return [names] if isinstance(names, str) else list(names) if names else None
+
+
+def check_wrap_classes(plugin, student) -> None:
+    """Refuses FSDP layer classes to wrap (`fsdp_transformer_layer_cls_to_wrap`) that the student does not hold, before
+    anything is prepared or written (Accelerate would raise at the first step's preparation, after output_dir exists).
+    """
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    names = _wrap_names(plugin)
+    missing = [n for n in names or () if get_module_class_from_name(student, n) is None]
+    if missing:
+        own = [n for n in getattr(student, "_no_split_modules", None) or () if get_module_class_from_name(student, n)]
+        raise ValueError(
+            f"FSDP's layer classes to wrap ({names}; `fsdp_transformer_layer_cls_to_wrap` in accelerate's config, or "
+            f"fsdp_config['transformer_layer_cls_to_wrap']) name {missing}, which the student "
+            f"({type(student).__name__}) does not hold. Name its layer class{' ' + str(own) if own else ''}, or leave "
+            "the field unset to wrap each model's own layer classes (`_no_split_modules`)."
+        )
+
+
+def prepare_sharded(model, accelerator):
+    """`model` (a teacher) sharded by the run's FSDP2 plugin, wrapping the layer classes of the plugin's list that
+    it holds, or its own (`_no_split_modules`) when it holds none of them: a teacher of another family than the
+    student. The plugin is left as it was for the student: Accelerate binds its wrap policy to the classes of the
+    first model it prepares, and raises for a named class a model does not hold."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    plugin = accelerator.state.fsdp_plugin
+    saved = plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap
+    names = [n for n in _wrap_names(plugin) or () if get_module_class_from_name(model, n) is not None]
+    plugin.transformer_cls_names_to_wrap = names or None
+    try:
+        return accelerator.prepare(model)
+    finally:
+        plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = saved

@@ -32,7 +32,14 @@ from .models import ensure_eager_attention, unwrap_peft, warn_attention_dropout
 from .on_policy import build_generation
 from .probe import probe, term_features
 from .saved_weights import complete_load
-from .sharding import TERMS_OPTIMIZER_FILE, DetachedGroup, clip_joint_norm, enable_fsdp_on_cpu, replicated
+from .sharding import (
+    TERMS_OPTIMIZER_FILE,
+    DetachedGroup,
+    check_wrap_classes,
+    clip_joint_norm,
+    enable_fsdp_on_cpu,
+    replicated,
+)
 from .sources import build_source
 from .step import DistillationStep, TaskLossSettings
 from .streams import model_kind
@@ -141,6 +148,8 @@ class DistillationTrainer(Trainer):
             distributed_type=self.accelerator.distributed_type,
             fsdp_applied=self.is_fsdp_enabled,
         )
+        if self.is_fsdp_enabled:
+            check_wrap_classes(self.accelerator.state.fsdp_plugin, unwrap_peft(self.model))
         # compute_loss normalises every term over the whole accumulated batch itself (see get_batch_samples).
         self.loss_is_scaled_for_ga = True
         if not self.label_names and self.compute_loss_func is not None and args.label_names is None:

@@ -113,3 +113,13 @@ def test_two_teachers_are_each_sharded_and_train_as_in_one_process(tmp_path):
         assert step_a["distill/logit"] == pytest.approx(step_b["distill/logit"], rel=1e-5, abs=1e-6)
     for key, value in a["student"].items():
         torch.testing.assert_close(b["student"][key], value, rtol=0, atol=1e-5, msg=key)
+
+
+def test_a_wrap_class_the_student_does_not_hold_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "run"
+    command = ["--output_dir", str(out), "--result", str(tmp_path / "r.pt"), *TWO, "--wrap_class", "BertLayer"]
+    result = _run(command, launcher=LAUNCH_TWO, check=False)
+    assert result.returncode != 0
+    message = "name ['BertLayer'], which the student (LlamaForCausalLM) does not hold. Name its layer class"
+    assert result.stderr.count(message) == 2, result.stderr[-3000:]
+    assert "['LlamaDecoderLayer']" in result.stderr and not out.exists() and not (tmp_path / "r.pt").exists()

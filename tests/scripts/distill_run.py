@@ -89,6 +89,7 @@ def main():
     parser.add_argument("--optim", default="sgd", help="the optimizer (TrainingArguments.optim)")
     parser.add_argument("--learning_rate", type=float, default=0.5)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
+    parser.add_argument("--wrap_class", default="LlamaDecoderLayer", help="with --fsdp: the layer class to wrap")
     parser.add_argument("--two_teachers", action="store_true", help="teachers a and b (hfkd.mixing), equal weights")
     parser.add_argument("--logit_only", action="store_true", help="no hidden term (and so no projection)")
     args = parser.parse_args()
@@ -104,7 +105,7 @@ def main():
         data = transfer_dataset()
         extra = {"terms": [{"name": "dkd", "weight": 1.0}], "train_sampling_strategy": "sequential"}
     if args.fsdp:  # each decoder layer its own shard group
-        extra = {"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": ["LlamaDecoderLayer"]}}
+        extra = {"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": [args.wrap_class]}}
     config = DistillationConfig(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
