@@ -100,13 +100,16 @@ def test_fsdp_from_the_launchers_config_shards_on_cpu(tmp_path):
         torch.testing.assert_close(b["student"][key], value, rtol=0, atol=1e-5, msg=key)
 
 
-def test_two_teachers_are_each_sharded_and_train_as_in_one_process(tmp_path):
+@pytest.mark.parametrize("teachers", ["--two_teachers", "--gpt2_teacher"])
+def test_two_teachers_or_another_family_are_sharded_and_train_as_in_one_process(tmp_path, teachers):
+    """Two Llama teachers, each sharded; or a GPT-2 teacher for the Llama student: the plugin names
+    LlamaDecoderLayer, which GPT-2 does not hold, so it is wrapped by its own GPT2Block."""
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
-    common = ["--max_steps", "2", "--save_steps", "100", "--two_teachers"]
+    common = ["--max_steps", "2", "--save_steps", "100", teachers]
     _run(["--output_dir", str(tmp_path / "a"), "--result", str(one), *common, "--logit_only"])
     _run(["--output_dir", str(tmp_path / "b"), "--result", str(two), *common, *TWO], launcher=LAUNCH_TWO)
     a, b = torch.load(one), torch.load(two)
-    assert len(b["teacher_shares"]) == 2
+    assert len(b["teacher_shares"]) == (2 if teachers == "--two_teachers" else 1)
     for (local, total), (whole, _) in zip(b["teacher_shares"], a["teacher_shares"], strict=True):
         assert whole == total and local <= 0.55 * total
     for step_a, step_b in zip(a["log"], b["log"], strict=True):

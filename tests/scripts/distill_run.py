@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from tiny_models import bert, classification_data, tiny_llama  # noqa: E402
+from tiny_models import bert, classification_data, tiny_gpt2, tiny_llama  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from hfkd import DistillationConfig, DistillationTrainer  # noqa: E402
@@ -90,6 +90,7 @@ def main():
     parser.add_argument("--learning_rate", type=float, default=0.5)
     parser.add_argument("--max_grad_norm", type=float, default=1.0)
     parser.add_argument("--wrap_class", default="LlamaDecoderLayer", help="with --fsdp: the layer class to wrap")
+    parser.add_argument("--gpt2_teacher", action="store_true", help="a GPT-2 teacher: another family than the student")
     parser.add_argument("--two_teachers", action="store_true", help="teachers a and b (hfkd.mixing), equal weights")
     parser.add_argument("--logit_only", action="store_true", help="no hidden term (and so no projection)")
     args = parser.parse_args()
@@ -126,6 +127,8 @@ def main():
         **extra,
     )
     callbacks = [KillAt(args.kill_at_step)] if args.kill_at_step else []
+    if args.gpt2_teacher:
+        teacher = tiny_gpt2(32, 4, seed=0)
     models = {"teacher_model": teacher}
     if args.two_teachers:
         models = {"teacher_model": {"a": teacher, "b": tiny_llama(32, 4, seed=5)}}
