@@ -126,3 +126,21 @@ def test_a_wrap_class_the_student_does_not_hold_is_refused_before_anything_is_wr
     message = "name ['BertLayer'], which the student (LlamaForCausalLM) does not hold. Name its layer class"
     assert result.stderr.count(message) == 2, result.stderr[-3000:]
     assert "['LlamaDecoderLayer']" in result.stderr and not out.exists() and not (tmp_path / "r.pt").exists()
+
+
+def test_a_sharded_checkpoint_resumes_with_another_process_count(tmp_path):
+    """Checkpoints hold full state dicts (FULL_STATE_DICT): a run saved by 2 processes resumes with 4 (2 rows each:
+    the same global batch of 8, the same rows per step) and ends where the uninterrupted 2-process run ends."""
+    full, resumed = tmp_path / "full.pt", tmp_path / "resumed.pt"
+    common = ["--max_steps", "4", "--save_steps", "2", "--optim", "adamw_torch", "--learning_rate", "0.01", "--fsdp"]
+    two = [*common, "--per_device_train_batch_size", "4"]
+    _run(["--output_dir", str(tmp_path / "full"), "--result", str(full), *two], launcher=LAUNCH_TWO)
+    cut = ["--output_dir", str(tmp_path / "cut"), "--result", str(resumed)]
+    assert _run([*cut, *two, "--kill_at_step", "3"], launcher=LAUNCH_TWO, check=False).returncode != 0
+    four = [*LAUNCH_TWO[:4], "4", *LAUNCH_TWO[5:]]
+    _run([*cut, *common, "--per_device_train_batch_size", "2", "--resume"], launcher=four)
+    a, b = torch.load(full), torch.load(resumed)
+    assert b["world_size"] == 4
+    for step_a, step_b in zip(a["log"], b["log"], strict=True):
+        assert step_a["loss"] == pytest.approx(step_b["loss"], rel=1e-5)
+    _assert_close(a, b, atol=1e-6)
