@@ -2,6 +2,7 @@
 (hfkd.launch; issue 22, "nothing silent"). The two launches that ran silently before are run for real with
 `accelerate launch` and 2 CPU processes."""
 
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -15,6 +16,7 @@ from hfkd import DistillationConfig, DistillationTrainer
 from hfkd.cli import main
 from hfkd.launch import check_launch, fsdp_applies, launched_processes
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NO_FSDP_ENV = {"WORLD_SIZE": None, "ACCELERATE_USE_FSDP": None}
 
 
@@ -98,20 +100,15 @@ def test_two_processes_launched_without_use_cpu_stop_before_the_first_step(tmp_p
     assert not out.exists() and not (tmp_path / "r.pt").exists()
 
 
-FSDP_CPU_CONFIG = (
-    "compute_environment: LOCAL_MACHINE\ndistributed_type: FSDP\nmixed_precision: 'no'\nnum_machines: 1\n"
-    "num_processes: 2\nuse_cpu: true\nfsdp_config:\n  fsdp_version: 2\n"
-    "  fsdp_auto_wrap_policy: TRANSFORMER_BASED_WRAP\n  fsdp_transformer_layer_cls_to_wrap: LlamaDecoderLayer\n"
-)
+# The shipped FSDP-on-CPU launcher config (each model wraps its own layer classes).
+FSDP_CPU_CONFIG = os.path.join(ROOT, "recipes", "accelerate", "fsdp_cpu.yaml")
 
 
 def test_an_fsdp_launch_of_a_recipe_on_cpu_stops_before_the_first_step(tmp_path, tiny_text):
     """accelerate's FSDP config on CPU around `hfkd distill`: before hfkd.launch its processes ran as plain DDP, each
     holding everything (DistillationTrainer shards on CPU, tests/test_sharding.py; the recipe's other stages not)."""
-    config = tmp_path / "fsdp_cpu.yaml"
-    config.write_text(FSDP_CPU_CONFIG)
     recipe = _recipe(tmp_path, *tiny_text)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "-m", "hfkd"]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CPU_CONFIG, "-m", "hfkd"]
     command += ["distill", "--config", str(recipe), "--use_cpu", "true"]
     result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode != 0

@@ -70,10 +70,9 @@ def _assert_close(a, b, atol):
 
 
 def test_fsdp_from_the_launchers_config_shards_on_cpu(tmp_path):
-    """FSDP asked for by accelerate's config file (FSDP_* environment variables), not by the training arguments."""
-    config = tmp_path / "fsdp_cpu.yaml"
-    config.write_text(FSDP_CPU_CONFIG)
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config)]
+    """FSDP asked for by the shipped accelerate config (recipes/accelerate/fsdp_cpu.yaml: FSDP_* environment
+    variables, no layer class named), not by the training arguments."""
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", FSDP_CPU_CONFIG]
     one, two = tmp_path / "one.pt", tmp_path / "two.pt"
     common = ["--max_steps", "2", "--save_steps", "100", "--logit_only"]
     _run(["--output_dir", str(tmp_path / "a"), "--result", str(one), *common])
