@@ -54,8 +54,10 @@ def kd_space(args) -> Callable:
     (trials change `args`; the space does not follow them):
 
     - `temperature`: log-uniform in [1, 8], when the logit term is on (`logit_weight > 0`);
-    - `logit_weight = s` and `task_weight = 1 - s` with s uniform in [0.1, 0.9] (Hinton et al.'s mixing), when both
-      are > 0; a label-free run (`task_weight = 0`) keeps it at 0, and a run without the logit term keeps both;
+    - `logit_weight = s W` and `task_weight = (1 - s) W` (Hinton et al.'s mixing), when both are > 0, where W is the
+      configured `task_weight + logit_weight` and s is uniform in [0.1, 0.9], widened to hold the configured share
+      (logit standardisation's task 0.1 + logit 9 is W = 9.1 at s = 0.989); a label-free run (`task_weight = 0`)
+      keeps it at 0, and a run without the logit term keeps both;
     - every other configured term's weight w (`hidden_weight`, `attention_weight`, each `terms` entry): log-uniform
       in [w / 10, 10 w]. The `terms` entries are returned whole (as the `terms` field) with their searched weights;
     - the options a term declares in its `search_space` (log-uniform in the declared range): `dkd`'s beta in
@@ -73,8 +75,12 @@ def kd_space(args) -> Callable:
         if logit > 0:
             values["temperature"] = trial.suggest_float("temperature", *TEMPERATURE_RANGE, log=True)
         if logit > 0 and task > 0:
-            share = trial.suggest_float("logit_share", *LOGIT_SHARE_RANGE)
-            values.update(task_weight=1.0 - share, logit_weight=share)
+            # The mixing is searched at the configured scale: a space summing to 1 held no setting near logit
+            # standardisation's (measured: its searched row fell from +3.75 to +0.13 pt, benchmarks/METHODS.md).
+            total, configured = task + logit, logit / (task + logit)
+            low, high = min(LOGIT_SHARE_RANGE[0], configured), max(LOGIT_SHARE_RANGE[1], configured)
+            share = trial.suggest_float("logit_share", low, high)
+            values.update(task_weight=total * (1.0 - share), logit_weight=total * share)
         for name, weight in fields.items():
             if weight > 0:
                 values[name] = trial.suggest_float(name, weight / WEIGHT_FACTOR, weight * WEIGHT_FACTOR, log=True)

@@ -2,21 +2,19 @@
 (hfkd.launch; issue 22, "nothing silent"). The two launches that ran silently before are run for real with
 `accelerate launch` and 2 CPU processes."""
 
-import os
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
+from launches import ENV, FSDP_CPU_CONFIG, LAUNCH_TWO, SCRIPT
 from recipe_runs import _recipe
-from test_runs import ENV, LAUNCH_TWO, SCRIPT
 from tiny_models import bert, classification_data
 
 from hfkd import DistillationConfig, DistillationTrainer
 from hfkd.cli import main
 from hfkd.launch import check_launch, fsdp_applies, launched_processes
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _NO_FSDP_ENV = {"WORLD_SIZE": None, "ACCELERATE_USE_FSDP": None}
 
 
@@ -98,10 +96,6 @@ def test_two_processes_launched_without_use_cpu_stop_before_the_first_step(tmp_p
     assert result.returncode != 0
     assert result.stderr.count("2 processes were launched (WORLD_SIZE=2), but this run joined 1") == 2
     assert not out.exists() and not (tmp_path / "r.pt").exists()
-
-
-# The shipped FSDP-on-CPU launcher config (each model wraps its own layer classes).
-FSDP_CPU_CONFIG = os.path.join(ROOT, "recipes", "accelerate", "fsdp_cpu.yaml")
 
 
 def test_an_fsdp_launch_of_a_recipe_on_cpu_stops_before_the_first_step(tmp_path, tiny_text):

@@ -2,44 +2,17 @@
 
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
+from launches import LAUNCH_TWO, run_script
 from tiny_models import COMMON, bert, classification_data, tiny_llama
 
 from hfkd import DistillationConfig, DistillationTrainer
 from hfkd.losses import register_logit_loss
 from hfkd.trainer import RUN_FILE, NonFiniteLossError
 
-HERE = os.path.dirname(__file__)
-SCRIPT = os.path.join(HERE, "scripts", "distill_run.py")
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
-LAUNCH_TWO = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--num_processes",
-    "2",
-    "--multi_gpu",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-]
-
-
-def _run(args, launcher=None, check=True):
-    command = [*(launcher or [sys.executable]), SCRIPT, *args]
-    result = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
-    if check:
-        assert result.returncode == 0, result.stderr[-4000:]
-    return result
+_run = run_script
 
 
 def _assert_same(a, b, atol):

@@ -136,6 +136,20 @@ def test_kd_space_follows_the_configured_terms():
         assert values["task_weight"] + values["logit_weight"] == pytest.approx(1.0)
 
 
+def test_kd_space_mixes_at_the_configured_scale_and_holds_the_configured_share():
+    # Logit standardisation's paper setting: task 0.1 + logit 9 (W = 9.1, logit share 9 / 9.1 = 0.989).
+    args = DistillationConfig(output_dir="unused", task_weight=0.1, logit_weight=9.0, report_to=[])
+    values = kd_space(args)(optuna.trial.FixedTrial({"temperature": 2.0, "logit_share": 9.0 / 9.1}))
+    assert values["task_weight"] == pytest.approx(0.1) and values["logit_weight"] == pytest.approx(9.0)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    shares = []
+    for _ in range(30):
+        values = kd_space(args)(study.ask())
+        assert values["task_weight"] + values["logit_weight"] == pytest.approx(9.1)
+        shares.append(values["logit_weight"] / 9.1)
+    assert min(shares) >= 0.1 and max(shares) <= 9.0 / 9.1 and max(shares) > 0.9  # [0.1, 0.989]
+
+
 def test_kd_space_searches_the_options_a_term_declares():
     """DKD's beta and temperature (its search_space) are searched with its weight; the other options stay as set."""
     args = DistillationConfig(

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-from test_launch import FSDP_CPU_CONFIG
-from test_runs import LAUNCH_TWO, _run
+from launches import FSDP_CPU_CONFIG, LAUNCH_TWO
+from launches import run_script as _run
 from transformers import LlamaForCausalLM
 
 TWO = ["--fsdp", "--logit_only", "--per_device_train_batch_size", "4"]  # 2 x 4 rows = one process's 8
