@@ -14,6 +14,10 @@ when read, and `hfkd_cache.json`: the layout and fingerprints of the teacher (co
 tokenizer or image processor, the data (its bytes) and the terms. `DistillationConfig.teacher_cache_dir` points the
 trainer at it; a cache that does not match the run is refused with the reason.
 
+Several processes (`accelerate launch -m hfkd cache ...`, or this function under any launcher whose processes join
+one `torch.distributed` group) split the rows between them and process 0 merges their parts into the cache one
+process would have written (hfkd.cache_parts).
+
 Not cached: attention maps (`[heads, query, key]` per layer is larger than the models' inputs by orders of
 magnitude) and encoder-decoder teachers.
 
@@ -71,6 +75,7 @@ import torch
 from . import __version__
 from .batch import LABEL_KEYS, ROW_COLUMN, TEACHER_PREFIX, teacher_inputs
 from .batch import student_inputs as batch_student_inputs
+from .cache_parts import cache_processes, mark_done, merge_parts, part_folder, row_block, unfinished_parts
 from .checks import ModelLimits, model_limits
 from .errors import TeacherCacheError
 from .fingerprint import dataset_fingerprint, model_fingerprint, processor_fingerprint
@@ -300,33 +305,55 @@ def build_teacher_cache(
     hidden_terms = _check_what_to_cache(args, teacher, student, top_k)
     _check_output_and_data(output_dir, overwrite, dataset, collator)
 
+    processes = cache_processes(args)
+    progress = progress and processes.rank == 0
+
     started = time.perf_counter()
     data_digest = dataset_fingerprint(dataset)
     rows_view = dataset.select_columns(_teacher_columns(dataset, teacher, student))
     device = next(teacher.parameters()).device
     plan = _BuildPlan(args, student, hidden_terms, top_k, topk_encoding, dtype, hidden_dtype, output_dir)
+    rows = row_block(len(rows_view), batch_size, processes)
     was_training = teacher.training
     teacher.eval()
-    partial = _new_partial_folder(output_dir)
-    writer = _ShardWriter(partial, max_shard_bytes)
+    if processes.rank == 0:
+        _new_partial_folder(output_dir)
+    processes.barrier()  # the others write into the folder process 0 has just made
+    partial = output_dir.rstrip("/") + ".partial"
+    # Several processes: each writes its own part, which process 0 merges (hfkd.cache_parts).
+    folder = partial if processes.count == 1 else part_folder(partial, processes.rank)
+    os.makedirs(folder, exist_ok=True)
+    writer = _ShardWriter(folder, max_shard_bytes, first_row=rows.start)
     try:
-        layout, topk_stats = _write_records(teacher, rows_view, collator, device, writer, plan, batch_size, progress)
+        layout, topk_stats = _write_records(
+            teacher, rows_view, rows, collator, device, writer, plan, batch_size, progress
+        )
     except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(folder, ignore_errors=True)
         raise
     finally:
         teacher.train(was_training)
+    if processes.count > 1:
+        mark_done(folder, layout, rows, writer.files, writer.shard_rows, topk_stats)
+        processes.barrier()
+        if processes.rank == 0:
+            files, shard_rows, layout, topk_stats = merge_parts(partial, processes.count)
+            writer.files, writer.shard_rows = files, shard_rows
 
-    _add_topk_stats(layout, *topk_stats, topk_encoding)
-    meta = _cache_meta(
-        started, dataset, max_shard_bytes, writer, dtype, teacher, processing_class, data_digest, layout
-    )
-    with open(os.path.join(partial, CACHE_FILE), "w") as handle:
-        json.dump(meta, handle, indent=1)
-    if os.path.exists(output_dir):
-        shutil.rmtree(output_dir)
-    os.replace(partial, output_dir)
-    logger.info("Teacher cache of %d rows written to %s in %.1f s.", len(dataset), output_dir, meta["seconds"])
+    if processes.rank == 0:
+        _add_topk_stats(layout, *topk_stats, topk_encoding)
+        meta = _cache_meta(
+            started, dataset, max_shard_bytes, writer, dtype, teacher, processing_class, data_digest, layout
+        )
+        if processes.count > 1:
+            meta["processes"] = processes.count
+        with open(os.path.join(partial, CACHE_FILE), "w") as handle:
+            json.dump(meta, handle, indent=1)
+        if os.path.exists(output_dir):
+            shutil.rmtree(output_dir)
+        os.replace(partial, output_dir)
+        logger.info("Teacher cache of %d rows written to %s in %.1f s.", len(dataset), output_dir, meta["seconds"])
+    processes.barrier()  # every process returns the finished cache
     return TeacherCache(output_dir)
 
 
@@ -412,34 +439,39 @@ class _BuildPlan(NamedTuple):
     output_dir: str
 
 
-def _write_records(teacher, rows_view, collator, device, writer, plan: _BuildPlan, batch_size: int, progress: bool):
-    """Runs the teacher over the rows a batch at a time and hands each batch's records to `writer` (closed at the
-    end). The layout is planned, and the disk checked, on the first batch's outputs.
+def _write_records(
+    teacher, rows_view, block: range, collator, device, writer, plan: _BuildPlan, batch_size: int, progress: bool
+):
+    """Runs the teacher over the rows of `block` a batch at a time and hands each batch's records to `writer`
+    (closed at the end). The layout is planned, and the disk checked, on the first batch's outputs.
 
     Returns:
-        (layout, (summed top-k mass, its number of positions, the compact encoding's steps per batch)).
+        (layout (None for an empty block), (the summed top-k mass of each batch, its number of rows, the compact
+        encoding's steps per batch)).
     """
     from tqdm.auto import tqdm
 
     layout, bar = None, None
-    covered, covered_n, steps = 0.0, 0, []
-    for start in range(0, len(rows_view), batch_size):
-        rows = list(range(start, min(start + batch_size, len(rows_view))))
+    covered, covered_n, steps = [], 0, []
+    for start in range(block.start, block.stop, batch_size):
+        rows = list(range(start, min(start + batch_size, block.stop)))
         batch = collator([dict(rows_view[i]) for i in rows])
         inputs = _teacher_inputs(batch, device)
         with torch.no_grad():
             out = teacher(**inputs, **_flags(teacher, bool(plan.hidden_terms)))
         if layout is None:
             layout = _first_layout(out, batch, collator, rows_view, plan)
-            bar = tqdm(total=len(rows_view), desc="teacher cache", unit="row", disable=not progress)
+            bar = tqdm(total=len(block), desc="teacher cache", unit="row", disable=not progress)
         lengths, columns, stats = _batch_records(out, batch, layout, plan.args.temperature, plan.dtype)
         del out  # the batch's full outputs go before the next forward; the records are copies
-        covered, covered_n = covered + stats[0], covered_n + stats[1]
+        covered.append(stats[0])
+        covered_n += stats[1]
         if stats[2] is not None:
             steps.append(stats[2])
         writer.add(rows, lengths, columns)
         bar.update(len(rows))
-    bar.close()
+    if bar is not None:
+        bar.close()
     writer.close()
     return layout, (covered, covered_n, steps)
 
@@ -457,10 +489,10 @@ def _first_layout(out, batch, collator, rows_view, plan: _BuildPlan) -> dict:
     return layout
 
 
-def _add_topk_stats(layout: dict, covered: float, covered_n: int, steps: list, topk_encoding: str) -> None:
+def _add_topk_stats(layout: dict, covered: list, covered_n: int, steps: list, topk_encoding: str) -> None:
     """Top-k logits: the mean mass the kept classes hold, and the compact encoding's error bounds, in the layout."""
     if layout["logits"] is not None and layout["logits"]["mode"] == "topk":
-        layout["logits"]["mean_top_k_mass"] = covered / max(covered_n, 1)
+        layout["logits"]["mean_top_k_mass"] = sum(covered) / max(covered_n, 1)  # batch by batch, in row order
         if topk_encoding == "compact":
             # The quantisation's error bound per position is its step (+ 2**-11): its largest and mean over the data.
             steps = np.concatenate(steps) if steps else np.zeros(0)
@@ -794,11 +826,11 @@ class _ShardWriter:
     """Copies each batch's records into one growing buffer per column and writes them as an Arrow stream file once
     they reach `max_bytes`; the buffers are reused, so memory stays at one shard's records (plus growth slack)."""
 
-    def __init__(self, folder: str, max_bytes: int):
+    def __init__(self, folder: str, max_bytes: int, first_row: int = 0):
         self.folder, self.max_bytes = folder, max_bytes
         self.files: list[str] = []
         self.shard_rows: list[int] = []
-        self.next_row = 0
+        self.next_row = first_row
         self._columns: dict[str, _Column] = {}
         self._rows: list[int] = []
         self._lengths: list[int] = []
@@ -881,6 +913,15 @@ class TeacherCache:
     def __init__(self, path: str):
         meta_path = os.path.join(path, CACHE_FILE)
         if not os.path.isfile(meta_path):
+            for folder in (path, path.rstrip("/") + ".partial"):
+                parts, unfinished = unfinished_parts(folder)
+                if unfinished:
+                    raise TeacherCacheError(
+                        f"teacher_cache_dir={path!r}: {folder} holds a teacher cache that {len(parts)} processes were "
+                        f"building, and {len(unfinished)} of them did not finish ({', '.join(unfinished)} hold no "
+                        "done marker): it is incomplete. Build it again with `hfkd cache` (the unfinished folder is "
+                        "removed first)."
+                    )
             raise TeacherCacheError(
                 f"teacher_cache_dir={path!r} holds no {CACHE_FILE}; build the cache first with `hfkd cache` (or "
                 "hfkd.build_teacher_cache)."

@@ -231,6 +231,8 @@ def _cache(argv: list[str]) -> int:
 
     recipe, data_args, config, cache_args = parse_distill_args(argv, "cache")
     result = run_cache(recipe, data_args, config, cache_args)
+    if not config.distributed_state or not config.distributed_state.is_main_process:
+        return 0  # several processes built it: process 0 reports
     logits = result["logits"]
     what = []
     if logits:

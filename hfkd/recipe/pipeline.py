@@ -140,6 +140,11 @@ def run_cache(recipe: RecipeArguments, data_args: DataArguments, config: Distill
     data = load_data(recipe, data_args, config, source)
     check_cache_tokenizer(recipe, data.across)
     teacher = load_teacher(recipe, config, source, data)
+    # On this process's device (its GPU under a launcher; the CPU with use_cpu=True or none): `accelerate launch -m
+    # hfkd cache` splits the rows over the processes (hfkd.cache_parts).
+    # A teacher dispatched over devices (device_map) or quantized stays where its loader put it.
+    if getattr(teacher, "hf_device_map", None) is None and not getattr(teacher, "is_quantized", False):
+        teacher.to(config.device)
     # A student only when hidden states are cached: its depth resolves the hidden layer map.
     student = make_student(recipe, config, data, teacher)[0] if config.hidden_weight > 0 else None
     cache = build_teacher_cache(
