@@ -8,7 +8,10 @@ are averaged the same way, since the teacher runs in eval mode and never updates
 copied.
 
 The update is one fused in-place `torch._foreach_lerp_` over all tensors, so it costs a few passes over the
-student's weights. The teacher is saved in each checkpoint (`hfkd_ema_teacher.safetensors`) and restored on
+student's weights. Under FSDP2 the teacher is sharded like the student (the same plugin, the same layer classes),
+so each process averages its own shard of each weight, with no communication; the checkpoint gathers the whole
+teacher (a collective on every process, `gather_state`) and loading gives each process its shard back. The
+teacher is saved in each checkpoint (`hfkd_ema_teacher.safetensors`) and restored on
 resume; the exported student never contains it. A teacher cache cannot stand for a teacher that changes every
 step, so `teacher_cache_dir` is refused with it.
 """
@@ -31,6 +34,8 @@ class EMATeacher:
         if t_params.keys() != s_params.keys():
             raise ValueError("The EMA teacher must have the student's parameters; build it as a copy of the student.")
         names = list(s_params)
+        for n in names:
+            _check_same_shards(n, t_params[n], s_params[n])
         # Pairs of tensors updated together, in a fixed order (the same in every process and after a resume).
         self._float = [(t_params[n], s_params[n]) for n in names]
         t_buffers, s_buffers = dict(teacher.named_buffers()), dict(student.named_buffers())
@@ -44,14 +49,23 @@ class EMATeacher:
     @torch.no_grad()
     def update(self, update: int) -> None:
         weight = 1.0 - self.decay_at(update)
-        targets = [t for t, _ in self._float]
-        sources = [s.detach().to(t.dtype) if s.dtype != t.dtype else s.detach() for t, s in self._float]
+        # Sharded weights (FSDP2 DTensors) are averaged shard by shard: both sides hold the same rows here.
+        targets = [_local(t) for t, _ in self._float]
+        sources = [_local(s).detach() for _, s in self._float]
+        sources = [s.to(t.dtype) if s.dtype != t.dtype else s for t, s in zip(targets, sources, strict=True)]
         torch._foreach_lerp_(targets, sources, weight)
         for t, s in self._copied:
             t.copy_(s)
 
-    def save(self, directory: str) -> None:
-        state = {k: v.detach().contiguous().cpu() for k, v in self.teacher.state_dict().items()}
+    def gather_state(self) -> dict:
+        """The teacher's whole weights on the CPU. Under FSDP2 each weight is gathered from every process: a
+        collective that every process must call, in the same order."""
+        state = self.teacher.state_dict()
+        return {k: (v.full_tensor() if _is_dtensor(v) else v).detach().contiguous().cpu() for k, v in state.items()}
+
+    def save(self, directory: str, state: dict | None = None) -> None:
+        """Writes the teacher (`state`: gathered by `gather_state` beforehand, needed when it is sharded)."""
+        state = self.gather_state() if state is None else state
         save_file(_untied(state), os.path.join(directory, EMA_FILE))
 
     def load(self, directory: str) -> None:
@@ -67,19 +81,54 @@ class EMATeacher:
         missing = sorted(set(mine) - set(state) - _tied_names(mine))
         if missing or set(state) - set(mine):
             raise ValueError(f"The EMA teacher in {path} does not match this student ({missing[:3]} ...).")
-        self.teacher.load_state_dict({k: v.to(mine[k].device) for k, v in state.items()}, strict=False)
+        with torch.no_grad():
+            for key, value in state.items():
+                target = mine[key]
+                if _is_dtensor(target):
+                    # Every process read the whole tensor: each keeps its own shard, with no communication.
+                    from torch.distributed.tensor import distribute_tensor
+
+                    shard = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+                    target.to_local().copy_(shard.to_local())
+                else:
+                    target.copy_(value)
 
 
 class EMAUpdate(TrainerCallback):
-    """Updates the EMA teacher after every optimizer step that was applied (not after a skipped fp16 step)."""
+    """Updates the EMA teacher after every optimizer step that was applied (not after a skipped fp16 step).
 
-    def __init__(self, ema: EMATeacher, step_was_skipped):
+    `ema`: the EMATeacher, or a function returning it (bound once the student is prepared, under FSDP2)."""
+
+    def __init__(self, ema, step_was_skipped):
         self.ema, self.step_was_skipped = ema, step_was_skipped
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if not self.step_was_skipped():
+            ema = self.ema if isinstance(self.ema, EMATeacher) else self.ema()
             # global_step counts the steps before this one: the update's index, the same after a resume.
-            self.ema.update(state.global_step)
+            ema.update(state.global_step)
+
+
+def _is_dtensor(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded weight's shard on this process (it shares the weight's storage), else the tensor itself."""
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def _check_same_shards(name: str, teacher: torch.Tensor, student: torch.Tensor) -> None:
+    if _is_dtensor(teacher) != _is_dtensor(student) or (
+        _is_dtensor(student)
+        and (teacher.placements != student.placements or teacher.device_mesh != student.device_mesh)
+    ):
+        raise ValueError(
+            f"The EMA teacher's {name} is not sharded like the student's: each process must hold the same part of "
+            "both to average them. Shard both with the run's FSDP plugin (DistillationTrainer does), or neither."
+        )
 
 
 def _tied_names(state: dict) -> set[str]:

@@ -152,6 +152,11 @@ def prepare_sharded(model, accelerator):
     names = [n for n in _wrap_names(plugin) or () if get_module_class_from_name(model, n) is not None]
     plugin.transformer_cls_names_to_wrap = names or None
     try:
-        return accelerator.prepare(model)
+        sharded = accelerator.prepare(model)
     finally:
         plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = saved
+    # FSDP2 keeps the root module's weights gathered after its forward, expecting the backward to need them at
+    # once; a teacher has no backward, so each process would hold its embeddings and head whole from the first
+    # step on. Every level of a teacher is resharded after its forward.
+    sharded.set_reshard_after_forward(True)
+    return sharded

@@ -591,6 +591,7 @@ class DistillationTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
         folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        self.source.gather_checkpoint()  # every process: sharded state is gathered collectively
         if self.args.should_save and os.path.isdir(folder):
             self.term_set.save(folder)
             self.source.save_checkpoint(folder)

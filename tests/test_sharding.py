@@ -23,6 +23,9 @@ def test_fsdp_on_two_cpu_processes_equals_one_process_and_shards_the_teacher(tmp
     # Each process holds about half of the teacher (FSDP2 splits each tensor by rows, rounding up on process 0).
     ((local, total),) = b["teacher_shares"]
     assert a["teacher_shares"] == [(total, total)] and 0.45 * total <= local <= 0.55 * total, b["teacher_shares"]
+    # And still after training: FSDP2 keeps a root module gathered after its forward unless told otherwise (a
+    # teacher, which has no backward, would hold its embeddings and head whole from the first step on).
+    assert b["teacher_shares_after"] == b["teacher_shares"]
     for step_a, step_b in zip(a["log"], b["log"], strict=True):
         for key in ("loss", "task", "distill/logit"):
             assert step_a[key] == pytest.approx(step_b[key], rel=1e-5, abs=1e-6), (step_a["step"], key)
@@ -61,6 +64,37 @@ def test_a_term_with_a_projection_under_fsdp_trains_as_in_one_process_and_resume
     assert _run([*cut, "--kill_at_step", "3"], launcher=LAUNCH_TWO, check=False).returncode != 0
     _run([*cut, "--resume"], launcher=LAUNCH_TWO)
     _assert_close(b, torch.load(resumed), atol=0)
+
+
+def test_a_mean_teacher_under_fsdp_averages_each_shard_as_one_process_and_resumes_exactly(tmp_path):
+    """teacher_ema_decay under FSDP2: the teacher (a copy of the student) is sharded like the student, each process
+    averages its own shard after every step; equal to one process, and exact after a kill and resume (the
+    checkpoint's teacher is gathered from both processes, and each takes its shard back on loading)."""
+    one, two, resumed = tmp_path / "one.pt", tmp_path / "two.pt", tmp_path / "resumed.pt"
+    common = ["--max_steps", "4", "--save_steps", "2", "--optim", "adamw_torch", "--learning_rate", "0.01"]
+    common += ["--ema", "0.5"]
+    _run(["--output_dir", str(tmp_path / "a"), "--result", str(one), *common])
+    sharded = [*common, "--fsdp", "--per_device_train_batch_size", "4"]
+    _run(["--output_dir", str(tmp_path / "b"), "--result", str(two), *sharded], launcher=LAUNCH_TWO)
+    a, b = torch.load(one), torch.load(two)
+    assert b["fsdp"] and b["world_size"] == 2
+    # The teacher has moved away from the student (it averages), by far more than the tolerance below.
+    assert max((a["ema"][k] - a["student"][k]).abs().max() for k in a["student"]) > 1e-3
+    assert a["log"][-1]["distill/logit"] > 0
+    for step_a, step_b in zip(a["log"], b["log"], strict=True):
+        for key in ("loss", "distill/logit", "distill/hidden"):
+            assert step_a[key] == pytest.approx(step_b[key], rel=1e-5, abs=1e-6), (step_a["step"], key)
+    for part in ("student", "ema"):
+        for key, value in a[part].items():
+            torch.testing.assert_close(b[part][key], value, rtol=0, atol=1e-5, msg=f"{part}.{key}")
+    assert (tmp_path / "b" / "checkpoint-2" / "hfkd_ema_teacher.safetensors").is_file()
+    cut = ["--output_dir", str(tmp_path / "c"), "--result", str(resumed), *sharded]
+    assert _run([*cut, "--kill_at_step", "3"], launcher=LAUNCH_TWO, check=False).returncode != 0
+    _run([*cut, "--resume"], launcher=LAUNCH_TWO)
+    c = torch.load(resumed)
+    for part in ("student", "ema"):
+        for key, value in b[part].items():
+            torch.testing.assert_close(c[part][key], value, rtol=0, atol=0, msg=f"{part}.{key}")
 
 
 def _assert_close(a, b, atol):

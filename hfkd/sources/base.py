@@ -122,8 +122,12 @@ class TeacherSource:
         """Clears the gradients of models that train too (Trainer clears only the student's)."""
 
     # ---------------------------------------------------------------- files
+    def gather_checkpoint(self) -> None:
+        """Called on every process before the main one saves a checkpoint: collectives (gathering sharded state)
+        go here, since `save_checkpoint` runs on the main process alone."""
+
     def save_checkpoint(self, folder: str) -> None:
-        """Writes this source's state into a checkpoint folder."""
+        """Writes this source's state into a checkpoint folder (main process)."""
 
     def load_checkpoint(self, folder: str) -> None:
         """Restores this source's state from a checkpoint folder."""

@@ -17,17 +17,23 @@ class MeanTeacher(FrozenTeachers):
         super().__init__({"teacher": copy.deepcopy(student)})
         self.decay = decay
         self.ema: EMATeacher | None = None
+        self._trainer = None
+        self._gathered: dict | None = None
 
     def check_tokenizers(self, student_tokenizer, student) -> None:
         """A copy of the student reads the student's ids."""
 
     def attach(self, trainer) -> None:
-        super().attach(trainer)
-        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        if trainer.is_deepspeed_enabled:
             raise ValueError(
-                "teacher_ema_decay with DeepSpeed or FSDP: the student's weights are sharded, so no process holds "
-                "them whole to average; train without teacher_ema_decay, or on one device or with DDP."
+                "teacher_ema_decay with DeepSpeed: ZeRO keeps the student's weights in its engine's own partitions, "
+                "which hfkd does not reach to average (and ZeRO-3 would need the teacher partitioned the same way). "
+                "Use FSDP instead (recipes/accelerate/fsdp.yaml: each process averages its own shard), DDP, or one "
+                "device."
             )
+        # Under FSDP2 the copy is sharded by the student's plugin here: the same layer classes, the same rows per
+        # process, so that each process can average its shard of the teacher with its shard of the student.
+        super().attach(trainer)
         student = trainer.accelerator.unwrap_model(trainer.model)
         if trainer.optimizer is not None:  # `optimizers=` gave one: it must own every trainable weight to average
             owned = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
@@ -38,12 +44,28 @@ class MeanTeacher(FrozenTeachers):
                     f"given by `optimizers=` does not update {len(missing)} trainable parameters (e.g. {missing[:3]}). "
                     "Build it over all of model.parameters(), or freeze those (requires_grad=False)."
                 )
-        teacher = trainer.accelerator.unwrap_model(self.teachers["teacher"])
-        self.ema = EMATeacher(teacher, student, self.decay)
-        trainer.add_callback(EMAUpdate(self.ema, lambda: trainer.accelerator.optimizer_step_was_skipped))
+        self._trainer = trainer
+        if not trainer.is_fsdp_enabled:
+            self._bound()
+        trainer.add_callback(EMAUpdate(self._bound, lambda: trainer.accelerator.optimizer_step_was_skipped))
+
+    def _bound(self) -> EMATeacher:
+        """The teacher and student weights paired, once both are final: under FSDP2 the Trainer shards the student
+        when training starts, replacing its parameters with sharded ones, so the pairs are made at first use."""
+        if self.ema is None:
+            accelerator = self._trainer.accelerator
+            teacher = accelerator.unwrap_model(self.teachers["teacher"])
+            self.ema = EMATeacher(teacher, accelerator.unwrap_model(self._trainer.model), self.decay)
+        return self.ema
+
+    def gather_checkpoint(self) -> None:
+        if self._trainer.is_fsdp_enabled:
+            state = self._bound().gather_state()  # a collective: every process takes part
+            self._gathered = state if self._trainer.args.should_save else None
 
     def save_checkpoint(self, folder: str) -> None:
-        self.ema.save(folder)
+        self._bound().save(folder, self._gathered)
+        self._gathered = None
 
     def load_checkpoint(self, folder: str) -> None:
-        self.ema.load(folder)
+        self._bound().load(folder)

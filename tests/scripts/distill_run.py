@@ -93,6 +93,7 @@ def main():
     parser.add_argument("--gpt2_teacher", action="store_true", help="a GPT-2 teacher: another family than the student")
     parser.add_argument("--two_teachers", action="store_true", help="teachers a and b (hfkd.mixing), equal weights")
     parser.add_argument("--logit_only", action="store_true", help="no hidden term (and so no projection)")
+    parser.add_argument("--ema", type=float, default=None, help="a mean teacher of this decay instead of a teacher")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -107,6 +108,8 @@ def main():
         extra = {"terms": [{"name": "dkd", "weight": 1.0}], "train_sampling_strategy": "sequential"}
     if args.fsdp:  # each decoder layer its own shard group
         extra = {"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": [args.wrap_class]}}
+    if args.ema is not None:
+        extra["teacher_ema_decay"] = args.ema
     config = DistillationConfig(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -134,10 +137,14 @@ def main():
         models = {"teacher_model": {"a": teacher, "b": tiny_llama(32, 4, seed=5)}}
     if args.peers:
         models = {"peer_models": [tiny_llama(16, 2, seed=2 + i) for i in range(args.peers)]}
+    if args.ema is not None:
+        models = {}
     trainer = DistillationTrainer(model=student, args=config, train_dataset=data, callbacks=callbacks, **models)
     teacher_shares = [_local_shares(one) for one in trainer.teachers.values()]
     trainer.train(resume_from_checkpoint=True if args.resume else None)
+    teacher_shares_after = [_local_shares(one) for one in trainer.teachers.values()]
     student_state = _full_state(trainer)
+    ema_state = trainer.source.ema.gather_state() if args.ema is not None else {}  # all processes: a collective
     if trainer.is_world_process_zero():
         torch.save(
             {
@@ -146,15 +153,17 @@ def main():
                 "projector": {
                     k: v.detach().clone() for k, v in trainer.term_set.terms["hidden"].projector.state_dict().items()
                 }
-                if "hidden" in trainer.term_set.terms
+                if "hidden" in trainer.term_set.terms and trainer.term_set.terms["hidden"].projector is not None
                 else {},
                 "peers": {
                     name: {k: v.detach().clone() for k, v in peer.state_dict().items()}
                     for name, peer in trainer.peers.items()
                 },
+                "ema": ema_state,
                 "world_size": trainer.args.world_size,
                 "fsdp": trainer.is_fsdp_enabled,
                 "teacher_shares": teacher_shares,
+                "teacher_shares_after": teacher_shares_after,
             },
             args.result,
         )
