@@ -724,7 +724,7 @@ def parse_size(value, name: str = "max_shard_size", error=ValueError) -> int:
         for unit, factor in _SIZE_UNITS:
             if text.endswith(unit):
                 try:
-                    number = int(float(text[: -len(unit)]) * factor)
+                    number = int(float(text[: len(text) - len(unit)]) * factor)  # [:-0] would be empty
                 except ValueError:
                     number = 0
                 break

@@ -113,6 +113,16 @@ class DistillationConfig(TrainingArguments):
             "the student, is saved in each checkpoint and never exported."
         },
     )
+    teacher_memory_limit: str | None = field(
+        default=None,
+        metadata={
+            "help": "The most bytes each process may give the teachers' parameters at rest, e.g. '20GB' or '8GiB' "
+            "(None: no check). Checked before anything is written, against the teachers' parameter bytes as loaded, "
+            "split over the processes where the run shards them (FSDP, DeepSpeed ZeRO-3: each tensor's rows, "
+            "rounded up) and whole otherwise. A sharded teacher also gathers one wrapped layer at a time during its "
+            "forward, which comes on top."
+        },
+    )
     peer_model_name_or_path: list | str | dict | None = field(  # str second: the command line passes JSON text
         default=None,
         metadata={
@@ -321,6 +331,7 @@ class DistillationConfig(TrainingArguments):
         super().__post_init__()
         # In this order: a check may rely on fields the earlier ones parsed (JSON strings, `terms`).
         self._check_teachers()
+        self._check_teacher_memory_limit()
         self._check_teacher_tokenizer()
         if self.peer_model_name_or_path is not None:
             named_peers(self.peer_model_name_or_path)  # an empty or repeated entry fails here
@@ -390,6 +401,12 @@ class DistillationConfig(TrainingArguments):
                     "teacher_ema_decay makes the teacher change after every step, so a teacher cache (which stores "
                     "one fixed teacher's outputs) cannot stand for it; unset teacher_cache_dir or teacher_ema_decay."
                 )
+
+    def _check_teacher_memory_limit(self) -> None:
+        if self.teacher_memory_limit is not None:
+            from .cache import parse_size
+
+            parse_size(self.teacher_memory_limit, "teacher_memory_limit")
 
     def _check_teacher_tokenizer(self) -> None:
         """tokenize_max_length, and what a teacher with its own tokenizer cannot be combined with yet."""

@@ -18,6 +18,8 @@ instantiation (and `get_state_dict` then returned each process's shards).
 
 from __future__ import annotations
 
+import torch
+
 from .launch import fsdp_requested
 
 # Under FSDP, the optimizer state of the terms' own parameters (kept out of FSDP's optimizer state), per checkpoint.
@@ -160,3 +162,34 @@ def prepare_sharded(model, accelerator):
     # step on. Every level of a teacher is resharded after its forward.
     sharded.set_reshard_after_forward(True)
     return sharded
+
+
+def teacher_bytes_per_process(model: torch.nn.Module, processes: int) -> int:
+    """Bytes of `model`'s parameters one process holds at rest when they are split over `processes` by rows, as
+    FSDP2 splits each tensor (rounding up: the first process holds the most), or whole with `processes=1`."""
+    total = 0
+    for p in model.parameters():
+        rows = p.shape[0] if p.dim() else 1
+        total += -(-rows // processes) * (p.numel() // max(rows, 1)) * p.element_size()
+    return total
+
+
+def check_teacher_memory(limit: str | None, teachers: dict, processes: int, sharded: bool) -> None:
+    """Refuses teachers whose parameters need more than `limit` bytes per process (`teacher_memory_limit`)."""
+    if limit is None or not teachers:
+        return
+    from .cache import parse_size
+
+    allowed = parse_size(limit, "teacher_memory_limit")
+    split = processes if sharded else 1
+    needs = {name: teacher_bytes_per_process(model, split) for name, model in teachers.items()}
+    if sum(needs.values()) <= allowed:
+        return
+    each = ", ".join(f"{name} {need:,}" for name, need in needs.items())
+    how = f"sharded over {processes} processes" if split > 1 else "whole in every process (not sharded)"
+    raise ValueError(
+        f"teacher_memory_limit={limit!r} allows {allowed:,} bytes per process, but the teachers' parameters need "
+        f"{sum(needs.values()):,} ({each}), {how}. Shard the teacher over more processes (FSDP: "
+        "recipes/accelerate/fsdp.yaml), load it in a smaller dtype (torch_dtype=torch.bfloat16), run it once "
+        "beforehand (`hfkd cache`, then teacher_cache_dir), or raise teacher_memory_limit."
+    )

@@ -35,6 +35,7 @@ from .saved_weights import complete_load
 from .sharding import (
     TERMS_OPTIMIZER_FILE,
     DetachedGroup,
+    check_teacher_memory,
     check_wrap_classes,
     clip_joint_norm,
     enable_fsdp_on_cpu,
@@ -158,6 +159,10 @@ class DistillationTrainer(Trainer):
             self.label_names = ["labels"]
         self.source = source
         self.term_set = self._build_terms(args, source)
+        zero3 = self.is_deepspeed_enabled and self.accelerator.state.deepspeed_plugin.zero_stage == 3
+        check_teacher_memory(
+            args.teacher_memory_limit, source.models(), self.accelerator.num_processes, self.is_fsdp_enabled or zero3
+        )
         source.attach(self)
         kind = model_kind(unwrap_peft(self.model), self._loss_shifts_labels)
         mixer.shifts_labels = kind.shifts_labels

@@ -808,6 +808,7 @@ def test_shards_are_sized_in_bytes_and_a_format_2_cache_with_rows_per_shard_stil
     with pytest.raises(ValueError, match="max_shard_size must be a positive size .*got 'big'"):
         CacheArguments(cache_dir="c", max_shard_size="big")
     assert hfkd_parse("1.5GB") == 1_500_000_000 and hfkd_parse("256MiB") == 256 * 2**20 and hfkd_parse(4096) == 4096
+    assert hfkd_parse("4096") == 4096 and hfkd_parse(" 12 B ") == 12  # a number as text: bytes
 
 
 def test_the_data_digest_reads_the_rows_not_how_they_were_made():

@@ -8,7 +8,11 @@ import pytest
 import torch
 from launches import FSDP_CPU_CONFIG, LAUNCH_TWO
 from launches import run_script as _run
+from tiny_models import classification_data, teacher_student_pair, tiny_llama
 from transformers import LlamaForCausalLM
+
+from hfkd import DistillationConfig, DistillationTrainer
+from hfkd.sharding import check_teacher_memory, teacher_bytes_per_process
 
 TWO = ["--fsdp", "--logit_only", "--per_device_train_batch_size", "4"]  # 2 x 4 rows = one process's 8
 
@@ -26,6 +30,9 @@ def test_fsdp_on_two_cpu_processes_equals_one_process_and_shards_the_teacher(tmp
     # And still after training: FSDP2 keeps a root module gathered after its forward unless told otherwise (a
     # teacher, which has no backward, would hold its embeddings and head whole from the first step on).
     assert b["teacher_shares_after"] == b["teacher_shares"]
+    # teacher_memory_limit's estimate is what process 0 held (float32 teacher).
+    assert teacher_bytes_per_process(tiny_llama(32, 4, seed=0), 2) == 4 * local
+    assert teacher_bytes_per_process(tiny_llama(32, 4, seed=0), 1) == 4 * total
     for step_a, step_b in zip(a["log"], b["log"], strict=True):
         for key in ("loss", "task", "distill/logit"):
             assert step_a[key] == pytest.approx(step_b[key], rel=1e-5, abs=1e-6), (step_a["step"], key)
@@ -162,3 +169,30 @@ def test_a_sharded_checkpoint_resumes_with_another_process_count(tmp_path):
     for step_a, step_b in zip(a["log"], b["log"], strict=True):
         assert step_a["loss"] == pytest.approx(step_b["loss"], rel=1e-5)
     _assert_close(a, b, atol=1e-6)
+
+
+def test_a_teacher_larger_than_teacher_memory_limit_is_refused_before_anything_is_written(tmp_path):
+    teacher, student = teacher_student_pair("bert_sequence")
+    need = teacher_bytes_per_process(teacher, 1)
+    out = tmp_path / "run"
+    args = dict(output_dir=str(out), max_steps=1, report_to=[], use_cpu=True)
+    with pytest.raises(ValueError, match=r"teacher_memory_limit='1KB' allows 1,000 bytes .* whole in every process"):
+        DistillationTrainer(
+            model=student,
+            teacher_model=teacher,
+            args=DistillationConfig(**args, teacher_memory_limit="1KB"),
+            train_dataset=classification_data(),
+        )
+    assert not out.exists()
+    DistillationTrainer(  # a limit the teacher fits: no complaint
+        model=student,
+        teacher_model=teacher,
+        args=DistillationConfig(**args, teacher_memory_limit=str(need)),
+        train_dataset=classification_data(),
+    )
+    # Sharded over 2 processes, the same teacher needs about half (rows rounded up on the first process).
+    check_teacher_memory(str(need // 2 + 1000), {"teacher": teacher}, processes=2, sharded=True)
+    with pytest.raises(ValueError, match="sharded over 2 processes"):
+        check_teacher_memory(str(need // 3), {"teacher": teacher}, processes=2, sharded=True)
+    with pytest.raises(ValueError, match="teacher_memory_limit must be a positive size"):
+        DistillationConfig(**args, teacher_memory_limit="lots")
