@@ -82,10 +82,10 @@ layers + untied output head + norms, and land on the published counts):
   times; the notes and the JSON give the smallest micro-batch (tokens) and the lowest bus bandwidth at which it
   still hides.
 
-**What hfkd does today under FSDP:** the chunked head is used only where the heads' weights are whole in the
-process (`DistillationTrainer._probe`: `chunk_allowed=not (self.is_deepspeed_enabled or self.is_fsdp_enabled)`;
-`logit_chunk_size`'s help), so an FSDP2 run computes full logits. The table shows both: the chunked head's figures are what hfkd needs once its
-chunked head runs under FSDP, the full-logits figures what it needs now.
+**What hfkd does under FSDP:** under FSDP2 the logit term runs by chunks (the teacher's head unit is gathered for
+the chunks, the student's root and head units stay gathered from its forward to its backward; tested with 2 CPU
+processes against one, tests/test_sharding.py). The full-logits figures are what `logit_chunk_size=0`, DeepSpeed
+and FSDP1 runs need, and what hfkd needed under FSDP2 before that change.
 """
 
 import argparse
@@ -439,15 +439,16 @@ def assumptions_text(m: dict, a: dict, speeds: list[dict], note: dict) -> list[s
         f"Logit head: one chunk of {m['chunk_size']['value']} positions at "
         f"{m['chunk_bytes_per_element']['value']:.1f} bytes per logit element (measured, an upper bound) plus the "
         f"float32 head-gradient accumulator; full logits at {m['full_logits_bytes_per_element']['value']:.1f} bytes "
-        "per logit element (measured); both in float32 on CPU (benchmarks/scaling.json). **Under FSDP hfkd uses the "
-        "full logits today** (the chunked head needs the heads' weights whole in the process).",
+        "per logit element (measured); both in float32 on CPU (benchmarks/scaling.json). Under FSDP2 hfkd uses the "
+        "chunked head (its heads gathered for the chunks); full logits are what DeepSpeed, FSDP1 and "
+        "logit_chunk_size=0 need.",
         "Total: the sum of the columns, an upper bound (the teacher's transients and the student's do not coexist); "
         "CUDA context, NCCL buffers and fragmentation not counted.",
         f"Speed: {flops['total'] / 1e9:.0f} GFLOP per token (student 6 N + 12 L h s = "
         f"{flops['student_training'] / 1e9:.0f}, teacher forward 2 N + 4 L h s = "
         f"{flops['teacher_forward'] / 1e9:.0f}) at {a['mfu']:.0%} MFU of {a['peak_flops'] / 1e12:.0f} TFLOP/s, "
         f"times hfkd's measured overhead {m['overhead_online']['value']:.3f} (online step / (student step + teacher "
-        "forward), SmolLM2 on CPU, benchmarks/results.json). Full logits, which FSDP runs use today, measured "
+        "forward), SmolLM2 on CPU, benchmarks/results.json). Full logits measured "
         f"{m['overhead_full_logits_cpu']['value']:.2f} there, where the passes over [tokens, 49,152] weigh far more "
         "than beside a 70B forward: not carried over.",
         "FSDP traffic per micro-batch and GPU: teacher bf16 all-gather, student bf16 all-gathers (forward, backward) "

@@ -194,8 +194,8 @@ class DistillationConfig(TrainingArguments):
             "help": "Causal LMs: compute the logit term (and the student's own loss) from the two models' final hidden "
             "states and output heads this many positions at a time, so the full [batch, sequence, vocabulary] logits "
             "are never held; loss and gradients equal the full computation. 0 uses the models' full logits. Models "
-            "whose head is not a plain linear layer (soft-capping, LoRA on the head) and DeepSpeed/FSDP runs always "
-            "use the full logits."
+            "whose head is not a plain linear layer (soft-capping, LoRA on the head), DeepSpeed and FSDP1 runs always "
+            "use the full logits; under FSDP2 the heads are gathered for the chunks."
         },
     )
     hidden_loss: str = field(

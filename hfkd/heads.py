@@ -51,7 +51,14 @@ def linear_head(model: torch.nn.Module) -> torch.nn.Linear | None:
     """The output head if it is exactly an `nn.Linear` (a wrapped or custom head might do more than a matmul)."""
     get = getattr(model, "get_output_embeddings", None)
     head = get() if callable(get) else None
-    return head if type(head) is torch.nn.Linear else None
+    return head if type(head) is torch.nn.Linear or _sharded_linear(head) else None
+
+
+def _sharded_linear(head) -> bool:
+    """A plain `nn.Linear` that FSDP2 made a unit of its own (its class `FSDPLinear`: FSDPModule, then Linear)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(head, FSDPModule) and type(head).__bases__ == (FSDPModule, torch.nn.Linear)
 
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:

@@ -120,11 +120,11 @@ def _checked_head(step, candidate: HeadPlan, teaching, student_out, s_hidden, t_
     """The candidate, if both heads reproduce the models' logits from their last hidden states."""
     teacher_out = next(iter(teaching.outputs.values())) if teaching else None
     stored = candidate.teacher_base is None  # the teacher's logits come from the cache, not from a head
-    if (
-        head_reproduces_logits(s_hidden, candidate.student_head, logits_of(student_out))
-        and (stored or head_reproduces_logits(t_hidden, candidate.teacher_head, logits_of(teacher_out)))
-        and (step.settings.task_weight == 0 or plan.task_uses_num_items)
-    ):
+    with step.source.whole_head():  # a sharded teacher's head is gathered (every process runs the probe)
+        reproduced = head_reproduces_logits(s_hidden, candidate.student_head, logits_of(student_out)) and (
+            stored or head_reproduces_logits(t_hidden, candidate.teacher_head, logits_of(teacher_out))
+        )
+    if reproduced and (step.settings.task_weight == 0 or plan.task_uses_num_items):
         return candidate
     logger.warning(
         "The student's or teacher's logits are not a plain linear head of its last hidden states "

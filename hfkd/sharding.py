@@ -18,6 +18,8 @@ instantiation (and `get_state_dict` then returned each process's shards).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from .launch import fsdp_requested
@@ -193,3 +195,37 @@ def check_teacher_memory(limit: str | None, teachers: dict, processes: int, shar
         "recipes/accelerate/fsdp.yaml), load it in a smaller dtype (torch_dtype=torch.bfloat16), run it once "
         "beforehand (`hfkd cache`, then teacher_cache_dir), or raise teacher_memory_limit."
     )
+
+
+@contextlib.contextmanager
+def gathered(models):
+    """Inside, each FSDP2-sharded model of `models` holds its root unit's weights whole (embeddings and head):
+    the chunked logit head reads the teacher's head weight outside the teacher's forward (hfkd.terms.logit). A
+    collective: every process enters it, in the same order."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [part for model in models for part in (model, _output_head(model))]
+    sharded = [m for m in units if isinstance(m, FSDPModule)]  # the root, and the head if it is a unit of its own
+    for model in sharded:
+        model.unshard()
+    try:
+        yield
+    finally:
+        for model in sharded:
+            model.reshard()
+
+
+def keep_root_gathered_until_backward(model) -> None:
+    """Leaves the student's root unit (embeddings, head) gathered from its forward to its backward, FSDP2's own
+    choice for a root, which Accelerate overrides with the plugin's setting: the chunked logit head computes the
+    head's gradient outside the forward, into the gathered weight that FSDP2 then reduce-scatters."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for unit in (model, _output_head(model)):  # the head may be a unit of its own (Accelerate wraps it so)
+        if isinstance(unit, FSDPModule):
+            unit.set_reshard_after_forward(False, recurse=False)
+
+
+def _output_head(model):
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None

@@ -402,16 +402,17 @@ class DistillationStep:
                 if training:
                     task_coef = task_coef / self.accumulation_steps()
         per_unit = scale / counts["logit"]
-        fused, term_sum, task_sum = term.head_loss(
-            s_hidden,
-            plan.student_head,
-            teacher,
-            plan.teacher_head,
-            mask,
-            self.term_set.weights[plan.term] * per_unit,
-            labels=labels,
-            task_scale=settings.task_weight * task_coef if task_coef is not None else None,
-        )
+        with self.source.whole_head():  # a sharded teacher's head is gathered for the chunks (hfkd.sharding)
+            fused, term_sum, task_sum = term.head_loss(
+                s_hidden,
+                plan.student_head,
+                teacher,
+                plan.teacher_head,
+                mask,
+                self.term_set.weights[plan.term] * per_unit,
+                labels=labels,
+                task_scale=settings.task_weight * task_coef if task_coef is not None else None,
+            )
         logged = {"task": task_sum * task_coef} if task_coef is not None else {}
         logged[f"distill/{plan.term}"] = term_sum * per_unit
         return fused, logged

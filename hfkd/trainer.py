@@ -39,6 +39,7 @@ from .sharding import (
     check_wrap_classes,
     clip_joint_norm,
     enable_fsdp_on_cpu,
+    keep_root_gathered_until_backward,
     replicated,
 )
 from .sources import build_source
@@ -404,9 +405,9 @@ class DistillationTrainer(Trainer):
             batch,
             self._limits(),
             require_labels=self.train_dataset is not None,  # the probe batch may come from eval_dataset
-            # Sharded parameters (ZeRO-3, FSDP) exist only inside their module's forward; the label smoother and
-            # compute_loss_func need the full logits.
-            chunk_allowed=not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+            # ZeRO-3's and FSDP1's sharded parameters exist only inside their module's forward (FSDP2's heads are
+            # gathered for the chunks: hfkd.sharding); the label smoother and compute_loss_func need the full logits.
+            chunk_allowed=not (self.is_deepspeed_enabled or (self.is_fsdp_enabled and not self.accelerator.is_fsdp2))
             and self.label_smoother is None
             and self.compute_loss_func is None,
             setup_terms=setup_terms,
@@ -562,6 +563,8 @@ class DistillationTrainer(Trainer):
         if getattr(self, "_terms_group", None) is not None:  # FSDP: the student's optimizer is prepared by now
             self.optimizer.add_param_group(self._terms_group)
             self._terms_group = None
+        if self.is_fsdp_enabled and self.accelerator.is_fsdp2:
+            keep_root_gathered_until_backward(self.model)  # the chunked head's gradient goes into the whole head
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:

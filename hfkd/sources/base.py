@@ -122,6 +122,11 @@ class TeacherSource:
         """Clears the gradients of models that train too (Trainer clears only the student's)."""
 
     # ---------------------------------------------------------------- files
+    def whole_head(self):
+        """A context inside which the teacher's output head can be called outside its forward (sharded teachers
+        gather it; hfkd.sharding.gathered). Entered by every process."""
+        return contextlib.nullcontext()
+
     def gather_checkpoint(self) -> None:
         """Called on every process before the main one saves a checkpoint: collectives (gathering sharded state)
         go here, since `save_checkpoint` runs on the main process alone."""

@@ -131,6 +131,10 @@ class CachedTeachers(TeacherSource):
         # The chunked head term reads the cached logits directly (a top-k cache holds no hidden states to project).
         return Teaching(outputs, head_inputs=dict(outputs) if head is not None else {})
 
+    def whole_head(self):
+        # Every process enters the online teacher's (a collective when it is sharded), cached batch or not.
+        return self.online.whole_head() if self.online is not None else super().whole_head()
+
     def serves_head(self, batch, head) -> bool:
         if has_cached_outputs(batch):
             return True

@@ -16,6 +16,7 @@ from ..models import (
     prepare_teacher,
     unwrap_peft,
 )
+from ..sharding import gathered
 from ..two_tokenizers import check_same_tokenizer
 from .base import TeacherSource, Teaching
 
@@ -119,6 +120,9 @@ class FrozenTeachers(TeacherSource):
         with capture_last_hidden(head.teacher_base) as last:
             out = self.forward(name, teacher_inputs, flags, logits_to_keep=1)
         return Teaching({name: out}, head_inputs={name: last.value})
+
+    def whole_head(self):
+        return gathered(self.teachers.values())
 
     def serves_head(self, batch, head) -> bool:
         return head.teacher_base is not None

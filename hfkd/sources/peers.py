@@ -74,10 +74,16 @@ class Peers(TeacherSource):
             )
 
     def attach(self, trainer) -> None:
-        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        if trainer.is_deepspeed_enabled:
             raise ValueError(
-                "peer_models with DeepSpeed or FSDP: each peer would need its own sharded engine; train the peers with "
-                "DDP or on one device."
+                "peer_models with DeepSpeed: a DeepSpeed engine owns one model and its optimizer, and each peer "
+                "trains with its own; train the peers with DDP, or on one device."
+            )
+        if trainer.is_fsdp_enabled:
+            raise ValueError(
+                "peer_models with FSDP: hfkd does not shard peers yet (each would need its own sharded optimizer "
+                "groups, joined after the student's FSDP preparation, and its weights gathered for checkpoints); "
+                "train the peers with DDP (several processes without FSDP), or on one device."
             )
         if trainer.optimizer is not None:  # `optimizers=` gave one: it must also update every peer
             owned = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}

@@ -160,6 +160,7 @@ def main():
                     for name, peer in trainer.peers.items()
                 },
                 "ema": ema_state,
+                "chunked": trainer.step.plan.head is not None,  # the logit term read the heads by chunks
                 "world_size": trainer.args.world_size,
                 "fsdp": trainer.is_fsdp_enabled,
                 "teacher_shares": teacher_shares,
