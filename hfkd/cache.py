@@ -401,8 +401,9 @@ def _check_what_to_cache(args, teacher, student, top_k: int) -> list:
 def _check_output_and_data(output_dir: str, overwrite: bool, dataset, collator) -> None:
     if os.path.exists(output_dir) and os.listdir(output_dir) and not overwrite:
         raise TeacherCacheError(
-            f"{output_dir} already exists and is not empty; choose another folder or pass overwrite=True (the old "
-            "cache is replaced only once the new one is complete)."
+            f"{output_dir} already exists and is not empty; choose another folder or replace it: `hfkd cache ... "
+            "--overwrite_cache true` (Python: build_teacher_cache(..., overwrite=True)); the old cache is replaced only "
+            "once the new one is complete."
         )
     _check_deterministic(dataset, collator, "the dataset")
     if len(dataset) == 0:
