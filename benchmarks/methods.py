@@ -27,9 +27,10 @@ beside A). It is built the first time a row asks for it, so invocations whose ro
 
 Rows: labels only, KD, DKD, KD + each relation/feature term that applies to the pair, KD with logit
 standardisation, a few combinations, and KD from teacher B alone or from teachers A + B (equal weights, or CA-MKD's
-per-example confidence weights), and schemes without a frozen teacher: the mean teacher, born-again generations, and
+per-example confidence weights), and schemes without a frozen teacher: the mean teacher, born-again generations,
 deep mutual learning (the student and a peer of its size, `pair.make_peer`, learn together with no teacher; the
-peer is also trained alone on the labels, so that both models' gains are measured); terms that are not registered
+peer is also trained alone on the labels, so that both models' gains are measured), and self-distillation through
+exit heads (BYOT: the student alone, no teacher runs); terms that are not registered
 in hfkd.terms.TERMS are skipped and listed.
 Each run records its held-out accuracy, its median step time (own timing: the wall time between the trainer's
 consecutive `on_step_end` callbacks), its process's CPU time per step, and the machine's load (os.getloadavg() at its
@@ -563,7 +564,7 @@ def fashion_pairs(args, workdir: str) -> list[Pair]:
     test, _ = _fashion_split("t10k", test_size, tiny)
     teacher_shape = ((8, 16, 32), (1, 1, 1)) if tiny else ((32, 64, 128), (2, 2, 2))
     conv_shape = ((8, 16), (1, 1)) if tiny else ((16, 32), (1, 1))
-    vit_shape = (16, 1, 2) if tiny else (64, 2, 4)
+    vit_shape = (16, 2, 2) if tiny else (64, 2, 4)  # tiny: 2 layers, so that byot has a shallow exit
     batch = 16 if tiny else 64
     teacher_epochs = 1 if tiny else args.fashion_teacher_epochs
 
@@ -737,6 +738,7 @@ def _dkd(pair: Pair, steps: int, **options) -> dict:
 MINILM = {"name": "minilm", "weight": 1.0, "relation_heads": 12}  # hfkd's default before issue 21
 MINILM_FITTED = {"name": "minilm", "weight": 1.0}  # relation_heads "auto": 24 for the 384-wide MiniLM teacher
 CRD = {"name": "crd", "weight": 0.8}
+BYOT = {"name": "byot", "weight": 1.0}  # the authors' code: T 3, alpha 0.3; hint 0.03 (hfkd's default)
 
 METHODS = [
     Method("labels", "labels only", ALL, lambda p, s: dict(_LABELS_ONLY), "task 1, logit 0"),
@@ -919,6 +921,17 @@ METHODS = [
         "task 1 + KL 1 at T=1 to a peer learning beside it, and the peer likewise (Zhang 2018); no teacher",
         teachers=(),
         peers=1,
+    ),
+    Method(
+        "byot",
+        "self-distillation through exit heads (BYOT)",
+        ALL,
+        lambda p, s: dict(task_weight=1.0, logit_weight=0.0, terms=[BYOT]),
+        "task 1 + byot 1: heads after layers round(kL/4), k = 1..3 (a ResNet's stages), each learning from the "
+        "labels (0.7), the student's own softened logits (KL 0.3, T 3) and its last pooled feature (hint 0.03) "
+        "(Zhang 2019); no teacher",
+        ("byot",),
+        teachers=(),
     ),
     Method(
         "kd+rkd+pkt",

@@ -596,6 +596,12 @@ class DistillationConfig(TrainingArguments):
         return {option: getattr(self, name) for option, name in cls.short_form.items() if option != "weight"}
 
     @property
+    def reads_teacher(self) -> bool:
+        """Whether any configured term reads a teacher (False: every term reads the student alone, as `byot` does, and
+        the trainer needs no teacher)."""
+        return any(TERMS[spec.name].reads_teacher for spec in getattr(self, "term_specs", []))
+
+    @property
     def total_weight(self) -> float:
         built_in = {cls.short_form.get("weight") for cls in TERMS.values()}
         extra = sum(spec.weight for spec in getattr(self, "term_specs", []) if not TERMS[spec.name].short_form)

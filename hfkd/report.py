@@ -41,7 +41,7 @@ model = {{ auto_class }}.from_pretrained("{{ repo_id }}")
 | term | weight | loss |
 |---|---|---|
 {{ terms_rows }}
-
+{{ early_exit_section }}
 Temperature {{ temperature }}. Layer maps (student index -> teacher index): {{ layer_maps }}.
 {{ search_line }}
 
@@ -113,6 +113,7 @@ def model_card(metrics: dict, repo_id: str, auto_class: str) -> ModelCard:
         generations_line=generations_line(metrics),
         search_line=search_line(metrics),
         peers_line=peers_line(metrics),
+        early_exit_section=early_exit_section(metrics, repo_id),
         terms_rows="\n".join(f"| {a} | {b} | {c} |" for a, b, c in terms),
         temperature=distill["temperature"],
         layer_maps=json.dumps(distill["layer_maps"]) if distill["layer_maps"] else "none (no feature terms)",
@@ -195,6 +196,12 @@ def _intro(teacher: dict, peers: dict) -> str:
     teacher_url = f"https://huggingface.co/{teacher_hub}" if teacher_hub else "#lineage"
     teacher_link = f"[{teacher_hub or teacher['name']}]({teacher_url})"
     hfkd_link = "[hfkd](https://pypi.org/project/hfkd/)"
+    if teacher.get("taught") is False and not peers:
+        return (
+            f"A student trained by self-distillation through its own exit heads (Be Your Own Teacher, Zhang et al. "
+            f"2019) with {hfkd_link} (knowledge distillation for the Hugging Face stack): no teacher taught it; it is "
+            f"compared below with {teacher_link}. It loads with plain transformers:"
+        )
     if peers:
         return (
             f"A student trained by deep mutual learning (Zhang et al. 2018) together with {len(peers)} peer "
@@ -211,7 +218,7 @@ def _lineage(metrics: dict, teacher: dict, student: dict, peers: dict) -> list[s
     """Where each model and the data came from, one bullet each."""
     return [
         (f"- Teacher (did not teach: the reference the results compare with): {teacher_line(teacher)}")
-        if peers
+        if peers or teacher.get("taught") is False
         else f"- Teacher: {teacher_line(teacher)}",
         f"- Student: {student['note']}",
         *(
@@ -322,6 +329,31 @@ def search_line(metrics: dict) -> str:
         f"training data (seed {search['seed']}), never on the held-out split of the results above; the distillation "
         f"then ran on all training rows. Best trial #{search['best_trial']}: {_values_text(search['chosen'])}. "
         f"Trials: {trials}.\n"
+    )
+
+
+def early_exit_section(metrics: dict, repo_id: str) -> str:
+    """A student with exit heads (the byot term): each exit's accuracy and latency, and how to exit early ("" without
+    heads)."""
+    exits = metrics.get("early_exit")
+    if not exits:
+        return ""
+    deepest = exits[-1]["layer"]
+    rows = "\n".join(
+        f"| {e['layer']}{' (its own classifier)' if e['layer'] == deepest else ''} | {_fmt(e['accuracy'])} | "
+        f"{_fmt(e['latency_ms'])} |"
+        for e in exits
+    )
+    return (
+        f"\n### Early exit\nThe student carries exit heads after some of its {deepest} layers (self-distillation "
+        "through auxiliary heads, Zhang et al. 2019), saved beside it in `early_exit_heads.safetensors` and "
+        "`early_exit.json`, never in its weights. An exit at layer k runs the layers up to k only. Measured by this "
+        f"run on the {metrics['data']['eval_examples']} held-out examples ({_readable(metrics['metric'])}) and on a "
+        f"batch of {metrics['latency_batch_size']} ({metrics['device']}):\n\n"
+        f"| exit (layer) | {_readable(metrics['metric'])} | forward latency (ms/batch) |\n|---|---|---|\n{rows}\n\n"
+        "```python\nfrom hfkd.early_exit import EarlyExitModel\n"
+        f'model = EarlyExitModel.from_pretrained("{repo_id}")  # the student and its exit heads\n'
+        f"logits = model(**inputs, exit_layer={exits[0]['layer']})  # exits: {[e['layer'] for e in exits]}\n```\n"
     )
 
 
@@ -507,6 +539,11 @@ def summary(metrics: dict, output_dir: str, push_message: str | None) -> str:
         lines.extend(comparison_lines(metrics))
     if metrics.get("generations"):
         lines.append(generations_line(metrics))
+    if metrics.get("early_exit"):
+        exits = ", ".join(
+            f"layer {e['layer']} {_fmt(e['accuracy'])} ({_fmt(e['latency_ms'], 3)} ms)" for e in metrics["early_exit"]
+        )
+        lines.append(f"early exit ({metrics['metric']}, latency per batch): {exits}")
     if metrics.get("peers"):
         at = 7 if "labels_only" in metrics else 6  # below the metric's row(s)
         rows = [f"{f'(peer {name})':24}{'':>16}{_fmt(p['metric']):>16}" for name, p in metrics["peers"].items()]

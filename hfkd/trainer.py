@@ -265,7 +265,8 @@ class DistillationTrainer(Trainer):
         # A teacher with its own tokenizer has its own vocabulary: only a shared label space must match.
         own_vocabulary = self.teacher_processing_class is not None and student.label_kind == "vocabulary"
         by_class = any(
-            term.needs().logits and not type(term).across_vocabularies for term in self.term_set.terms.values()
+            term.needs().logits and term.reads_teacher and not type(term).across_vocabularies
+            for term in self.term_set.terms.values()
         )
         for teacher in teachers.values():
             checks.check_logit_heads(student, teacher, by_class and not own_vocabulary)
@@ -621,12 +622,13 @@ class DistillationTrainer(Trainer):
         return norm
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """`Trainer.save_model`, and each peer in `<output_dir>/peers/<name>` (in checkpoints too)."""
+        """`Trainer.save_model`, the files the terms offer the student beside it (`byot`'s exit heads,
+        hfkd.early_exit) and each peer in `<output_dir>/peers/<name>` (in checkpoints too)."""
         super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            self.source.save_model(
-                output_dir if output_dir is not None else self.args.output_dir, self.processing_class
-            )
+            folder = output_dir if output_dir is not None else self.args.output_dir
+            self.term_set.save_beside_student(folder)
+            self.source.save_model(folder, self.processing_class)
 
     def _load_best_model(self) -> None:
         with self._checked_load(self.state.best_model_checkpoint, self.model, "load_best_model_at_end"):

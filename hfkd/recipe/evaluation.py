@@ -1,5 +1,6 @@
 """The recipe's evaluation: each model's metric on the held-out split and the per-row scores behind it, the causal
-LMs' bits per byte on the same held-out text, and the latency of teacher and student."""
+LMs' bits per byte on the same held-out text, the latency of teacher and student, and each early exit of a student
+trained with exit heads."""
 
 import math
 import os
@@ -12,6 +13,7 @@ import torch
 from transformers import Trainer
 
 from ..batch import SPANS, TEACHER_PREFIX, TEACHER_SPANS
+from ..early_exit import EarlyExitModel, measure_exits
 from ..lm_eval import bits_per_byte
 from ..measure import compare_latency, forward_latency_ms
 from ..metrics import load_metric
@@ -134,6 +136,21 @@ def latency(state: RunState) -> tuple[float, float]:
         teacher_times.append(forward_latency_ms(state.teacher, teacher_batch, repeats=2, warmup=1))
         student_times.append(forward_latency_ms(state.student, student_batch, repeats=2, warmup=1))
     return statistics.median(teacher_times), statistics.median(student_times)
+
+
+def early_exits(state: RunState) -> list[dict]:
+    """Each exit of a student trained with exit heads (byot): its accuracy on the held-out rows and its median latency
+    on the latency batch, every layer above the exit left out (hfkd.early_exit.measure_exits)."""
+    data = state.data
+    model = EarlyExitModel.from_pretrained(state.out, model=state.student)
+    return measure_exits(
+        model,
+        data.student_eval_ds,
+        collator(data, state.recipe.task, state.data_args, "student"),
+        batch_size=state.config.per_device_eval_batch_size,
+        latency_rows=min(state.recipe.latency_batch_size, len(data.student_eval_ds)),
+        repeats=state.recipe.latency_repeats,
+    )
 
 
 def _block_nll(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

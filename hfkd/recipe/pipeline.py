@@ -15,7 +15,7 @@ from ..data import DataArguments
 from ..run_folder import CONFIG_FILE, check_output_dir, cleaned_on_failure, resume_target, run_values, write_config
 from .arguments import RecipeArguments
 from .data import collator, load_data
-from .evaluation import evaluate_models, latency
+from .evaluation import early_exits, evaluate_models, latency
 from .models import TeacherLocation, load_peers, load_teacher, make_student, student_model_config
 from .preflight import (
     check_cache_run,
@@ -119,9 +119,12 @@ def run_stages(recipe: RecipeArguments, data_args: DataArguments, config: Distil
     if config.process_index != 0:
         return {}  # under `accelerate launch` the main process measures and writes
     latencies = latency(state)
+    exits = early_exits(state) if state.early_exit else None
     state.times["evaluation"] = time.perf_counter() - tick
 
     metrics = build_metrics(state, scores, latencies)
+    if exits is not None:
+        metrics["early_exit"] = exits
     metrics["wall_time_s"] = {**state.times, "total": time.perf_counter() - start}
     write_outputs(state, scores, metrics)
     return metrics

@@ -75,8 +75,9 @@ def _teacher_lineage(state: RunState) -> dict:
     """Where the teacher came from, its fine-tuning here and the cache of its outputs."""
     config = state.config
     teacher = teacher_lineage(state.recipe, config, state.source)
-    if state.peers:
-        teacher["taught"] = False  # deep mutual learning: the student learnt from its peers; the teacher is compared
+    if state.peers or not distill_config(state).reads_teacher:
+        # Deep mutual learning (the student learnt from its peers) or self-distillation: the teacher is compared.
+        teacher["taught"] = False
     if state.teacher_finetune is not None:
         teacher["finetune"] = state.teacher_finetune
         teacher["data"] = data_note(state.data, state.recipe, state.data_args, config)

@@ -26,6 +26,7 @@ from ..augment import (
 )
 from ..checkpoints import describe_skipped, last_complete_checkpoint
 from ..config import DistillationConfig
+from ..early_exit import EXITS_FILE
 from ..metrics import load_metric
 from ..run_folder import TEACHER_RECORD
 from ..search import labelled_validation_split
@@ -289,7 +290,8 @@ def distill(state: RunState) -> None:
     lm = r.task == "causal-lm"
     trainer = _RecipeTrainer(
         model=state.student,
-        teacher_model=None if state.peers else state.teacher,
+        # With peers, or terms that all read the student alone (byot), the teacher does not teach: it is compared.
+        teacher_model=None if state.peers or not c.reads_teacher else state.teacher,
         peer_models=state.peers or None,
         args=args,
         train_dataset=data.distill_train_ds,
@@ -304,6 +306,7 @@ def distill(state: RunState) -> None:
     resume, from_step = _resume_point(state.resume, args.output_dir)
     heading(c, _distill_heading(state, planned_steps(args, len(data.distill_train_ds)), from_step))
     trainer.train(resume_from_checkpoint=resume)
+    _save_beside_student(state, trainer)
     state.distillation = Distillation(
         state=trainer.state,
         args=trainer.args,
@@ -315,6 +318,12 @@ def distill(state: RunState) -> None:
             if isinstance(getattr(term, "pairs", None), dict) and term.pairs
         },
     )
+
+
+def _save_beside_student(state: RunState, trainer) -> None:
+    """The files the terms offer the student (byot's exit heads), in the run's folder beside it; sets `early_exit`."""
+    if trainer.args.should_save:
+        state.early_exit = EXITS_FILE in trainer.term_set.save_beside_student(state.out)
 
 
 def _resume_point(resume, checkpoints: str) -> tuple[bool | str | None, str]:
@@ -339,6 +348,11 @@ def _resume_point(resume, checkpoints: str) -> tuple[bool | str | None, str]:
 
 def _distill_heading(state: RunState, steps: int, from_step: str) -> str:
     stage = f"stage {2 if state.recipe.finetune_teacher else 1}/{2 if state.recipe.finetune_teacher else 1}"
+    if not state.peers and not distill_config(state).reads_teacher:
+        return (
+            f"{stage}: self-distillation (every term reads the student alone), {steps} steps{from_step}; the teacher "
+            "does not teach (it is evaluated for comparison)"
+        )
     if state.peers:
         return (
             f"{stage}: deep mutual learning, the student and {len(state.peers)} peer(s) ({', '.join(state.peers)}) "
@@ -410,6 +424,7 @@ def born_again(state: RunState) -> None:
             f"generation {generation - 1}, {planned_steps(args, len(state.data.student_train_ds))} steps",
         )
         trainer = _train_beside(state, DistillationTrainer, student, args, teacher_model=teacher)
+        _save_beside_student(state, trainer)  # the exit heads of this generation's student
         state.student = student
         state.generations.append(
             {

@@ -64,6 +64,9 @@ class RunState:
     """The labels-only comparison (compare_without_distillation): its steps and metric; else None."""
     labels_only_rows: dict | None = None
     """The labels-only student's per-row scores on the held-out rows (evaluation.score); else None."""
+    early_exit: bool = False
+    """The student's exit heads (the byot term) were written beside it by distillation (or the last born-again
+    generation), so evaluation measures each exit (hfkd.early_exit)."""
 
     @property
     def out(self) -> str:

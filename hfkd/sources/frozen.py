@@ -71,7 +71,7 @@ class FrozenTeachers(TeacherSource):
             readers = [
                 spec.name
                 for spec, term in zip(term_set.specs, term_set.instances_of(name), strict=True)
-                if term.needs().logits
+                if term.needs().logits and term.reads_teacher
             ]
             check_teacher_head(self.teachers[name], info, source, readers, self._role(name))
         if term_set.needs().attentions:

@@ -184,6 +184,9 @@ class Term(nn.Module):
     # Options that hfkd.search.kd_space searches besides the term's weight: option -> (low, high), log-uniform.
     # Only options whose best value the method's papers found to move with the data (DKD's beta and temperature).
     search_space: ClassVar[dict[str, tuple[float, float]]] = {}
+    # Whether it reads a teacher at all. Terms that read the student alone (self-distillation through auxiliary heads,
+    # `byot`) train without one: a run whose every term reads none needs no teacher (hfkd.sources.StudentOnly).
+    reads_teacher: ClassVar[bool] = True
 
     def __init__(self, options=None):
         super().__init__()
@@ -248,6 +251,12 @@ class Term(nn.Module):
         """Positions per chunk when this term can be computed from both models' final hidden states and linear
         output heads, a chunk at a time, instead of their full logits (see `head_loss`); 0: it cannot."""
         return 0
+
+    def save_beside_student(self, directory: str) -> list[str]:
+        """Writes what this term's state offers the saved student (files beside its weights, never inside them), each
+        time the trainer saves the student, and returns their names: `byot` writes its exit heads there
+        (hfkd.early_exit). Nothing by default."""
+        return []
 
     def legacy_state(self, directory: str) -> dict[str, torch.Tensor] | None:
         """This term's state from a checkpoint written before terms saved theirs in `hfkd_terms.safetensors`

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..batch import ROW_COLUMN  # the column the trainer adds to carry each row's index through shuffling
-from .base import Features, Needs, Term, TermBatch, TermSpec, build_term
+from .base import TERMS, Features, Needs, Term, TermBatch, TermSpec, build_term
 
 TERMS_FILE = "hfkd_terms.safetensors"
 ROW_IDS_KEY = "hfkd_row_ids"  # batch key: each row's index in train_dataset (never given to a model)
@@ -51,6 +51,15 @@ class TermSet(nn.Module):
         self.teachers = tuple(teachers)
         self.weights = {spec.name: spec.weight for spec in self.specs}
         self._units = {spec.name: build_term(spec).unit for spec in self.specs}
+        own = [spec.name for spec in self.specs if not TERMS[spec.name].reads_teacher]
+        if own and len(self.teachers) > 1:
+            # Each term is built once per teacher: a term that reads none would train one copy of its state per
+            # teacher, each against the same student.
+            raise ValueError(
+                f"The terms {own} read the student alone, but there are {len(self.teachers)} teachers "
+                f"({', '.join(self.teachers)}), and each term is built once per teacher. Train them with one teacher "
+                "or none, or drop them."
+            )
         if len(self.teachers) == 1:
             self.terms = nn.ModuleDict({spec.name: build_term(spec) for spec in self.specs})
         else:
@@ -179,6 +188,14 @@ class TermSet(nn.Module):
                 values[f"{name}/{teacher}"] = value
             values[name] = self.terms[name](student, mixed[name], batch) if name in self.response else sum(per_teacher)
         return values
+
+    def reads_teacher(self) -> bool:
+        """Whether any term reads a teacher (False: the student teaches itself, hfkd.sources.StudentOnly)."""
+        return any(TERMS[spec.name].reads_teacher for spec in self.specs)
+
+    def save_beside_student(self, directory: str) -> list[str]:
+        """Each term's files for the saved student (`Term.save_beside_student`), written into its folder; their names."""
+        return [name for term in self.terms.values() for name in term.save_beside_student(directory)]
 
     def has_state(self) -> bool:
         return any(True for _ in self.parameters()) or any(True for _ in self.buffers())
