@@ -5,7 +5,7 @@ methods register themselves when this package is imported. The built-in `logit`,
 also have short forms, `DistillationConfig`'s `logit_*`, `hidden_*` and `attention_*` fields.
 """
 
-from . import at, attention, byot, crd, dkd, hidden, logit, minilm, pkd, pkt, rkd, sp, span_kd, uld  # noqa: F401  (each registers itself)
+from . import adversarial, at, attention, byot, crd, dkd, hidden, logit, minilm, pkd, pkt, rkd, sp, span_kd, uld  # noqa: F401  (each registers itself)
 from .base import TERMS, Features, Needs, Term, TermBatch, TermSpec, logits_of, parse_term_specs, register_term
 from .pooling import PooledFeatureOptions, pool, pooled
 
