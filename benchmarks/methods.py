@@ -739,6 +739,9 @@ MINILM = {"name": "minilm", "weight": 1.0, "relation_heads": 12}  # hfkd's defau
 MINILM_FITTED = {"name": "minilm", "weight": 1.0}  # relation_heads "auto": 24 for the 384-wide MiniLM teacher
 CRD = {"name": "crd", "weight": 0.8}
 BYOT = {"name": "byot", "weight": 1.0}  # the authors' code: T 3, alpha 0.3; hint 0.03 (hfkd's default)
+# Adversarial (Xu et al. 2018, Wang et al. 2018): an MLP discriminator on the logits beside KD, weight 1, the minimax
+# game by gradient reversal, the term's defaults (3 layers of 256, leaky ReLU 0.2: not verified against the papers).
+ADVERSARIAL = {"name": "adversarial", "weight": 1.0}
 
 METHODS = [
     Method("labels", "labels only", ALL, lambda p, s: dict(_LABELS_ONLY), "task 1, logit 0"),
@@ -870,6 +873,14 @@ METHODS = [
         lambda p, s: _kd(p, CRD),
         "KD + crd 0.8 (feat 128, 16384 negatives clamped to N-1, tau 0.07, NCE)",
         ("crd",),
+    ),
+    Method(
+        "kd+adv",
+        "KD + adversarial",
+        ALL,
+        lambda p, s: _kd(p, ADVERSARIAL),
+        "KD + adversarial 1 (MLP discriminator on the logits, 3 x 256, minimax by gradient reversal)",
+        ("adversarial",),
     ),
     Method(
         "kd+ls",

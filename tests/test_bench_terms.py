@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = {"kd", "kd+rkd", "kd+sp", "kd+pkt", "kd+minilm", "kd+pkd"}
+VARIANTS = {"kd", "kd+rkd", "kd+sp", "kd+pkt", "kd+minilm", "kd+pkd", "kd+adv"}
 
 
 def test_bench_terms_tiny(tmp_path):
