@@ -3,7 +3,8 @@
 `DistillationTrainer` is a drop-in for `transformers.Trainer` that also learns from a teacher;
 `DistillationConfig` is its `TrainingArguments`; `student_from_teacher` builds a smaller student from a teacher's
 own layers; `build_teacher_cache` runs a teacher once and stores its outputs for cached training;
-`TwoTokenizerCollator` / `tokenize_for_both` give a teacher with its own tokenizer its tokens;
+`TwoTokenizerCollator` / `tokenize_for_both` give a teacher with its own tokenizer its tokens, and
+`CrossModalCollator` a teacher of another modality (text, audio, images) its own columns through its own processor;
 `bits_per_byte` compares language models whose tokenizers differ. `register_term` adds a distillation term of
 your own (a subclass of `Term` that declares its `Needs` and reads `Features` from a `TermBatch`).
 """
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 # Each public name and the module that defines it. They load on first use (PEP 562), so that `import hfkd.cli`
 # (the `hfkd` command, its --help) does not import torch and transformers before a command runs.
 _EXPORTS = {
+    "CrossModalCollator": ".cross_modal",
     "DistillationConfig": ".config",
     "DistillationTrainer": ".trainer",
     "Features": ".terms",

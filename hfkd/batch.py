@@ -16,6 +16,8 @@ TEACHER_ID = "teacher_id"
 ROW_COLUMN = "hfkd_row"
 SPANS = "hfkd_spans"
 TEACHER_SPANS = "hfkd_teacher_spans"
+# The inputs a transformers model is named by (`main_input_name`): text, audio (raw or features), images.
+MAIN_INPUTS = ("input_ids", "input_values", "input_features", "pixel_values")
 
 
 def student_inputs(batch: dict) -> dict:
@@ -26,10 +28,14 @@ def student_inputs(batch: dict) -> dict:
 def teacher_inputs(batch: dict) -> dict:
     """The teacher's keyword arguments: the student's inputs without labels, `teacher_*` keys renamed over them.
 
-    A batch with `teacher_input_ids` holds the teacher's own tokenization (hfkd.two_tokenizers): the teacher then
-    gets its `teacher_*` keys alone, since none of the student's token-level inputs fit its tokens.
+    A batch with `teacher_input_ids` holds the teacher's own tokenization (hfkd.two_tokenizers), and one with a
+    `teacher_` main input of a kind the student's side lacks (`teacher_input_values` beside `input_ids`, say) holds the
+    teacher's own modality (hfkd.cross_modal): the teacher then gets its `teacher_*` keys alone, since none of the
+    student's inputs fit it.
     """
-    if TEACHER_PREFIX + "input_ids" in batch:
+    if TEACHER_PREFIX + "input_ids" in batch or any(
+        TEACHER_PREFIX + key in batch and key not in batch for key in MAIN_INPUTS
+    ):
         return {k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if _is_teacher_key(k) and k != TEACHER_ID}
     view = {k: v for k, v in student_inputs(batch).items() if k not in LABEL_KEYS and k != "num_items_in_batch"}
     view.update({k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if _is_teacher_key(k) and k != TEACHER_ID})

@@ -55,6 +55,20 @@ class DataArguments:
     text_pair_column: str | None = field(default=None, metadata={"help": "Second text column for pair tasks."})
     label_column: str = field(default="label", metadata={"help": "Column holding the class label."})
     image_column: str = field(default="image", metadata={"help": "Column holding the image."})
+    audio_column: str = field(
+        default="audio",
+        metadata={
+            "help": "Column holding audio, one float array (mono) per row at audio_sampling_rate: what a student of "
+            "student_modality=audio hears (cross-modal distillation, hfkd.cross_modal)."
+        },
+    )
+    audio_sampling_rate: int = field(
+        default=16_000,
+        metadata={
+            "help": "The rate, in Hz, of audio_column's arrays; it must be the rate the student's feature extractor "
+            "(student_processor) expects (16,000 for transformers' speech models): resample the audio first."
+        },
+    )
     max_length: int = field(
         default=128,
         metadata={
@@ -124,6 +138,12 @@ class DataArguments:
             raise ValueError(f"eval_fraction must lie in (0, 1), got {self.eval_fraction}.")
         if self.max_length < 2:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}.")
+        if (
+            isinstance(self.audio_sampling_rate, bool)
+            or not isinstance(self.audio_sampling_rate, int)
+            or (self.audio_sampling_rate <= 0)
+        ):
+            raise ValueError(f"audio_sampling_rate must be a positive number of Hz, got {self.audio_sampling_rate!r}.")
         if self.unseen_eval_labels not in UNSEEN_EVAL_LABELS:
             raise ValueError(
                 f"unseen_eval_labels must be one of {list(UNSEEN_EVAL_LABELS)}, got {self.unseen_eval_labels!r}."
@@ -684,6 +704,58 @@ def preprocess_causal_lm(dataset, tokenizer, args: DataArguments):
     if len(packed) == 0:
         raise ValueError(f"The text is shorter than one block of max_length={block} tokens; lower max_length.")
     return packed
+
+
+# ---------------------------------------------------------------------------------------------------- cross-modal
+def _missing_values(dataset: datasets.Dataset, column: str) -> int:
+    """Rows of `dataset` (after any select or split) without a value in `column`, read from Arrow."""
+    return dataset.select_columns([column]).with_format("arrow")[:][column].null_count
+
+
+def paired_rows(dataset, args: DataArguments, names: list[str], unlabelled: bool = False):
+    """Rows of a text and its audio (cross-modal distillation, hfkd.cross_modal): the text column(s), the audio column
+    and class ids in `labels` (-100 for every row with `unlabelled`: transfer rows). A row missing either modality is
+    refused, naming the field that declares its column."""
+    columns = {"text_column": args.text_column, "text_pair_column": args.text_pair_column}
+    _require_columns(dataset, {**columns, "audio_column": args.audio_column})
+    for field_name, column in {**columns, "audio_column": args.audio_column}.items():
+        missing = _missing_values(dataset, column) if column else 0
+        if missing:
+            raise ValueError(
+                f"{missing} of {len(dataset)} rows have no value in the {column!r} column ({field_name}): each row "
+                "must hold both modalities, the teacher's text and the student's audio. Drop those rows from the "
+                f"data, or set {field_name} to the column that holds them."
+            )
+    # Labels are encoded without the audio, which a row-wise pass would copy out of Arrow for nothing; no row is
+    # dropped there (texts were checked above, labels before), so the audio column is put back beside as it is.
+    text = [c for c in (args.text_column, args.text_pair_column) if c]
+    labelled = _labelled_text_rows(dataset.remove_columns(args.audio_column), args, names, unlabelled)
+    if len(labelled) != len(dataset):
+        raise ValueError(
+            f"{len(dataset) - len(labelled)} rows have no {args.label_column!r} label (label_column); drop them, or "
+            "make them transfer rows."
+        )
+    audio = dataset.select_columns([args.audio_column]).flatten_indices()
+    both = datasets.concatenate_datasets([labelled.select_columns([*text, "labels"]).flatten_indices(), audio], axis=1)
+    return both.select_columns([*text, args.audio_column, "labels"])
+
+
+def preprocess_audio(dataset, feature_extractor, args: DataArguments):
+    """`paired_rows` as the student alone reads them: its feature extractor's inputs (e.g. `input_features`) and
+    `labels`."""
+
+    def extract(batch):
+        arrays = [np.asarray(a, dtype=np.float32) for a in batch[args.audio_column]]
+        out = feature_extractor(arrays, sampling_rate=args.audio_sampling_rate)
+        return {**{k: list(v) for k, v in out.items()}, "labels": batch["labels"]}
+
+    return dataset.map(
+        extract,
+        batched=True,
+        batch_size=64,
+        remove_columns=dataset.column_names,
+        desc="Extracting the student's audio features",
+    ).with_format("numpy")
 
 
 # ---------------------------------------------------------------------------------------------------- two tokenizers

@@ -24,6 +24,7 @@ from .augment import IMAGE_OPS, TEXT_OPS, Augmenter, RawRows, TextCollator, gene
 from .batch import ROW_COLUMN, SPANS, TEACHER_ID, TEACHER_PREFIX, TEACHER_SPANS, teacher_key
 from .checkpoints import RUN_FILE, check_run_folder, last_complete_checkpoint, resume_target, write_run_file
 from .config import DistillationConfig
+from .cross_modal import cross_modal_collator, setup_cross_modal
 from .errors import NonFiniteLossError
 from .fingerprint import model_fingerprint
 from .launch import check_launch
@@ -104,6 +105,8 @@ class DistillationTrainer(Trainer):
         source = build_source(model, args, teacher_model, peer_models)
         names = list(source.names)
         weights = fixed_weights(args.teacher_weights, names) if len(names) > 1 else None
+        # A teacher of another modality reads its own columns through the collator's processors (hfkd.cross_modal).
+        setup_cross_modal(model, args, source, teacher_processing_class, trainer_args, trainer_kwargs)
         teacher_tokenizer = setup_teacher_tokenizer(
             model, args, teacher_processing_class, source, trainer_args, trainer_kwargs
         )
@@ -166,6 +169,13 @@ class DistillationTrainer(Trainer):
         )
         source.attach(self)
         kind = model_kind(unwrap_peft(self.model), self._loss_shifts_labels)
+        if kind.token_level and cross_modal_collator(self.data_collator) is not None:
+            raise ValueError(
+                "The teacher and the student read different modalities (CrossModalCollator), which share no "
+                f"positions, but the student ({type(unwrap_peft(self.model)).__name__}) predicts per position; "
+                "cross-modal distillation needs classifiers with one prediction per example (e.g. *ForSequence"
+                "Classification, *ForAudioClassification, *ForImageClassification) over the same labels."
+            )
         mixer.shifts_labels = kind.shifts_labels
         self.step = DistillationStep(
             self.term_set,
@@ -360,6 +370,9 @@ class DistillationTrainer(Trainer):
         collator = _text_collator(self.data_collator)
         if collator is not None:  # it tokenizes the text columns itself
             extra += sorted(collator.text_columns())
+        cross = cross_modal_collator(self.data_collator)
+        if cross is not None:  # its processors read each model's raw columns
+            extra += sorted(cross.input_columns())
         self._signature_columns += [c for c in extra if c not in self._signature_columns]
 
     def _probe_batch(self) -> dict | None:

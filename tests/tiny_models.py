@@ -440,3 +440,78 @@ def lm_data(n=8, length=12, vocab=64, seed=0):
         mask[i, length - 3 * i :] = 0 if i else 1  # slices from the end for 3 * i > length: see the docstring
     labels = ids.masked_fill(mask == 0, -100)
     return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
+
+
+# ---------------------------------------------------------------------------------------------------- cross-modal
+AUDIO_RATE = 16_000  # Hz, the rate transformers' speech feature extractors expect
+AUDIO_SECONDS = 1  # the tiny Whisper's fixed window (whole seconds: WhisperFeatureExtractor's chunk_length)
+WORDS = "good bad fine great awful okay love hate the a movie film was is very not".split()
+
+
+def word_tokenizer(folder):
+    """A WordPiece tokenizer over WORDS (fast, with [PAD] = 0), saved in `folder` (a path)."""
+    from transformers import BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = BertTokenizerFast(vocab=str(vocab))  # vocab_file= builds an empty vocabulary in transformers 5
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_whisper_classifier(hidden_size: int = 16, num_layers: int = 2, *, num_mel_bins: int = 16, seed: int = 1):
+    """WhisperForAudioClassification (its encoder, a projection and a classifier) over a 1 s window of
+    `num_mel_bins` log-mel bins: 100 frames, 50 positions after the encoder's stride-2 convolution."""
+    from transformers import WhisperConfig, WhisperForAudioClassification
+
+    _seeded(seed)
+    config = WhisperConfig(
+        d_model=hidden_size,
+        encoder_layers=num_layers,
+        encoder_attention_heads=NUM_HEADS,
+        encoder_ffn_dim=2 * hidden_size,
+        decoder_layers=1,
+        decoder_attention_heads=NUM_HEADS,
+        decoder_ffn_dim=2 * hidden_size,
+        num_mel_bins=num_mel_bins,
+        max_source_positions=int(AUDIO_SECONDS * 100) // 2,
+        vocab_size=VOCAB_SIZE,
+        pad_token_id=PAD_ID,  # the decoder's special ids (unused by the classifier) within its vocabulary
+        bos_token_id=EOS_ID,
+        eos_token_id=EOS_ID,
+        decoder_start_token_id=EOS_ID,
+        classifier_proj_size=hidden_size,
+        num_labels=NUM_LABELS,
+    )
+    return WhisperForAudioClassification(config)
+
+
+def whisper_features(num_mel_bins: int = 16, sampling_rate: int = AUDIO_RATE):
+    """The tiny Whisper's feature extractor: `num_mel_bins` log-mel bins, 10 ms hops, a 1 s window."""
+    from transformers import WhisperFeatureExtractor
+
+    return WhisperFeatureExtractor(
+        feature_size=num_mel_bins,
+        sampling_rate=sampling_rate,
+        hop_length=sampling_rate // 100,
+        chunk_length=AUDIO_SECONDS,
+    )
+
+
+def spoken_rows(num_rows: int = 8, *, seed: int = 0, labelled=None) -> Dataset:
+    """Rows of a text, an audio array made from it (a tone per word: the label's word sets the pitch, so audio and
+    text carry the same class), and a label (-100 for rows not in `labelled`)."""
+    g = torch.Generator().manual_seed(seed)
+    rows = {"text": [], "audio": [], "label": []}
+    cue = ["awful", "okay", "great"]
+    for i in range(num_rows):
+        label = i % NUM_LABELS
+        words = [WORDS[int(j)] for j in torch.randint(0, len(WORDS), (3,), generator=g)] + [cue[label]]
+        seconds = 0.2 + 0.05 * (i % 5)  # unequal lengths, all within the window
+        t = torch.arange(int(seconds * AUDIO_RATE)) / AUDIO_RATE
+        tone = torch.sin(2 * torch.pi * (220.0 * (label + 1)) * t) + 0.05 * torch.randn(t.shape, generator=g)
+        rows["text"].append(" ".join(words))
+        rows["audio"].append(tone.tolist())
+        rows["label"].append(label if labelled is None or i in labelled else -100)
+    return Dataset.from_dict(rows)

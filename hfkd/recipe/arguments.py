@@ -8,6 +8,9 @@ from transformers import TrainingArguments
 from .. import data as hfkd_data
 from ..config import DistillationConfig
 
+# What a student may read besides what its teacher reads (cross-modal distillation, hfkd.cross_modal).
+STUDENT_MODALITIES = ("audio",)
+
 
 @dataclass
 class RecipeArguments:
@@ -81,6 +84,27 @@ class RecipeArguments:
             "token, max_position_embeddings to the teacher's; the labels come from the data; image tasks take num_channels and "
             "image_size from the image processor. Not with student_model_name_or_path, student_num_layers or "
             "student_layers."
+        },
+    )
+    student_modality: str | None = field(
+        default=None,
+        metadata={
+            "help": "Cross-modal distillation (hfkd.cross_modal): the student reads another modality of the same rows "
+            "than the teacher. 'audio': with task=text-classification the teacher reads text_column through its "
+            "tokenizer, the student audio_column (arrays at audio_sampling_rate) through student_processor, and it is "
+            "an audio classifier (AutoModelForAudioClassification) over the same labels; rows without a label are "
+            "transfer rows. None: the student reads what the teacher reads.",
+            "choices": list(STUDENT_MODALITIES),
+        },
+    )
+    student_processor: str | None = field(
+        default=None,
+        metadata={
+            "help": "The student's own processor when it reads another modality (student_modality): a folder or Hub "
+            "id holding one (preprocessor_config.json), or a JSON object of a feature extractor's arguments with its "
+            'class in \'feature_extractor_type\', e.g. \'{"feature_extractor_type": "WhisperFeatureExtractor", '
+            '"feature_size": 80, "chunk_length": 8}\'. Default: the one saved beside '
+            "student_model_name_or_path. Saved with the student."
         },
     )
     image_processor_kwargs: str | None = field(
@@ -164,6 +188,7 @@ class RecipeArguments:
                 raise ValueError(
                     'student_config needs a \'model_type\' key, e.g. \'{"model_type": "bert", "hidden_size": 256}\'.'
                 )
+        self._check_modality()
         if self.student_model_name_or_path and (self.student_num_layers or self.student_layers):
             raise ValueError("Give either student_model_name_or_path or student_num_layers/student_layers, not both.")
         if not (
@@ -188,6 +213,46 @@ class RecipeArguments:
         self._check_search()
         if self.student_layers is not None:
             self.layer_list()  # a typo fails here, before any model is loaded
+
+    def _check_modality(self) -> None:
+        if self.student_modality is None:
+            if self.student_processor is not None:
+                raise ValueError(
+                    "student_processor is the processor of a student that reads another modality than its teacher; "
+                    "set student_modality (e.g. audio), or unset student_processor."
+                )
+            return
+        if self.student_modality not in STUDENT_MODALITIES:
+            raise ValueError(
+                f"student_modality={self.student_modality!r} is not offered; choose one of {list(STUDENT_MODALITIES)} "
+                "(or None: the student reads what the teacher reads)."
+            )
+        if self.task != "text-classification":
+            raise ValueError(
+                f"student_modality={self.student_modality!r} with task={self.task}: recipes offer a text teacher "
+                "teaching an audio student (task=text-classification); for other pairs use CrossModalCollator with "
+                "DistillationTrainer in Python."
+            )
+        built = [name for name in ("student_num_layers", "student_layers") if getattr(self, name)]
+        if built:
+            raise ValueError(
+                f"student_modality={self.student_modality!r} with {' and '.join(built)}: a student built from the "
+                "teacher's layers reads the teacher's modality; give student_config (an audio classifier from a "
+                "config) or student_model_name_or_path."
+            )
+        if self.student_processor is None and not self.student_model_name_or_path:
+            raise ValueError(
+                f"student_modality={self.student_modality!r}: give student_processor, the student's feature "
+                'extractor (a folder, or a JSON object of its arguments), e.g. \'{"feature_extractor_type": '
+                '"WhisperFeatureExtractor", "feature_size": 80, "chunk_length": 8}\'.'
+            )
+        if self.student_processor is not None and self.student_processor.lstrip().startswith("{"):
+            spec = json_arg(self.student_processor, "student_processor")
+            if "feature_extractor_type" not in spec:
+                raise ValueError(
+                    "student_processor needs a 'feature_extractor_type' key naming the class, e.g. "
+                    '\'{"feature_extractor_type": "WhisperFeatureExtractor", "chunk_length": 8}\'.'
+                )
 
     def _check_search(self) -> None:
         trials, fraction = self.search_trials, self.search_validation_fraction

@@ -8,6 +8,7 @@ import datasets
 import transformers
 from transformers import (
     AutoConfig,
+    AutoFeatureExtractor,
     AutoImageProcessor,
     AutoTokenizer,
     DataCollatorForLanguageModeling,
@@ -20,12 +21,13 @@ from .. import data as hfkd_data
 from ..augment import TEXT_OPS, TextCollator, parse_augment
 from ..batch import SPANS, TEACHER_PREFIX, TEACHER_SPANS
 from ..config import DistillationConfig
+from ..cross_modal import CrossModalCollator, modality
 from ..data import DataArguments
 from ..paths import resolve_path
 from ..two_tokenizers import TwoTokenizerCollator
 from .arguments import RecipeArguments, json_arg
 from .models import TeacherLocation
-from .preflight import check_across, check_labelled_rows, check_one_tokenizer
+from .preflight import check_across, check_labelled_rows, check_one_tokenizer, check_student_audio
 
 
 @dataclass
@@ -35,7 +37,8 @@ class RecipeData:
     processor: object
     """The teacher's tokenizer, or the image processor of image tasks."""
     student_processor: object
-    """The student's own tokenizer when it differs from the teacher's, else `processor` itself."""
+    """The student's own tokenizer when it differs from the teacher's, its feature extractor when it reads audio
+    (`cross_modal`), else `processor` itself."""
     across: bool
     """Whether the student has its own tokenizer (distillation reads the text tokenized for both)."""
     labels: list[str] | None
@@ -69,6 +72,11 @@ class RecipeData:
     transfer_note: str | None = None
     """The labelled and transfer rows in words, with where the transfer rows came from (None without any)."""
 
+    cross_modal: bool = False
+    """Whether the student reads another modality than the teacher (student_modality, hfkd.cross_modal): distillation
+    reads rows of both (the teacher's text, the student's audio) through CrossModalCollator; `student_*_ds` hold the
+    student's features."""
+
     text_views: bool = False
     """Word augmentations (`augment`, hfkd.augment): `distill_train_ds` keeps its text, which the distillation
     collator tokenizes again after each batch is augmented."""
@@ -100,14 +108,20 @@ def load_data(
             if task == "image-classification"
             else {"text_column": data_args.text_column, "text_pair_column": data_args.text_pair_column}
         )
+        if recipe.student_modality == "audio":  # transfer rows need the student's audio too
+            inputs["audio_column"] = data_args.audio_column
         rows = hfkd_data.training_rows(train_raw, names, data_args, config.seed, inputs, unlabelled)
         check_labelled_rows(recipe, data_args, rows.labelled_count, rows.transfer_count)
         labels = _teacher_label_order(recipe, config, source, data_args, names)
     processor = _teacher_processor(recipe, source)
-    student_processor = _student_tokenizer(recipe, processor)
-    across = student_processor is not processor
+    cross_modal = recipe.student_modality is not None
+    student_processor = _student_processor(recipe) if cross_modal else _student_tokenizer(recipe, processor)
+    across = student_processor is not processor and not cross_modal
     text_views = task == "text-classification" and any(op in TEXT_OPS for op in parse_augment(config.augment))
-    if across:
+    if cross_modal:
+        check_student_audio(data_args, student_processor)
+        splits = _cross_modal_splits(recipe, data_args, processor, student_processor, labels, rows, eval_raw)
+    elif across:
         check_across(recipe, config, student_processor, processor)
         splits = _tokenize_across(recipe, data_args, processor, student_processor, labels, rows, eval_raw, text_views)
     else:
@@ -137,6 +151,7 @@ def load_data(
         processor=processor,
         student_processor=student_processor,
         across=across,
+        cross_modal=cross_modal,
         labels=labels,
         lm_texts=lm_texts,
         dropped_rows=dropped_rows,
@@ -216,6 +231,71 @@ def _student_tokenizer(recipe: RecipeArguments, processor):
             )
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _student_processor(recipe: RecipeArguments):
+    """The processor of a student that reads another modality (student_processor, else the one saved beside
+    student_model_name_or_path); it must read that modality."""
+    value = recipe.student_processor
+    named = (
+        f"student_processor={value!r}"
+        if value
+        else f"student_model_name_or_path={recipe.student_model_name_or_path!r}"
+    )
+    try:
+        if value and value.lstrip().startswith("{"):
+            spec = json_arg(value, "student_processor")
+            name = spec.pop("feature_extractor_type")
+            cls = getattr(transformers, name, None)
+            if cls is None:
+                raise ValueError(f"transformers has no class {name!r}")
+            processor = cls(**spec)
+        else:
+            processor = AutoFeatureExtractor.from_pretrained(resolve_path(value or recipe.student_model_name_or_path))
+    except (OSError, ValueError, TypeError) as err:
+        raise ValueError(
+            f"{named}: could not build the student's {recipe.student_modality} processor ({err}). Give "
+            "student_processor a folder holding the student's feature extractor (preprocessor_config.json), or a "
+            "JSON object of its arguments with 'feature_extractor_type'."
+        ) from None
+    try:
+        reads = modality(processor)
+    except ValueError:
+        reads = type(processor).__name__
+    if reads != recipe.student_modality:
+        raise ValueError(
+            f"{named} gives a {reads} processor ({type(processor).__name__}), but student_modality="
+            f"{recipe.student_modality!r}: give student_processor the student's own feature extractor."
+        )
+    return processor
+
+
+def _cross_modal_splits(recipe, data_args, processor, student_processor, labels, rows, eval_raw) -> dict:
+    """Distillation reads rows of both modalities (CrossModalCollator); the teacher's stages its tokenization of the
+    text; the student's own stages (the labels-only comparison, evaluation) its features of the audio."""
+    task = recipe.task
+
+    def paired(d, unlabelled=False):
+        return hfkd_data.paired_rows(d, data_args, labels, unlabelled)
+
+    labelled_pairs, train_pairs = _preprocess_rows(rows, paired)
+    eval_pairs = paired(eval_raw)
+    heard = hfkd_data.preprocess_audio(train_pairs, student_processor, data_args)
+    train_ds = (
+        _concatenate([_preprocess(task, data_args, processor, labels, d) for d in rows.labelled if len(d)])
+        if recipe.finetune_teacher
+        else None
+    )
+    return dict(
+        train_ds=train_ds,
+        eval_ds=_preprocess(task, data_args, processor, labels, eval_raw),  # the teacher's evaluation
+        student_train_ds=heard,
+        student_eval_ds=hfkd_data.preprocess_audio(eval_pairs, student_processor, data_args),
+        distill_train_ds=train_pairs,
+        distill_eval_ds=eval_pairs,
+        # The labelled rows come first (_preprocess_rows): the labels-only comparison's rows.
+        labelled_train_ds=None if labelled_pairs is train_pairs else heard.select(range(len(labelled_pairs))),
+    )
 
 
 def _check_reads_teacher_ids(recipe: RecipeArguments, path: str, processor) -> None:
@@ -339,6 +419,15 @@ def _preprocess(
 
 def collator(data: RecipeData, task: str, data_args: DataArguments, role: str = "student"):
     """Batches for `role`: 'teacher' (its own tokenization), 'student', or 'distill' (both, when they differ)."""
+    if role == "distill" and data.cross_modal:
+        return CrossModalCollator(
+            data.student_processor,
+            data.processor,
+            student_columns=data_args.audio_column,
+            teacher_columns=_text_columns(data_args),
+            sampling_rate=data_args.audio_sampling_rate,
+            max_length=data_args.max_length,
+        )
     if role == "distill" and data.across:
         return TwoTokenizerCollator(
             data.student_processor,

@@ -119,18 +119,23 @@ def evaluate_all(state: RunState, model) -> tuple[float, dict | None, dict]:
 
 def latency(state: RunState) -> tuple[float, float]:
     """Median forward latencies of teacher and student on one batch of held-out rows, each model reading its own
-    tokenization of the same examples (hfkd.measure.compare_latency when they share one)."""
+    tokenization (or, across modalities, its own modality) of the same examples (hfkd.measure.compare_latency when
+    they share one)."""
     data, task, data_args = state.data, state.recipe.task, state.data_args
     n = min(state.recipe.latency_batch_size, len(data.student_eval_ds))
     repeats = state.recipe.latency_repeats
-    if not data.across:
+    if data.cross_modal:  # each model on its own modality of the same rows (the teacher's text, the student's audio)
+        teacher_batch = collator(data, task, data_args, "teacher")([data.eval_ds[i] for i in range(n)])
+        student_batch = collator(data, task, data_args, "student")([data.student_eval_ds[i] for i in range(n)])
+    elif not data.across:
         batch = collator(data, task, data_args, "teacher")([data.eval_ds[i] for i in range(n)])
         return compare_latency(state.teacher, state.student, batch, repeats)
-    batch = collator(data, task, data_args, "distill")([data.distill_eval_ds[i] for i in range(n)])
-    teacher_batch = {k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
-    student_batch = {
-        k: v for k, v in batch.items() if not k.startswith(TEACHER_PREFIX) and k not in (SPANS, TEACHER_SPANS)
-    }
+    else:
+        batch = collator(data, task, data_args, "distill")([data.distill_eval_ds[i] for i in range(n)])
+        teacher_batch = {k[len(TEACHER_PREFIX) :]: v for k, v in batch.items() if k.startswith(TEACHER_PREFIX)}
+        student_batch = {
+            k: v for k, v in batch.items() if not k.startswith(TEACHER_PREFIX) and k not in (SPANS, TEACHER_SPANS)
+        }
     teacher_times, student_times = [], []
     for _ in range(max(1, repeats // 2)):  # alternating rounds, as compare_latency: drift hits both alike
         teacher_times.append(forward_latency_ms(state.teacher, teacher_batch, repeats=2, warmup=1))

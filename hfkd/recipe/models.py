@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from transformers import (
     AutoConfig,
+    AutoModelForAudioClassification,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
@@ -33,6 +34,15 @@ AUTO_CLASSES = {
     "image-classification": AutoModelForImageClassification,
     "causal-lm": AutoModelForCausalLM,
 }
+# The Auto class of a student that reads another modality than its teacher (student_modality).
+STUDENT_AUTO_CLASSES = {"audio": AutoModelForAudioClassification}
+
+
+def student_auto_class(recipe: RecipeArguments):
+    """The Auto class that builds or loads the student: the task's, or its modality's (student_modality)."""
+    if recipe.student_modality is not None:
+        return STUDENT_AUTO_CLASSES[recipe.student_modality]
+    return AUTO_CLASSES[recipe.task]
 
 
 def read_teacher_record(folder: str | None) -> dict | None:
@@ -179,6 +189,8 @@ def student_model_config(recipe: RecipeArguments, config: DistillationConfig, da
     if recipe.task == "image-classification":
         inputs = _image_input_fields(data.processor)
         filled.update({k: v for k, v in inputs.items() if hasattr(defaults, k)})
+    elif recipe.student_modality is not None:
+        pass  # it reads its own processor's features, which student_config describes (checked by a forward)
     else:
         tokens = len(data.student_processor)
         given = spec.get("vocab_size")
@@ -203,11 +215,21 @@ def student_model_config(recipe: RecipeArguments, config: DistillationConfig, da
 
 def make_student(recipe: RecipeArguments, config: DistillationConfig, data: "RecipeData", teacher):
     """The student as the recipe says, and how it was made; the same weights every time it is called."""
+    student, note = _make_student(recipe, config, data, teacher)
+    if data.cross_modal:
+        note += (
+            f"; it reads {recipe.student_modality} through its own {type(data.student_processor).__name__} while the "
+            "teacher reads the same rows' text (cross-modal distillation, hfkd.cross_modal)"
+        )
+    return student, note
+
+
+def _make_student(recipe: RecipeArguments, config: DistillationConfig, data: "RecipeData", teacher):
     r = recipe
     if r.student_config:
         model_config = student_model_config(r, config, data, teacher)
         set_seed(config.seed)  # random weights, the same at each call: the labels-only student starts from them too
-        student = AUTO_CLASSES[r.task].from_config(model_config)
+        student = student_auto_class(r).from_config(model_config)
         pad_like(student, r.task, data.processor)
         text = model_config.get_text_config()
         width = getattr(text, "hidden_size", None) or getattr(text, "hidden_sizes", None)
@@ -221,7 +243,7 @@ def make_student(recipe: RecipeArguments, config: DistillationConfig, data: "Rec
     if r.student_model_name_or_path:
         path = resolve_path(r.student_model_name_or_path)
         set_seed(config.seed)  # a head the checkpoint lacks starts the same way each time
-        student = AUTO_CLASSES[r.task].from_pretrained(path, **label_kwargs(r.task, data.labels))
+        student = student_auto_class(r).from_pretrained(path, **label_kwargs(r.task, data.labels))
         note = f"`{r.student_model_name_or_path}`"
         if data.across:
             if student.config.pad_token_id is None:
@@ -240,6 +262,42 @@ def make_student(recipe: RecipeArguments, config: DistillationConfig, data: "Rec
         f"{_num_layers(student)} of the teacher's {_num_layers(teacher)} layers"
     )
     return student, note
+
+
+def check_student_processor(recipe: RecipeArguments, data: "RecipeData", student_config=None) -> None:
+    """A student that reads another modality (student_modality): its processor must make what it reads. Checked by
+    name, then by a forward of a student with the same config on one held-out row, before stage 1."""
+    if not data.cross_modal:
+        return
+    from transformers import DataCollatorWithPadding
+
+    from ..cross_modal import check_processor
+
+    auto = student_auto_class(recipe)
+    if student_config is None:
+        student_config = AutoConfig.from_pretrained(resolve_path(recipe.student_model_name_or_path))
+        student_config = AutoConfig.for_model(
+            student_config.model_type, **{**student_config.to_dict(), **label_kwargs(recipe.task, data.labels)}
+        )
+    try:
+        student = auto.from_config(student_config)
+    except ValueError as err:
+        raise ValueError(
+            f"student_modality={recipe.student_modality!r}: {auto.__name__} has no model for the student's config "
+            f"({student_config.model_type}): {err}"
+        ) from None
+    check_processor(data.student_processor, student, "student", "student_processor")
+    batch = DataCollatorWithPadding(data.student_processor)([data.student_eval_ds[0]])
+    batch.pop("labels", None)
+    try:
+        with torch.no_grad():
+            student.eval()(**batch)
+    except Exception as err:  # noqa: BLE001 - any failure means the features do not fit the student
+        raise ValueError(
+            f"student_processor ({type(data.student_processor).__name__}) makes inputs the student "
+            f"({type(student).__name__}) cannot read: {str(err).strip().splitlines()[0]} Give student_processor the "
+            "student's own feature extractor (its feature_size, window or sampling rate must match student_config)."
+        ) from None
 
 
 def _num_layers(model) -> int | str:

@@ -16,7 +16,14 @@ from ..run_folder import CONFIG_FILE, check_output_dir, cleaned_on_failure, resu
 from .arguments import RecipeArguments
 from .data import collator, load_data
 from .evaluation import early_exits, evaluate_models, latency
-from .models import TeacherLocation, load_peers, load_teacher, make_student, student_model_config
+from .models import (
+    TeacherLocation,
+    check_student_processor,
+    load_peers,
+    load_teacher,
+    make_student,
+    student_model_config,
+)
 from .preflight import (
     check_cache_run,
     check_cache_settings,
@@ -69,6 +76,7 @@ def prepare(recipe: RecipeArguments, data_args: DataArguments, config: Distillat
     # A student built from student_config: its config checked now (vocab_size, layer maps), before stage 1.
     student_config = student_model_config(recipe, config, data, teacher) if recipe.student_config else None
     check_student_plan(recipe, config, teacher, student_config)
+    check_student_processor(recipe, data, student_config)  # a student of another modality: its features fit it
     peers, peer_sources = load_peers(recipe, config, data)  # before the teacher is fine-tuned: fails now
     return RunState(
         recipe=recipe,

@@ -131,6 +131,7 @@ def check_run_settings(recipe: RecipeArguments, config: DistillationConfig) -> N
     _check_task_fields(recipe, config)
     _check_report_to(config)
     _check_search(recipe, config)  # before the peers' own checks: with a search, peers are refused as such
+    _check_cross_modal(recipe, config)  # before the peers' own checks: across modalities peers are refused as such
     _check_peers(recipe, config)
 
 
@@ -417,6 +418,11 @@ def check_cache_run(recipe: RecipeArguments, config: DistillationConfig) -> None
             "it, so there are no teacher outputs to cache; drop --peer_model_name_or_path, or run hfkd distill with "
             "the peers (no cache)."
         )
+    if recipe.student_modality is not None:
+        raise ValueError(
+            f"student_modality={recipe.student_modality!r}: a teacher cache is not offered across modalities yet; "
+            "distil without a cache (hfkd distill runs the teacher online)."
+        )
     if recipe.finetune_teacher:
         raise ValueError(
             "finetune_teacher=true: the cache must hold the fine-tuned teacher's outputs. Fine-tune it first (e.g. "
@@ -469,3 +475,45 @@ def check_labelled_rows(recipe: RecipeArguments, data_args, labelled: int, trans
                 f"{what}, but this run has none ({why}; {transfer} transfer rows). Give labelled rows (raise "
                 f"labelled_train_samples, or fix the data's label_column), or pass {flag}."
             )
+
+
+def _check_cross_modal(recipe: RecipeArguments, config: DistillationConfig) -> None:
+    """A student that reads another modality (student_modality): what cannot run across modalities, refused before
+    the output folder is made."""
+    c, r = config, recipe
+    if r.student_modality is None:
+        return
+    own = f"student_modality={r.student_modality!r} (the teacher reads text, the student {r.student_modality})"
+    for refused, fix in (
+        (c.teacher_cache_dir, "unset --teacher_cache_dir (the teacher runs online)"),
+        (c.peer_model_name_or_path is not None, "drop --peer_model_name_or_path"),
+        (r.generations > 1, "set --generations 1"),
+        (r.search_trials, "set --search_trials 0"),
+        (c.augment, "unset --augment: a view of one modality would not change the other's"),
+        (
+            c.train_sampling_strategy == "group_by_length",
+            "drop --train_sampling_strategy group_by_length (distillation's rows hold raw text and audio)",
+        ),
+    ):
+        if refused:
+            raise ValueError(f"{own}: not offered across modalities yet; {fix}.")
+    names = [spec.name for spec in c.term_specs]
+    positional = [n for n in names if not TERMS[n].across_modalities]
+    if positional:
+        raise ValueError(
+            f"{own}, and the terms {positional} compare positions (tokens, audio frames) or their features, which "
+            f"the two modalities do not share; {', '.join(term_fix(n) for n in positional)}. Across modalities use "
+            "logit (--logit_weight) or dkd, which compare each row's class distribution."
+        )
+
+
+def check_student_audio(data_args, student_processor) -> None:
+    """The student's feature extractor against the data's audio, before anything is preprocessed or trained."""
+    rate = getattr(student_processor, "sampling_rate", None)
+    if rate is not None and int(rate) != data_args.audio_sampling_rate:
+        raise ValueError(
+            f"audio_sampling_rate={data_args.audio_sampling_rate}: the data's audio is at "
+            f"{data_args.audio_sampling_rate} Hz, but student_processor ({type(student_processor).__name__}) "
+            f"expects {rate} Hz. Resample the audio to {rate} Hz and set --audio_sampling_rate {rate}, or give a "
+            "student_processor made for the data's rate."
+        )

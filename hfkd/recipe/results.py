@@ -19,7 +19,7 @@ from ..terms import TERMS
 from .arguments import RecipeArguments
 from .data import data_note
 from .evaluation import Scores, text_fields
-from .models import AUTO_CLASSES, teacher_lineage
+from .models import student_auto_class, teacher_lineage
 from .stages import distill_config
 from .state import RunState
 
@@ -108,6 +108,11 @@ def _student_section(state: RunState, scores: Scores, params: int, latency_ms: f
         **(
             {"own_tokenizer": {"vocab": len(data.student_processor), "teacher_vocab": len(data.processor)}}
             if data.across
+            else {}
+        ),
+        **(
+            {"modality": state.recipe.student_modality, "processor": type(data.student_processor).__name__}
+            if data.cross_modal
             else {}
         ),
     }
@@ -257,7 +262,7 @@ def write_outputs(state: RunState, scores: Scores, metrics: dict) -> None:
     plot_report(os.path.join(out, "report.png"), metrics, log_history)
     save_config(os.path.join(out, CONFIG_FILE), state.recipe, state.data_args, state.config)
     repo_id = state.config.hub_model_id or os.path.basename(os.path.normpath(out))
-    auto_class = AUTO_CLASSES[state.recipe.task].__name__
+    auto_class = student_auto_class(state.recipe).__name__
     model_card(metrics, repo_id, auto_class).save(os.path.join(out, "README.md"))
 
 

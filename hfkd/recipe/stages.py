@@ -360,6 +360,8 @@ def _distill_heading(state: RunState, steps: int, from_step: str) -> str:
             "(it is evaluated for comparison)"
         )
     tokenized = ", text tokenized for both tokenizers" if state.data.across else ""
+    if state.data.cross_modal:
+        tokenized = f", the teacher reading each row's text and the student its {state.recipe.student_modality}"
     return f"{stage}: distillation, {steps} steps{from_step}{tokenized}"
 
 

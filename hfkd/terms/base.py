@@ -179,6 +179,10 @@ class Term(nn.Module):
     # Whether the term works when the teacher has its own tokenizer (TermBatch.alignment): terms that compare
     # whole examples, or spans; not those that compare token positions one to one.
     across_tokenizers: ClassVar[bool] = False
+    # Whether it works when the teacher and the student read different modalities (hfkd.cross_modal): terms that
+    # compare each example's class distribution; not those that read positions or their features, which two
+    # modalities do not share.
+    across_modalities: ClassVar[bool] = False
     # Whether it compares logits over two different vocabularies (span_kd, uld) rather than class by class.
     across_vocabularies: ClassVar[bool] = False
     # Options that hfkd.search.kd_space searches besides the term's weight: option -> (low, high), log-uniform.

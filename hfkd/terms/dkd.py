@@ -169,6 +169,7 @@ class DecoupledKD(Term):
 
     unit = "labelled"
     across_tokenizers = True
+    across_modalities = True
     Options = DKDOptions
     search_space = {"beta": (0.25, 8.0), "temperature": (1.0, 8.0)}
 

@@ -60,6 +60,7 @@ def _cached_topk(outputs):
 class LogitTerm(Term):
     unit = "logits"
     across_tokenizers = True
+    across_modalities = True
     Options = LogitOptions
     short_form = {
         "weight": "logit_weight",
