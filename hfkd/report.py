@@ -127,12 +127,16 @@ def _card_data(metrics: dict, repo_id: str, teacher: dict, student: dict, task: 
     dataset_id = metrics["data"].get("hub_id")
     # With peers the teacher did not teach: it is the student's base model only when the student is made from it.
     base_model = teacher.get("hub_id") if not peers or student.get("built_from_teacher", True) else None
+    # A student of another modality than its teacher (hfkd.cross_modal) does the task on its own input.
+    modality = student.get("modality")
+    pipeline_tag = f"{modality}-classification" if modality else _PIPELINE_TAGS.get(task)
+    extra = [*(["deep-mutual-learning"] if peers else []), *(["cross-modal-distillation"] if modality else [])]
     return ModelCardData(
         base_model=base_model or None,
         datasets=[dataset_id] if dataset_id else None,
         library_name="transformers",
-        pipeline_tag=_PIPELINE_TAGS.get(task),
-        tags=["knowledge-distillation", "hfkd", "distillation", *(["deep-mutual-learning"] if peers else []), task],
+        pipeline_tag=pipeline_tag,
+        tags=["knowledge-distillation", "hfkd", "distillation", *extra, pipeline_tag if modality else task],
         metrics=[metric_name],
         model_name=os.path.basename(repo_id),
     )

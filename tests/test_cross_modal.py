@@ -2,10 +2,9 @@
 paired rows, each reading its own column through its own processor; tiny BERT and Whisper classifiers from configs,
 synthetic audio (and espeak-ng speech when it is installed)."""
 
+import importlib.util
 import os
 import shutil
-import subprocess
-import wave
 
 import numpy as np
 import pytest
@@ -259,23 +258,41 @@ def test_columns_beyond_one_per_modality_are_refused(tokenizer, features):
         CrossModalCollator(features, tokenizer, "audio", "audio", sampling_rate=AUDIO_RATE)
 
 
-@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
-def test_espeak_speech_becomes_the_students_features(tmp_path, tokenizer, features):
-    """Two short strings spoken by espeak-ng (22,050 Hz), resampled to 16 kHz, through the collator."""
-    from scipy.signal import resample_poly
+def _prepare_script():
+    """recipes/audio-classification/prepare_spoken_tweets.py, loaded as a module (it is a script, not in hfkd)."""
+    path = os.path.join(os.path.dirname(__file__), "..", "recipes", "audio-classification", "prepare_spoken_tweets.py")
+    spec = importlib.util.spec_from_file_location("prepare_spoken_tweets", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
+
+def test_resampling_to_16_khz_keeps_a_tone_and_drops_what_16_khz_cannot_hold():
+    resample = _prepare_script().resample
+    t = np.arange(22_050 + 7) / 22_050  # a length the FFT is slow on: padded inside
+    tone = resample(np.sin(2 * np.pi * 1000.0 * t).astype(np.float32), 22_050, 16_000)
+    assert len(tone) == round(len(t) * 16_000 / 22_050)
+    expected = np.sin(2 * np.pi * 1000.0 * np.arange(len(tone)) / 16_000)
+    assert np.abs(tone - expected)[200:-200].max() < 1e-3  # away from the ends, where padding meets the tone
+    # Above 8 kHz: dropped, not folded back to 7 kHz at full amplitude (what decimating without a filter gives);
+    # what remains is the leakage of a tone cut off by the padding, 0.2% here.
+    high = resample(np.sin(2 * np.pi * 9000.0 * t).astype(np.float32), 22_050, 16_000)
+    assert np.abs(high)[200:-200].max() < 0.01
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed")
+def test_espeak_speech_becomes_the_students_features(tokenizer, features):
+    """Two short strings spoken by espeak-ng (22,050 Hz) as the recipe's preparation speaks them, resampled to
+    16 kHz, through the collator."""
+    script = _prepare_script()
+    texts = ["good film", "very bad movie"]
     audio = []
-    for i, text in enumerate(["good film", "very bad movie"]):
-        path = tmp_path / f"{i}.wav"
-        subprocess.run(["espeak-ng", "-w", str(path), text], check=True, capture_output=True)
-        with wave.open(str(path)) as w:
-            assert w.getframerate() == 22_050 and w.getnchannels() == 1
-            pcm = np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16) / 32768.0
-        audio.append(resample_poly(pcm, 320, 441).astype(np.float32).tolist())  # 22,050 * 320 / 441 = 16,000
-        assert 0.3 < len(audio[-1]) / AUDIO_RATE < 3.0
-    rows = [
-        {"text": t, "audio": a, "label": i} for i, (t, a) in enumerate(zip(["good film", "very bad movie"], audio))
-    ]
+    for text in texts:
+        speech = script.speak(text, voice="en-us", speed=175, pitch=50)
+        assert speech.dtype == np.float32 and 0.3 < len(speech) / 22_050 < 3.0 and np.abs(speech).max() > 0.05
+        audio.append(script.resample(speech, 22_050, AUDIO_RATE))
+        assert len(audio[-1]) == round(len(speech) * AUDIO_RATE / 22_050)
+    rows = [{"text": t, "audio": a, "label": i} for i, (t, a) in enumerate(zip(texts, audio))]
     batch = _collator(features, tokenizer)(rows)
     assert batch["input_features"].shape == (2, 16, 100) and torch.isfinite(batch["input_features"]).all()
     assert batch["labels"].tolist() == [0, 1]

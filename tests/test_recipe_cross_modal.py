@@ -4,14 +4,18 @@ is refused before anything is written. Tiny BERT teacher on disk, a tiny Whisper
 audio."""
 
 import json
+import os
 
+import numpy as np
 import pytest
 import torch
 from recipe_runs import _error, _recipe
 from tiny_models import spoken_rows
-from transformers import AutoFeatureExtractor, AutoModelForAudioClassification
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModelForAudioClassification
 
-from hfkd.cli import main
+from hfkd.cli import main, parse_distill_args
+from hfkd.cross_modal import check_processor
+from hfkd.recipe.data import _student_processor
 
 WHISPER = {
     "model_type": "whisper",
@@ -80,7 +84,9 @@ def test_a_text_teacher_teaches_an_audio_student_against_the_labels_alone(tmp_pa
     features = AutoFeatureExtractor.from_pretrained(run)
     heard = features([spoken_rows(1)["audio"][0]], sampling_rate=16_000, return_tensors="pt")
     assert student(**heard).logits.shape == (1, 3) and torch.isfinite(student(**heard).logits).all()
-    assert "AutoModelForAudioClassification" in (run / "README.md").read_text()
+    card = (run / "README.md").read_text()
+    assert "AutoModelForAudioClassification" in card and "pipeline_tag: audio-classification" in card
+    assert "- cross-modal-distillation" in card
     assert not (run / "vocab.txt").exists()  # never the teacher's tokenizer
 
 
@@ -135,3 +141,19 @@ def test_a_text_processor_for_the_audio_student_is_refused(tmp_path, tiny_text, 
     assert main(["distill", "--config", str(path)]) == 2
     assert f"student_processor={str(tiny_text[0])!r}: could not build the student's audio processor" in _error(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_shipped_recipes_student_reads_what_its_processor_makes():
+    """recipes/audio-classification/tweets-text-to-speech.yaml: its student_config and student_processor fit (a
+    forward of the untrained student on 10 s of its features), without the data or the teacher."""
+    path = os.path.join(
+        os.path.dirname(__file__), "..", "recipes", "audio-classification", "tweets-text-to-speech.yaml"
+    )
+    recipe, data_args, config = parse_distill_args(["--config", path])
+    assert recipe.student_modality == "audio" and config.logit_weight > 0 and data_args.audio_sampling_rate == 16_000
+    features = _student_processor(recipe)
+    spec = json.loads(recipe.student_config)
+    student = AutoModelForAudioClassification.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
+    check_processor(features, student, "student", "student_processor")
+    heard = features([np.zeros(16_000 * 10, np.float32)], sampling_rate=16_000, return_tensors="pt")
+    assert student(**heard).logits.shape == (1, 2)  # transformers' default of 2 labels: the run gives it 3
