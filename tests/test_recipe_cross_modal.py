@@ -157,3 +157,14 @@ def test_the_shipped_recipes_student_reads_what_its_processor_makes():
     check_processor(features, student, "student", "student_processor")
     heard = features([np.zeros(16_000 * 10, np.float32)], sampling_rate=16_000, return_tensors="pt")
     assert student(**heard).logits.shape == (1, 2)  # transformers' default of 2 labels: the run gives it 3
+
+
+def test_a_teacher_cache_is_refused_across_modalities(tmp_path, tiny_text, spoken, capsys):
+    path = _cross_modal(tmp_path, tiny_text, spoken, finetune_teacher=False)
+    assert main(["cache", "--config", str(path), "--cache_dir", str(tmp_path / "cache")]) == 2
+    assert "student_modality='audio': a teacher cache is not offered across modalities yet" in _error(capsys)
+    assert not (tmp_path / "cache").exists()
+    argv = ["--teacher_cache_dir", str(tmp_path / "cache")]
+    assert main(["distill", "--config", str(path), *argv]) == 2
+    assert "not offered across modalities yet; unset --teacher_cache_dir" in _error(capsys)
+    assert not (tmp_path / "run").exists()
