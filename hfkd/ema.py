@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 
+from .sharding import copy_whole, whole_state
+
 EMA_FILE = "hfkd_ema_teacher.safetensors"
 
 
@@ -60,8 +62,7 @@ class EMATeacher:
     def gather_state(self) -> dict:
         """The teacher's whole weights on the CPU. Under FSDP2 each weight is gathered from every process: a
         collective that every process must call, in the same order."""
-        state = self.teacher.state_dict()
-        return {k: (v.full_tensor() if _is_dtensor(v) else v).detach().contiguous().cpu() for k, v in state.items()}
+        return whole_state(self.teacher)
 
     def save(self, directory: str, state: dict | None = None) -> None:
         """Writes the teacher (`state`: gathered by `gather_state` beforehand, needed when it is sharded)."""
@@ -81,17 +82,8 @@ class EMATeacher:
         missing = sorted(set(mine) - set(state) - _tied_names(mine))
         if missing or set(state) - set(mine):
             raise ValueError(f"The EMA teacher in {path} does not match this student ({missing[:3]} ...).")
-        with torch.no_grad():
-            for key, value in state.items():
-                target = mine[key]
-                if _is_dtensor(target):
-                    # Every process read the whole tensor: each keeps its own shard, with no communication.
-                    from torch.distributed.tensor import distribute_tensor
-
-                    shard = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
-                    target.to_local().copy_(shard.to_local())
-                else:
-                    target.copy_(value)
+        for key, value in state.items():
+            copy_whole(mine[key], value)  # every process read the whole tensor: each keeps its own shard
 
 
 class EMAUpdate(TrainerCallback):

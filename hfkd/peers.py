@@ -20,11 +20,13 @@ student and every peer in the same step on the same batch:
 
 Each peer is logged as `<peer>/task` and `<peer>/distill/<term>`, saved with the student in every checkpoint and at
 the end in `output_dir/peers/<name>/` (`save_pretrained`: loadable without hfkd), and restored exactly on resume.
+Under FSDP2 each peer is sharded like the student, and gathered whole for saving (hfkd.sources.peers).
 """
 
 import os
 
 import torch
+from safetensors.torch import save_file
 from safetensors.torch import save_model as save_safetensors_model
 
 from .names import named_models
@@ -64,14 +66,17 @@ def check_peer_settings(args, teacher_given: bool = False, teacher_path_allowed:
         )
 
 
-def save_peer(model: torch.nn.Module, folder: str, processing_class=None) -> None:
+def save_peer(model: torch.nn.Module, folder: str, processing_class=None, state: dict | None = None) -> None:
     """Saves a peer loadable without hfkd: `save_pretrained` (config + safetensors) for a transformers model, else
-    its state dict in model.safetensors (load it into the same class); the tokenizer or processor beside it."""
+    its state dict in model.safetensors (load it into the same class); the tokenizer or processor beside it.
+    `state`: the peer's whole weights, gathered beforehand where it is sharded (hfkd.sharding.whole_state)."""
     os.makedirs(folder, exist_ok=True)
     if hasattr(model, "save_pretrained"):
-        model.save_pretrained(folder)
-    else:
+        model.save_pretrained(folder, state_dict=state)
+    elif state is None:
         save_safetensors_model(model, os.path.join(folder, WEIGHTS_FILE))  # drops tied copies, as save_pretrained
+    else:  # gathered copies share no storage: each name is written
+        save_file(state, os.path.join(folder, WEIGHTS_FILE))
     if processing_class is not None and hasattr(processing_class, "save_pretrained"):
         processing_class.save_pretrained(folder)
 

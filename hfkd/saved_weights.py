@@ -17,6 +17,8 @@ from safetensors import safe_open
 from transformers import PreTrainedModel
 from transformers.core_model_loading import revert_weight_conversion
 
+from .sharding import copy_whole
+
 WEIGHTS_FILE = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 
@@ -89,7 +91,7 @@ def restore(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) 
                     f"The weights in {where} give {name} the shape {tuple(tensor.shape)}, but this model's is "
                     f"{tuple(mine[name].shape)}; the checkpoint was made with another model."
                 )
-            mine[name].copy_(tensor)
+            copy_whole(mine[name], tensor)  # a sharded (FSDP2) weight keeps this process's part
 
 
 def complete_load(model: torch.nn.Module, folder: str, missing, unexpected, setting: str) -> None:

@@ -14,6 +14,12 @@ one process's, the trained weights equal one process's within float32 rounding, 
 (`accelerator.get_state_dict`) returns whole tensors. The switch must reach both state objects: AcceleratorState
 copies PartialState's fields each time it is instantiated, so setting it alone was undone by the next
 instantiation (and `get_state_dict` then returned each process's shards).
+
+Models that train beside the student (the peers of mutual learning) are sharded by the same plugin. FSDP2's
+preparation of the student maps every parameter of its optimizer to one of the student's, so their groups, like the
+terms' own, join the optimizer after it and leave it while FSDP saves or loads the student's state (`DetachedGroups`,
+whose state is gathered whole); `clip_norm` clips each by its own whole norm; `whole_state` and `copy_whole` gather
+a sharded model for saving and give each process its part back on loading.
 """
 
 from __future__ import annotations
@@ -26,6 +32,8 @@ from .launch import fsdp_requested
 
 # Under FSDP, the optimizer state of the terms' own parameters (kept out of FSDP's optimizer state), per checkpoint.
 TERMS_OPTIMIZER_FILE = "hfkd_terms_optimizer.pt"
+# Under FSDP, the optimizer state of the models that train beside the student (peers), gathered whole, per checkpoint.
+PEERS_OPTIMIZER_FILE = "hfkd_peers_optimizer.pt"
 
 
 def enable_fsdp_on_cpu(trainer) -> bool:
@@ -66,41 +74,127 @@ def replicated(module, accelerator):
     return torch.nn.parallel.DistributedDataParallel(module, **kwargs)
 
 
-class DetachedGroup:
-    """An optimizer's last param group taken out (with its per-parameter state) and put back: FSDP2's preparation,
-    saving and loading of the optimizer map every optimizer parameter to one of the model's, and the terms' own
-    parameters are not the student's. Used as `with DetachedGroup(optimizer) as detached: ...`."""
+class DetachedGroups:
+    """The optimizer's last `count` param groups taken out (with their per-parameter state) and put back: FSDP2's
+    preparation, saving and loading of the optimizer map every optimizer parameter to one of the student's, and the
+    terms' own parameters and the peers' (sharded by units of their own) are not the student's. Used as
+    `with DetachedGroups(optimizer, count) as detached: ...`."""
 
-    def __init__(self, optimizer):
+    def __init__(self, optimizer, count: int = 1):
         self.optimizer = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer under Accelerate's wrapper
+        self.count = count
 
-    def __enter__(self) -> DetachedGroup:
-        self.group = self.optimizer.param_groups.pop()
-        self.states = [self.optimizer.state.pop(p, None) for p in self.group["params"]]
+    def __enter__(self) -> DetachedGroups:
+        groups = self.optimizer.param_groups
+        self.groups = groups[len(groups) - self.count :]
+        del groups[len(groups) - self.count :]
+        self.states = [[self.optimizer.state.pop(p, None) for p in group["params"]] for group in self.groups]
         return self
 
     def __exit__(self, *exc) -> None:
-        self.optimizer.param_groups.append(self.group)
-        for p, state in zip(self.group["params"], self.states, strict=True):
-            if state is not None:
-                self.optimizer.state[p] = state
+        self.optimizer.param_groups.extend(self.groups)
+        for group, states in zip(self.groups, self.states, strict=True):
+            for p, state in zip(group["params"], states, strict=True):
+                if state is not None:
+                    self.optimizer.state[p] = state
 
-    def state_dict(self) -> dict:
-        """The detached group's settings and per-parameter state (by position), for hfkd's own file."""
-        return {"group": {k: v for k, v in self.group.items() if k != "params"}, "state": list(self.states)}
-
-    def load(self, saved: dict) -> None:
-        """Restores what `state_dict` saved, before the group is put back."""
-        if len(saved["state"]) != len(self.group["params"]):
-            raise ValueError(
-                f"The checkpoint's terms optimizer state holds {len(saved['state'])} parameters, this run's terms "
-                f"{len(self.group['params'])}: the checkpoint comes from a run with other terms."
-            )
-        self.group.update(saved["group"])
-        self.states = [
-            None if state is None else {k: v.to(p.device) if hasattr(v, "to") else v for k, v in state.items()}
-            for p, state in zip(self.group["params"], saved["state"], strict=True)
+    def state_dict(self) -> list[dict]:
+        """Each detached group's settings and per-parameter state (by position), whole on the CPU: the state of
+        sharded parameters is gathered from every process (a collective, called by all), so that a checkpoint
+        resumes with any process count."""
+        return [
+            {
+                "group": {k: v for k, v in group.items() if k != "params"},
+                "state": [None if state is None else {k: _whole(v) for k, v in state.items()} for state in states],
+            }
+            for group, states in zip(self.groups, self.states, strict=True)
         ]
+
+    def load(self, saved: list[dict], what: str) -> None:
+        """Restores what `state_dict` saved, before the groups are put back; each process keeps its shard of a
+        sharded parameter's state. `what` names the saved state in the message that refuses another run's."""
+        held = [len(entry["state"]) for entry in saved]
+        wanted = [len(group["params"]) for group in self.groups]
+        if held != wanted:
+            raise ValueError(
+                f"The checkpoint's {what} holds {held} parameters (per optimizer group), this run's {wanted}: the "
+                "checkpoint comes from a run with other terms or peers. Resume from a checkpoint of this run."
+            )
+        for group, entry in zip(self.groups, saved, strict=True):
+            group.update(entry["group"])
+        self.states = [
+            [
+                None if state is None else {k: _placed_like(v, p) for k, v in state.items()}
+                for p, state in zip(group["params"], entry["state"], strict=True)
+            ]
+            for group, entry in zip(self.groups, saved, strict=True)
+        ]
+
+
+def _is_dtensor(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def _whole(value):
+    """A sharded tensor (DTensor) gathered whole from every process, on the CPU (a collective); anything else as is."""
+    return value.full_tensor().cpu() if _is_dtensor(value) else value
+
+
+def _placed_like(value, param):
+    """A saved optimizer state value for `param`: this process's shard of a whole tensor of the parameter's shape
+    when the parameter is sharded (every process read the whole, so no communication), else on its device."""
+    if not hasattr(value, "to"):
+        return value
+    if _is_dtensor(param) and value.dim() > 0 and tuple(value.shape) == tuple(param.shape):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return value.to(param.device)
+
+
+def whole_state(model) -> dict:
+    """`model.state_dict()` with every tensor whole, detached, on the CPU: FSDP2's sharded weights (DTensors) are
+    gathered from every process, a collective that every process calls, in the same order."""
+    return {k: _whole(v).detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def copy_whole(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copies `value`, a whole tensor, into `target` in place; a sharded target (a DTensor) takes this process's
+    shard of it, with no communication: every process read the whole."""
+    if _is_dtensor(target):
+        from torch.distributed.tensor import distribute_tensor
+
+        shard = distribute_tensor(value.to(target.device), target.device_mesh, target.placements, src_data_rank=None)
+        target.to_local().copy_(shard.to_local())
+    else:
+        target.copy_(value)
+
+
+def reshard(model) -> None:
+    """Every FSDP2 unit of `model` back to its shards: a forward without a backward after it (the probe, evaluation)
+    leaves the root unit gathered, and `parameters()` then gives the gathered tensors, not the sharded ones."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
+def clip_norm(parameters, max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` over `parameters` whose gradients may be sharded (DTensors of one mesh): the
+    norm is taken whole, over every process's shards, so that each process clips by the same factor."""
+    from torch.nn.utils import clip_grads_with_norm_, get_total_norm
+
+    parameters = [p for p in parameters if p.grad is not None]
+    if not parameters:
+        return torch.tensor(0.0)
+    norm = get_total_norm([p.grad for p in parameters])
+    norm = norm.full_tensor() if _is_dtensor(norm) else norm
+    clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
 
 
 def clip_joint_norm(accelerator, model, extra, max_norm: float):
@@ -144,11 +238,11 @@ def check_wrap_classes(plugin, student) -> None:
         )
 
 
-def prepare_sharded(model, accelerator):
-    """`model` (a teacher) sharded by the run's FSDP2 plugin, wrapping the layer classes of the plugin's list that
-    it holds, or its own (`_no_split_modules`) when it holds none of them: a teacher of another family than the
-    student. The plugin is left as it was for the student: Accelerate binds its wrap policy to the classes of the
-    first model it prepares, and raises for a named class a model does not hold."""
+def prepare_sharded(model, accelerator, frozen: bool = True):
+    """`model` (a teacher, or with `frozen=False` a peer that trains) sharded by the run's FSDP2 plugin, wrapping the
+    layer classes of the plugin's list that it holds, or its own (`_no_split_modules`) when it holds none of them: a
+    model of another family than the student. The plugin is left as it was for the student: Accelerate binds its wrap
+    policy to the classes of the first model it prepares, and raises for a named class a model does not hold."""
     from accelerate.utils.dataclasses import get_module_class_from_name
 
     plugin = accelerator.state.fsdp_plugin
@@ -159,10 +253,11 @@ def prepare_sharded(model, accelerator):
         sharded = accelerator.prepare(model)
     finally:
         plugin.auto_wrap_policy, plugin.transformer_cls_names_to_wrap = saved
-    # FSDP2 keeps the root module's weights gathered after its forward, expecting the backward to need them at
-    # once; a teacher has no backward, so each process would hold its embeddings and head whole from the first
-    # step on. Every level of a teacher is resharded after its forward.
-    sharded.set_reshard_after_forward(True)
+    if frozen:
+        # FSDP2 keeps the root module's weights gathered after its forward, expecting the backward to need them at
+        # once; a teacher has no backward, so each process would hold its embeddings and head whole from the first
+        # step on. Every level of a teacher is resharded after its forward.
+        sharded.set_reshard_after_forward(True)
     return sharded
 
 

@@ -34,8 +34,9 @@ from .on_policy import build_generation
 from .probe import probe, term_features
 from .saved_weights import complete_load
 from .sharding import (
+    PEERS_OPTIMIZER_FILE,
     TERMS_OPTIMIZER_FILE,
-    DetachedGroup,
+    DetachedGroups,
     check_teacher_memory,
     check_wrap_classes,
     clip_joint_norm,
@@ -562,49 +563,57 @@ class DistillationTrainer(Trainer):
         optimizer = super().create_optimizer(model)
         known = {id(p) for group in optimizer.param_groups for p in group["params"]}
         params = [p for p in self._distillation_parameters() if id(p) not in known]
-        self._terms_group = None
-        if params and self.is_fsdp_enabled:
-            # FSDP2's preparation maps every optimizer parameter to one of the student's: the terms' group joins
-            # the optimizer after it (create_scheduler), and is saved beside FSDP's optimizer state (hfkd.sharding).
-            self._terms_group = {"params": params, "weight_decay": self.args.weight_decay}
-        elif params:
-            optimizer.add_param_group({"params": params, "weight_decay": self.args.weight_decay})
-        for group in self.source.trainable_groups(self.args.weight_decay, self.get_decay_parameter_names, known):
-            optimizer.add_param_group(group)
+        terms = [{"params": params, "weight_decay": self.args.weight_decay}] if params else []
+        learners = self.source.trainable_groups(self.args.weight_decay, self.get_decay_parameter_names, known)
+        # Under FSDP, the preparation maps every optimizer parameter to one of the student's: the terms' group and the
+        # peers' groups join the optimizer after it (create_scheduler), and are saved beside FSDP's optimizer state.
+        self._late_groups = [*terms, *learners] if self.is_fsdp_enabled else []
+        self._outside_fsdp = (len(terms), len(learners)) if self.is_fsdp_enabled else (0, 0)
+        if not self.is_fsdp_enabled:
+            for group in [*terms, *learners]:
+                optimizer.add_param_group(group)
         return optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
-        if getattr(self, "_terms_group", None) is not None:  # FSDP: the student's optimizer is prepared by now
-            self.optimizer.add_param_group(self._terms_group)
-            self._terms_group = None
+        for group in getattr(self, "_late_groups", ()):  # FSDP: the student's optimizer is prepared by now
+            self.optimizer.add_param_group(group)
+        self._late_groups = []
         if self.is_fsdp_enabled and self.accelerator.is_fsdp2:
             keep_root_gathered_until_backward(self.model)  # the chunked head's gradient goes into the whole head
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if not self._terms_outside_fsdp():
+        terms, learners = self._groups_outside_fsdp()
+        if not terms + learners:
             return super()._save_optimizer_and_scheduler(output_dir)
-        with DetachedGroup(self.optimizer) as detached:
+        with DetachedGroups(self.optimizer, terms + learners) as detached:
             super()._save_optimizer_and_scheduler(output_dir)
-            if self.args.should_save:  # replicated: every process holds the same terms state
-                torch.save(detached.state_dict(), os.path.join(output_dir, TERMS_OPTIMIZER_FILE))
+            saved = detached.state_dict()  # every process: the peers' sharded state is gathered collectively
+            if self.args.should_save:
+                if terms:  # replicated: every process holds the same terms state
+                    torch.save(saved[0], os.path.join(output_dir, TERMS_OPTIMIZER_FILE))
+                if learners:
+                    torch.save(saved[terms:], os.path.join(output_dir, PEERS_OPTIMIZER_FILE))
 
     def _load_optimizer_and_scheduler(self, checkpoint):
-        if checkpoint is None or not self._terms_outside_fsdp():
+        terms, learners = self._groups_outside_fsdp()
+        if checkpoint is None or not terms + learners:
             return super()._load_optimizer_and_scheduler(checkpoint)
-        with DetachedGroup(self.optimizer) as detached:
+        with DetachedGroups(self.optimizer, terms + learners) as detached:
             super()._load_optimizer_and_scheduler(checkpoint)
-            path = os.path.join(checkpoint, TERMS_OPTIMIZER_FILE)
-            if not os.path.isfile(path):
-                raise ValueError(
-                    f"{checkpoint} holds no {TERMS_OPTIMIZER_FILE}, the optimizer state of the terms' parameters "
-                    "under FSDP: the checkpoint comes from another kind of run. Resume from a checkpoint of this run."
-                )
-            detached.load(torch.load(path, map_location="cpu", weights_only=True))
+            saved = []
+            if terms:
+                saved.append(_read_outside_fsdp(checkpoint, TERMS_OPTIMIZER_FILE, "the terms' parameters"))
+            if learners:
+                saved += _read_outside_fsdp(checkpoint, PEERS_OPTIMIZER_FILE, "the peers' parameters")
+            detached.load(saved, "optimizer state kept out of FSDP's (the terms' and the peers' parameters)")
 
-    def _terms_outside_fsdp(self) -> bool:
-        """Whether the optimizer's last group holds the terms' parameters, kept out of FSDP2's optimizer state."""
-        return self.is_fsdp_enabled and bool(self._distillation_parameters()) and self.optimizer is not None
+    def _groups_outside_fsdp(self) -> tuple[int, int]:
+        """How many of the optimizer's last groups hold the terms' parameters (0 or 1) and the peers' (then), kept
+        out of FSDP2's optimizer state."""
+        if not self.is_fsdp_enabled or self.optimizer is None:
+            return 0, 0
+        return getattr(self, "_outside_fsdp", (0, 0))
 
     def _distillation_parameters(self) -> list[torch.nn.Parameter]:
         """Trainable parts that are not the student's: the terms' own parameters (projections, heads)."""
@@ -638,10 +647,11 @@ class DistillationTrainer(Trainer):
         """`Trainer.save_model`, the files the terms offer the student beside it (`byot`'s exit heads,
         hfkd.early_exit) and each peer in `<output_dir>/peers/<name>` (in checkpoints too)."""
         super().save_model(output_dir, _internal_call)
+        folder = output_dir if output_dir is not None else self.args.output_dir
         if self.args.should_save:
-            folder = output_dir if output_dir is not None else self.args.output_dir
             self.term_set.save_beside_student(folder)
-            self.source.save_model(folder, self.processing_class)
+        # Every process: sharded peers are gathered collectively; the main process writes.
+        self.source.save_model(folder, self.processing_class)
 
     def _load_best_model(self) -> None:
         with self._checked_load(self.state.best_model_checkpoint, self.model, "load_best_model_at_end"):
@@ -816,6 +826,16 @@ class DistillationTrainer(Trainer):
         terms = logged.means(logged.count)
         output.metrics.update({f"{metric_key_prefix}_{name}": value for name, value in terms.items()})
         return output
+
+
+def _read_outside_fsdp(checkpoint: str, name: str, what: str):
+    path = os.path.join(checkpoint, name)
+    if not os.path.isfile(path):
+        raise ValueError(
+            f"{checkpoint} holds no {name}, the optimizer state of {what} under FSDP: the checkpoint comes from "
+            "another kind of run. Resume from a checkpoint of this run."
+        )
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def _student_from_model_init(model, args, trainer_args: tuple, trainer_kwargs: dict):

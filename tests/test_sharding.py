@@ -1,8 +1,10 @@
 """FSDP2 on CPU (hfkd.sharding): 2 gloo processes under `accelerate launch`, the student and the teacher sharded
 by Accelerate's FSDP plugin (issue 22, item 1): training equal to one process within float32 rounding, the
-teacher's parameters split over the processes, a checkpoint that plain transformers loads, and exact resume."""
+teacher's parameters split over the processes, a checkpoint that plain transformers loads, and exact resume. Peers
+of mutual learning are sharded like the student (issue 22, item 3)."""
 
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,7 +14,8 @@ from tiny_models import classification_data, teacher_student_pair, tiny_llama
 from transformers import LlamaForCausalLM
 
 from hfkd import DistillationConfig, DistillationTrainer
-from hfkd.sharding import check_teacher_memory, teacher_bytes_per_process
+from hfkd.sharding import DetachedGroups, check_teacher_memory, teacher_bytes_per_process
+from hfkd.sources.peers import Peers
 
 TWO = ["--fsdp", "--logit_only", "--per_device_train_batch_size", "4"]  # 2 x 4 rows = one process's 8
 
@@ -105,6 +108,107 @@ def test_a_mean_teacher_under_fsdp_averages_each_shard_as_one_process_and_resume
     for part in ("student", "ema"):
         for key, value in b[part].items():
             torch.testing.assert_close(c[part][key], value, rtol=0, atol=0, msg=f"{part}.{key}")
+
+
+def test_peers_under_fsdp_are_sharded_train_as_in_one_process_and_resume_exactly(tmp_path):
+    """Deep mutual learning under FSDP2: the student and one peer, each sharded by the student's plugin; the peer's
+    optimizer groups join after FSDP2's preparation of the student and are saved gathered (hfkd_peers_optimizer.pt);
+    each model is clipped by its own whole norm (0.1: every step clips both). Equal to one process within 1e-5,
+    exact after a kill and resume; the checkpoint's peer loads with plain from_pretrained, and load_best_model_at_end
+    brings the sharded peer back to the best checkpoint's (the first: distill_run.py picks the highest loss)."""
+    one, two, resumed = tmp_path / "one.pt", tmp_path / "two.pt", tmp_path / "resumed.pt"
+    common = ["--max_steps", "4", "--save_steps", "2", "--optim", "adamw_torch", "--learning_rate", "0.01"]
+    common += ["--max_grad_norm", "0.1", "--peers", "1", "--eval_best"]
+    _run(["--output_dir", str(tmp_path / "a"), "--result", str(one), *common])
+    sharded = [*common, "--fsdp", "--per_device_train_batch_size", "4"]
+    _run(["--output_dir", str(tmp_path / "b"), "--result", str(two), *sharded], launcher=LAUNCH_TWO)
+    a, b = torch.load(one), torch.load(two)
+    assert b["fsdp"] and b["world_size"] == 2
+    # Each process holds half of the peer after training (FSDP2 splits each tensor by rows); one process all of it.
+    (local, total) = b["peer_shares"]["peer0"]
+    assert a["peer_shares"]["peer0"] == (total, total) and 0.45 * total <= local <= 0.55 * total, b["peer_shares"]
+    # Clipped at every step, the student by its norm and the peer by its own (after clipping: exactly 0.1).
+    assert all(step["grad_norm"] > 0.1 for step in a["log"]) and len(b["peer_grad_norms"]) == 4
+    for norms_a, norms_b in zip(a["peer_grad_norms"], b["peer_grad_norms"], strict=True):
+        assert norms_a["peer0"] == pytest.approx(0.1, rel=1e-5) and norms_b["peer0"] == pytest.approx(0.1, rel=1e-5)
+    for step_a, step_b in zip(a["log"], b["log"], strict=True):
+        for key in ("loss", "task", "distill/logit", "peer0/task", "peer0/distill/logit", "grad_norm"):
+            assert step_a[key] == pytest.approx(step_b[key], rel=1e-5, abs=1e-6), (step_a["step"], key)
+    assert [e["step"] for e in b["eval_log"]] == [2, 4] and "eval_peer0/task" in b["eval_log"][0]
+    assert a["best"].endswith("checkpoint-2") and b["best"].endswith("checkpoint-2")
+    last_a, last_b = a["last_step"], b["last_step"]  # after step 4, before the best checkpoint is loaded
+    for part, model in (("student", None), ("peers", "peer0")):
+        for x, y in ((last_a[part], last_b[part]), (a[part], b[part])):
+            x, y = (x[model], y[model]) if model else (x, y)
+            for key, value in x.items():
+                torch.testing.assert_close(y[key], value, rtol=0, atol=1e-5, msg=f"{part}.{key}")
+    # The checkpoints' peers load with plain transformers; the best one was loaded into the sharded peer.
+    peer_b, last_peer_b = b["peers"]["peer0"], last_b["peers"]["peer0"]
+    assert max((peer_b[k] - last_peer_b[k]).abs().max() for k in peer_b) > 1e-3
+    for step, expected in ((2, peer_b), (4, last_peer_b)):
+        folder = tmp_path / "b" / f"checkpoint-{step}"
+        saved = LlamaForCausalLM.from_pretrained(folder / "peers" / "peer0").state_dict()
+        assert saved.keys() == expected.keys()
+        for key, value in expected.items():
+            torch.testing.assert_close(saved[key], value, rtol=0, atol=0, msg=f"checkpoint-{step} {key}")
+    assert (tmp_path / "b" / "checkpoint-2" / "hfkd_peers_optimizer.pt").is_file()
+    cut = ["--output_dir", str(tmp_path / "c"), "--result", str(resumed), *sharded]
+    assert _run([*cut, "--kill_at_step", "3"], launcher=LAUNCH_TWO, check=False).returncode != 0
+    _run([*cut, "--resume"], launcher=LAUNCH_TWO)
+    c = torch.load(resumed)
+    for x, y in ((b, c), (b["last_step"], c["last_step"])):
+        for key, value in x["student"].items():
+            torch.testing.assert_close(y["student"][key], value, rtol=0, atol=0, msg=f"student.{key}")
+        for key, value in x["peers"]["peer0"].items():
+            torch.testing.assert_close(y["peers"]["peer0"][key], value, rtol=0, atol=0, msg=f"peer0.{key}")
+
+
+def test_peers_refuse_fsdp1_deepspeed_and_a_given_optimizer_under_fsdp():
+    """What cannot shard peers is refused in `attach`, inside the trainer's check that removes a new output_dir."""
+    peers = Peers({"peer": tiny_llama(16, 2, seed=2)})
+    fsdp1 = SimpleNamespace(
+        is_deepspeed_enabled=False, is_fsdp_enabled=True, accelerator=SimpleNamespace(is_fsdp2=False)
+    )
+    with pytest.raises(ValueError, match=r"peer_models with FSDP1: .* set `fsdp_version: 2`"):
+        peers.attach(SimpleNamespace(**vars(fsdp1), optimizer=None))
+    fsdp2 = SimpleNamespace(
+        is_deepspeed_enabled=False, is_fsdp_enabled=True, accelerator=SimpleNamespace(is_fsdp2=True)
+    )
+    with pytest.raises(ValueError, match=r"optimizer given by `optimizers=`.* Let DistillationTrainer create"):
+        peers.attach(SimpleNamespace(**vars(fsdp2), optimizer=object()))
+    with pytest.raises(ValueError, match="peer_models with DeepSpeed"):
+        peers.attach(SimpleNamespace(is_deepspeed_enabled=True))
+
+
+def test_detached_groups_come_out_and_back_with_their_state_and_refuse_another_runs():
+    """The terms' and the peers' groups (the optimizer's last ones) leave the optimizer with their AdamW state while
+    FSDP2 saves or loads the student's, and their saved state loads into another optimizer exactly."""
+
+    def stepped(seed):
+        torch.manual_seed(seed)
+        params = [torch.nn.Parameter(torch.randn(3, 2)) for _ in range(4)]
+        optimizer = torch.optim.AdamW([{"params": params[:2]}, {"params": params[2:3]}, {"params": params[3:]}])
+        for p in params:
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+        return params, optimizer
+
+    params, optimizer = stepped(0)
+    before = {id(p): {k: v.clone() for k, v in optimizer.state[p].items()} for p in params}
+    with DetachedGroups(optimizer, 2) as detached:
+        assert [g["params"] for g in optimizer.param_groups] == [params[:2]]
+        assert set(optimizer.state) == set(params[:2])
+        saved = detached.state_dict()
+    assert [g["params"] for g in optimizer.param_groups] == [params[:2], params[2:3], params[3:]]
+    assert len(saved) == 2 and [len(entry["state"]) for entry in saved] == [1, 1]
+    other_params, other = stepped(1)
+    with DetachedGroups(other, 2) as detached:
+        detached.load(saved, "state")
+    for mine, theirs in zip(params[2:], other_params[2:], strict=True):
+        for key, value in before[id(mine)].items():
+            assert torch.equal(other.state[theirs][key], value)
+    with DetachedGroups(other, 1) as detached, pytest.raises(ValueError, match=r"holds \[1, 1\] parameters .* \[1\]"):
+        detached.load(saved, "state")
 
 
 def _assert_close(a, b, atol):

@@ -138,10 +138,11 @@ class TeacherSource:
         """Restores this source's state from a checkpoint folder."""
 
     def save_model(self, folder: str, processing_class=None) -> None:
-        """Writes models that trained too beside the saved student."""
+        """Writes models that trained too beside the saved student. Called on every process (sharded models are
+        gathered collectively); only the main one writes."""
 
     def load_best(self, folder: str) -> None:
-        """Restores models that trained too as they were at the best checkpoint."""
+        """Restores models that trained too as they were at the best checkpoint (on every process)."""
 
     def fingerprint(self, multi: bool) -> dict:
         """The teachers part of hfkd_run.json: which models the checkpoints belong to."""

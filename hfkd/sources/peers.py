@@ -3,6 +3,11 @@
 Each peer is a teacher of the student whose forward runs with gradients; it has its own task loss and its own
 `TermSet` against the student and the other peers (response terms only, mixed with equal weights), and its own
 gradient clipping, optimizer groups, checkpoint folder and saved model.
+
+Under DDP each peer has a DDP wrapper of its own. Under FSDP2 each peer is sharded by the student's plugin (each
+process holds a part of it, its gradients reduce-scattered by its own units); its optimizer groups join after the
+student's FSDP preparation and are saved beside FSDP's optimizer state (hfkd.sharding), and its weights are gathered
+whole for every save, and split again on loading.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from ..fingerprint import model_fingerprint
 from ..mixing import TeacherMixer
 from ..models import accepts_loss_kwargs, call_model, load_teacher, unwrap_peft
 from ..peers import check_peer_settings, detached, load_peer, named_peers, peer_folder, save_peer
+from ..sharding import clip_norm, prepare_sharded, reshard, whole_state
 from ..terms.base import Features, logits_of
 from ..terms.runner import TermSet
 from .base import TeacherSource, Teaching
@@ -58,6 +64,7 @@ class Peers(TeacherSource):
         self.loss_kwargs: dict[str, tuple[bool, bool]] = {}
         self._mixer = TeacherMixer("equal")
         self._args = None
+        self._sharded = False  # FSDP2: every peer is sharded (attach)
 
     def check_terms(self, term_set) -> None:
         if not len(term_set):
@@ -79,11 +86,18 @@ class Peers(TeacherSource):
                 "peer_models with DeepSpeed: a DeepSpeed engine owns one model and its optimizer, and each peer "
                 "trains with its own; train the peers with DDP, or on one device."
             )
-        if trainer.is_fsdp_enabled:
+        self._sharded = trainer.is_fsdp_enabled
+        if self._sharded and not trainer.accelerator.is_fsdp2:
             raise ValueError(
-                "peer_models with FSDP: hfkd does not shard peers yet (each would need its own sharded optimizer "
-                "groups, joined after the student's FSDP preparation, and its weights gathered for checkpoints); "
-                "train the peers with DDP (several processes without FSDP), or on one device."
+                "peer_models with FSDP1: hfkd shards peers with FSDP2 only (fully_shard, each peer's optimizer groups "
+                "kept apart from the student's); set `fsdp_version: 2` in accelerate's config (or "
+                "fsdp_config={'version': 2}), or train the peers with DDP."
+            )
+        if self._sharded and trainer.optimizer is not None:
+            raise ValueError(
+                "peer_models with FSDP and an optimizer given by `optimizers=`: each peer is sharded before the "
+                "optimizer is made, and its groups must join after the student's FSDP preparation. Let "
+                "DistillationTrainer create the optimizer (optimizer_cls_and_kwargs= sets its class and settings)."
             )
         if trainer.optimizer is not None:  # `optimizers=` gave one: it must also update every peer
             owned = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
@@ -108,7 +122,10 @@ class Peers(TeacherSource):
             terms = TermSet(trainer.args.term_specs, others)
             terms.bind_module_names((), {})
             self.terms[name] = terms
-            self.wrapped[name] = trainer.accelerator.prepare_model(peer)  # DDP: its own gradient all-reduce
+            if self._sharded:  # sharded like the student: the same plugin, its layer classes or the peer's own
+                self.wrapped[name] = prepare_sharded(peer, trainer.accelerator, frozen=False)
+            else:
+                self.wrapped[name] = trainer.accelerator.prepare_model(peer)  # DDP: its own gradient all-reduce
             self.loss_kwargs[name] = (accepts_loss_kwargs(unwrap_peft(peer)), True)
 
     def limits(self):
@@ -212,6 +229,8 @@ class Peers(TeacherSource):
     def trainable_groups(self, weight_decay, decay_names, known):
         groups = []
         for peer in self.peers.values():
+            if self._sharded:  # the probe's forwards left the root units gathered: the optimizer takes the shards
+                reshard(peer)
             # The settings Trainer gives the student's parameters (no decay on biases and norms), one group each.
             decay = set(decay_names(peer))
             named = [(n, p) for n, p in peer.named_parameters() if p.requires_grad and id(p) not in known]
@@ -222,8 +241,8 @@ class Peers(TeacherSource):
         return groups
 
     def clip_gradients(self, max_norm: float) -> None:
-        for peer in self.peers.values():  # each on its own, as if it trained alone
-            torch.nn.utils.clip_grad_norm_(peer.parameters(), max_norm)
+        for peer in self.peers.values():  # each on its own, as if it trained alone (by its whole norm if sharded)
+            clip_norm(peer.parameters(), max_norm)
 
     def zero_grad(self) -> None:
         for peer in self.peers.values():
@@ -231,11 +250,13 @@ class Peers(TeacherSource):
 
     def save_model(self, folder: str, processing_class=None) -> None:
         for name, peer in self.peers.items():
-            save_peer(peer, peer_folder(folder, name), processing_class)
+            state = whole_state(peer) if self._sharded else None  # a collective: every process gathers
+            if self._args.should_save:
+                save_peer(peer, peer_folder(folder, name), processing_class, state)
 
     def load_best(self, folder: str) -> None:
         for name, peer in self.peers.items():  # the peers as they were at the student's best checkpoint
-            load_peer(peer, peer_folder(folder, name))
+            load_peer(peer, peer_folder(folder, name))  # every process reads the whole; a sharded peer keeps its part
 
     def load_checkpoint(self, folder: str) -> None:
         self.load_best(folder)

@@ -1,7 +1,8 @@
 """A small, deterministic distillation run driven by the tests in a subprocess (single or `accelerate launch`).
 
     python tests/scripts/distill_run.py --output_dir OUT --result RESULT.pt [--max_steps 6] [--save_steps 2]
-        [--per_device_train_batch_size 8] [--kill_at_step K] [--resume] [--transfer]
+        [--per_device_train_batch_size 8] [--kill_at_step K] [--resume] [--transfer] [--peers N] [--fsdp]
+        [--eval_best] ...
 
 Writes RESULT.pt (main process) with the logged losses, the final student and the projections. With
 --kill_at_step the process kills itself with SIGKILL at the end of that step, as a crash would.
@@ -21,6 +22,7 @@ from tiny_models import bert, classification_data, tiny_gpt2, tiny_llama  # noqa
 from transformers import TrainerCallback  # noqa: E402
 
 from hfkd import DistillationConfig, DistillationTrainer  # noqa: E402
+from hfkd.sharding import whole_state  # noqa: E402
 
 
 def lm_dataset(n=32, length=12, vocab=100, seed=0):
@@ -53,6 +55,36 @@ class KillAt(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+class LastStep(TrainerCallback):
+    """The student's and the peers' whole weights at the end of the last step, before load_best_model_at_end brings
+    back those of the best checkpoint (a collective under FSDP: every process's callback gathers)."""
+
+    def __init__(self, step):
+        self.step, self.trainer, self.states = step, None, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            peers = {name: {k: v.clone() for k, v in whole_state(p).items()} for name, p in self.trainer.peers.items()}
+            self.states = {"student": _full_state(self.trainer), "peers": peers}
+
+
+class PeerGradNorms(TrainerCallback):
+    """Each peer's whole gradient norm after clipping, before every optimizer step (gathered under FSDP)."""
+
+    def __init__(self):
+        self.trainer, self.norms = None, []
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        from torch.distributed.tensor import DTensor
+        from torch.nn.utils import get_total_norm
+
+        norms = {}
+        for name, peer in self.trainer.peers.items():
+            norm = get_total_norm([p.grad for p in peer.parameters() if p.grad is not None])
+            norms[name] = float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
+        self.norms.append(norms)
 
 
 def _local_shares(model):
@@ -94,6 +126,7 @@ def main():
     parser.add_argument("--two_teachers", action="store_true", help="teachers a and b (hfkd.mixing), equal weights")
     parser.add_argument("--logit_only", action="store_true", help="no hidden term (and so no projection)")
     parser.add_argument("--ema", type=float, default=None, help="a mean teacher of this decay instead of a teacher")
+    parser.add_argument("--eval_best", action="store_true", help="evaluate at each save, load the best at the end")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -110,6 +143,10 @@ def main():
         extra = {"fsdp": True, "fsdp_config": {"transformer_layer_cls_to_wrap": [args.wrap_class]}}
     if args.ema is not None:
         extra["teacher_ema_decay"] = args.ema
+    if args.eval_best:
+        extra.update(eval_strategy="steps", eval_steps=args.save_steps, load_best_model_at_end=True)
+        # The highest loss, the first checkpoint's: loading the best then changes every weight.
+        extra.update(metric_for_best_model="loss", greater_is_better=True, per_device_eval_batch_size=4)
     config = DistillationConfig(
         output_dir=args.output_dir,
         max_steps=args.max_steps,
@@ -130,6 +167,11 @@ def main():
         **extra,
     )
     callbacks = [KillAt(args.kill_at_step)] if args.kill_at_step else []
+    last_step, peer_norms = LastStep(args.max_steps), PeerGradNorms()
+    if args.eval_best:
+        callbacks.append(last_step)
+    if args.peers:
+        callbacks.append(peer_norms)
     if args.gpt2_teacher:
         teacher = tiny_gpt2(32, 4, seed=0)
     models = {"teacher_model": teacher}
@@ -139,12 +181,16 @@ def main():
         models = {"peer_models": [tiny_llama(16, 2, seed=2 + i) for i in range(args.peers)]}
     if args.ema is not None:
         models = {}
+    if args.eval_best:
+        models["eval_dataset"] = lm_dataset(n=8, seed=1)
     trainer = DistillationTrainer(model=student, args=config, train_dataset=data, callbacks=callbacks, **models)
+    last_step.trainer = peer_norms.trainer = trainer
     teacher_shares = [_local_shares(one) for one in trainer.teachers.values()]
     trainer.train(resume_from_checkpoint=True if args.resume else None)
     teacher_shares_after = [_local_shares(one) for one in trainer.teachers.values()]
     student_state = _full_state(trainer)
     ema_state = trainer.source.ema.gather_state() if args.ema is not None else {}  # all processes: a collective
+    peer_states = {name: whole_state(peer) for name, peer in trainer.peers.items()}  # gathered: a collective too
     if trainer.is_world_process_zero():
         torch.save(
             {
@@ -155,10 +201,12 @@ def main():
                 }
                 if "hidden" in trainer.term_set.terms and trainer.term_set.terms["hidden"].projector is not None
                 else {},
-                "peers": {
-                    name: {k: v.detach().clone() for k, v in peer.state_dict().items()}
-                    for name, peer in trainer.peers.items()
-                },
+                "peers": {name: {k: v.clone() for k, v in state.items()} for name, state in peer_states.items()},
+                "peer_shares": {name: _local_shares(peer) for name, peer in trainer.peers.items()},
+                "eval_log": [e for e in trainer.state.log_history if "eval_loss" in e],
+                "best": trainer.state.best_model_checkpoint,
+                "last_step": last_step.states,
+                "peer_grad_norms": peer_norms.norms,
                 "ema": ema_state,
                 "chunked": trainer.step.plan.head is not None,  # the logit term read the heads by chunks
                 "world_size": trainer.args.world_size,
@@ -168,6 +216,8 @@ def main():
             },
             args.result,
         )
+    if torch.distributed.is_initialized():  # a clean exit: gloo's threads end before the interpreter does
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
