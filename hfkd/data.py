@@ -91,8 +91,9 @@ class DataArguments:
         metadata={
             "help": "Data file(s) of transfer rows, as data_files (a path or glob, comma-separated paths, "
             "'pkg:<package>/<path>'), read by dataset_name when it is a builder such as 'csv', else by the builder "
-            "their extension names (.csv, .tsv, .json, .jsonl, .parquet, .arrow, .txt). They need the training "
-            "data's text (or image) columns; rows are treated as with transfer_split."
+            "their extension names (.csv, .tsv, .json, .jsonl, .parquet, .arrow, .txt); or one folder written by "
+            "datasets' save_to_disk (e.g. by `hfkd synthesize`). They need the training data's text (or image) "
+            "columns; rows are treated as with transfer_split."
         },
     )
     keep_unlabelled_rows: bool = field(
@@ -345,6 +346,11 @@ def load_transfer_data(args: DataArguments) -> datasets.Dataset | None:
     if args.transfer_data_files is None:
         return None
     files = _data_files_list(args.transfer_data_files)
+    if len(files) == 1 and _saved_dataset(files[0]):
+        loaded = datasets.load_from_disk(files[0])
+        if isinstance(loaded, datasets.DatasetDict):
+            return datasets.concatenate_datasets([loaded[split] for split in loaded])
+        return loaded
     kwargs = json.loads(args.dataset_kwargs) if args.dataset_kwargs else {}
     if args.dataset_name in _FILE_BUILDERS:
         builder = args.dataset_name  # the training data's builder, with its keyword arguments
@@ -362,6 +368,13 @@ def load_transfer_data(args: DataArguments) -> datasets.Dataset | None:
     except FileNotFoundError as err:
         raise ValueError(f"transfer_data_files={args.transfer_data_files!r}: {err}") from err
     return datasets.concatenate_datasets([loaded[split] for split in loaded])
+
+
+def _saved_dataset(path: str) -> bool:
+    """Whether `path` is a folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return os.path.isdir(path) and any(
+        os.path.isfile(os.path.join(path, name)) for name in ("state.json", "dataset_dict.json")
+    )
 
 
 @dataclass
