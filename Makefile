@@ -97,6 +97,14 @@ methods: setup
 	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 	$(PY) benchmarks/methods.py --task all --jobs 2 --seeds 0,1,2 --fashion-crd-seeds 0 --json benchmarks/methods.json --markdown benchmarks/METHODS.md
 
+# Data-free distillation on Fashion-MNIST (issue 23): the student at its random start, on the real images, on
+# DeepInversion images alone and with the adversarial generator, 3 seeds (reuses methods.py's ResNet teacher in
+# outputs/methods/, training it the first time); writes benchmarks/data_free.json and benchmarks/DATA_FREE.md.
+.PHONY: data-free
+data-free: setup
+	test -d /usr/share/datasets/fashion-mnist || (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+	$(PY) benchmarks/data_free.py --seeds 0,1,2 --json benchmarks/data_free.json --markdown benchmarks/DATA_FREE.md
+
 clean:
 	rm -rf $(VENV) outputs
 
