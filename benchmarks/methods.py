@@ -742,6 +742,12 @@ BYOT = {"name": "byot", "weight": 1.0}  # the authors' code: T 3, alpha 0.3; hin
 # Adversarial (Xu et al. 2018, Wang et al. 2018): an MLP discriminator on the logits beside KD, weight 1, the minimax
 # game by gradient reversal, the term's defaults (3 layers of 256, leaky ReLU 0.2: not verified against the papers).
 ADVERSARIAL = {"name": "adversarial", "weight": 1.0}
+# The same with the student's non-saturating loss -log D(s), whose gradient fades once D is fooled (the minimax form's
+# log(1 - D(s)) grows without bound there).
+ADVERSARIAL_NS = {"name": "adversarial", "weight": 1.0, "generator_loss": "non_saturating"}
+# At a tenth of the weight, so that the discriminator's pull stays below KD's (on the text transfer pair both rows
+# above ended predicting one class).
+ADVERSARIAL_LIGHT = {"name": "adversarial", "weight": 0.1}
 
 METHODS = [
     Method("labels", "labels only", ALL, lambda p, s: dict(_LABELS_ONLY), "task 1, logit 0"),
@@ -880,6 +886,22 @@ METHODS = [
         ALL,
         lambda p, s: _kd(p, ADVERSARIAL),
         "KD + adversarial 1 (MLP discriminator on the logits, 3 x 256, minimax by gradient reversal)",
+        ("adversarial",),
+    ),
+    Method(
+        "kd+adv-ns",
+        "KD + adversarial, non-saturating",
+        ALL,
+        lambda p, s: _kd(p, ADVERSARIAL_NS),
+        "KD + adversarial 1 (the discriminator above; the student minimises -log D(s))",
+        ("adversarial",),
+    ),
+    Method(
+        "kd+adv-0.1",
+        "KD + adversarial at 0.1",
+        ALL,
+        lambda p, s: _kd(p, ADVERSARIAL_LIGHT),
+        "KD + adversarial 0.1 (the discriminator above, minimax)",
         ("adversarial",),
     ),
     Method(
