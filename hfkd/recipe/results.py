@@ -75,7 +75,8 @@ def _teacher_lineage(state: RunState) -> dict:
     """Where the teacher came from, its fine-tuning here and the cache of its outputs."""
     config = state.config
     teacher = teacher_lineage(state.recipe, config, state.source)
-    if state.peers or not distill_config(state).reads_teacher:
+    # The search changes weights, never which terms run: the configuration as given says who reads a teacher.
+    if state.peers or not config.reads_teacher:
         # Deep mutual learning (the student learnt from its peers) or self-distillation: the teacher is compared.
         teacher["taught"] = False
     if state.teacher_finetune is not None:

@@ -304,7 +304,7 @@ def distill(state: RunState) -> None:
     )
     trainer.report_perplexity = lm
     resume, from_step = _resume_point(state.resume, args.output_dir)
-    heading(c, _distill_heading(state, planned_steps(args, len(data.distill_train_ds)), from_step))
+    heading(c, _distill_heading(state, c, planned_steps(args, len(data.distill_train_ds)), from_step))
     trainer.train(resume_from_checkpoint=resume)
     _save_beside_student(state, trainer)
     state.distillation = Distillation(
@@ -346,9 +346,11 @@ def _resume_point(resume, checkpoints: str) -> tuple[bool | str | None, str]:
     return resume, from_step
 
 
-def _distill_heading(state: RunState, steps: int, from_step: str) -> str:
+def _distill_heading(state: RunState, config: DistillationConfig, steps: int, from_step: str) -> str:
     stage = f"stage {2 if state.recipe.finetune_teacher else 1}/{2 if state.recipe.finetune_teacher else 1}"
-    if not state.peers and not distill_config(state).reads_teacher:
+    # `config`, not a new distill_config(state): building TrainingArguments resets Accelerate's state, which the
+    # trainer made just before holds.
+    if not state.peers and not config.reads_teacher:
         return (
             f"{stage}: self-distillation (every term reads the student alone), {steps} steps{from_step}; the teacher "
             "does not teach (it is evaluated for comparison)"
