@@ -9,6 +9,7 @@ Writes RESULT.pt (main process) with the logged losses, the final student and th
 """
 
 import argparse
+import gc
 import os
 import signal
 import sys
@@ -216,7 +217,14 @@ def main():
             },
             args.result,
         )
-    if torch.distributed.is_initialized():  # a clean exit: gloo's threads end before the interpreter does
+    # A clean exit. The trainer holds DDP wrappers (the terms' state under FSDP, peers under DDP) whose reducers keep
+    # gloo work: freed after the process group, or at interpreter exit, they can abort the process ("terminate called
+    # without an active exception") after its result was written. Free them first, wait for every process, then end
+    # the group, so that gloo's threads end before the interpreter does.
+    last_step.trainer = peer_norms.trainer = trainer = None
+    gc.collect()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
