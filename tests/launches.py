@@ -1,9 +1,13 @@
 """Runs of tests/scripts/distill_run.py in a subprocess, alone or under `accelerate launch` (shared by the tests of
-several processes: test_runs, test_launch, test_sharding)."""
+several processes: test_runs, test_launch, test_sharding), and forked gloo workers for terms' own tests."""
 
 import os
+import socket
 import subprocess
 import sys
+import time
+
+import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -35,3 +39,23 @@ def run_script(args, launcher=None, check=True):
     if check:
         assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def run_gloo_workers(worker, folder: str, processes: int = 2, timeout: float = 120.0) -> None:
+    """Runs `worker(rank, processes, port, folder)` in `processes` forked processes that can join a gloo group on a
+    free local port; fails the test (killing them) after `timeout` seconds. Fork: the children inherit the imported
+    modules (spawn would import transformers again in each)."""
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    context = mp.start_processes(
+        worker, args=(processes, port, folder), nprocs=processes, join=False, start_method="fork"
+    )
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {processes} gloo processes did not finish within {timeout:g} s")

@@ -13,8 +13,8 @@ import torch
 import transformers
 import yaml
 from recipe_runs import _error, _recipe
-from tiny_models import COMMON, parameters_of
-from transformers import ResNetConfig, ResNetForImageClassification, ViTConfig, ViTForImageClassification
+from tiny_models import COMMON, parameters_of, tiny_resnet
+from transformers import ViTConfig, ViTForImageClassification
 
 from hfkd import DistillationConfig, DistillationTrainer
 from hfkd.cli import main
@@ -40,16 +40,7 @@ PROCESSOR = {"size": {"height": SIZE, "width": SIZE}, "image_mean": [0.3], "imag
 
 def _resnet(widths=(8, 16), labels=3, seed=0, calibrated=True):
     """A grey ResNet whose BatchNorm layers have seen data (running statistics other than the initial 0 and 1)."""
-    torch.manual_seed(seed)
-    config = ResNetConfig(
-        num_channels=1,
-        embedding_size=widths[0],
-        hidden_sizes=list(widths),
-        depths=[1] * len(widths),
-        layer_type="basic",
-        num_labels=labels,
-    )
-    model = ResNetForImageClassification(config)
+    model = tiny_resnet(widths, seed=seed, channels=1, labels=labels)
     if calibrated:
         model.train()
         generator = torch.Generator().manual_seed(seed)

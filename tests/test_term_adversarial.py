@@ -7,15 +7,15 @@ cache; bad input refused before anything is written."""
 
 import copy
 import math
-import time
 from types import SimpleNamespace
 
 import datasets
 import numpy as np
 import pytest
 import torch
+from launches import run_gloo_workers
 from safetensors.torch import load_file
-from tiny_models import COMMON, bert, classification_data, parameters_of, vit_with
+from tiny_models import COMMON, PlainCNN, bert, classification_data, parameters_of, vit_with
 
 from hfkd import DistillationConfig, DistillationTrainer, build_teacher_cache
 from hfkd.cache import TeacherCacheError
@@ -377,20 +377,7 @@ def _ddp_inputs():
 def test_two_ddp_processes_give_the_gradients_of_one_batch(tmp_path):
     """Two gloo processes with DDP around the terms: D's averaged gradient and each student row's reversed gradient
     equal one process's over the whole batch (DDP averages the student's gradients too, hence the / world)."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    context = mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two gloo processes did not finish within 120 s")
+    run_gloo_workers(_ddp_worker, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     s, t, term_set = _ddp_inputs()
     leaf = s.clone().requires_grad_(True)
@@ -453,20 +440,6 @@ def test_a_cache_without_logits_is_refused_before_anything_is_written(tmp_path):
     assert not out.exists()
 
 
-class _PlainCNN(torch.nn.Module):
-    """A timm-style classifier: forward(pixel_values) returns a logits tensor, no hidden_states."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
-        self.global_pool = torch.nn.AdaptiveAvgPool2d(1)
-        self.fc = torch.nn.Linear(8, 3)
-
-    def forward(self, pixel_values):
-        return self.fc(self.global_pool(self.features(pixel_values)).flatten(1))
-
-
 def test_pooled_features_of_a_teacher_that_gives_none_are_refused_before_anything_is_written(tmp_path):
     g = torch.Generator().manual_seed(0)
     data = datasets.Dataset.from_dict(
@@ -476,7 +449,7 @@ def test_pooled_features_of_a_teacher_that_gives_none_are_refused_before_anythin
     with pytest.raises(ValueError, match="pools the teacher's hidden_states, but the teacher returned none; give"):
         DistillationTrainer(
             model=vit_with(),
-            teacher_model=_PlainCNN(),
+            teacher_model=PlainCNN(),
             args=_config(out, terms=[{"name": "adversarial", "reads": "pooled"}]),
             train_dataset=data,
         )
@@ -484,7 +457,7 @@ def test_pooled_features_of_a_teacher_that_gives_none_are_refused_before_anythin
     # Named, the module's output serves: a projection maps the student's 16 wide [CLS] to the pool's 8.
     terms = [{"name": "adversarial", "reads": "pooled", "teacher_module": "global_pool", "pooling": "cls"}]
     trainer = DistillationTrainer(
-        model=vit_with(), teacher_model=_PlainCNN(), args=_config(out, terms=terms, max_steps=1), train_dataset=data
+        model=vit_with(), teacher_model=PlainCNN(), args=_config(out, terms=terms, max_steps=1), train_dataset=data
     )
     trainer.train()
     assert trainer.term_set.terms["adversarial"].project.out_features == 8

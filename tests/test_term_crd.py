@@ -4,12 +4,12 @@ negative sampler; masks, gradients, bf16 autocast; trainer runs (logging, evalua
 
 import logging
 import math
-import time
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from launches import run_gloo_workers
 from safetensors.torch import load_file
 from tiny_models import COMMON, bert, classification_data, parameters_of
 
@@ -471,21 +471,7 @@ def _ddp_worker(rank, world, port, out_dir):
 
 def test_distributed_processes_apply_the_same_bank_update_and_z(tmp_path):
     """Two gloo processes: every process's rows reach every bank copy, and Z is estimated over both."""
-    import socket
-
-    import torch.multiprocessing as mp
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    # fork: the children inherit the imported modules (spawn would import transformers again in each).
-    context = mp.start_processes(_ddp_worker, args=(2, port, str(tmp_path)), nprocs=2, join=False, start_method="fork")
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the two gloo processes did not finish within 120 s")
+    run_gloo_workers(_ddp_worker, str(tmp_path))
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     for name, value in results[0]["state"].items():
         assert torch.equal(value, results[1]["state"][name]), name

@@ -7,7 +7,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from tiny_models import COMMON, bert, classification_data, llama, lm_data, vit_with
+from tiny_models import COMMON, PlainCNN, bert, classification_data, llama, lm_data, vit_with
 from transformers import Trainer, TrainingArguments
 
 from hfkd import DistillationConfig, DistillationTrainer
@@ -63,20 +63,6 @@ def test_a_trainer_built_without_data_plans_on_its_first_batch(tmp_path):
     assert full.step.plan.head is None
     torch.testing.assert_close(losses["without"], losses["with data"], rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(losses["without"], reference, rtol=1e-5, atol=1e-6)
-
-
-class PlainCNN(torch.nn.Module):
-    """A timm-style classifier: forward(x) returns a logits tensor; no config, no hidden_states."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
-        self.global_pool = torch.nn.AdaptiveAvgPool2d(1)
-        self.fc = torch.nn.Linear(8, 3)
-
-    def forward(self, x):
-        return self.fc(self.global_pool(self.features(x)).flatten(1))
 
 
 def test_a_plain_module_teacher_teaches_a_vit_with_kd_and_a_relation_term(tmp_path):

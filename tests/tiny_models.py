@@ -194,17 +194,17 @@ def tiny_vit(hidden_size: int = 32, num_layers: int = 4, *, seed: int = 0, attn_
     return ViTForImageClassification(config)
 
 
-def tiny_resnet(hidden_sizes=(16, 32, 64), *, seed: int = 0):
+def tiny_resnet(hidden_sizes=(16, 32, 64), *, seed: int = 0, channels: int = 3, labels: int = NUM_LABELS):
     """Basic-block ResNet, one block per stage. On 32x32 images its feature maps are 8, 8, 4, 2 pixels wide for
     three stages, so a two-stage student has both other channel counts and other spatial sizes than its teacher."""
     _seeded(seed)
     config = ResNetConfig(
-        num_channels=3,
+        num_channels=channels,
         embedding_size=hidden_sizes[0],
         hidden_sizes=list(hidden_sizes),
         depths=[1] * len(hidden_sizes),
         layer_type="basic",
-        num_labels=NUM_LABELS,
+        num_labels=labels,
     )
     return ResNetForImageClassification(config)
 
@@ -515,3 +515,18 @@ def spoken_rows(num_rows: int = 8, *, seed: int = 0, labelled=None) -> Dataset:
         rows["audio"].append(tone.tolist())
         rows["label"].append(label if labelled is None or i in labelled else -100)
     return Dataset.from_dict(rows)
+
+
+class PlainCNN(torch.nn.Module):
+    """A timm-style classifier for 3-channel images: forward(x) returns a logits tensor (3 classes); no config, no
+    hidden_states, and an input not named pixel_values (hfkd must pass the batch's main input by position)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU())
+        self.global_pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.fc = torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc(self.global_pool(self.features(x)).flatten(1))
